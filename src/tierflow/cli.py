@@ -1,0 +1,57 @@
+"""The ``tierflow`` command line.
+
+Every command loads its inputs, runs and writes explicitly. Bad input raises :class:`TierflowError` (or a
+click usage error); :func:`main` turns either into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tierflow.errors import TierflowError
+
+
+def echo_json(payload) -> None:
+    """Machine-readable output: one JSON document on stdout and nothing else there."""
+    click.echo(json.dumps(payload, indent=2, allow_nan=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tierflow")
+def cli() -> None:
+    """tierflow: simulate MoE expert offloading over GPU HBM, host DDR and NVMe SSD."""
+
+
+@cli.group()
+def trace() -> None:
+    """Generate, import and inspect expert-activation traces (tierflow-trace v1, HDF5)."""
+
+
+from tierflow.trace import commands as _trace_commands  # noqa: E402  (registers the trace subcommands)
+
+_trace_commands.register(trace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script and ``python -m tierflow``."""
+    try:
+        status = cli.main(args=argv, prog_name="tierflow", standalone_mode=False)
+    except TierflowError as error:
+        _fail(str(error))
+    except click.exceptions.Abort:
+        _fail("aborted", status=130)
+    except click.ClickException as error:
+        _fail(error.format_message())
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _fail(message: str, status: int = 2) -> None:
+    first_line = " ".join(message.split())
+    click.echo(f"tierflow: error: {first_line}", err=True)
+    sys.exit(status)

@@ -1,0 +1,64 @@
+"""``tierflow trace gen | info | import``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tierflow.trace import importers, stats, synth
+from tierflow.trace.format import validate_trace
+
+
+def register(group: click.Group) -> None:
+    group.add_command(gen)
+    group.add_command(info)
+    group.add_command(import_)
+
+
+@click.command()
+@click.option("--model", "model_name", required=True, help="Catalog model name (see `tierflow catalog models`).")
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens to generate.")
+@click.option("--sequences", type=click.IntRange(min=1), default=None,
+              help="Number of sequences (requests); default: one per 512 tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a generator parameter (see `tierflow trace params`).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def gen(model_name, tokens, sequences, seed, overrides, out):
+    """Write a synthetic trace with realistic routing (skew, reuse, cross-layer affinity, topics)."""
+    params = synth.SynthParams.for_model(model_name).with_overrides(overrides)
+    synth.generate(model_name, tokens, out, sequences=sequences, seed=seed, params=params)
+    click.echo(f"wrote {out}", err=True)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def info(path, as_json):
+    """Validate a whole trace file and summarise it."""
+    validate_trace(path)
+    summary = stats.summarize(path)
+    if as_json:
+        from tierflow.cli import echo_json
+
+        echo_json(summary)
+    else:
+        click.echo(stats.format_summary(summary))
+
+
+@click.command("import")
+@click.option("--format", "fmt", type=click.Choice(sorted(importers.IMPORT_FORMATS)), required=True)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_name", default=None,
+              help="Catalog model name; sets num_experts and checks layer count and top-k.")
+@click.option("--num-experts", type=click.IntRange(min=1), default=None,
+              help="Experts per layer when --model is not given (default: largest id seen + 1).")
+def import_(fmt, inputs, out, model_name, num_experts):
+    """Convert routing logs written by inference-engine hooks (JSONL) into a tierflow trace."""
+    meta = importers.import_trace(
+        fmt, list(inputs), out, model=model_name, num_experts=num_experts,
+        warn=lambda message: click.echo(f"tierflow: warning: {message}", err=True),
+    )
+    click.echo(f"wrote {out}: {meta.num_tokens} tokens, {meta.num_layers} layers, top-{meta.top_k}", err=True)

@@ -1,0 +1,455 @@
+"""tierflow-trace v1: the HDF5 schema for expert-activation traces, its writer, streaming reader and validator.
+
+Layout (see DESIGN.md):
+
+- root attributes ``format="tierflow-trace"``, ``version=1``, ``model``, ``num_layers`` (MoE layers in the
+  file), ``num_experts``, ``top_k``, ``source`` (what produced the file);
+- ``experts``: integer ``(num_tokens, num_layers, top_k)``, expert ids in router-score order;
+- ``sequence_id``: integer ``(num_tokens,)``, the request each token belongs to;
+- optional ``gate_scores``: float ``(num_tokens, num_layers, top_k)``;
+- optional ``phase``: uint8 ``(num_tokens,)``, 0 prefill, 1 decode;
+- optional ``token_index``: integer ``(num_tokens,)``, the token's position in its sequence; where present, each
+  sequence's positions must increase in file order;
+- optional ``/sequences/embedding``: float ``(num_sequences, d)``, row ``i`` for sequence id ``i``.
+
+Readers stream the file in chunks of tokens, so memory stays bounded whatever the trace's length.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import h5py
+import numpy as np
+
+from tierflow.errors import TraceError
+
+FORMAT_NAME = "tierflow-trace"
+FORMAT_VERSION = 1
+REQUIRED_ATTRS = ("format", "version", "model", "num_layers", "num_experts", "top_k", "source")
+DEFAULT_CHUNK_TOKENS = 16384
+_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+
+
+def expert_dtype(num_experts: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ids in [0, num_experts)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_experts - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+@attrs.frozen
+class TraceMeta:
+    """What a trace file says about itself (root attributes plus dataset shapes)."""
+
+    path: str
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    source: str
+    num_tokens: int
+    has_gate_scores: bool
+    has_phase: bool
+    has_token_index: bool
+    embedding_dim: int | None
+
+
+@attrs.frozen
+class TraceChunk:
+    """A run of consecutive tokens: ``start`` is the file index of the first one."""
+
+    start: int
+    experts: np.ndarray
+    sequence_id: np.ndarray
+    gate_scores: np.ndarray | None = None
+    phase: np.ndarray | None = None
+    token_index: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequence_id)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class TraceWriter:
+    """Appends tokens to a new trace file; the file appears under its name only when closed cleanly.
+
+    Use as a context manager. Data goes to a temporary file beside ``path`` that is renamed over it on
+    success and removed on error, so a reader never sees a half-written trace.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        model: str,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        source: str,
+        with_gate_scores: bool = False,
+        with_phase: bool = False,
+        with_token_index: bool = False,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ):
+        if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"need num_layers >= 1, num_experts >= 1 and 1 <= top_k <= num_experts, "
+                f"got {num_layers}, {num_experts}, {top_k}"
+            )
+        self.path = Path(path)
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.num_tokens = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._file = h5py.File(self._tmp, "w")
+        self._file.attrs.update(
+            format=FORMAT_NAME,
+            version=FORMAT_VERSION,
+            model=model,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            top_k=top_k,
+            source=source,
+        )
+        rows = (num_layers, top_k)
+        chunk = max(1, min(chunk_tokens, (1 << 20) // (num_layers * top_k)))
+        self._datasets: dict[str, h5py.Dataset] = {
+            "experts": self._create("experts", expert_dtype(num_experts), rows, chunk),
+            "sequence_id": self._create("sequence_id", np.int64, (), chunk * 8),
+        }
+        if with_gate_scores:
+            self._datasets["gate_scores"] = self._create("gate_scores", np.float32, rows, chunk)
+        if with_phase:
+            self._datasets["phase"] = self._create("phase", np.uint8, (), chunk * 8)
+        if with_token_index:
+            self._datasets["token_index"] = self._create("token_index", np.int64, (), chunk * 8)
+
+    def _create(self, name, dtype, row_shape, chunk_tokens) -> h5py.Dataset:
+        return self._file.create_dataset(
+            name,
+            shape=(0, *row_shape),
+            maxshape=(None, *row_shape),
+            dtype=dtype,
+            chunks=(chunk_tokens, *row_shape),
+            **_COMPRESSION,
+        )
+
+    def append(self, experts, sequence_id, gate_scores=None, phase=None, token_index=None) -> None:
+        """Add ``len(sequence_id)`` tokens. Optional fields must be given exactly when the writer has them."""
+        fields = {
+            "experts": experts,
+            "sequence_id": sequence_id,
+            "gate_scores": gate_scores,
+            "phase": phase,
+            "token_index": token_index,
+        }
+        n = len(sequence_id)
+        for name, values in fields.items():
+            dataset = self._datasets.get(name)
+            if (values is None) != (dataset is None):
+                state = "was not" if dataset is None else "was"
+                raise ValueError(f"{name}: the writer {state} opened with this field")
+            if dataset is None:
+                continue
+            values = np.asarray(values)
+            if values.shape != (n, *dataset.shape[1:]):
+                raise ValueError(f"{name}: shape {values.shape}, expected {(n, *dataset.shape[1:])}")
+            dataset.resize(self.num_tokens + n, axis=0)
+            dataset[self.num_tokens :] = values
+        self.num_tokens += n
+
+    def set_embeddings(self, embedding) -> None:
+        """Store one row per sequence id for semantic-hint prefetchers."""
+        embedding = np.asarray(embedding, dtype=np.float32)
+        if embedding.ndim != 2:
+            raise ValueError(f"embedding must be 2-D (num_sequences, d), got shape {embedding.shape}")
+        self._file.create_dataset("sequences/embedding", data=embedding, **_COMPRESSION)
+
+    def close(self) -> None:
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_trace(
+    path,
+    experts,
+    sequence_id,
+    *,
+    model: str,
+    num_experts: int,
+    source: str,
+    gate_scores=None,
+    phase=None,
+    token_index=None,
+    embedding=None,
+) -> None:
+    """Write a whole in-memory trace at once (small traces, tests, importers)."""
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ValueError(f"experts must be (num_tokens, num_layers, top_k), got shape {experts.shape}")
+    _, num_layers, top_k = experts.shape
+    with TraceWriter(
+        path,
+        model=model,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        source=source,
+        with_gate_scores=gate_scores is not None,
+        with_phase=phase is not None,
+        with_token_index=token_index is not None,
+    ) as writer:
+        writer.append(experts, sequence_id, gate_scores, phase, token_index)
+        if embedding is not None:
+            writer.set_embeddings(embedding)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _attr(path, attrs_, name, kind):
+    value = attrs_[name]
+    if isinstance(value, bytes):
+        value = value.decode()
+    if kind is str:
+        if not isinstance(value, str):
+            raise TraceError(path, f"attribute {name!r} must be a string, got {type(value).__name__}")
+        return value
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TraceError(path, f"attribute {name!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_dataset(path, file, name, *, kind, shape, required=True):
+    if name not in file:
+        if required:
+            raise TraceError(path, f"missing required dataset {name!r}")
+        return None
+    dataset = file[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise TraceError(path, f"{name!r} must be a dataset, found a group")
+    if not np.issubdtype(dataset.dtype, kind):
+        expected = "an integer" if kind is np.integer else "a floating-point"
+        raise TraceError(path, f"dataset {name!r} must have {expected} dtype, got {dataset.dtype}")
+    if dataset.shape != shape:
+        raise TraceError(path, f"dataset {name!r} has shape {dataset.shape}, expected {shape}")
+    return dataset
+
+
+def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
+    missing = [name for name in REQUIRED_ATTRS if name not in file.attrs]
+    if missing:
+        raise TraceError(path, f"missing required attribute(s) {', '.join(missing)}")
+    fmt = _attr(path, file.attrs, "format", str)
+    if fmt != FORMAT_NAME:
+        raise TraceError(path, f"attribute 'format' is {fmt!r}, expected {FORMAT_NAME!r}")
+    version = _attr(path, file.attrs, "version", int)
+    if version != FORMAT_VERSION:
+        raise TraceError(path, f"unsupported version {version} (this tierflow reads version {FORMAT_VERSION})")
+    num_layers = _attr(path, file.attrs, "num_layers", int)
+    num_experts = _attr(path, file.attrs, "num_experts", int)
+    top_k = _attr(path, file.attrs, "top_k", int)
+    for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
+        if value < 1:
+            raise TraceError(path, f"attribute {name!r} must be >= 1, got {value}")
+    if top_k > num_experts:
+        raise TraceError(path, f"top_k {top_k} exceeds num_experts {num_experts}")
+    if "experts" not in file:
+        raise TraceError(path, "missing required dataset 'experts'")
+    num_tokens = file["experts"].shape[0] if file["experts"].ndim == 3 else -1
+    rows = (num_tokens, num_layers, top_k)
+    _check_dataset(path, file, "experts", kind=np.integer, shape=rows)
+    _check_dataset(path, file, "sequence_id", kind=np.integer, shape=(num_tokens,))
+    gate = _check_dataset(path, file, "gate_scores", kind=np.floating, shape=rows, required=False)
+    phase = _check_dataset(path, file, "phase", kind=np.integer, shape=(num_tokens,), required=False)
+    index = _check_dataset(path, file, "token_index", kind=np.integer, shape=(num_tokens,), required=False)
+    embedding_dim = None
+    if "sequences" in file and "embedding" in file["sequences"]:
+        embedding = file["sequences/embedding"]
+        if not isinstance(embedding, h5py.Dataset) or embedding.ndim != 2:
+            raise TraceError(path, "'/sequences/embedding' must be a 2-D dataset (num_sequences, d)")
+        if not np.issubdtype(embedding.dtype, np.floating):
+            raise TraceError(path, f"'/sequences/embedding' must be floating-point, got {embedding.dtype}")
+        embedding_dim = int(embedding.shape[1])
+    return TraceMeta(
+        path=str(path),
+        model=_attr(path, file.attrs, "model", str),
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        source=_attr(path, file.attrs, "source", str),
+        num_tokens=num_tokens,
+        has_gate_scores=gate is not None,
+        has_phase=phase is not None,
+        has_token_index=index is not None,
+        embedding_dim=embedding_dim,
+    )
+
+
+class TraceReader:
+    """Opens a trace, checks its schema (attributes, dtypes, shapes) and streams its tokens in chunks.
+
+    Opening is cheap: it reads no token data. :meth:`chunks` yields :class:`TraceChunk` objects of at most
+    ``chunk_tokens`` tokens; :func:`validate_trace` checks the values too.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise TraceError(self.path, "no such file")
+        if self.path.is_dir():
+            raise TraceError(self.path, "is a directory, not a trace file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError:
+            raise TraceError(self.path, "not an HDF5 file (tierflow-trace v1 is HDF5)") from None
+        try:
+            self.meta = _read_meta(self.path, self._file)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def chunks(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, *, start: int = 0, stop: int | None = None,
+               gate_scores: bool = False, phase: bool = False, token_index: bool = False
+               ) -> Iterator[TraceChunk]:
+        """Yield tokens ``[start, stop)`` in file order; optional fields only when asked for and present."""
+        file, meta = self._file, self.meta
+        stop = meta.num_tokens if stop is None else min(stop, meta.num_tokens)
+        wanted = {
+            "gate_scores": gate_scores and meta.has_gate_scores,
+            "phase": phase and meta.has_phase,
+            "token_index": token_index and meta.has_token_index,
+        }
+        for lo in range(start, stop, chunk_tokens):
+            hi = min(lo + chunk_tokens, stop)
+            extra = {name: file[name][lo:hi] for name, want in wanted.items() if want}
+            yield TraceChunk(lo, file["experts"][lo:hi], file["sequence_id"][lo:hi], **extra)
+
+    def embedding(self) -> np.ndarray | None:
+        """The per-sequence embeddings, or None when the file has none."""
+        if self.meta.embedding_dim is None:
+            return None
+        return self._file["sequences/embedding"][()]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_trace(path) -> TraceReader:
+    """Open a trace for streaming; raises :class:`TraceError` with a one-line reason if it is not one."""
+    return TraceReader(path)
+
+
+# ----------------------------------------------------------------------------------------------- validating
+
+
+def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
+    """Value checks on one chunk: expert ids in range, no repeat inside a (token, layer) row, sane phase."""
+    experts = chunk.experts
+    if experts.size:
+        lo, hi = experts.min(), experts.max()
+        if lo < 0 or hi >= meta.num_experts:
+            bad = lo if lo < 0 else hi
+            where = np.argwhere(experts == bad)[0]
+            raise TraceError(
+                meta.path,
+                f"expert id {int(bad)} outside [0, {meta.num_experts}) at token {chunk.start + int(where[0])}, "
+                f"layer {int(where[1])}",
+            )
+        if meta.top_k > 1:
+            ordered = np.sort(experts, axis=2)
+            repeated = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
+            if repeated.any():
+                token, layer = np.argwhere(repeated)[0]
+                raise TraceError(
+                    meta.path,
+                    f"expert repeated within token {chunk.start + int(token)}, layer {int(layer)}: "
+                    f"{experts[token, layer].tolist()}",
+                )
+    if chunk.phase is not None and chunk.phase.size and chunk.phase.max() > 1:
+        raise TraceError(meta.path, f"phase values must be 0 (prefill) or 1 (decode), found {chunk.phase.max()}")
+    if chunk.gate_scores is not None and not np.isfinite(chunk.gate_scores).all():
+        raise TraceError(meta.path, "gate_scores contains NaN or infinite values")
+    if chunk.sequence_id.size and chunk.sequence_id.min() < 0:
+        raise TraceError(meta.path, f"negative sequence_id {int(chunk.sequence_id.min())}")
+
+
+class _SequenceOrder:
+    """Checks across chunks that each sequence's ``token_index`` increases in file order."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.last: dict[int, int] = {}
+
+    def update(self, chunk: TraceChunk) -> None:
+        seq, pos = chunk.sequence_id, chunk.token_index
+        order = np.argsort(seq, kind="stable")
+        seq_sorted, pos_sorted = seq[order], pos[order]
+        same = seq_sorted[1:] == seq_sorted[:-1]
+        bad = np.flatnonzero(same & (pos_sorted[1:] <= pos_sorted[:-1]))
+        if bad.size:
+            i = order[bad[0] + 1]
+            self._fail(int(seq[i]), chunk.start + int(i))
+        firsts = np.flatnonzero(np.r_[True, ~same])
+        lasts = np.r_[firsts[1:] - 1, len(seq_sorted) - 1]
+        for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            sequence = int(seq_sorted[first])
+            previous = self.last.get(sequence)
+            if previous is not None and pos_sorted[first] <= previous:
+                self._fail(sequence, chunk.start + int(order[first]))
+            self.last[sequence] = int(pos_sorted[last])
+
+    def _fail(self, sequence: int, token: int):
+        raise TraceError(self.path, f"sequence {sequence} tokens out of order at token {token} (token_index)")
+
+
+def validate_trace(path, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> TraceMeta:
+    """Read the whole file once and check every value; returns its metadata or raises :class:`TraceError`."""
+    with open_trace(path) as reader:
+        meta = reader.meta
+        order = _SequenceOrder(meta.path) if meta.has_token_index else None
+        max_sequence = -1
+        for chunk in reader.chunks(chunk_tokens, gate_scores=True, phase=True, token_index=True):
+            check_chunk(meta, chunk)
+            if order is not None:
+                order.update(chunk)
+            if len(chunk):
+                max_sequence = max(max_sequence, int(chunk.sequence_id.max()))
+        embedding = reader.embedding()
+        if embedding is not None and embedding.shape[0] <= max_sequence:
+            raise TraceError(
+                meta.path,
+                f"/sequences/embedding has {embedding.shape[0]} rows but sequence ids reach {max_sequence}",
+            )
+    return meta
