@@ -30,9 +30,12 @@ def trace() -> None:
     """Generate, import and inspect expert-activation traces (tierflow-trace v1, HDF5)."""
 
 
-from tierflow.trace import commands as _trace_commands  # noqa: E402  (registers the trace subcommands)
+# Subcommands live beside the code they drive; each module registers its own.
+from tierflow.catalog import commands as _catalog_commands  # noqa: E402
+from tierflow.trace import commands as _trace_commands  # noqa: E402
 
 _trace_commands.register(trace)
+_catalog_commands.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

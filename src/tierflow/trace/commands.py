@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from tierflow.trace import importers, stats, synth
-from tierflow.trace.format import validate_trace
 
 
 def register(group: click.Group) -> None:
@@ -37,7 +36,6 @@ def gen(model_name, tokens, sequences, seed, overrides, out):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def info(path, as_json):
     """Validate a whole trace file and summarise it."""
-    validate_trace(path)
     summary = stats.summarize(path)
     if as_json:
         from tierflow.cli import echo_json

@@ -1,0 +1,481 @@
+"""Synthetic expert-activation traces with realistic routing structure.
+
+The generative model, per MoE layer ``l`` of a model with ``E`` experts and top-``k`` routing:
+
+* **Topics.** Each sequence draws one of ``num_topics`` topics. Expert popularity at layer ``l`` for topic
+  ``t`` is log-normal: ``log w = skew_l * (sqrt(1 - topic_divergence) * g_l + sqrt(topic_divergence) * h_lt)``
+  with standard normal ``g_l`` (shared) and ``h_lt`` (topic-specific); ``skew_l`` goes linearly from
+  ``skew_first`` to ``skew_last`` over the layers. Each sequence also gets an embedding near its topic's
+  centroid, for semantic-hint prefetchers.
+* **Routing state and cross-layer affinity.** Each token carries a latent routing state (one of
+  ``num_states``) that tilts the popularity by ``exp(state_strength * u_ls)``. At the first layer the state
+  comes from the topic's state mix and persists across consecutive tokens with ``state_persistence``; at
+  each next layer, with probability ``affinity`` it is set by the current layer's top-1 expert (a fixed
+  random map expert -> state per layer), else it carries over. So layer ``l+1``'s choice depends on layer
+  ``l``'s.
+* **Temporal reuse.** Each of a token's ``k`` slots re-selects the previous token's expert in that slot
+  with probability ``reuse`` (same layer, same sequence); other slots draw afresh, without replacement,
+  from the token's popularity. Collisions are re-drawn so a row never repeats an expert.
+* **Gate scores.** Router weights of the chosen experts: a softmax over their log-probability plus Gumbel
+  noise, normalised over the ``k`` chosen (the top-k renormalisation most MoE routers apply); each row is
+  stored in descending score order, as routers emit it.
+
+Default parameters per routing profile were fitted by ``scripts/calibrate_synth.py`` to the real OLMoE and
+Mixtral counts in ``traces/olmoe-routing-stats`` (see the README for the statistics they reproduce).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import multiprocessing
+import os
+from collections.abc import Iterable
+
+import attrs
+import numpy as np
+
+from tierflow.errors import TierflowError
+from tierflow.trace.format import TraceWriter, expert_dtype
+
+# Each urn holds this many draws of its quantised distribution; probabilities are exact to 1/_URN_SIZE.
+_URN_SIZE = 1 << 15
+_MAX_REDRAW_ROUNDS = 256
+_GEN_CHUNK_TOKENS = 32768
+
+
+def _unit(low: float, high: float):
+    def check(instance, attribute, value):
+        if not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be in [{low}, {high}], got {value}")
+
+    return check
+
+
+def _positive(instance, attribute, value):
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen
+class SynthParams:
+    """Parameters of the synthetic routing model (see the module docstring for their meaning)."""
+
+    num_topics: int = attrs.field(default=8, validator=_positive)
+    topic_divergence: float = attrs.field(default=0.5, validator=_unit(0.0, 1.0))
+    skew_first: float = attrs.field(default=0.7, validator=_unit(0.0, 10.0))
+    skew_last: float = attrs.field(default=1.1, validator=_unit(0.0, 10.0))
+    num_states: int = attrs.field(default=16, validator=_positive)
+    state_strength: float = attrs.field(default=1.0, validator=_unit(0.0, 20.0))
+    state_concentration: float = attrs.field(default=0.3, validator=_positive)
+    affinity: float = attrs.field(default=0.5, validator=_unit(0.0, 1.0))
+    state_persistence: float = attrs.field(default=0.6, validator=_unit(0.0, 1.0))
+    reuse: float = attrs.field(default=0.3, validator=_unit(0.0, 1.0))
+    gate_temperature: float = attrs.field(default=1.0, validator=_positive)
+    embedding_dim: int = attrs.field(default=32, validator=_positive)
+    embedding_noise: float = attrs.field(default=0.5, validator=_unit(0.0, 100.0))
+    tokens_per_sequence: int = attrs.field(default=512, validator=_positive)
+
+    @classmethod
+    def for_model(cls, model_name: str) -> SynthParams:
+        """The calibrated defaults for the routing profile of a catalog model."""
+        return ROUTING_PROFILES[routing_profile(model_name)]
+
+    def with_overrides(self, overrides: Iterable[str]) -> SynthParams:
+        """Apply ``key=value`` strings; unknown keys and bad values are one-line errors."""
+        fields = attrs.fields_dict(type(self))
+        changes = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise TierflowError(f"--set {item!r}: expected KEY=VALUE")
+            if key not in fields:
+                raise TierflowError(f"unknown generator parameter {key!r}; valid: {', '.join(fields)}")
+            kind = int if fields[key].type in ("int", int) else float
+            try:
+                changes[key] = kind(raw)
+            except ValueError:
+                raise TierflowError(f"generator parameter {key}: {raw!r} is not {kind.__name__}") from None
+        try:
+            return attrs.evolve(self, **changes)
+        except ValueError as error:
+            raise TierflowError(f"generator parameter {error}") from None
+
+
+# Fitted by scripts/calibrate_synth.py; the fit's targets and results are printed by that script and
+# summarised in the README. "fine_grained" is fitted to OLMoE-1B-7B (64 experts, top-8) and serves the
+# fine-grained-expert models (DeepSeek, Qwen, OLMoE, GPT-OSS); "coarse" is fitted to Mixtral-8x7B.
+ROUTING_PROFILES: dict[str, SynthParams] = {
+    "fine_grained": SynthParams(),
+    "coarse": SynthParams(skew_first=0.15, skew_last=0.25, state_strength=0.3, affinity=0.3),
+}
+
+
+def routing_profile(model_name: str) -> str:
+    """Which calibrated routing profile a catalog model uses."""
+    return "coarse" if model_name.lower().startswith("mixtral") else "fine_grained"
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@attrs.frozen
+class _LayerTables:
+    urns: np.ndarray  # (topics * states, _URN_SIZE) expert ids, the quantised routing distribution
+    log_p: np.ndarray  # (topics * states, E) log-probabilities, for gate scores and exact fallback
+    top1_state: np.ndarray  # (E,) the state a token moves to when this layer's top-1 is that expert
+
+
+def _layer_tables(rng, params: SynthParams, num_experts: int, skew: float) -> _LayerTables:
+    shared = rng.standard_normal(num_experts)
+    topical = rng.standard_normal((params.num_topics, num_experts))
+    lam = params.topic_divergence
+    log_w = skew * (math.sqrt(1 - lam) * shared + math.sqrt(lam) * topical)
+    tilt = params.state_strength * rng.standard_normal((params.num_states, num_experts))
+    logits = (log_w[:, None, :] + tilt[None, :, :]).reshape(-1, num_experts)
+    log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    urns = _quantised_urns(np.exp(log_p), expert_dtype(num_experts))
+    top1_state = rng.integers(0, params.num_states, num_experts)
+    return _LayerTables(urns, log_p.astype(np.float32), top1_state)
+
+
+def _quantised_urns(p: np.ndarray, dtype) -> np.ndarray:
+    """Each row of ``p`` as ``_URN_SIZE`` expert ids (largest-remainder rounding), so a uniform index samples it."""
+    rows, num_experts = p.shape
+    scaled = p * _URN_SIZE
+    counts = np.floor(scaled).astype(np.int64)
+    short = _URN_SIZE - counts.sum(axis=1)
+    remainder_rank = np.argsort(np.argsort(counts - scaled, axis=1), axis=1)
+    counts += remainder_rank < short[:, None]
+    experts = np.tile(np.arange(num_experts, dtype=dtype), rows)
+    return np.repeat(experts, counts.ravel()).reshape(rows, _URN_SIZE)
+
+
+def _draw(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.ndarray:
+    """k draws per row from each row's block distribution, with replacement (repeats are fixed later)."""
+    flat_index = block[:, None] * _URN_SIZE + rng.integers(0, _URN_SIZE, (len(block), k))
+    return tables.urns.ravel()[flat_index]
+
+
+def _fill_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray) -> None:
+    """Replace, in place, every later occurrence of a repeated expert with a fresh expert not in the row.
+
+    Redrawing only the repeated slots from the row's distribution is sequential sampling without
+    replacement, the way top-k routing picks distinct experts.
+    """
+    ordered = np.sort(rows, axis=1)
+    bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if bad.size:
+        fixed = rows[bad]
+        _redraw_repeats(rng, tables, block[bad], fixed)
+        rows[bad] = fixed
+
+
+def _redraw_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray) -> None:
+    k = rows.shape[1]
+    repeat = ((rows[:, :, None] == rows[:, None, :]) & np.tri(k, k, -1, dtype=bool)).any(axis=2)
+    for slot in range(1, k):
+        todo = np.flatnonzero(repeat[:, slot])
+        for _ in range(_MAX_REDRAW_ROUNDS):
+            if not todo.size:
+                break
+            draw = tables.urns[block[todo], rng.integers(0, _URN_SIZE, todo.size)]
+            clash = (rows[todo] == draw[:, None]) & ~repeat[todo]
+            ok = ~clash.any(axis=1)
+            rows[todo[ok], slot] = draw[ok]
+            repeat[todo[ok], slot] = False
+            todo = todo[~ok]
+        for row in todo.tolist():  # the row's distribution left nothing new to draw: take any unused expert
+            used = set(rows[row][~repeat[row]].tolist())
+            rows[row, slot] = next(e for e in range(tables.log_p.shape[1]) if e not in used)
+            repeat[row, slot] = False
+
+
+def _carry_forward(values: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """values[last fresh index at or before t] along axis 0 (1-D or 2-D); row 0 must be fresh."""
+    width = values[0].size
+    flat = np.arange(values.size).reshape(values.shape)
+    last = np.maximum.accumulate(np.where(fresh, flat, 0), axis=0)
+    if values.ndim == 2:  # the accumulated flat index of column j is a multiple of width plus j
+        last += np.arange(width) - last % width
+    return values.ravel()[last]
+
+
+@attrs.define
+class _Carry:
+    """State handed from one chunk of tokens to the next (the sequence that spans the boundary)."""
+
+    state0: int = 0
+    chain: np.ndarray | None = None  # (L, k) the slot values the next token may re-select
+
+
+class RoutingModel:
+    """A seeded instance of the routing model for one model shape; generates tokens chunk by chunk."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, params: SynthParams, seed: int):
+        if not 1 <= top_k <= num_experts:
+            raise TierflowError(f"top_k {top_k} must be in [1, num_experts={num_experts}]")
+        self.num_layers, self.num_experts, self.top_k, self.params = num_layers, num_experts, top_k, params
+        self.seed = seed
+        # Separate streams for the model's tables, the sequences, and each block of tokens (see
+        # route_block), so blocks can be generated in any order or in parallel with identical results.
+        tables_rng = np.random.default_rng([seed, 0])
+        self.rng = np.random.default_rng([seed, 1])
+        skews = np.linspace(params.skew_first, params.skew_last, num_layers)
+        self.layers = [_layer_tables(tables_rng, params, num_experts, float(s)) for s in skews]
+        self.state_mix = tables_rng.dirichlet(np.full(params.num_states, params.state_concentration),
+                                              params.num_topics)
+        self.topic_centroids = _unit_rows(tables_rng.standard_normal((params.num_topics, params.embedding_dim)))
+
+    def sequences(self, num_tokens: int, num_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per sequence: its length (all >= 1, summing to num_tokens) and its topic."""
+        if num_sequences > num_tokens:
+            raise TierflowError(f"--sequences {num_sequences} exceeds --tokens {num_tokens}")
+        shares = self.rng.dirichlet(np.full(num_sequences, 4.0))
+        extra = np.floor(shares * (num_tokens - num_sequences)).astype(np.int64)
+        extra[: num_tokens - num_sequences - extra.sum()] += 1
+        topics = self.rng.integers(0, self.params.num_topics, num_sequences)
+        return 1 + extra, topics
+
+    def embeddings(self, topics: np.ndarray) -> np.ndarray:
+        noise = self.rng.standard_normal((len(topics), self.params.embedding_dim))
+        scale = self.params.embedding_noise / math.sqrt(self.params.embedding_dim)
+        return _unit_rows(self.topic_centroids[topics] + scale * noise).astype(np.float32)
+
+    def route_block(self, plan: _BlockPlan, block: int):
+        """Yield (experts, gate_scores, sequence_id, token_index) for one block, chunk by chunk."""
+        rng = np.random.default_rng([self.seed, 2, block])
+        lo, hi = plan.token_range(block)
+        carry = _Carry()
+        for start in range(lo, hi, _GEN_CHUNK_TOKENS):
+            stop = min(start + _GEN_CHUNK_TOKENS, hi)
+            seq = plan.sequence_of_token[start:stop]
+            index = plan.token_index[start:stop]
+            experts, gates = self.generate_chunk(rng, plan.topics[seq], index == 0, carry)
+            yield experts, gates, seq, index
+
+    def generate_chunk(self, rng, topic: np.ndarray, starts: np.ndarray, carry: _Carry):
+        """Route one chunk of tokens. ``topic`` per token; ``starts`` marks each sequence's first token.
+
+        Returns (experts (n, L, k), gate_scores (n, L, k)) and updates ``carry``.
+        """
+        p = self.params
+        n, k = len(topic), self.top_k
+        continues = not starts[0]
+        # Layer-0 routing state: fresh at sequence starts and with probability 1 - persistence.
+        fresh_state = np.r_[True, starts | (rng.random(n) >= p.state_persistence)]
+        states = np.empty(n + 1, dtype=np.int64)
+        states[0] = carry.state0
+        states[1:] = _sample_rows(rng, self.state_mix[topic])
+        state = _carry_forward(states, fresh_state)[1:]
+        carry.state0 = int(state[-1])
+
+        experts = np.empty((n, self.num_layers, k), dtype=expert_dtype(self.num_experts))
+        gates = np.empty((n, self.num_layers, k), dtype=np.float32)
+        chain_out = np.empty((self.num_layers, k), dtype=experts.dtype)
+        for layer, tables in enumerate(self.layers):
+            block = topic * p.num_states + state
+            fresh = _draw(rng, tables, block, k)
+            slot_fresh = np.empty((n + 1, k), dtype=bool)
+            slot_fresh[0] = True
+            slot_fresh[1:] = starts[:, None] | (rng.random((n, k)) >= p.reuse)
+            values = np.empty((n + 1, k), dtype=fresh.dtype)
+            values[0] = carry.chain[layer] if continues else 0
+            values[1:] = fresh
+            chain = _carry_forward(values, slot_fresh)[1:]
+            chain_out[layer] = chain[-1]
+            rows = chain.copy()
+            _fill_repeats(rng, tables, block, rows)
+            rows, scores = self._gate(rng, tables, block, rows)
+            experts[:, layer], gates[:, layer] = rows, scores
+            if layer + 1 < self.num_layers:
+                moved = rng.random(n) < p.affinity
+                state = np.where(moved, tables.top1_state[rows[:, 0]], state)
+        carry.chain = chain_out
+        return experts, gates
+
+    def _gate(self, rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray):
+        gumbel = -np.log(-np.log(rng.random(rows.shape, dtype=np.float32) + np.float32(1e-12)))
+        num_experts = tables.log_p.shape[1]
+        log_p = tables.log_p.ravel()[block[:, None] * num_experts + rows]
+        logits = (log_p + gumbel) / np.float32(self.params.gate_temperature)
+        k = rows.shape[1]
+        order = np.argsort(-logits, axis=1) + (np.arange(len(rows)) * k)[:, None]
+        logits = logits.ravel()[order]
+        weights = np.exp(logits - logits[:, :1])
+        return rows.ravel()[order], weights / weights.sum(axis=1, keepdims=True)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _sample_rows(rng, probabilities: np.ndarray) -> np.ndarray:
+    """One categorical draw per row of a probability matrix."""
+    cumulative = np.cumsum(probabilities, axis=1)
+    u = rng.random(len(probabilities)) * cumulative[:, -1]
+    return (cumulative < u[:, None]).sum(axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+# Whole sequences are grouped into blocks of at least this many tokens; blocks are independent (own random
+# stream, no state crosses them), so they can be routed in parallel. A block much longer than this (one
+# very long sequence) is routed in the calling process, chunk by chunk, to keep memory bounded.
+_BLOCK_TOKENS = 8192
+_INLINE_BLOCK_TOKENS = 4 * _BLOCK_TOKENS
+
+
+@attrs.frozen
+class _BlockPlan:
+    lengths: np.ndarray  # tokens per sequence
+    topics: np.ndarray  # topic per sequence
+    sequence_of_token: np.ndarray
+    token_index: np.ndarray
+    token_bounds: np.ndarray  # block b covers tokens [token_bounds[b], token_bounds[b + 1])
+
+    @classmethod
+    def build(cls, lengths: np.ndarray, topics: np.ndarray) -> _BlockPlan:
+        ends = np.cumsum(lengths)
+        bounds, filled = [0], 0
+        for end in ends.tolist():
+            if end - filled >= _BLOCK_TOKENS:
+                bounds.append(end)
+                filled = end
+        if bounds[-1] != ends[-1]:
+            bounds.append(int(ends[-1]))
+        sequence_of_token = np.repeat(np.arange(len(lengths)), lengths)
+        token_index = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+        return cls(lengths, topics, sequence_of_token, token_index, np.array(bounds))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.token_bounds) - 1
+
+    def token_range(self, block: int) -> tuple[int, int]:
+        return int(self.token_bounds[block]), int(self.token_bounds[block + 1])
+
+    def routed_inline(self, block: int) -> bool:
+        lo, hi = self.token_range(block)
+        return hi - lo > _INLINE_BLOCK_TOKENS
+
+
+_FORKED: tuple[RoutingModel, _BlockPlan] | None = None  # what a worker process routes blocks of
+
+
+def _adopt(model: RoutingModel, plan: _BlockPlan) -> None:
+    global _FORKED
+    _FORKED = (model, plan)
+
+
+def _route_block_in_worker(block: int):
+    model, plan = _FORKED
+    parts = list(model.route_block(plan, block))
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(4))
+
+
+class _BlockRouter:
+    """Routes a plan's blocks in order, on ``workers`` processes when there is more than one block."""
+
+    def __init__(self, model: RoutingModel, plan: _BlockPlan, workers: int):
+        self.model, self.plan = model, plan
+        parallel = [b for b in range(plan.num_blocks) if not plan.routed_inline(b)]
+        self.workers = min(workers, len(parallel))
+        self._pool = None
+        if self.workers > 1:
+            # Forked workers inherit the model's tables (initargs are not pickled under fork).
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"), initializer=_adopt,
+                initargs=(model, plan),
+            )
+
+    def __iter__(self):
+        if self._pool is None:
+            for block in range(self.plan.num_blocks):
+                yield from self.model.route_block(self.plan, block)
+            return
+        queued = iter([b for b in range(self.plan.num_blocks) if not self.plan.routed_inline(b)])
+        futures: dict[int, concurrent.futures.Future] = {}
+
+        def top_up():
+            while len(futures) < 2 * self.workers and (block := next(queued, None)) is not None:
+                futures[block] = self._pool.submit(_route_block_in_worker, block)
+
+        for block in range(self.plan.num_blocks):
+            top_up()
+            if self.plan.routed_inline(block):
+                yield from self.model.route_block(self.plan, block)
+            else:
+                yield futures.pop(block).result()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params):
+    num_sequences = num_sequences or max(1, math.ceil(num_tokens / params.tokens_per_sequence))
+    model = RoutingModel(num_layers, num_experts, top_k, params, seed)
+    lengths, topics = model.sequences(num_tokens, num_sequences)
+    return model, _BlockPlan.build(lengths, topics)
+
+
+def generate_arrays(num_layers, num_experts, top_k, num_tokens, *, num_sequences=None, seed=0,
+                    params: SynthParams | None = None, workers: int = 1):
+    """Generate a whole trace in memory. Returns a dict with experts, gate_scores, sequence_id, token_index,
+    topic (per sequence) and embedding (per sequence). For tests and calibration; files use :func:`generate`."""
+    params = params or ROUTING_PROFILES["fine_grained"]
+    model, plan = _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params)
+    with _BlockRouter(model, plan, workers) as router:
+        parts = list(router)
+    return {
+        "experts": np.concatenate([c[0] for c in parts]),
+        "gate_scores": np.concatenate([c[1] for c in parts]),
+        "sequence_id": np.concatenate([c[2] for c in parts]),
+        "token_index": np.concatenate([c[3] for c in parts]),
+        "topic": plan.topics,
+        "embedding": model.embeddings(plan.topics),
+    }
+
+
+def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = None, seed: int = 0,
+             params: SynthParams | None = None, workers: int | None = None):
+    """Write a synthetic trace for a catalog model to ``out`` (atomically); returns the topics per sequence.
+
+    ``workers`` processes route blocks of whole sequences in parallel (default: all cores); the file is the
+    same whatever their number.
+    """
+    from tierflow.catalog import get_model
+
+    spec = get_model(model_name)
+    params = params or SynthParams.for_model(spec.name)
+    model, plan = _prepare(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, num_tokens, sequences,
+                           seed, params)
+    source = (f"tierflow synthetic: profile={routing_profile(spec.name)} seed={seed} "
+              + " ".join(f"{k}={v}" for k, v in attrs.asdict(params).items()))
+    # The worker processes are forked before the writer thread starts. Compression runs in that thread
+    # (h5py releases the GIL while HDF5 compresses), overlapping the routing of the next chunk; at most one
+    # chunk waits, so memory stays bounded.
+    with _BlockRouter(model, plan, workers or os.cpu_count() or 1) as router, \
+            TraceWriter(out, model=spec.name, num_layers=spec.num_moe_layers, num_experts=spec.num_routed_experts,
+                        top_k=spec.top_k, source=source, with_gate_scores=True, with_token_index=True) as writer, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_thread:
+        pending = None
+        for experts, gates, seq, index in router:
+            if pending is not None:
+                pending.result()
+            pending = write_thread.submit(writer.append, experts, seq, gate_scores=gates, token_index=index)
+        if pending is not None:
+            pending.result()
+        writer.set_embeddings(model.embeddings(plan.topics))
+    return plan.topics

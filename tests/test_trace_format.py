@@ -1,0 +1,198 @@
+"""tierflow-trace v1: round trips, streaming, atomic writes, and every kind of bad file."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import assert_one_line_error, run_cli
+from tierflow.errors import TraceError
+from tierflow.trace.format import (
+    GATE_SCORE_DTYPE,
+    TraceWriter,
+    expert_dtype,
+    open_trace,
+    validate_trace,
+    write_trace,
+)
+
+
+@st.composite
+def traces(draw):
+    """A small valid trace: shapes, optional fields and chunking all vary."""
+    num_experts = draw(st.sampled_from([1, 2, 8, 64, 256, 300, 70000]))
+    top_k = draw(st.integers(1, min(num_experts, 8)))
+    num_layers = draw(st.integers(1, 5))
+    num_tokens = draw(st.integers(0, 40))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    experts = np.array(
+        [[rng.choice(num_experts, top_k, replace=False) for _ in range(num_layers)] for _ in range(num_tokens)],
+        dtype=np.int64,
+    ).reshape(num_tokens, num_layers, top_k)
+    sequence_id = np.sort(rng.integers(0, 4, num_tokens))
+    optional = {}
+    if draw(st.booleans()):
+        optional["gate_scores"] = rng.random((num_tokens, num_layers, top_k)).astype(np.float32)
+    if draw(st.booleans()):
+        optional["phase"] = rng.integers(0, 2, num_tokens).astype(np.uint8)
+    if draw(st.booleans()):
+        optional["token_index"] = np.concatenate([np.arange((sequence_id == s).sum()) for s in range(4)])
+    if draw(st.booleans()):
+        optional["embedding"] = rng.standard_normal((4, 3)).astype(np.float32)
+    return experts, sequence_id, num_experts, optional
+
+
+@given(trace=traces(), chunk_tokens=st.integers(1, 17))
+def test_write_then_stream_round_trips(tmp_path_factory, trace, chunk_tokens):
+    experts, sequence_id, num_experts, optional = trace
+    path = tmp_path_factory.mktemp("rt") / "t.h5"
+    write_trace(path, experts, sequence_id, model="m", num_experts=num_experts, source="test", **optional)
+
+    meta = validate_trace(path)
+    assert (meta.num_tokens, meta.num_layers, meta.top_k, meta.num_experts) == (
+        experts.shape[0], experts.shape[1], experts.shape[2], num_experts,
+    )
+    with open_trace(path) as reader:
+        chunks = list(reader.chunks(chunk_tokens, gate_scores=True, phase=True, token_index=True))
+        assert all(len(c) <= chunk_tokens for c in chunks)
+        assert [c.start for c in chunks] == list(range(0, len(sequence_id), chunk_tokens))
+        joined = {
+            "experts": np.concatenate([c.experts for c in chunks]) if chunks else np.empty((0, *experts.shape[1:])),
+            "sequence_id": np.concatenate([c.sequence_id for c in chunks]) if chunks else np.empty(0),
+        }
+        np.testing.assert_array_equal(joined["experts"], experts)
+        np.testing.assert_array_equal(joined["sequence_id"], sequence_id)
+        assert reader._file["experts"].dtype == expert_dtype(num_experts)
+        for name in ("phase", "token_index"):
+            if name in optional and chunks:
+                np.testing.assert_array_equal(np.concatenate([getattr(c, name) for c in chunks]), optional[name])
+        if "gate_scores" in optional and chunks:
+            stored = np.concatenate([c.gate_scores for c in chunks])
+            assert stored.dtype == GATE_SCORE_DTYPE
+            np.testing.assert_allclose(stored, optional["gate_scores"], rtol=1e-3, atol=1e-4)
+        if "embedding" in optional:
+            np.testing.assert_array_equal(reader.embedding(), optional["embedding"])
+        else:
+            assert reader.embedding() is None
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.int32, np.int64, np.uint32])
+def test_reader_accepts_any_integer_expert_dtype(tmp_path, dtype):
+    path = tmp_path / "t.h5"
+    write_trace(path, [[[0, 3]], [[2, 1]]], [0, 0], model="m", num_experts=4, source="s")
+    with h5py.File(path, "r+") as f:
+        data = f["experts"][()]
+        del f["experts"]
+        f["experts"] = data.astype(dtype)
+    assert validate_trace(path).num_tokens == 2
+
+
+def test_writer_leaves_nothing_when_interrupted(tmp_path):
+    path = tmp_path / "t.h5"
+    with pytest.raises(RuntimeError):
+        with TraceWriter(path, model="m", num_layers=1, num_experts=4, top_k=2, source="s") as writer:
+            writer.append(np.array([[[0, 1]]]), np.array([0]))
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validating_writer_never_publishes_an_invalid_file(tmp_path):
+    path = tmp_path / "t.h5"
+    with pytest.raises(TraceError, match="outside"):
+        write_trace(path, [[[0, 9]]], [0], model="m", num_experts=4, source="s", validate=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_ids_its_stored_type_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="ids must be in"):
+        write_trace(tmp_path / "t.h5", [[[0, -1]]], [0], model="m", num_experts=4, source="s")
+
+
+def test_writer_rejects_fields_it_was_not_opened_with(tmp_path):
+    with TraceWriter(tmp_path / "t.h5", model="m", num_layers=1, num_experts=4, top_k=1, source="s") as writer:
+        with pytest.raises(ValueError, match="gate_scores"):
+            writer.append(np.zeros((1, 1, 1)), np.zeros(1), gate_scores=np.zeros((1, 1, 1)))
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+
+def _valid(path, **overrides):
+    fields = dict(
+        experts=np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]]),
+        sequence_id=np.array([0, 0]),
+        token_index=np.array([0, 1]),
+    )
+    fields.update(overrides)
+    write_trace(path, fields.pop("experts"), fields.pop("sequence_id"), model="m", num_experts=4, source="s",
+                **fields)
+    return path
+
+
+def _edit(path, action):
+    with h5py.File(path, "r+") as f:
+        action(f)
+    return path
+
+
+def _replace(name, value):
+    def action(f):
+        del f[name]
+        f[name] = value
+
+    return action
+
+
+BAD_FILES = {
+    "missing": (lambda p: p.with_name("absent.h5"), "no such file"),
+    "directory": (lambda p: p.parent, "directory"),
+    "not hdf5": (lambda p: (p.write_text("experts,layer\n1,2\n"), p)[1], "not an HDF5 file"),
+    "no experts": (lambda p: _edit(_valid(p), lambda f: f.__delitem__("experts")), "missing required dataset 'experts'"),
+    "no sequence_id": (lambda p: _edit(_valid(p), lambda f: f.__delitem__("sequence_id")), "'sequence_id'"),
+    "no top_k": (lambda p: _edit(_valid(p), lambda f: f.attrs.__delitem__("top_k")), "missing required attribute"),
+    "wrong format": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("format", "other")), "'format'"),
+    "wrong version": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("version", 7)), "version 7"),
+    "float experts": (lambda p: _edit(_valid(p), _replace("experts", np.zeros((2, 2, 2)))), "integer dtype"),
+    "shape vs attrs": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("top_k", 3)), "shape"),
+    "short sequence_id": (lambda p: _edit(_valid(p), _replace("sequence_id", np.zeros(3, int))), "shape"),
+    "id too large": (lambda p: _valid(p, experts=np.array([[[0, 4], [2, 3]], [[1, 2], [3, 0]]])), "expert id 4"),
+    "negative id": (lambda p: _edit(_valid(p), _replace("experts", np.array([[[0, -1], [2, 3]], [[1, 2], [3, 0]]]))),
+                    "expert id -1"),
+    "repeat": (lambda p: _valid(p, experts=np.array([[[0, 1], [2, 3]], [[1, 2], [3, 3]]])), "repeated within token 1"),
+    "out of order": (lambda p: _valid(p, token_index=np.array([1, 0])), "out of order"),
+    "bad phase": (lambda p: _valid(p, phase=np.array([0, 5], dtype=np.uint8)), "phase"),
+    "nan gate": (lambda p: _valid(p, gate_scores=np.full((2, 2, 2), np.nan)), "NaN"),
+    "embedding rows": (lambda p: _valid(p, sequence_id=np.array([0, 3]), token_index=None,
+                                        embedding=np.zeros((2, 4))), "embedding"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_one_error_line_with_status_2(tmp_path, case):
+    make, fragment = BAD_FILES[case]
+    path = make(tmp_path / "t.h5")
+    result = run_cli("trace", "info", path)
+    assert_one_line_error(result, fragment, str(path))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_raises_trace_error(tmp_path, case):
+    make, fragment = BAD_FILES[case]
+    with pytest.raises(TraceError, match=None) as error:
+        validate_trace(make(tmp_path / "t.h5"))
+    assert fragment in str(error.value)
+
+
+def test_out_of_order_is_found_across_chunks_and_interleaved_sequences(tmp_path):
+    experts = np.zeros((6, 1, 1), dtype=int)
+    path = _valid(tmp_path / "t.h5", experts=experts, sequence_id=np.array([0, 1, 0, 1, 0, 1]),
+                  token_index=np.array([0, 0, 1, 1, 2, 2]))
+    assert validate_trace(path, chunk_tokens=1).num_tokens == 6
+    bad = _valid(tmp_path / "u.h5", experts=experts, sequence_id=np.array([0, 1, 0, 1, 0, 1]),
+                 token_index=np.array([0, 0, 1, 2, 2, 1]))
+    with pytest.raises(TraceError, match="sequence 1 tokens out of order at token 5"):
+        validate_trace(bad, chunk_tokens=2)
