@@ -26,7 +26,8 @@ FITTED = {
     "skew_first": (0.0, 3.0),
     "skew_last": (0.0, 3.0),
     "topic_divergence": (0.0, 1.0),
-    "state_strength": (0.0, 3.0),
+    "state_strength_first": (0.0, 4.0),
+    "state_strength_last": (0.0, 4.0),
     "state_concentration": (0.05, 3.0),
     "affinity": (0.0, 1.0),
     "num_states": (2, 128),
@@ -40,12 +41,21 @@ def evaluate(params, shape, tokens, seed=0):
     return calibration.synthetic_statistics(data["experts"], topic_of_token, experts)
 
 
-def search(model_key, rounds, tokens, seed=0):
+def search(model_key, rounds, tokens, seed=0, samples=24):
+    """Random samples over the box, then coordinate search around the best."""
     shape = calibration.REAL_MODELS[model_key]
     real = calibration.real_statistics(model_key)
     rng = np.random.default_rng(seed)
     best = synth.ROUTING_PROFILES[synth.routing_profile(shape[0])]
     best_distance = calibration.distance(evaluate(best, shape, tokens), real)
+    for _ in range(samples):
+        draw = {name: rng.uniform(low, high) for name, (low, high) in FITTED.items()}
+        draw["num_states"] = int(round(draw["num_states"]))
+        trial = attrs.evolve(best, **draw)
+        d = calibration.distance(evaluate(trial, shape, tokens), real)
+        if d < best_distance:
+            best, best_distance = trial, d
+    print(f"after {samples} random samples: distance {best_distance:.4f}", flush=True)
     step = 0.5
     for round_ in range(rounds):
         name = list(FITTED)[round_ % len(FITTED)]
@@ -78,7 +88,8 @@ def table(params, model_key, tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(calibration.REAL_MODELS), default=None)
-    parser.add_argument("--rounds", type=int, default=36)
+    parser.add_argument("--rounds", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--report-only", action="store_true", help="print the table for the shipped defaults")
     args = parser.parse_args()
@@ -86,7 +97,7 @@ def main():
         profile = synth.routing_profile(calibration.REAL_MODELS[model_key][0])
         params = synth.ROUTING_PROFILES[profile]
         if not args.report_only:
-            params, d, _ = search(model_key, args.rounds, args.tokens)
+            params, d, _ = search(model_key, args.rounds, args.tokens, samples=args.samples)
             changed = {k: round(v, 3) for k, v in attrs.asdict(params).items() if k in FITTED}
             print(f"{profile}: {params!r}")
             print(f"{profile}: distance {d:.4f}, parameters {changed}")

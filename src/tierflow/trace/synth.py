@@ -8,7 +8,8 @@ The generative model, per MoE layer ``l`` of a model with ``E`` experts and top-
   ``skew_first`` to ``skew_last`` over the layers. Each sequence also gets an embedding near its topic's
   centroid, for semantic-hint prefetchers.
 * **Routing state and cross-layer affinity.** Each token carries a latent routing state (one of
-  ``num_states``) that tilts the popularity by ``exp(state_strength * u_ls)``. At the first layer the state
+  ``num_states``) that tilts the popularity by ``exp(strength_l * u_ls)``, with ``strength_l`` going
+  linearly from ``state_strength_first`` to ``state_strength_last`` (deeper layers specialise more). At the first layer the state
   comes from the topic's state mix and persists across consecutive tokens with ``state_persistence``; at
   each next layer, with probability ``affinity`` it is set by the current layer's top-1 expert (a fixed
   random map expert -> state per layer), else it carries over. So layer ``l+1``'s choice depends on layer
@@ -66,7 +67,8 @@ class SynthParams:
     skew_first: float = attrs.field(default=0.7, validator=_unit(0.0, 10.0))
     skew_last: float = attrs.field(default=1.1, validator=_unit(0.0, 10.0))
     num_states: int = attrs.field(default=16, validator=_positive)
-    state_strength: float = attrs.field(default=1.0, validator=_unit(0.0, 20.0))
+    state_strength_first: float = attrs.field(default=1.0, validator=_unit(0.0, 20.0))
+    state_strength_last: float = attrs.field(default=1.0, validator=_unit(0.0, 20.0))
     state_concentration: float = attrs.field(default=0.3, validator=_positive)
     affinity: float = attrs.field(default=0.5, validator=_unit(0.0, 1.0))
     state_persistence: float = attrs.field(default=0.6, validator=_unit(0.0, 1.0))
@@ -107,8 +109,11 @@ class SynthParams:
 # summarised in the README. "fine_grained" is fitted to OLMoE-1B-7B (64 experts, top-8) and serves the
 # fine-grained-expert models (DeepSeek, Qwen, OLMoE, GPT-OSS); "coarse" is fitted to Mixtral-8x7B.
 ROUTING_PROFILES: dict[str, SynthParams] = {
-    "fine_grained": SynthParams(),
-    "coarse": SynthParams(skew_first=0.15, skew_last=0.25, state_strength=0.3, affinity=0.3),
+    "fine_grained": SynthParams(topic_divergence=0.73, skew_first=0.4, skew_last=0.9, num_states=64,
+                                state_strength_first=1.5, state_strength_last=3.0, state_concentration=0.45,
+                                affinity=0.02),
+    "coarse": SynthParams(skew_first=0.15, skew_last=0.25, state_strength_first=0.3, state_strength_last=0.3,
+                          affinity=0.3),
 }
 
 
@@ -127,12 +132,12 @@ class _LayerTables:
     top1_state: np.ndarray  # (E,) the state a token moves to when this layer's top-1 is that expert
 
 
-def _layer_tables(rng, params: SynthParams, num_experts: int, skew: float) -> _LayerTables:
+def _layer_tables(rng, params: SynthParams, num_experts: int, skew: float, strength: float) -> _LayerTables:
     shared = rng.standard_normal(num_experts)
     topical = rng.standard_normal((params.num_topics, num_experts))
     lam = params.topic_divergence
     log_w = skew * (math.sqrt(1 - lam) * shared + math.sqrt(lam) * topical)
-    tilt = params.state_strength * rng.standard_normal((params.num_states, num_experts))
+    tilt = strength * rng.standard_normal((params.num_states, num_experts))
     logits = (log_w[:, None, :] + tilt[None, :, :]).reshape(-1, num_experts)
     log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
     urns = _quantised_urns(np.exp(log_p), expert_dtype(num_experts))
@@ -223,7 +228,11 @@ class RoutingModel:
         tables_rng = np.random.default_rng([seed, 0])
         self.rng = np.random.default_rng([seed, 1])
         skews = np.linspace(params.skew_first, params.skew_last, num_layers)
-        self.layers = [_layer_tables(tables_rng, params, num_experts, float(s)) for s in skews]
+        strengths = np.linspace(params.state_strength_first, params.state_strength_last, num_layers)
+        self.layers = [
+            _layer_tables(tables_rng, params, num_experts, float(skew), float(strength))
+            for skew, strength in zip(skews, strengths, strict=True)
+        ]
         self.state_mix = tables_rng.dirichlet(np.full(params.num_states, params.state_concentration),
                                               params.num_topics)
         self.topic_centroids = _unit_rows(tables_rng.standard_normal((params.num_topics, params.embedding_dim)))
