@@ -16,7 +16,8 @@ The generative model, per MoE layer ``l`` of a model with ``E`` experts and top-
   ``l``'s.
 * **Temporal reuse.** Each of a token's ``k`` slots re-selects the previous token's expert in that slot
   with probability ``reuse`` (same layer, same sequence); other slots draw afresh, without replacement,
-  from the token's popularity. Collisions are re-drawn so a row never repeats an expert.
+  from the token's popularity. Collisions are re-drawn so a row never repeats an expert; that costs a little
+  of the copying, so the measured consecutive reuse sits slightly below ``reuse`` plus chance overlap.
 * **Gate scores.** Router weights of the chosen experts: a softmax over their log-probability plus Gumbel
   noise, normalised over the ``k`` chosen (the top-k renormalisation most MoE routers apply); each row is
   stored in descending score order, as routers emit it.
@@ -39,9 +40,9 @@ import numpy as np
 from tierflow.errors import TierflowError
 from tierflow.trace.format import TraceWriter, expert_dtype
 
-# Each urn holds this many draws of its quantised distribution; probabilities are exact to 1/_URN_SIZE.
-_URN_SIZE = 1 << 15
-_MAX_REDRAW_ROUNDS = 256
+# Redraws of a colliding slot from the row's distribution before drawing exactly among the unchosen.
+_REDRAW_ROUNDS = 6
+_SETTLE_ROUNDS = 4
 _GEN_CHUNK_TOKENS = 32768
 
 
@@ -109,11 +110,11 @@ class SynthParams:
 # summarised in the README. "fine_grained" is fitted to OLMoE-1B-7B (64 experts, top-8) and serves the
 # fine-grained-expert models (DeepSeek, Qwen, OLMoE, GPT-OSS); "coarse" is fitted to Mixtral-8x7B.
 ROUTING_PROFILES: dict[str, SynthParams] = {
-    "fine_grained": SynthParams(topic_divergence=0.73, skew_first=0.4, skew_last=0.9, num_states=64,
-                                state_strength_first=1.5, state_strength_last=3.0, state_concentration=0.45,
-                                affinity=0.02),
-    "coarse": SynthParams(skew_first=0.15, skew_last=0.25, state_strength_first=0.3, state_strength_last=0.3,
-                          affinity=0.3),
+    "fine_grained": SynthParams(topic_divergence=0.73, skew_first=0.7, skew_last=1.2, num_states=32,
+                                state_strength_first=1.0, state_strength_last=1.5, state_concentration=0.45,
+                                affinity=0.05),
+    "coarse": SynthParams(topic_divergence=0.42, skew_first=0.16, skew_last=0.25, state_strength_first=0.5,
+                          state_strength_last=0.6, affinity=0.05),
 }
 
 
@@ -127,8 +128,9 @@ def routing_profile(model_name: str) -> str:
 
 @attrs.frozen
 class _LayerTables:
-    urns: np.ndarray  # (topics * states, _URN_SIZE) expert ids, the quantised routing distribution
-    log_p: np.ndarray  # (topics * states, E) log-probabilities, for gate scores and exact fallback
+    cdf: np.ndarray  # (topics * states, E) cumulative routing distribution of each (topic, state) block
+    guide: np.ndarray  # (topics * states, E) first expert whose cdf reaches i / E: a guide-table sampler
+    log_p: np.ndarray  # (topics * states, E) log-probabilities, for gate scores and exact redraws
     top1_state: np.ndarray  # (E,) the state a token moves to when this layer's top-1 is that expert
 
 
@@ -140,27 +142,29 @@ def _layer_tables(rng, params: SynthParams, num_experts: int, skew: float, stren
     tilt = strength * rng.standard_normal((params.num_states, num_experts))
     logits = (log_w[:, None, :] + tilt[None, :, :]).reshape(-1, num_experts)
     log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    urns = _quantised_urns(np.exp(log_p), expert_dtype(num_experts))
+    cdf = np.cumsum(np.exp(log_p), axis=1)
+    cdf /= cdf[:, -1:]
+    # Guide table (Chen 1974): guide[b, i] is the first expert with cdf >= i / E, so an inverse-CDF draw
+    # starts there and moves on at most a step or two on average.
+    quantiles = np.arange(num_experts) / num_experts
+    guide = np.stack([np.searchsorted(row, quantiles) for row in cdf]).astype(expert_dtype(num_experts))
     top1_state = rng.integers(0, params.num_states, num_experts)
-    return _LayerTables(urns, log_p.astype(np.float32), top1_state)
-
-
-def _quantised_urns(p: np.ndarray, dtype) -> np.ndarray:
-    """Each row of ``p`` as ``_URN_SIZE`` expert ids (largest-remainder rounding), so a uniform index samples it."""
-    rows, num_experts = p.shape
-    scaled = p * _URN_SIZE
-    counts = np.floor(scaled).astype(np.int64)
-    short = _URN_SIZE - counts.sum(axis=1)
-    remainder_rank = np.argsort(np.argsort(counts - scaled, axis=1), axis=1)
-    counts += remainder_rank < short[:, None]
-    experts = np.tile(np.arange(num_experts, dtype=dtype), rows)
-    return np.repeat(experts, counts.ravel()).reshape(rows, _URN_SIZE)
+    return _LayerTables(cdf, guide, log_p.astype(np.float32), top1_state)
 
 
 def _draw(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.ndarray:
     """k draws per row from each row's block distribution, with replacement (repeats are fixed later)."""
-    flat_index = block[:, None] * _URN_SIZE + rng.integers(0, _URN_SIZE, (len(block), k))
-    return tables.urns.ravel()[flat_index]
+    num_experts = tables.cdf.shape[1]
+    u = rng.random((len(block), k))
+    base = (block * num_experts)[:, None]
+    expert = tables.guide.ravel()[base + (u * num_experts).astype(np.int64)].astype(np.int64)
+    cdf = tables.cdf.ravel()
+    behind = np.flatnonzero(cdf[base + expert].ravel() < u.ravel())
+    flat_expert, flat_base, flat_u = expert.ravel(), np.broadcast_to(base, u.shape).ravel(), u.ravel()
+    while behind.size:
+        flat_expert[behind] += 1
+        behind = behind[cdf[flat_base[behind] + flat_expert[behind]] < flat_u[behind]]
+    return flat_expert.reshape(u.shape).astype(tables.guide.dtype)
 
 
 def _fill_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray) -> None:
@@ -182,19 +186,39 @@ def _redraw_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarr
     repeat = ((rows[:, :, None] == rows[:, None, :]) & np.tri(k, k, -1, dtype=bool)).any(axis=2)
     for slot in range(1, k):
         todo = np.flatnonzero(repeat[:, slot])
-        for _ in range(_MAX_REDRAW_ROUNDS):
+        for _ in range(_REDRAW_ROUNDS):
             if not todo.size:
                 break
-            draw = tables.urns[block[todo], rng.integers(0, _URN_SIZE, todo.size)]
+            draw = _draw(rng, tables, block[todo], 1)[:, 0]
             clash = (rows[todo] == draw[:, None]) & ~repeat[todo]
             ok = ~clash.any(axis=1)
             rows[todo[ok], slot] = draw[ok]
             repeat[todo[ok], slot] = False
             todo = todo[~ok]
-        for row in todo.tolist():  # the row's distribution left nothing new to draw: take any unused expert
-            used = set(rows[row][~repeat[row]].tolist())
-            rows[row, slot] = next(e for e in range(tables.log_p.shape[1]) if e not in used)
-            repeat[row, slot] = False
+        if todo.size:
+            # Concentrated rows, whose mass sits on experts already chosen: draw exactly from the
+            # distribution restricted to the unchosen experts (Gumbel-max over them).
+            keys = tables.log_p[block[todo]] + rng.gumbel(size=(todo.size, tables.log_p.shape[1]))
+            chosen = rows[todo].astype(np.int64)
+            np.put_along_axis(keys, chosen, -np.inf, axis=1)
+            rows[todo, slot] = keys.argmax(axis=1)
+            repeat[todo, slot] = False
+
+
+def _settle(rng, tables: _LayerTables, block: np.ndarray, values: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """Rows of distinct experts from slot copies: carry each slot's last fresh value forward, redraw
+    collisions, and let later copies see a redrawn value (as a new fresh value) so no copy is lost to it.
+    ``values`` and ``fresh`` have one leading row for the carried state; both are updated in place."""
+    for _ in range(_SETTLE_ROUNDS):
+        rows = _carry_forward(values, fresh)[1:]
+        before = rows.copy()
+        _fill_repeats(rng, tables, block, rows)
+        changed = rows != before
+        if not changed.any():
+            break
+        values[1:][changed] = rows[changed]
+        fresh[1:][changed] = True
+    return rows
 
 
 def _carry_forward(values: np.ndarray, fresh: np.ndarray) -> np.ndarray:
@@ -286,16 +310,15 @@ class RoutingModel:
         for layer, tables in enumerate(self.layers):
             block = topic * p.num_states + state
             fresh = _draw(rng, tables, block, k)
+            _fill_repeats(rng, tables, block, fresh)
             slot_fresh = np.empty((n + 1, k), dtype=bool)
             slot_fresh[0] = True
             slot_fresh[1:] = starts[:, None] | (rng.random((n, k)) >= p.reuse)
             values = np.empty((n + 1, k), dtype=fresh.dtype)
             values[0] = carry.chain[layer] if continues else 0
             values[1:] = fresh
-            chain = _carry_forward(values, slot_fresh)[1:]
-            chain_out[layer] = chain[-1]
-            rows = chain.copy()
-            _fill_repeats(rng, tables, block, rows)
+            rows = _settle(rng, tables, block, values, slot_fresh)
+            chain_out[layer] = rows[-1]
             rows, scores = self._gate(rng, tables, block, rows)
             experts[:, layer], gates[:, layer] = rows, scores
             if layer + 1 < self.num_layers:

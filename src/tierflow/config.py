@@ -1,0 +1,272 @@
+"""Scenarios: frozen attrs config classes loaded from TOML, with ``--set dotted.key=value`` overrides.
+
+A scenario names a model and a hardware profile from the catalogs, where the full expert set lives
+(``placement``), the expert caches, the prefetcher, the workload and energy overrides. Loading is side-effect
+free; every problem is a :class:`TierflowError` of one line that lists the valid keys or values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tierflow.errors import TierflowError
+from tierflow.resources import scenarios_dir
+
+PLACEMENTS = ("hbm", "ddr", "ssd")
+SCOPES = ("global", "per-layer")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+def _non_negative(instance, attribute, value):
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _positive(instance, attribute, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _one_of(choices):
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class WorkloadConfig:
+    trace: str = attrs.field(default="", metadata=_help("trace file (HDF5); empty: a built-in synthetic trace"))
+    batch_size: int = attrs.field(default=1, validator=_positive, metadata=_help("sequences decoded together"))
+    decode_tokens: int = attrs.field(default=256, validator=_positive,
+                                     metadata=_help("decode steps to simulate (each yields batch_size tokens)"))
+    context_length: int = attrs.field(default=1024, validator=_non_negative,
+                                      metadata=_help("tokens already in each sequence's KV cache at the first step"))
+    synthetic_sequences: int = attrs.field(default=0, validator=_non_negative,
+                                           metadata=_help("sequences in the built-in trace; 0: batch_size"))
+    skip_tokens: int = attrs.field(default=0, validator=_non_negative,
+                                   metadata=_help("decode steps per sequence to skip (cache warm-up is not skipped)"))
+
+
+@attrs.frozen
+class CacheConfig:
+    policy: str = attrs.field(default="lru", metadata=_help("eviction policy (see `tierflow plugins`)"))
+    capacity_experts: int | None = attrs.field(default=None, validator=_non_negative,
+                                               metadata=_help("experts the cache holds; unset: all free memory"))
+    capacity_bytes: int | None = attrs.field(default=None, validator=_non_negative,
+                                             metadata=_help("bytes the cache holds (instead of capacity_experts)"))
+    scope: str = attrs.field(default="global", validator=_one_of(SCOPES),
+                             metadata=_help("one pool for all layers, or fixed slots per layer"))
+    params: dict = attrs.field(factory=dict, metadata=_help("policy parameters"))
+    enabled: bool = attrs.field(default=True, metadata=_help("false: no reuse, every expert fetched every step"))
+
+
+@attrs.frozen
+class DdrCacheConfig:
+    enabled: bool = attrs.field(default=False, metadata=_help("a DDR expert cache between SSD and HBM"))
+    policy: str = attrs.field(default="lru", metadata=_help("eviction policy of the DDR cache"))
+    capacity_experts: int | None = attrs.field(default=None, validator=_non_negative,
+                                               metadata=_help("experts the DDR cache holds; unset: the DDR tier"))
+    capacity_bytes: int | None = attrs.field(default=None, validator=_non_negative,
+                                             metadata=_help("bytes the DDR cache holds"))
+    params: dict = attrs.field(factory=dict, metadata=_help("policy parameters"))
+
+
+@attrs.frozen
+class PrefetchConfig:
+    policy: str = attrs.field(default="none", metadata=_help("prefetcher (see `tierflow plugins`)"))
+    lookahead: int = attrs.field(default=1, validator=_positive, metadata=_help("layers ahead to prefetch for"))
+    budget_experts: int = attrs.field(default=16, validator=_non_negative,
+                                      metadata=_help("most experts prefetched per routing event"))
+    max_queued: int = attrs.field(default=2, validator=_positive,
+                                  metadata=_help("skip a prefetch while its source already has this many queued"))
+    params: dict = attrs.field(factory=dict, metadata=_help("prefetcher parameters"))
+
+
+@attrs.frozen
+class EnergyConfig:
+    """Overrides of the hardware profile's energy figures; unset keeps the profile's cited value."""
+
+    hbm_read_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    hbm_write_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    ddr_read_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    ddr_write_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    ssd_read_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    link_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    pj_per_flop: float | None = attrs.field(default=None, validator=_non_negative)
+    gpu_static_w: float | None = attrs.field(default=None, validator=_non_negative)
+    ddr_static_w: float | None = attrs.field(default=None, validator=_non_negative)
+    ssd_static_w: float | None = attrs.field(default=None, validator=_non_negative)
+
+
+@attrs.frozen
+class Scenario:
+    name: str = attrs.field(default="custom", metadata=_help("scenario name, shown in results"))
+    description: str = attrs.field(default="", metadata=_help("one line on what the scenario models"))
+    model: str = attrs.field(default="deepseek-r1", metadata=_help("catalog model (`tierflow catalog models`)"))
+    hardware: str = attrs.field(default="h100-pcie5", metadata=_help("hardware profile (`tierflow catalog hardware`)"))
+    placement: str = attrs.field(default="ssd", validator=_one_of(PLACEMENTS),
+                                 metadata=_help("where the full expert set lives"))
+    seed: int = attrs.field(default=0, metadata=_help("seed of the built-in trace and of random policies"))
+    gpus: int = attrs.field(default=1, validator=_positive,
+                            metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
+    workload: WorkloadConfig = attrs.field(factory=WorkloadConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    ddr_cache: DdrCacheConfig = attrs.field(factory=DdrCacheConfig)
+    prefetch: PrefetchConfig = attrs.field(factory=PrefetchConfig)
+    energy: EnergyConfig = attrs.field(factory=EnergyConfig)
+
+
+_SECTIONS = {
+    "workload": WorkloadConfig,
+    "cache": CacheConfig,
+    "ddr_cache": DdrCacheConfig,
+    "prefetch": PrefetchConfig,
+    "energy": EnergyConfig,
+}
+# Tables whose keys are free-form (plugin parameters, checked by the plugin's registry).
+_FREE_TABLES = {"params"}
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a scenario accepts."""
+    keys = []
+    for field in attrs.fields(Scenario):
+        if field.name in _SECTIONS:
+            keys += [f"{field.name}.{f.name}" for f in attrs.fields(_SECTIONS[field.name])]
+        else:
+            keys.append(field.name)
+    return keys
+
+
+def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    kind = kind.replace(" ", "")
+    optional = "None" in kind
+    if value is None and optional:
+        return None
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif kind.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind.startswith("str"):
+        if isinstance(value, str):
+            return value
+    elif kind.startswith("dict"):
+        if isinstance(value, Mapping):
+            return dict(value)
+    expected = kind.split("|")[0]
+    raise TierflowError(f"scenario key {key}: expected {expected}, got {value!r}")
+
+
+def _build(cls, table: Mapping[str, Any], prefix: str):
+    fields = attrs.fields_dict(cls)
+    values = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise TierflowError(f"unknown scenario key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+        field = fields[key]
+        if key in _SECTIONS and cls is Scenario:
+            if not isinstance(value, Mapping):
+                raise TierflowError(f"scenario key {dotted}: expected a table, got {value!r}")
+            values[key] = _build(_SECTIONS[key], value, f"{dotted}.")
+        else:
+            values[key] = _coerce(dotted, field, value)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise TierflowError(f"scenario key {prefix}{error}") from None
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value as TOML would read it (numbers, booleans, strings, arrays); bare words are strings."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(table: dict, overrides: Iterable[str]) -> dict:
+    """Merge ``dotted.key=value`` strings into a nested scenario table (a new dict)."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in table.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TierflowError(f"--set {item!r}: expected dotted.key=value")
+        parts = key.split(".")
+        node = merged
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise TierflowError(f"--set {key}: {part!r} is not a table; valid keys: {', '.join(valid_keys())}")
+            node = child
+        node[parts[-1]] = parse_value(raw.strip())
+    return merged
+
+
+def scenario_names() -> list[str]:
+    """The shipped scenarios."""
+    return sorted(p.stem for p in scenarios_dir().glob("*.toml"))
+
+
+def resolve_scenario_path(name_or_path: str) -> Path:
+    """A shipped scenario's file by name, or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise TierflowError(f"scenario file {path}: no such file")
+        return path
+    shipped = scenarios_dir() / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise TierflowError(f"unknown scenario {name_or_path!r}; shipped: {', '.join(scenario_names())} (or a .toml path)")
+    return shipped
+
+
+def load_table(name_or_path: str) -> dict:
+    path = resolve_scenario_path(name_or_path)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise TierflowError(f"scenario file {path}: invalid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise TierflowError(f"scenario file {path}: not a text file") from None
+
+
+def scenario_from_table(table: Mapping[str, Any]) -> Scenario:
+    return _build(Scenario, table, "")
+
+
+def load_scenario(name_or_path: str, overrides: Iterable[str] = ()) -> Scenario:
+    """Load a shipped scenario (by name) or a TOML file, apply ``--set`` overrides and validate."""
+    table = apply_overrides(load_table(name_or_path), overrides)
+    table.setdefault("name", Path(name_or_path).stem)
+    return scenario_from_table(table)
+
+
+def scenario_to_table(scenario: Scenario) -> dict:
+    """The scenario as a plain nested dict (for results files); unset values are dropped."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        return value
+
+    return clean(attrs.asdict(scenario))

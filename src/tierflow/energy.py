@@ -1,0 +1,55 @@
+"""Energy from the ledger: pure functions of recorded bytes, FLOPs and time.
+
+* A transfer's bits cost the read energy at the source tier, the energy of each link crossed, the write
+  energy at the destination tier and, when they bounce through a staging tier, that tier's write and read.
+* Compute costs FLOPs x pJ/FLOP plus the bytes compute reads from HBM x the HBM read energy.
+* Static energy is each device's background power x simulated time.
+
+Components: ``compute`` (arithmetic), ``hbm`` (compute's HBM reads and writes into HBM), ``ddr``, ``ssd``,
+``link`` and ``static``; ``total`` is their sum.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from tierflow.ledger import Ledger, Route
+
+PJ = 1e-12
+COMPONENTS = ("compute", "hbm", "ddr", "ssd", "link", "static")
+
+
+@attrs.frozen
+class EnergyModel:
+    """Per-bit, per-FLOP and static figures (from the hardware profile, with scenario overrides)."""
+
+    read_pj_per_bit: dict[str, float]  # tier -> pJ/bit
+    write_pj_per_bit: dict[str, float]
+    link_pj_per_bit: dict[str, float]  # link name -> pJ/bit
+    pj_per_flop: float
+    static_w: dict[str, float]  # component -> W (all devices of the deployment)
+
+
+def route_energy_j(model: EnergyModel, route: Route, size_bytes: float) -> dict[str, float]:
+    """Joules per component for moving ``size_bytes`` along ``route``."""
+    bits = 8.0 * size_bytes
+    parts = dict.fromkeys(COMPONENTS, 0.0)
+    parts[route.src] += bits * model.read_pj_per_bit[route.src] * PJ
+    parts[route.dst] += bits * model.write_pj_per_bit[route.dst] * PJ
+    if route.via is not None:
+        parts[route.via] += bits * (model.write_pj_per_bit[route.via] + model.read_pj_per_bit[route.via]) * PJ
+    parts["link"] += sum(bits * model.link_pj_per_bit[link] * PJ for link in route.links)
+    return parts
+
+
+def ledger_energy_j(model: EnergyModel, ledger: Ledger, elapsed_s: float) -> dict[str, float]:
+    """Joules per component and ``total`` for everything in the ledger over ``elapsed_s`` seconds."""
+    parts = dict.fromkeys(COMPONENTS, 0.0)
+    for route, size in ledger.bytes_by_route().items():
+        for name, joules in route_energy_j(model, route, size).items():
+            parts[name] += joules
+    parts["compute"] += ledger.flops * model.pj_per_flop * PJ
+    parts["hbm"] += 8.0 * ledger.hbm_read_bytes * model.read_pj_per_bit["hbm"] * PJ
+    parts["static"] += sum(model.static_w.values()) * elapsed_s
+    parts["total"] = sum(parts[name] for name in COMPONENTS)
+    return parts

@@ -1,0 +1,78 @@
+"""A channel: a SimPy process that serves transfers one at a time, demand before prefetch, FIFO within each.
+
+Links, SSDs and other data paths are channels; each owns its own delay (:meth:`Channel.service_time`). A
+transfer that arrives from an upstream hop may have been streaming into this channel while the upstream
+hop was still reading (cut-through in chunks of ``chunk_bytes``): if this channel sat idle during that
+time, the bytes it could have carried then are credited, so a pipelined copy costs about the slower hop's
+time plus one chunk on the faster one, not the sum of both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+
+class Channel:
+    """Serves :class:`~tierflow.sim.transfer.Transfer` objects; subclasses define the service time."""
+
+    def __init__(self, env, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
+        if bandwidth_bytes_per_s <= 0:
+            raise ValueError(f"{name}: bandwidth must be > 0")
+        self.env, self.name = env, name
+        self.bandwidth_bytes_per_s = bandwidth_bytes_per_s
+        self.latency_s = latency_s
+        self.chunk_bytes = chunk_bytes
+        self.busy_s = 0.0
+        self.bytes_carried = 0
+        self._queue: list = []
+        self._order = itertools.count()
+        self._wake = None
+        self._idle_since = 0.0
+        env.process(self._serve())
+
+    def submit(self, transfer) -> None:
+        heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def transfer_time(self, size_bytes: int) -> float:
+        """Seconds to carry ``size_bytes`` on an idle channel, latency included."""
+        return self.latency_s + size_bytes / self.bandwidth_bytes_per_s
+
+    def service_time(self, transfer, now: float) -> float:
+        """How long this channel is busy with ``transfer`` if it starts now."""
+        full = self.transfer_time(transfer.size_bytes)
+        if transfer.upstream_done_at is None:
+            return full
+        # Bytes this channel could have moved while upstream was still producing them, had it been idle.
+        overlap = transfer.upstream_done_at - max(self._idle_since, transfer.data_ready_at)
+        if overlap <= 0:
+            return full
+        last_chunk = self.transfer_time(min(self.chunk_bytes, transfer.size_bytes))
+        return max(last_chunk, full - overlap)
+
+    def first_chunk_time(self, transfer) -> float:
+        return self.transfer_time(min(self.chunk_bytes, transfer.size_bytes))
+
+    def _serve(self):
+        env = self.env
+        while True:
+            if not self._queue:
+                self._idle_since = env.now
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+            _, _, transfer = heapq.heappop(self._queue)
+            start = env.now
+            duration = self.service_time(transfer, start)
+            first_chunk_at = start + self.first_chunk_time(transfer)
+            yield env.timeout(duration)
+            self.busy_s += duration
+            self.bytes_carried += transfer.size_bytes
+            self._idle_since = env.now
+            transfer.hop_finished(env.now, min(first_chunk_at, env.now))

@@ -1,0 +1,236 @@
+"""Builds the simulation of a scenario (environment, channels, caches, GPU stream), runs it, and returns results.
+
+Capacity planning happens here, before anything runs: HBM holds the non-expert weights and the KV cache of
+the batch first, and the expert cache gets what is left (or the scenario's explicit capacity, which must
+fit). Bad or impossible settings are :class:`TierflowError` with one line naming the figures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import numpy as np
+import simpy
+
+from tierflow.cache import POLICIES, CacheContext, TierCache, make_policy
+from tierflow.catalog import get_model, get_profile
+from tierflow.catalog.hardware import HardwareProfile
+from tierflow.catalog.models import ModelSpec
+from tierflow.config import Scenario
+from tierflow.energy import EnergyModel
+from tierflow.errors import TierflowError
+from tierflow.ledger import Ledger, Route
+from tierflow.metrics import Results, collect_results
+from tierflow.prefetch import PrefetchContext, make_prefetcher
+from tierflow.sim.dram import StagingBuffer
+from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream
+from tierflow.sim.link import LinkChannel
+from tierflow.sim.memory import ExpertMemory, FetchPath
+from tierflow.sim.ssd import SsdChannel
+from tierflow.workload import Workload, load_workload, synthetic_workload
+
+# Transfers are pipelined between hops in chunks of this size (a typical pinned staging buffer slice).
+TRANSFER_CHUNK_BYTES = 4 * 2**20
+# Pinned host memory set aside per GPU for staging SSD reads when GPUDirect Storage is off.
+STAGING_BYTES_PER_GPU = 2 * 2**30
+
+
+@attrs.frozen
+class Plan:
+    """Capacities per GPU, decided before the run."""
+
+    gpus: int
+    expert_bytes: int
+    free_hbm_bytes: int  # after non-expert weights and the KV cache
+    hbm_cache_experts: int | None  # None: no HBM expert cache (all resident, or caching disabled)
+    ddr_cache_experts: int | None
+    kv_bytes_per_gpu: int
+    non_expert_bytes_per_gpu: int
+    working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
+
+
+def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | None = None) -> Workload:
+    workload_cfg = scenario.workload
+    path = trace or workload_cfg.trace
+    if path:
+        workload = load_workload(path, workload_cfg.batch_size, workload_cfg.decode_tokens, workload_cfg.skip_tokens)
+        if (workload.num_layers, workload.num_experts) != (spec.num_moe_layers, spec.num_routed_experts):
+            raise TierflowError(
+                f"{path}: trace has {workload.num_layers} MoE layers x {workload.num_experts} experts but model "
+                f"{spec.name!r} has {spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match"
+            )
+        return workload
+    return synthetic_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens,
+                              workload_cfg.synthetic_sequences, scenario.seed, workload_cfg.skip_tokens)
+
+
+def _working_set(workload: Workload, gpus: int) -> int:
+    """The most distinct experts one GPU needs for one layer of one step."""
+    return max(int(np.bincount(experts % gpus, minlength=gpus).max())
+               for step in workload.steps for experts in step.experts)
+
+
+def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload) -> Plan:
+    gpus = scenario.gpus
+    if gpus > 1 and hardware.nvlink is None:
+        raise TierflowError(f"gpus = {gpus} needs GPU-to-GPU links, and profile {hardware.name!r} has none")
+    expert_bytes = spec.expert_bytes
+    steps = len(workload.steps)
+    context = scenario.workload.context_length + steps
+    kv_per_gpu = math.ceil(spec.kv_bytes(context, scenario.workload.batch_size) / gpus)
+    non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / gpus)
+    hbm_bytes = int(hardware.gpu.hbm.capacity_bytes)
+    free = hbm_bytes - kv_per_gpu - non_expert_per_gpu
+    if free < 0:
+        raise TierflowError(
+            f"HBM too small: {hbm_bytes / 1e9:.1f} GB per GPU cannot hold {non_expert_per_gpu / 1e9:.1f} GB of "
+            f"non-expert weights and a {kv_per_gpu / 1e9:.1f} GB KV cache; use more gpus or a smaller batch"
+        )
+    working_set = _working_set(workload, gpus)
+    experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
+    hbm_cache = ddr_cache = None
+    cache = scenario.cache
+    if scenario.placement == "hbm":
+        if experts_per_gpu * expert_bytes > free:
+            raise TierflowError(
+                f"placement = 'hbm' needs {experts_per_gpu * expert_bytes / 1e9:.1f} GB of experts per GPU but only "
+                f"{free / 1e9:.1f} GB of HBM is free; use more gpus or placement = 'ddr' / 'ssd'"
+            )
+    elif cache.enabled:
+        hbm_cache = _cache_experts("cache", cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
+                                   free // expert_bytes)
+        if hbm_cache * expert_bytes > free:
+            raise TierflowError(
+                f"cache of {hbm_cache} experts per GPU needs {hbm_cache * expert_bytes / 1e9:.1f} GB but only "
+                f"{free / 1e9:.1f} GB of HBM is free after weights and KV cache"
+            )
+        if hbm_cache < working_set:
+            raise TierflowError(
+                f"cache of {hbm_cache} experts per GPU is smaller than one layer's working set of {working_set} "
+                f"experts (batch {scenario.workload.batch_size}, top-{spec.top_k})"
+            )
+        hbm_cache = min(hbm_cache, experts_per_gpu)
+    if scenario.placement == "ddr" and experts_per_gpu * expert_bytes > hardware.ddr.capacity_bytes:
+        raise TierflowError(
+            f"placement = 'ddr' needs {experts_per_gpu * expert_bytes / 1e9:.1f} GB of experts per GPU but the DDR "
+            f"share per GPU is {hardware.ddr.capacity_bytes / 1e9:.1f} GB; use more gpus or placement = 'ssd'"
+        )
+    if scenario.ddr_cache.enabled:
+        if scenario.placement != "ssd":
+            raise TierflowError("ddr_cache.enabled needs placement = 'ssd' (a DDR cache in front of the SSD)")
+        ddr = scenario.ddr_cache
+        ddr_cache = _cache_experts("ddr_cache", ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
+                                   int(hardware.ddr.capacity_bytes - STAGING_BYTES_PER_GPU) // expert_bytes)
+        if ddr_cache * expert_bytes > hardware.ddr.capacity_bytes:
+            raise TierflowError(f"ddr_cache of {ddr_cache} experts per GPU exceeds the DDR share per GPU")
+        if ddr_cache < 1:
+            raise TierflowError("ddr_cache capacity must hold at least one expert")
+    return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set)
+
+
+def _cache_experts(section, capacity_experts, capacity_bytes, gpus, expert_bytes, default_per_gpu) -> int:
+    if capacity_experts is not None and capacity_bytes is not None:
+        raise TierflowError(f"{section}: set capacity_experts or capacity_bytes, not both")
+    if capacity_experts is not None:
+        return math.ceil(capacity_experts / gpus)
+    if capacity_bytes is not None:
+        return int(capacity_bytes // gpus // expert_bytes)
+    return int(default_per_gpu)
+
+
+def energy_model(scenario: Scenario, hardware: HardwareProfile, gpus: int) -> EnergyModel:
+    e = scenario.energy
+
+    def pick(override, value):
+        return value if override is None else override
+
+    links = {hardware.host_link.name: pick(e.link_pj_per_bit, hardware.host_link.pj_per_bit),
+             hardware.ssd_link.name: pick(e.link_pj_per_bit, hardware.ssd_link.pj_per_bit)}
+    hbm, ddr, ssd = hardware.gpu.hbm, hardware.ddr, hardware.ssd
+    return EnergyModel(
+        read_pj_per_bit={"hbm": pick(e.hbm_read_pj_per_bit, hbm.read_pj_per_bit),
+                         "ddr": pick(e.ddr_read_pj_per_bit, ddr.read_pj_per_bit),
+                         "ssd": pick(e.ssd_read_pj_per_bit, ssd.read_pj_per_bit)},
+        write_pj_per_bit={"hbm": pick(e.hbm_write_pj_per_bit, hbm.write_pj_per_bit),
+                          "ddr": pick(e.ddr_write_pj_per_bit, ddr.write_pj_per_bit),
+                          "ssd": ssd.write_pj_per_bit},
+        link_pj_per_bit=links,
+        pj_per_flop=pick(e.pj_per_flop, hardware.gpu.pj_per_flop),
+        static_w={"gpu": gpus * pick(e.gpu_static_w, hardware.gpu.static_power_w + hbm.static_power_w),
+                  "ddr": gpus * pick(e.ddr_static_w, ddr.static_power_w),
+                  "ssd": gpus * pick(e.ssd_static_w, ssd.static_power_w)},
+    )
+
+
+class Simulation:
+    """One scenario wired into a SimPy environment; :meth:`run` returns :class:`Results`."""
+
+    def __init__(self, scenario: Scenario, trace: str | None = None, progress=None):
+        self.scenario = scenario
+        self.spec = get_model(scenario.model)
+        self.hardware = get_profile(scenario.hardware)
+        self.workload = load_scenario_workload(scenario, self.spec, trace)
+        self.plan = plan_capacity(scenario, self.spec, self.hardware, self.workload)
+        self.env = simpy.Environment()
+        self.ledger = Ledger()
+        self.energy = energy_model(scenario, self.hardware, self.plan.gpus)
+        self.memories = [self._memory(gpu) for gpu in range(self.plan.gpus)]
+        self.prefetcher = self._prefetcher()
+        policy_cls = POLICIES.get(scenario.cache.policy)
+        future = None
+        if getattr(policy_cls, "needs_future", False) and self.plan.hbm_cache_experts is not None:
+            future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts)
+        self.compute = ComputeModel(self.spec, self.hardware, self.plan.gpus, scenario.workload.batch_size)
+        self.stream = GpuStream(
+            self.env, self.workload, self.memories, self.compute, self.prefetcher, self.ledger,
+            scenario.workload.context_length, scenario.prefetch.lookahead, scenario.prefetch.budget_experts,
+            scenario.prefetch.max_queued, future, progress,
+        )
+
+    def _cache(self, name, policy, params, capacity_experts) -> TierCache:
+        context = CacheContext(capacity_experts, self.workload.num_layers, self.workload.num_experts)
+        return TierCache(make_policy(policy, params, context), capacity_experts * self.plan.expert_bytes, name)
+
+    def _memory(self, gpu: int) -> ExpertMemory:
+        scenario, hw, env = self.scenario, self.hardware, self.env
+        plan = self.plan
+        hbm = ddr = None
+        if plan.hbm_cache_experts is not None:
+            hbm = self._cache(f"hbm{gpu}", scenario.cache.policy, scenario.cache.params, plan.hbm_cache_experts)
+        if plan.ddr_cache_experts is not None:
+            ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
+                              plan.ddr_cache_experts)
+        host_link = LinkChannel(env, hw.host_link, TRANSFER_CHUNK_BYTES, name=f"{hw.host_link.name} #{gpu}")
+        paths = {"ddr": FetchPath([host_link], Route("ddr", "hbm", (hw.host_link.name,)))}
+        if scenario.placement == "ssd":
+            ssd = SsdChannel(env, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
+            links = (hw.ssd_link.name, hw.host_link.name)
+            staged = ddr is not None or not hw.gpudirect_storage
+            staging = StagingBuffer(env, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
+            if staging is not None and not staging.fits(plan.expert_bytes):
+                raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")
+            paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
+                                     staging)
+        return ExpertMemory(env, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger)
+
+    def _prefetcher(self):
+        prefetch = self.scenario.prefetch
+        if prefetch.policy == "none" or self.plan.hbm_cache_experts is None:
+            make_prefetcher(prefetch.policy, prefetch.params, self._prefetch_context())  # validates the name
+            return None
+        return make_prefetcher(prefetch.policy, prefetch.params, self._prefetch_context())
+
+    def _prefetch_context(self) -> PrefetchContext:
+        w, p = self.workload, self.scenario.prefetch
+        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, p.lookahead, p.budget_experts, w)
+
+    def run(self) -> Results:
+        self.env.run(until=self.stream.process)
+        for memory in self.memories:
+            memory.finish()
+        return collect_results(self)
+
+
+def simulate(scenario: Scenario, trace: str | None = None, progress=None) -> Results:
+    return Simulation(scenario, trace, progress).run()

@@ -1,0 +1,201 @@
+"""The GPU compute stream: per decode step, per MoE layer, attention, routing, wait for the layer's experts,
+then expert compute. Compute overlaps transfers; a layer stalls only for experts not yet resident.
+
+Compute time is a roofline: ``max(FLOPs / peak, bytes read / HBM bandwidth)`` for each phase. With N GPUs,
+attention and dense layers are tensor-parallel (FLOPs and weights split N ways, plus an all-reduce of the
+activations over NVLink) and experts are expert-parallel (expert ``e`` lives on GPU ``e mod N``; the busiest
+GPU sets the layer's pace, plus the all-to-all that sends tokens to their experts and back).
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from tierflow.cache import NEVER, Access
+from tierflow.catalog.hardware import HardwareProfile, Link
+from tierflow.catalog.models import ModelSpec
+from tierflow.ledger import Ledger
+from tierflow.prefetch import RoutingEvent
+
+ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
+
+
+@attrs.frozen
+class Phase:
+    """One roofline phase: its duration and what it reads and computes (summed over GPUs)."""
+
+    seconds: float
+    flops: float
+    hbm_read_bytes: float
+
+
+class ComputeModel:
+    """Roofline times of each phase of a decode step for a model on N GPUs of a hardware profile."""
+
+    def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
+                 hbm_bandwidth_bytes_per_s: float | None = None):
+        self.spec, self.gpus, self.batch = spec, gpus, batch_size
+        self.peak_flops = hardware.gpu.peak_flops
+        self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
+        self.nvlink: Link | None = hardware.nvlink
+
+    def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float) -> float:
+        return max(flops_per_gpu / self.peak_flops, bytes_per_gpu / self.hbm_bw)
+
+    def _collective_s(self, bytes_per_gpu: float) -> float:
+        """Ring all-reduce (or all-to-all) of ``bytes_per_gpu`` over NVLink: 2 (N-1)/N of the data each way."""
+        if self.gpus == 1 or self.nvlink is None:
+            return 0.0
+        moved = 2 * (self.gpus - 1) / self.gpus * bytes_per_gpu
+        return self.nvlink.latency_s + moved / self.nvlink.bandwidth_bytes_per_s
+
+    def _kv_bytes(self, context: int) -> float:
+        return self.batch * context * self.spec.kv_bytes_per_token_per_layer
+
+    def dense_prefix(self, context: int) -> Phase:
+        """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
+        spec, n = self.spec, self.gpus
+        flops = sum(self.batch * spec.non_expert_flops_per_token_per_dense_layer(context, layer)
+                    for layer in range(spec.num_dense_layers))
+        read = spec.num_dense_layers * (spec.non_expert_bytes_per_dense_layer + self._kv_bytes(context))
+        comms = spec.num_dense_layers * self._collective_s(self.batch * spec.hidden_size * ACTIVATION_BYTES)
+        return Phase(self._roofline(flops / n, read / n) + comms, flops, read)
+
+    def attention(self, context: int, moe_layer: int) -> Phase:
+        """Attention, router and shared experts of one MoE layer, tensor-parallel."""
+        spec, n = self.spec, self.gpus
+        layer = spec.first_moe_layer + moe_layer
+        flops = self.batch * spec.non_expert_flops_per_token_per_moe_layer(context, layer)
+        read = spec.non_expert_bytes_per_moe_layer + self._kv_bytes(context)
+        comms = self._collective_s(self.batch * spec.hidden_size * ACTIVATION_BYTES)
+        return Phase(self._roofline(flops / n, read / n) + comms, flops, read)
+
+    def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
+        """Routed experts of one MoE layer, expert-parallel: the busiest GPU sets the time."""
+        spec, n = self.spec, self.gpus
+        # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
+        tokens, count = [0] * n, [0] * n
+        for expert, routed in zip(experts, tokens_per_expert, strict=True):
+            tokens[expert % n] += routed
+            count[expert % n] += 1
+        busiest = max(self._roofline(t * spec.expert_flops_per_token, c * spec.expert_bytes)
+                      for t, c in zip(tokens, count, strict=True))
+        dispatch = 2 * self._collective_s(self.batch * spec.top_k * spec.hidden_size * ACTIVATION_BYTES)
+        return Phase(busiest + dispatch, sum(tokens) * spec.expert_flops_per_token, len(experts) * spec.expert_bytes)
+
+    def lm_head(self) -> Phase:
+        spec, n = self.spec, self.gpus
+        flops = self.batch * spec.lm_head_flops_per_token
+        read = spec.lm_head_flops_per_token / 2 * spec.non_expert_bytes_per_param
+        return Phase(self._roofline(flops / n, read / n), flops, read)
+
+
+@attrs.define
+class StepRecord:
+    latency_s: float
+    stall_s: float
+    hits: int
+    misses: int
+
+
+class FutureIndex:
+    """For offline policies: when each key is used next, from the workload's own future."""
+
+    def __init__(self, steps, num_layers: int, num_experts: int):
+        self._uses: dict[int, list[int]] = {}
+        for step in steps:
+            base = step.index * num_layers
+            for layer, experts in enumerate(step.experts):
+                for expert in experts.tolist():
+                    self._uses.setdefault(layer * num_experts + expert, []).append(base + layer)
+        self._next: dict[int, int] = dict.fromkeys(self._uses, 0)
+
+    def next_use_after(self, key: int, time: int) -> float:
+        uses, i = self._uses.get(key), self._next.get(key, 0)
+        if uses is None:
+            return NEVER
+        while i < len(uses) and uses[i] <= time:
+            i += 1
+        self._next[key] = i
+        return uses[i] if i < len(uses) else NEVER
+
+
+class GpuStream:
+    """The SimPy process that runs the decode steps on all GPUs in lockstep."""
+
+    def __init__(self, env, workload, memories, compute: ComputeModel, prefetcher, ledger: Ledger,
+                 context_length: int, lookahead: int, budget_experts: int, max_queued: int,
+                 future: FutureIndex | None, progress=None):
+        self.env, self.workload, self.memories = env, workload, memories
+        self.compute, self.prefetcher, self.ledger = compute, prefetcher, ledger
+        self.context_length, self.lookahead, self.budget = context_length, lookahead, budget_experts
+        self.max_queued = max_queued
+        self.future = future
+        self.progress = progress
+        self.records: list[StepRecord] = []
+        self.process = env.process(self._run())
+
+    def _phase(self, phase: Phase):
+        self.ledger.record_compute(phase.flops, phase.hbm_read_bytes)
+        return self.env.timeout(phase.seconds)
+
+    def _run(self):
+        env, workload, memories = self.env, self.workload, self.memories
+        num_layers, num_experts, gpus = workload.num_layers, workload.num_experts, len(memories)
+        for step in workload.steps:
+            start = env.now
+            stall = 0.0
+            hits_before = sum(m.demand_hits for m in memories)
+            misses_before = sum(m.demand_misses for m in memories)
+            context = self.context_length + step.index
+            yield self._phase(self.compute.dense_prefix(context))
+            for layer in range(num_layers):
+                yield self._phase(self.compute.attention(context, layer))
+                experts = step.experts[layer].tolist()
+                time = step.index * num_layers + layer
+                waits, used = [], []
+                base = layer * num_experts
+                for expert, score in zip(experts, step.scores[layer].tolist(), strict=True):
+                    key = base + expert
+                    next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+                    memory = memories[expert % gpus]
+                    wait = memory.demand(key, Access(key, time, layer, score, next_use))
+                    if wait is not None:
+                        waits.append(wait)
+                    used.append((memory, key))
+                self._prefetch(step, layer, time)
+                if waits:
+                    waited_from = env.now
+                    yield env.all_of(waits)
+                    stall += env.now - waited_from
+                yield self._phase(self.compute.experts(experts, step.tokens_per_expert[layer].tolist()))
+                for memory, key in used:
+                    memory.release(key)
+            yield self._phase(self.compute.lm_head())
+            self.records.append(StepRecord(
+                env.now - start, stall,
+                sum(m.demand_hits for m in memories) - hits_before,
+                sum(m.demand_misses for m in memories) - misses_before,
+            ))
+            if self.progress is not None:
+                self.progress(1)
+
+    def _prefetch(self, step, layer: int, time: int) -> None:
+        if self.prefetcher is None:
+            return
+        event = RoutingEvent(step.index, layer, step.experts[layer], step.scores[layer], step.rows[:, layer, :],
+                             step.sequence_ids)
+        proposals = self.prefetcher.on_routing(event)
+        num_experts, gpus = self.workload.num_experts, len(self.memories)
+        issued = 0
+        for target_layer, expert in proposals:
+            if issued >= self.budget:
+                break
+            if not layer < target_layer <= layer + self.lookahead:
+                continue
+            key = target_layer * num_experts + expert
+            next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+            access = Access(key, time, target_layer, 0.0, next_use, prefetch=True, current_layer=layer)
+            if self.memories[expert % gpus].try_prefetch(key, access, self.max_queued):
+                issued += 1

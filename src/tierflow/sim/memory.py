@@ -1,0 +1,165 @@
+"""One GPU's expert memory: its HBM expert cache, an optional DDR expert cache, and the fetch paths below.
+
+Demand lookups pin what a layer uses; misses reserve room in HBM at once (the expert is resident-in-flight
+and pinned until it lands) and start a transfer from the highest tier that holds the expert: the DDR cache,
+else the placement tier. Prefetches take the same paths at lower priority and only when room can be made
+without touching pinned experts. Every delivered byte goes to the ledger here, in one place.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from tierflow.cache import Access, TierCache
+from tierflow.ledger import Ledger, Route
+from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
+
+
+@attrs.define
+class PrefetchStats:
+    issued: int = 0
+    useful: int = 0  # prefetched experts a layer used before they were evicted
+    late: int = 0  # ... of which were still in flight when their layer needed them
+    wasted_bytes: int = 0  # prefetched bytes evicted (or left at the end) without being used
+    issued_bytes: int = 0
+
+
+@attrs.define
+class FetchPath:
+    """The channels from a source tier to HBM, and what the route is called in the ledger."""
+
+    hops: list
+    route: Route
+    staging: object = None  # a StagingBuffer the bytes bounce through, or None
+
+
+class ExpertMemory:
+    """Residency and fetching of one GPU's experts."""
+
+    def __init__(self, env, gpu: int, hbm: TierCache | None, ddr: TierCache | None, paths: dict[str, FetchPath],
+                 placement: str, expert_bytes: int, ledger: Ledger):
+        self.env, self.gpu = env, gpu
+        self.hbm, self.ddr = hbm, ddr
+        self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
+        self.placement = placement
+        self.expert_bytes = expert_bytes
+        self.ledger = ledger
+        self.in_flight: dict[int, Transfer] = {}
+        self.prefetch = PrefetchStats()
+        self._unused_prefetch: dict[int, Transfer] = {}  # prefetched keys not yet used by a layer
+        self.demand_misses = 0
+        self.demand_hits = 0
+        self.peak_cache_bytes = 0
+        if hbm is not None:
+            hbm.eviction_listeners.append(self._on_hbm_eviction)
+
+    # ------------------------------------------------------------------------------------------- demand
+
+    def demand(self, key: int, access: Access):
+        """Make ``key`` resident for the current layer; returns an event to wait for, or None if resident."""
+        if self.placement == "hbm":  # every expert lives in HBM: nothing to look up, nothing moves
+            return None
+        if self.hbm is None:  # no cache: stream every expert from its tier, every time
+            self.demand_misses += 1
+            return self._fetch(key, access, DEMAND, into_hbm=False).done
+        if self.hbm.lookup(key, access):
+            self.hbm.pin(key)
+            transfer = self.in_flight.get(key)
+            unused = self._unused_prefetch.pop(key, None)
+            if unused is not None:
+                self.prefetch.useful += 1
+                if transfer is not None:
+                    self.prefetch.late += 1
+            if transfer is not None:
+                return transfer.done
+            self.demand_hits += 1
+            return None
+        self.demand_misses += 1
+        self._admit(key, access)
+        self.hbm.pin(key)  # used by this layer
+        self.hbm.pin(key)  # in flight
+        return self._fetch(key, access, DEMAND, into_hbm=True).done
+
+    def _admit(self, key: int, access: Access) -> None:
+        self.hbm.admit(key, self.expert_bytes, access)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.hbm.used_bytes)
+
+    def release(self, key: int) -> None:
+        """The layer that used ``key`` has finished computing with it."""
+        if self.hbm is not None:
+            self.hbm.unpin(key)
+
+    # ------------------------------------------------------------------------------------------- prefetch
+
+    def try_prefetch(self, key: int, access: Access, max_queued: int) -> bool:
+        """Start a prefetch of ``key`` if it is not resident, room can be made without evicting pinned
+        experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use spare
+        bandwidth, they do not pile up in front of demand misses); True if one started."""
+        if self.hbm is None or key in self.hbm or not self.hbm.can_admit(self.expert_bytes):
+            return False
+        if self.paths[self.placement].hops[0].queued >= max_queued:
+            return False
+        self._admit(key, access)
+        self.hbm.pin(key)  # in flight
+        transfer = self._fetch(key, access, PREFETCH, into_hbm=True)
+        self._unused_prefetch[key] = transfer
+        self.prefetch.issued += 1
+        self.prefetch.issued_bytes += self.expert_bytes
+        return True
+
+    def _on_hbm_eviction(self, key: int) -> None:
+        if self._unused_prefetch.pop(key, None) is not None:
+            self.prefetch.wasted_bytes += self.expert_bytes
+
+    def finish(self) -> None:
+        """At the end of the run, prefetched experts never used count as wasted."""
+        self.prefetch.wasted_bytes += self.expert_bytes * len(self._unused_prefetch)
+        self._unused_prefetch.clear()
+
+    # ------------------------------------------------------------------------------------------- transfers
+
+    def _source(self, key: int, access: Access) -> str:
+        """The tier a missing expert is read from: the DDR cache if it holds it, else the placement tier."""
+        if self.ddr is not None and self.ddr.lookup(key, access):
+            return "ddr"
+        return self.placement
+
+    def _fetch(self, key: int, access: Access, priority: int, into_hbm: bool) -> Transfer:
+        source = self._source(key, access)
+        if source == "ssd" and self.ddr is not None:
+            self._fill_ddr(key, access)
+        path = self.paths[source]
+        transfer = Transfer(self.env, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
+                            via=path.route.via, on_done=self._arrived if into_hbm else self._streamed)
+        if into_hbm:
+            self.in_flight[key] = transfer
+        self._launch(transfer, path)
+        return transfer
+
+    def _fill_ddr(self, key: int, access: Access) -> None:
+        """Three tiers: an expert read from SSD stays in the DDR cache. It passes through DDR on its way to
+        HBM anyway (the SSD route is staged via DDR), so keeping it costs no extra bytes."""
+        if self.ddr.can_admit(self.expert_bytes):
+            self.ddr.admit(key, self.expert_bytes, access)
+
+    def _launch(self, transfer: Transfer, path: FetchPath) -> None:
+        if path.staging is None:
+            transfer.start()
+            return
+        transfer.staged_bytes = self.expert_bytes
+        reserved = path.staging.acquire(self.expert_bytes)
+        reserved.callbacks.append(lambda _event: (path.staging.note_usage(), transfer.start()))
+
+    def _delivered(self, transfer: Transfer) -> None:
+        path = self.paths[transfer.src]
+        if transfer.staged_bytes:
+            path.staging.release(transfer.staged_bytes)
+        self.ledger.record_transfer(path.route, transfer.size_bytes, prefetch=transfer.is_prefetch)
+
+    def _arrived(self, transfer: Transfer) -> None:
+        self._delivered(transfer)
+        del self.in_flight[transfer.key]
+        self.hbm.unpin(transfer.key)
+
+    def _streamed(self, transfer: Transfer) -> None:
+        self._delivered(transfer)

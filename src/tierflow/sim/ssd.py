@@ -1,0 +1,47 @@
+"""An NVMe SSD as a channel: an expert read is split into requests kept ``queue_depth`` deep.
+
+An expert of ``B`` bytes becomes ``ceil(B / request_bytes)`` read requests. The drive serves at most
+``min(queue_depth, internal_parallelism)`` of them at once, each taking ``read_latency`` before its data
+streams out, and the whole drive delivers at most its sequential bandwidth and its IOPS. So its sustained
+rate is ``min(bandwidth, IOPS * request_bytes, concurrent * request_bytes / latency)`` and a read costs one
+request latency (the pipeline fills) plus the bytes at that rate. The drive's own link (e.g. PCIe Gen5 x4)
+caps the rate too. Reads queue in the drive's submission queue, demand before prefetch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tierflow.catalog.hardware import Link, MemoryTier
+from tierflow.sim.channel import Channel
+
+
+def sustained_read_bytes_per_s(ssd: MemoryTier, link: Link | None = None) -> float:
+    """The drive's sustained read rate for expert-sized reads (see the module docstring)."""
+    request = ssd.request_bytes or 128 * 1024
+    concurrent = min(ssd.queue_depth or 1, ssd.internal_parallelism or 1)
+    rates = [ssd.read_bandwidth_bytes_per_s]
+    if ssd.read_iops:
+        rates.append(ssd.read_iops * request)
+    if ssd.read_latency_s > 0:
+        rates.append(concurrent * request / ssd.read_latency_s)
+    if link is not None:
+        rates.append(link.bandwidth_bytes_per_s)
+    return min(rates)
+
+
+class SsdChannel(Channel):
+    """An NVMe drive serving expert reads from its submission queue."""
+
+    def __init__(self, env, ssd: MemoryTier, link: Link | None, chunk_bytes: int, name: str | None = None):
+        super().__init__(env, name or ssd.name, sustained_read_bytes_per_s(ssd, link), ssd.read_latency_s,
+                         chunk_bytes)
+        self.ssd = ssd
+        self.requests = 0
+
+    def requests_for(self, size_bytes: int) -> int:
+        return math.ceil(size_bytes / (self.ssd.request_bytes or 128 * 1024))
+
+    def service_time(self, transfer, now):
+        self.requests += self.requests_for(transfer.size_bytes)
+        return super().service_time(transfer, now)

@@ -1,0 +1,50 @@
+"""A transfer: one expert's bytes moving from a lower tier toward a destination tier, hop by hop."""
+
+from __future__ import annotations
+
+DEMAND, PREFETCH = 0, 1  # queue priorities: a demand miss overtakes queued prefetches
+
+
+class Transfer:
+    """One expert moving ``size_bytes`` from ``src`` to ``dst`` through ``hops`` (channels, in order).
+
+    ``done`` is a SimPy event that succeeds when the last hop delivers. ``data_ready_at`` is when the
+    first chunk of data is available to the current hop (for cut-through between hops). ``via`` names a
+    tier the bytes bounce through (the DDR staging buffer on the SSD path without GPUDirect Storage).
+    """
+
+    __slots__ = (
+        "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "done", "issued_at",
+        "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes",
+    )
+
+    def __init__(self, env, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
+        self.key, self.size_bytes, self.src, self.dst, self.via = key, size_bytes, src, dst, via
+        self.priority, self.hops, self.hop, self.gpu = priority, hops, 0, gpu
+        self.done = env.event()
+        self.issued_at = env.now
+        self.arrived_at = None
+        self.data_ready_at = env.now
+        self.upstream_done_at = None
+        self.on_done = on_done
+        self.staged_bytes = 0
+
+    @property
+    def is_prefetch(self) -> bool:
+        return self.priority == PREFETCH
+
+    def start(self) -> None:
+        self.hops[0].submit(self)
+
+    def hop_finished(self, now: float, first_chunk_at: float) -> None:
+        """Called by the channel that just delivered this transfer's bytes."""
+        self.hop += 1
+        if self.hop < len(self.hops):
+            self.data_ready_at = first_chunk_at
+            self.upstream_done_at = now
+            self.hops[self.hop].submit(self)
+            return
+        self.arrived_at = now
+        if self.on_done is not None:
+            self.on_done(self)
+        self.done.succeed(self)

@@ -1,0 +1,166 @@
+"""From a trace to decode steps: B sequences decode together; a layer needs the union of their experts.
+
+Sequences are admitted in order of first appearance; when one runs out of tokens, the next unused one takes
+its slot (continuous batching). Prefill tokens (``phase == 0``) are skipped: the simulator models decode.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from tierflow.errors import TierflowError
+from tierflow.trace.format import open_trace
+
+
+@attrs.frozen
+class DecodeStep:
+    """One decode step of the batch.
+
+    ``experts[l]`` holds the distinct experts layer ``l`` needs (union over the batch, in first-seen
+    order); ``scores[l]`` the largest router weight any sequence gave each of them; ``tokens_per_expert[l]``
+    how many of the batch's tokens chose each; ``rows`` the raw (batch, layers, k) routing of the step.
+    """
+
+    index: int
+    experts: list[np.ndarray]
+    scores: list[np.ndarray]
+    tokens_per_expert: list[np.ndarray]
+    rows: np.ndarray
+    sequence_ids: np.ndarray
+
+
+@attrs.frozen
+class Workload:
+    """The decode steps to simulate, with the trace's shape."""
+
+    steps: list[DecodeStep]
+    num_layers: int
+    num_experts: int
+    top_k: int
+    model: str
+    source: str
+    embeddings: np.ndarray | None
+    sequence_ids: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(step.sequence_ids) for step in self.steps)
+
+
+def _sequences_from_arrays(experts, sequence_id, gate_scores, phase) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    keep = np.ones(len(sequence_id), dtype=bool) if phase is None else phase != 0
+    experts, sequence_id = experts[keep], sequence_id[keep]
+    scores = None if gate_scores is None else gate_scores[keep]
+    order = np.argsort(sequence_id, kind="stable")
+    ids, starts = np.unique(sequence_id[order], return_index=True)
+    first_seen = np.argsort([order[s] for s in starts], kind="stable")
+    bounds = np.r_[starts, len(order)]
+    sequences = {}
+    for i in first_seen:
+        index = order[bounds[i] : bounds[i + 1]]
+        sequences[int(ids[i])] = (experts[index], None if scores is None else scores[index])
+    return sequences
+
+
+def _union(rows: np.ndarray, scores: np.ndarray | None, layer: int):
+    flat = rows[:, layer, :].ravel()
+    uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    experts = uniq[order].astype(np.int64)
+    if scores is None:
+        best = np.zeros(len(experts), dtype=np.float64)
+    else:
+        best = np.zeros(uniq.shape, dtype=np.float64)
+        np.maximum.at(best, np.searchsorted(uniq, flat), scores[:, layer, :].ravel())
+        best = best[order]
+    return experts, best, counts[order]
+
+
+def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batch_size: int, num_steps: int,
+                skip_tokens: int = 0) -> list[DecodeStep]:
+    """Continuous batching over the sequences (dict in admission order) for up to ``num_steps`` steps."""
+    pending = iter(sequences.items())
+    slots: list[list] = []  # [sequence id, experts, scores, position]
+
+    def admit():
+        for seq_id, (experts, scores) in pending:
+            if len(experts) > skip_tokens:
+                return [seq_id, experts, scores, skip_tokens]
+        return None
+
+    for _ in range(batch_size):
+        slot = admit()
+        if slot is None:
+            break
+        slots.append(slot)
+    steps = []
+    while slots and len(steps) < num_steps:
+        rows = np.stack([slot[1][slot[3]] for slot in slots])
+        has_scores = all(slot[2] is not None for slot in slots)
+        scores = np.stack([slot[2][slot[3]] for slot in slots]).astype(np.float64) if has_scores else None
+        unions = [_union(rows, scores, layer) for layer in range(rows.shape[1])]
+        steps.append(DecodeStep(
+            index=len(steps),
+            experts=[u[0] for u in unions],
+            scores=[u[1] for u in unions],
+            tokens_per_expert=[u[2] for u in unions],
+            rows=rows,
+            sequence_ids=np.array([slot[0] for slot in slots]),
+        ))
+        next_slots = []
+        for slot in slots:
+            slot[3] += 1
+            if slot[3] < len(slot[1]):
+                next_slots.append(slot)
+            elif (replacement := admit()) is not None:
+                next_slots.append(replacement)
+        slots = next_slots
+    return steps
+
+
+def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -> Workload:
+    """Decode steps from a trace file. Reads only as many tokens as the steps can use (plus whole sequences)."""
+    with open_trace(path) as reader:
+        meta = reader.meta
+        # Continuous batching needs at most batch_size * num_steps tokens past the skipped ones; read in
+        # chunks until enough sequences are complete or the file ends.
+        budget = batch_size * (num_steps + skip_tokens)
+        parts = []
+        read = 0
+        for chunk in reader.chunks(gate_scores=True, phase=True):
+            parts.append(chunk)
+            read += len(chunk)
+            if read >= 2 * budget + 65536:
+                break
+        embeddings = reader.embedding()
+    if not parts or read == 0:
+        raise TierflowError(f"{path}: the trace has no tokens")
+    cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"), cat("phase"))
+    steps = build_steps(sequences, batch_size, num_steps, skip_tokens)
+    if not steps:
+        raise TierflowError(f"{path}: no decode tokens after skipping {skip_tokens} per sequence")
+    return Workload(steps, meta.num_layers, meta.num_experts, meta.top_k, meta.model, meta.source, embeddings,
+                    list(sequences))
+
+
+def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequences: int, seed: int,
+                       skip_tokens: int = 0) -> Workload:
+    """Decode steps from the built-in synthetic generator (no file).
+
+    Sequence lengths vary, so three times the needed tokens are generated over three times the sequences
+    (at least ``sequences``): continuous batching keeps the batch full to the last step.
+    """
+    from tierflow.catalog import get_model
+    from tierflow.trace.synth import SynthParams, generate_arrays
+
+    spec = get_model(model_name)
+    sequences = max(sequences, 3 * batch_size)
+    tokens = 3 * batch_size * (num_steps + skip_tokens)
+    data = generate_arrays(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, tokens,
+                           num_sequences=sequences, seed=seed, params=SynthParams.for_model(spec.name), workers=1)
+    by_sequence = _sequences_from_arrays(data["experts"], data["sequence_id"], data["gate_scores"], None)
+    steps = build_steps(by_sequence, batch_size, num_steps, skip_tokens)
+    return Workload(steps, spec.num_moe_layers, spec.num_routed_experts, spec.top_k, spec.name,
+                    f"built-in synthetic (seed={seed})", data["embedding"], list(by_sequence))
