@@ -212,7 +212,8 @@ class Simulation:
                 raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")
             paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
                                      staging)
-        return ExpertMemory(env, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger)
+        return ExpertMemory(env, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
+                            reserve_bytes=plan.working_set_experts * plan.expert_bytes)
 
     def _prefetcher(self):
         prefetch = self.scenario.prefetch

@@ -37,13 +37,15 @@ class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
     def __init__(self, env, gpu: int, hbm: TierCache | None, ddr: TierCache | None, paths: dict[str, FetchPath],
-                 placement: str, expert_bytes: int, ledger: Ledger):
+                 placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0):
         self.env, self.gpu = env, gpu
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
         self.placement = placement
         self.expert_bytes = expert_bytes
         self.ledger = ledger
+        # Prefetches leave this much unpinned room, so the next layer's demand misses always fit.
+        self.reserve_bytes = reserve_bytes
         self.in_flight: dict[int, Transfer] = {}
         self.prefetch = PrefetchStats()
         self._unused_prefetch: dict[int, Transfer] = {}  # prefetched keys not yet used by a layer
@@ -95,7 +97,7 @@ class ExpertMemory:
         """Start a prefetch of ``key`` if it is not resident, room can be made without evicting pinned
         experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use spare
         bandwidth, they do not pile up in front of demand misses); True if one started."""
-        if self.hbm is None or key in self.hbm or not self.hbm.can_admit(self.expert_bytes):
+        if self.hbm is None or key in self.hbm or not self.hbm.can_admit(self.expert_bytes + self.reserve_bytes):
             return False
         if self.paths[self.placement].hops[0].queued >= max_queued:
             return False

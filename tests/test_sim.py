@@ -1,0 +1,291 @@
+"""The simulator: closed forms, conservation, energy accounting, determinism and bad scenarios."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import simpy
+
+from conftest import assert_one_line_error, run_cli
+from tierflow.cache import Access, TierCache, make_policy
+from tierflow.catalog import get_model, get_profile
+from tierflow.config import load_scenario, scenario_from_table
+from tierflow.energy import COMPONENTS
+from tierflow.errors import TierflowError
+from tierflow.sim.channel import Channel
+from tierflow.sim.engine import Simulation
+from tierflow.sim.ssd import sustained_read_bytes_per_s
+from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
+
+SMALL = {
+    "name": "small",
+    "model": "olmoe-1b-7b",
+    "hardware": "h100-pcie5",
+    "placement": "ddr",
+    "workload": {"batch_size": 2, "decode_tokens": 12, "context_length": 256},
+}
+
+
+def small(**changes):
+    table = json.loads(json.dumps(SMALL))
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (table.setdefault(section, {}) if section else table)[name] = value
+    return scenario_from_table(table)
+
+
+def run(scenario):
+    sim = Simulation(scenario)
+    return sim, sim.run()
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+def test_without_cache_each_step_is_compute_plus_serialised_transfers():
+    """One link, no prefetch, no reuse: every layer waits for its n experts one after another."""
+    sim, results = run(small(**{"cache.enabled": False}))
+    spec, link = sim.spec, sim.hardware.host_link
+    transfer_s = link.latency_s + spec.expert_bytes / link.bandwidth_bytes_per_s
+    compute = sim.compute
+    for step, latency in zip(sim.workload.steps, results.step_latency_s, strict=True):
+        context = SMALL["workload"]["context_length"] + step.index
+        expected = compute.dense_prefix(context).seconds + compute.lm_head().seconds
+        for layer, experts in enumerate(step.experts):
+            expected += compute.attention(context, layer).seconds
+            expected += len(experts) * transfer_s
+            expected += compute.experts(experts.tolist(), step.tokens_per_expert[layer].tolist()).seconds
+        assert latency == pytest.approx(expected, rel=1e-9)
+
+
+def test_with_a_cache_misses_match_an_independent_replay_and_bytes_follow():
+    sim, results = run(small(**{"cache.capacity_experts": 100}))
+    cache = TierCache(make_policy("lru"), 100, "shadow")
+    misses = 0
+    for step in sim.workload.steps:
+        for layer, experts in enumerate(step.experts):
+            for expert in experts.tolist():
+                key = layer * sim.workload.num_experts + expert
+                if not cache.lookup(key, Access(key, 0)):
+                    misses += 1
+                    cache.admit(key, 1, Access(key, 0))
+    assert int(results.step_misses.sum()) == misses
+    assert results.summary["bytes_moved"] == {"ddr->hbm": misses * sim.spec.expert_bytes}
+    requests = sum(len(e) for step in sim.workload.steps for e in step.experts)
+    assert results.summary["hit_rate"]["hbm"] == pytest.approx(1 - misses / requests)
+
+
+def test_stall_is_the_wait_beyond_compute():
+    sim, results = run(small(**{"cache.enabled": False}))
+    link = sim.hardware.host_link
+    transfer_s = link.latency_s + sim.spec.expert_bytes / link.bandwidth_bytes_per_s
+    for step, stall in zip(sim.workload.steps, results.step_stall_s, strict=True):
+        assert stall == pytest.approx(sum(len(e) for e in step.experts) * transfer_s, rel=1e-9)
+
+
+def test_ssd_sustained_rate_is_the_tightest_of_its_limits():
+    profile = get_profile("h100-pcie5")
+    ssd, link = profile.ssd, profile.ssd_link
+    concurrent = min(ssd.queue_depth, ssd.internal_parallelism)
+    expected = min(ssd.read_bandwidth_bytes_per_s, ssd.read_iops * ssd.request_bytes,
+                   concurrent * ssd.request_bytes / ssd.read_latency_s, link.bandwidth_bytes_per_s)
+    assert sustained_read_bytes_per_s(ssd, link) == expected
+
+
+def _channel_pair(env, bw1, bw2, chunk):
+    first = Channel(env, "a", bw1, 1e-6, chunk)
+    second = Channel(env, "b", bw2, 2e-6, chunk)
+    return first, second
+
+
+def test_cut_through_costs_the_slow_hop_plus_one_chunk_on_the_fast_one():
+    env = simpy.Environment()
+    slow, fast = _channel_pair(env, 1e9, 4e9, 1_000_000)
+    transfer = Transfer(env, 1, 10_000_000, "ssd", "hbm", [slow, fast], DEMAND)
+    transfer.start()
+    env.run()
+    expected = (1e-6 + 10_000_000 / 1e9) + (2e-6 + 1_000_000 / 4e9)
+    assert transfer.arrived_at == pytest.approx(expected)
+
+
+def test_cut_through_is_bounded_by_the_slow_downstream_hop():
+    env = simpy.Environment()
+    fast, slow = _channel_pair(env, 4e9, 1e9, 1_000_000)
+    transfer = Transfer(env, 1, 10_000_000, "ssd", "hbm", [fast, slow], DEMAND)
+    transfer.start()
+    env.run()
+    first_chunk = 1e-6 + 1_000_000 / 4e9
+    # The slow hop starts once the first chunk is there and then runs at its own pace.
+    assert transfer.arrived_at == pytest.approx(first_chunk + 2e-6 + 10_000_000 / 1e9, rel=1e-6)
+
+
+def test_a_demand_transfer_overtakes_queued_prefetches():
+    env = simpy.Environment()
+    channel = Channel(env, "link", 1e9, 0.0, 1 << 20)
+    order = []
+    transfers = [Transfer(env, key, 1_000_000, "ddr", "hbm", [channel], priority, on_done=order.append)
+                 for key, priority in [(0, PREFETCH), (1, PREFETCH), (2, PREFETCH), (3, DEMAND)]]
+    transfers[0].start()
+    env.run(until=1e-6)  # the first prefetch is now in service
+    for t in transfers[1:]:
+        t.start()
+    env.run()
+    # Service is not pre-empted; the demand goes next, before the prefetches queued ahead of it.
+    assert [t.key for t in order] == [0, 3, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------ accounting
+
+
+@pytest.mark.parametrize("placement", ["hbm", "ddr", "ssd"])
+def test_energy_components_sum_to_the_total(placement):
+    _, results = run(small(placement=placement, **{"cache.capacity_experts": 200}))
+    energy = results.summary["energy_j_per_token"]
+    assert energy["total"] == pytest.approx(sum(energy[c] for c in COMPONENTS))
+    assert all(energy[c] >= 0 for c in COMPONENTS)
+
+
+def test_hbm_only_moves_nothing_from_ddr_or_ssd():
+    _, results = run(small(placement="hbm"))
+    s = results.summary
+    assert s["bytes_moved"] == {}
+    assert s["energy_j_per_token"]["ddr"] == 0 and s["energy_j_per_token"]["ssd"] == 0
+    assert s["hit_rate"] == {"hbm": None, "ddr": None}
+    assert s["stall_s_per_token"] == 0
+
+
+def test_bytes_into_hbm_equal_bytes_out_of_lower_tiers_with_three_tiers():
+    sim, results = run(small(placement="ssd", **{"cache.capacity_experts": 150, "ddr_cache.enabled": True,
+                                                 "ddr_cache.capacity_experts": 400}))
+    moved = sim.ledger.bytes_by_route()
+    into_hbm = sum(size for route, size in moved.items() if route.dst == "hbm")
+    out_of_lower = sum(size for route, size in moved.items() if route.src in ("ddr", "ssd"))
+    assert into_hbm == out_of_lower > 0
+    misses = int(results.step_misses.sum())
+    assert into_hbm == misses * sim.spec.expert_bytes
+    assert results.summary["hit_rate"]["ddr"] is not None
+
+
+def test_energy_per_byte_matches_the_profile_closed_form():
+    """Streaming from DDR with no reuse: moved bits x (DDR read + link + HBM write)."""
+    sim, results = run(small(**{"cache.enabled": False}))
+    hw = sim.hardware
+    bits = 8 * sum(results.summary["bytes_moved"].values())
+    tokens = results.summary["tokens"]
+    energy = results.summary["energy_j_per_token"]
+    assert energy["ddr"] * tokens == pytest.approx(bits * hw.ddr.read_pj_per_bit * 1e-12)
+    assert energy["link"] * tokens == pytest.approx(bits * hw.host_link.pj_per_bit * 1e-12)
+    elapsed = results.step_latency_s.sum()
+    static = hw.gpu.static_power_w + hw.gpu.hbm.static_power_w + hw.ddr.static_power_w + hw.ssd.static_power_w
+    assert energy["static"] * tokens == pytest.approx(static * elapsed, rel=1e-9)
+
+
+def test_placements_order_energy_and_ssd_override_scales_it():
+    totals = {p: run(small(placement=p, **{"cache.capacity_experts": 150}))[1].summary["energy_j_per_token"]
+              for p in ("hbm", "ddr", "ssd")}
+    assert totals["hbm"]["total"] < totals["ddr"]["total"] < totals["ssd"]["total"]
+    cheap = run(small(placement="ssd", **{"cache.capacity_experts": 150, "energy.ssd_read_pj_per_bit": 10.0}))[1]
+    ratio = cheap.summary["energy_j_per_token"]["ssd"] / totals["ssd"]["ssd"]
+    assert ratio == pytest.approx(10.0 / get_profile("h100-pcie5").ssd.read_pj_per_bit)
+
+
+def test_same_seed_same_results_and_the_seed_matters():
+    a = run(small(**{"cache.capacity_experts": 120}))[1].summary
+    b = run(small(**{"cache.capacity_experts": 120}))[1].summary
+    c = run(small(seed=7, **{"cache.capacity_experts": 120}))[1].summary
+    assert a == b
+    assert a != c
+
+
+def test_batch_needs_the_union_of_its_experts():
+    sim, results = run(small(**{"cache.enabled": False, "workload.batch_size": 4}))
+    step = sim.workload.steps[0]
+    for layer, experts in enumerate(step.experts):
+        assert sorted(experts.tolist()) == sorted(set(step.rows[:, layer, :].ravel().tolist()))
+        assert step.tokens_per_expert[layer].sum() == 4 * sim.spec.top_k
+    assert results.summary["tokens"] == 4 * len(sim.workload.steps)
+
+
+def test_prefetching_changes_timing_not_what_layers_compute_with():
+    base = run(small(placement="ssd", **{"cache.capacity_experts": 200}))
+    with_prefetch = run(small(placement="ssd", **{"cache.capacity_experts": 200, "prefetch.policy": "previous_token"}))
+    assert [s.experts for s in base[0].workload.steps] is not None
+    for a, b in zip(base[0].workload.steps, with_prefetch[0].workload.steps, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a.experts, b.experts, strict=True))
+    assert base[1].summary["tokens"] == with_prefetch[1].summary["tokens"]
+
+
+def test_pinned_experts_survive_prefetch_pressure():
+    """A cache barely larger than the working set: prefetches must never evict what a layer is using."""
+    _, results = run(small(placement="ssd", **{"cache.capacity_experts": 17, "prefetch.policy": "previous_token",
+                                               "prefetch.budget_experts": 16, "prefetch.max_queued": 100}))
+    assert results.summary["tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+JSON_KEYS = {"scenario", "model", "batch_size", "tokens", "latency_s_per_token", "tokens_per_s",
+             "stall_s_per_token", "hit_rate", "bytes_moved", "energy_j_per_token", "prefetch", "peak_hbm_bytes"}
+
+
+def test_simulate_json_has_exactly_the_documented_keys(tmp_path):
+    out = tmp_path / "r.h5"
+    result = run_cli("simulate", "--scenario", "ssd_offload", "--set", "workload.decode_tokens=3", "--json",
+                     "--out", out, check_status=0)
+    summary = json.loads(result.stdout)
+    assert set(summary) == JSON_KEYS
+    assert set(summary["latency_s_per_token"]) == {"mean", "p50", "p99"}
+    assert set(summary["hit_rate"]) == {"hbm", "ddr"}
+    assert set(summary["energy_j_per_token"]) == {"total", *COMPONENTS}
+    assert set(summary["prefetch"]) >= {"issued", "useful", "late", "wasted_bytes"}
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["summary_json"]) == summary
+        assert len(f["steps/latency_s"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
+
+
+@pytest.mark.parametrize("scenario", ["hbm_only", "ddr_offload", "ssd_offload", "ssd_prefetch", "three_tier"])
+def test_shipped_scenarios_load(scenario):
+    assert load_scenario(scenario).name == scenario
+
+
+BAD_SCENARIOS = {
+    "unknown key": (["--set", "cache.size=3"], "valid keys: name"),
+    "unknown section key": (["--set", "nonsense=1"], "valid keys"),
+    "wrong type": (["--set", "workload.batch_size=many"], "expected int"),
+    "negative": (["--set", "workload.batch_size=-1"], "batch_size must be > 0"),
+    "bad placement": (["--set", "placement=tape"], "must be one of hbm, ddr, ssd"),
+    "unknown policy": (["--set", "cache.policy=magic"], "valid: "),
+    "unknown prefetcher": (["--set", "prefetch.policy=magic"], "valid: "),
+    "unknown model": (["--set", "model=gpt-9"], "deepseek-r1"),
+    "unknown hardware": (["--set", "hardware=abacus"], "h100-pcie5"),
+    "too big": (["--set", "cache.capacity_experts=99999"], "HBM is free"),
+    "too small": (["--set", "cache.capacity_experts=8"], "working set"),
+    "unknown scenario": (["--scenario", "nope"], "ssd_prefetch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCENARIOS))
+def test_bad_scenario_is_one_error_line_with_status_2(case):
+    args, fragment = BAD_SCENARIOS[case]
+    if "--scenario" not in args:
+        args = ["--scenario", "ssd_offload", *args]
+    result = run_cli("simulate", *args, "--set", "workload.decode_tokens=2", "--quiet")
+    assert_one_line_error(result, fragment)
+
+
+def test_impossible_hbm_placement_on_one_gpu_is_an_error():
+    with pytest.raises(TierflowError, match="placement = 'hbm' needs"):
+        Simulation(load_scenario("hbm_only", ["gpus=1", "workload.decode_tokens=1"]))
+
+
+def test_model_shapes_feed_the_roofline():
+    spec = get_model("olmoe-1b-7b")
+    sim = Simulation(small())
+    phase = sim.compute.experts([0, 1], [3, 1])
+    expected = max(4 * spec.expert_flops_per_token / sim.hardware.gpu.peak_flops,
+                   2 * spec.expert_bytes / sim.hardware.gpu.hbm.read_bandwidth_bytes_per_s)
+    assert phase.seconds == pytest.approx(expected)
