@@ -63,18 +63,25 @@ def _sequences_from_arrays(experts, sequence_id, gate_scores, phase) -> dict[int
     return sequences
 
 
-def _union(rows: np.ndarray, scores: np.ndarray | None, layer: int):
-    flat = rows[:, layer, :].ravel()
-    uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    experts = uniq[order].astype(np.int64)
-    if scores is None:
-        best = np.zeros(len(experts), dtype=np.float64)
-    else:
-        best = np.zeros(uniq.shape, dtype=np.float64)
-        np.maximum.at(best, np.searchsorted(uniq, flat), scores[:, layer, :].ravel())
-        best = best[order]
-    return experts, best, counts[order]
+def _unions(rows: np.ndarray, scores: np.ndarray | None):
+    """Per layer: the batch's distinct experts in first-seen order, their best score, and their token count."""
+    batch, num_layers, k = rows.shape
+    if batch == 1:  # one sequence: a layer's experts are already distinct, each chosen by one token
+        ones = np.ones(k, dtype=np.int64)
+        best = np.zeros((num_layers, k)) if scores is None else scores[0]
+        return [(rows[0, layer].astype(np.int64), best[layer], ones) for layer in range(num_layers)]
+    flat = rows.transpose(1, 0, 2).reshape(num_layers, batch * k).astype(np.int64)
+    flat_scores = None if scores is None else scores.transpose(1, 0, 2).reshape(num_layers, batch * k)
+    unions = []
+    for layer in range(num_layers):
+        uniq, first, inverse, counts = np.unique(flat[layer], return_index=True, return_inverse=True,
+                                                 return_counts=True)
+        order = np.argsort(first, kind="stable")
+        best = np.zeros(len(uniq))
+        if flat_scores is not None:
+            np.maximum.at(best, inverse, flat_scores[layer])
+        unions.append((uniq[order], best[order], counts[order]))
+    return unions
 
 
 def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batch_size: int, num_steps: int,
@@ -99,7 +106,7 @@ def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batc
         rows = np.stack([slot[1][slot[3]] for slot in slots])
         has_scores = all(slot[2] is not None for slot in slots)
         scores = np.stack([slot[2][slot[3]] for slot in slots]).astype(np.float64) if has_scores else None
-        unions = [_union(rows, scores, layer) for layer in range(rows.shape[1])]
+        unions = _unions(rows, scores)
         steps.append(DecodeStep(
             index=len(steps),
             experts=[u[0] for u in unions],

@@ -10,7 +10,6 @@ GPU sets the layer's pace, plus the all-to-all that sends tokens to their expert
 from __future__ import annotations
 
 import attrs
-import numpy as np
 
 from tierflow.cache import NEVER, Access
 from tierflow.catalog.hardware import HardwareProfile, Link
@@ -31,7 +30,12 @@ class Phase:
 
 
 class ComputeModel:
-    """Roofline times of each phase of a decode step for a model on N GPUs of a hardware profile."""
+    """Roofline times of each phase of a decode step for a model on N GPUs of a hardware profile.
+
+    The model's per-token figures are read once; the per-layer work is then plain arithmetic, since it
+    runs for every layer of every step. Attention work over the KV cache is linear in the tokens a layer
+    attends to (the whole context, or the sliding window).
+    """
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
                  hbm_bandwidth_bytes_per_s: float | None = None):
@@ -39,6 +43,17 @@ class ComputeModel:
         self.peak_flops = hardware.gpu.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
+        self.expert_flops = spec.expert_flops_per_token
+        self.expert_bytes = spec.expert_bytes
+        context_flops = spec.attention.context_flops_per_token
+        self._flops_per_attended = context_flops(2) - context_flops(1)
+        self._moe_fixed_flops = (spec.non_expert_flops_per_token_per_moe_layer(1) - self._flops_per_attended)
+        self._dense_fixed_flops = (spec.non_expert_flops_per_token_per_dense_layer(1) - self._flops_per_attended)
+        self._kv_per_token = spec.kv_bytes_per_token_per_layer
+        self._window = {layer: spec.sliding_window_tokens for layer in spec.sliding_window_layers}
+        activations = self.batch * spec.hidden_size * ACTIVATION_BYTES
+        self._allreduce_s = self._collective_s(activations)
+        self._dispatch_s = 2 * self._collective_s(activations * spec.top_k)
 
     def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float) -> float:
         return max(flops_per_gpu / self.peak_flops, bytes_per_gpu / self.hbm_bw)
@@ -50,39 +65,41 @@ class ComputeModel:
         moved = 2 * (self.gpus - 1) / self.gpus * bytes_per_gpu
         return self.nvlink.latency_s + moved / self.nvlink.bandwidth_bytes_per_s
 
-    def _kv_bytes(self, context: int) -> float:
-        return self.batch * context * self.spec.kv_bytes_per_token_per_layer
+    def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float) -> Phase:
+        attended = min(context, self._window[layer]) if layer in self._window else context
+        flops = self.batch * (fixed_flops + self._flops_per_attended * attended)
+        read = weight_bytes + self.batch * attended * self._kv_per_token
+        n = self.gpus
+        return Phase(self._roofline(flops / n, read / n) + self._allreduce_s, flops, read)
 
     def dense_prefix(self, context: int) -> Phase:
         """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
-        spec, n = self.spec, self.gpus
-        flops = sum(self.batch * spec.non_expert_flops_per_token_per_dense_layer(context, layer)
-                    for layer in range(spec.num_dense_layers))
-        read = spec.num_dense_layers * (spec.non_expert_bytes_per_dense_layer + self._kv_bytes(context))
-        comms = spec.num_dense_layers * self._collective_s(self.batch * spec.hidden_size * ACTIVATION_BYTES)
-        return Phase(self._roofline(flops / n, read / n) + comms, flops, read)
+        spec = self.spec
+        phases = [self._attention(context, layer, self._dense_fixed_flops, spec.non_expert_bytes_per_dense_layer)
+                  for layer in range(spec.num_dense_layers)]
+        return Phase(sum(p.seconds for p in phases), sum(p.flops for p in phases),
+                     sum(p.hbm_read_bytes for p in phases))
 
     def attention(self, context: int, moe_layer: int) -> Phase:
         """Attention, router and shared experts of one MoE layer, tensor-parallel."""
-        spec, n = self.spec, self.gpus
-        layer = spec.first_moe_layer + moe_layer
-        flops = self.batch * spec.non_expert_flops_per_token_per_moe_layer(context, layer)
-        read = spec.non_expert_bytes_per_moe_layer + self._kv_bytes(context)
-        comms = self._collective_s(self.batch * spec.hidden_size * ACTIVATION_BYTES)
-        return Phase(self._roofline(flops / n, read / n) + comms, flops, read)
+        return self._attention(context, self.spec.first_moe_layer + moe_layer, self._moe_fixed_flops,
+                               self.spec.non_expert_bytes_per_moe_layer)
 
     def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
         """Routed experts of one MoE layer, expert-parallel: the busiest GPU sets the time."""
-        spec, n = self.spec, self.gpus
+        n = self.gpus
+        if n == 1:
+            tokens = sum(tokens_per_expert)
+            seconds = self._roofline(tokens * self.expert_flops, len(experts) * self.expert_bytes)
+            return Phase(seconds, tokens * self.expert_flops, len(experts) * self.expert_bytes)
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
         tokens, count = [0] * n, [0] * n
         for expert, routed in zip(experts, tokens_per_expert, strict=True):
             tokens[expert % n] += routed
             count[expert % n] += 1
-        busiest = max(self._roofline(t * spec.expert_flops_per_token, c * spec.expert_bytes)
+        busiest = max(self._roofline(t * self.expert_flops, c * self.expert_bytes)
                       for t, c in zip(tokens, count, strict=True))
-        dispatch = 2 * self._collective_s(self.batch * spec.top_k * spec.hidden_size * ACTIVATION_BYTES)
-        return Phase(busiest + dispatch, sum(tokens) * spec.expert_flops_per_token, len(experts) * spec.expert_bytes)
+        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, len(experts) * self.expert_bytes)
 
     def lm_head(self) -> Phase:
         spec, n = self.spec, self.gpus
@@ -136,9 +153,13 @@ class GpuStream:
         self.records: list[StepRecord] = []
         self.process = env.process(self._run())
 
-    def _phase(self, phase: Phase):
-        self.ledger.record_compute(phase.flops, phase.hbm_read_bytes)
-        return self.env.timeout(phase.seconds)
+    def _phase(self, *phases: Phase):
+        """One timeout for phases that run back to back; their work goes to the ledger."""
+        seconds = 0.0
+        for phase in phases:
+            self.ledger.record_compute(phase.flops, phase.hbm_read_bytes)
+            seconds += phase.seconds
+        return self.env.timeout(seconds)
 
     def _run(self):
         env, workload, memories = self.env, self.workload, self.memories
@@ -149,9 +170,11 @@ class GpuStream:
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             context = self.context_length + step.index
-            yield self._phase(self.compute.dense_prefix(context))
+            # Compute between two routing decisions is one timeout: a layer's expert compute and the next
+            # layer's attention run back to back, and nothing is admitted to a cache between them.
+            pending = self.compute.dense_prefix(context)
             for layer in range(num_layers):
-                yield self._phase(self.compute.attention(context, layer))
+                yield self._phase(pending, self.compute.attention(context, layer))
                 experts = step.experts[layer].tolist()
                 time = step.index * num_layers + layer
                 waits, used = [], []
@@ -169,10 +192,10 @@ class GpuStream:
                     waited_from = env.now
                     yield env.all_of(waits)
                     stall += env.now - waited_from
-                yield self._phase(self.compute.experts(experts, step.tokens_per_expert[layer].tolist()))
+                pending = self.compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
-            yield self._phase(self.compute.lm_head())
+            yield self._phase(pending, self.compute.lm_head())
             self.records.append(StepRecord(
                 env.now - start, stall,
                 sum(m.demand_hits for m in memories) - hits_before,

@@ -40,9 +40,12 @@ import numpy as np
 from tierflow.errors import TierflowError
 from tierflow.trace.format import TraceWriter, expert_dtype
 
-# Redraws of a colliding slot from the row's distribution before drawing exactly among the unchosen.
-_REDRAW_ROUNDS = 6
-_SETTLE_ROUNDS = 4
+# Each (topic, state) block's distribution is also kept as an urn of this many expert ids (largest-
+# remainder rounding, probabilities exact to 1/_URN_SIZE) for cheap i.i.d. draws; exact draws use the cdf.
+_URN_SIZE = 1 << 13
+_URN_ROUNDS = 3  # i.i.d. urn draws tried for a colliding slot before an exact restricted draw
+_BELOW_ONE = 1.0 - 1e-12  # uniform draws are clipped here so the last cdf entry (1.0) always exceeds them
+_SETTLE_ROUNDS = 1
 _GEN_CHUNK_TOKENS = 32768
 
 
@@ -110,11 +113,11 @@ class SynthParams:
 # summarised in the README. "fine_grained" is fitted to OLMoE-1B-7B (64 experts, top-8) and serves the
 # fine-grained-expert models (DeepSeek, Qwen, OLMoE, GPT-OSS); "coarse" is fitted to Mixtral-8x7B.
 ROUTING_PROFILES: dict[str, SynthParams] = {
-    "fine_grained": SynthParams(topic_divergence=0.73, skew_first=0.7, skew_last=1.2, num_states=32,
-                                state_strength_first=1.0, state_strength_last=1.5, state_concentration=0.45,
-                                affinity=0.05),
-    "coarse": SynthParams(topic_divergence=0.42, skew_first=0.16, skew_last=0.25, state_strength_first=0.5,
-                          state_strength_last=0.6, affinity=0.05),
+    "fine_grained": SynthParams(topic_divergence=0.80, skew_first=0.73, skew_last=1.92, num_states=32,
+                                state_strength_first=1.55, state_strength_last=2.0, state_concentration=0.32,
+                                affinity=0.0),
+    "coarse": SynthParams(topic_divergence=0.22, skew_first=0.06, skew_last=0.3, num_states=64,
+                          state_strength_first=0.8, state_strength_last=1.0, state_concentration=0.3, affinity=0.0),
 }
 
 
@@ -128,8 +131,9 @@ def routing_profile(model_name: str) -> str:
 
 @attrs.frozen
 class _LayerTables:
-    cdf: np.ndarray  # (topics * states, E) cumulative routing distribution of each (topic, state) block
-    guide: np.ndarray  # (topics * states, E) first expert whose cdf reaches i / E: a guide-table sampler
+    p: np.ndarray  # (topics * states, E) routing distribution of each (topic, state) block
+    urns: np.ndarray  # (topics * states, _URN_SIZE) expert ids: the distribution, quantised
+    stacked_cdf: np.ndarray  # (topics * states * E,) block b's cumulative distribution plus b, ascending
     log_p: np.ndarray  # (topics * states, E) log-probabilities, for gate scores and exact redraws
     top1_state: np.ndarray  # (E,) the state a token moves to when this layer's top-1 is that expert
 
@@ -142,67 +146,130 @@ def _layer_tables(rng, params: SynthParams, num_experts: int, skew: float, stren
     tilt = strength * rng.standard_normal((params.num_states, num_experts))
     logits = (log_w[:, None, :] + tilt[None, :, :]).reshape(-1, num_experts)
     log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    cdf = np.cumsum(np.exp(log_p), axis=1)
-    cdf /= cdf[:, -1:]
-    # Guide table (Chen 1974): guide[b, i] is the first expert with cdf >= i / E, so an inverse-CDF draw
-    # starts there and moves on at most a step or two on average.
-    quantiles = np.arange(num_experts) / num_experts
-    guide = np.stack([np.searchsorted(row, quantiles) for row in cdf]).astype(expert_dtype(num_experts))
+    p = np.exp(log_p)
+    p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = 1.0
+    stacked = (cdf + np.arange(len(cdf))[:, None]).ravel()
     top1_state = rng.integers(0, params.num_states, num_experts)
-    return _LayerTables(cdf, guide, log_p.astype(np.float32), top1_state)
+    return _LayerTables(p, _quantised_urns(p, expert_dtype(num_experts)), stacked, log_p.astype(np.float32),
+                        top1_state)
 
 
-def _draw(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.ndarray:
-    """k draws per row from each row's block distribution, with replacement (repeats are fixed later)."""
-    num_experts = tables.cdf.shape[1]
-    u = rng.random((len(block), k))
-    base = (block * num_experts)[:, None]
-    expert = tables.guide.ravel()[base + (u * num_experts).astype(np.int64)].astype(np.int64)
-    cdf = tables.cdf.ravel()
-    behind = np.flatnonzero(cdf[base + expert].ravel() < u.ravel())
-    flat_expert, flat_base, flat_u = expert.ravel(), np.broadcast_to(base, u.shape).ravel(), u.ravel()
-    while behind.size:
-        flat_expert[behind] += 1
-        behind = behind[cdf[flat_base[behind] + flat_expert[behind]] < flat_u[behind]]
-    return flat_expert.reshape(u.shape).astype(tables.guide.dtype)
+def _quantised_urns(p: np.ndarray, dtype) -> np.ndarray:
+    """Each row of ``p`` as ``_URN_SIZE`` expert ids (largest-remainder rounding)."""
+    rows, num_experts = p.shape
+    scaled = p * _URN_SIZE
+    counts = np.floor(scaled).astype(np.int64)
+    short = _URN_SIZE - counts.sum(axis=1)
+    remainder_rank = np.argsort(np.argsort(counts - scaled, axis=1), axis=1)
+    counts += remainder_rank < short[:, None]
+    experts = np.tile(np.arange(num_experts, dtype=dtype), rows)
+    return np.repeat(experts, counts.ravel()).reshape(rows, _URN_SIZE)
+
+
+def _inverse_cdf(tables: _LayerTables, block: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The first expert whose cumulative probability exceeds ``x``, in each row's block.
+
+    One binary search over all blocks at once: block ``b``'s cdf is stored offset by ``b`` (see
+    :func:`_layer_tables`), so ``b + x`` lands inside block ``b``.
+    """
+    num_experts = tables.p.shape[1]
+    x = np.minimum(x, _BELOW_ONE)
+    index = np.searchsorted(tables.stacked_cdf, block + x, side="right")
+    return index - block * num_experts
+
+
+def _draw_excluding(rng, tables: _LayerTables, block: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """One expert per row from the row's distribution restricted to experts not in ``excluded`` (n, m;
+    -1 marks an empty place). Exact: the inverse CDF of the restricted distribution, found by shifting the
+    uniform draw past the excluded mass below it until it settles (at most m + 1 passes)."""
+    num_experts = tables.p.shape[1]
+    block = block.astype(np.int64)
+    valid = excluded >= 0
+    mass = np.where(valid, tables.p.ravel()[(block * num_experts)[:, None] + np.maximum(excluded, 0)], 0.0)
+    u = rng.random(len(block)) * (1.0 - mass.sum(axis=1))
+    expert = _inverse_cdf(tables, block, u)
+    todo = np.arange(len(block))
+    for _ in range(excluded.shape[1] + 1):
+        below = (mass[todo] * (excluded[todo] <= expert[todo, None])).sum(axis=1)
+        moved = _inverse_cdf(tables, block[todo], u[todo] + below)
+        changed = moved != expert[todo]
+        expert[todo] = moved
+        todo = todo[changed]
+        if not todo.size:
+            break
+    return expert
+
+
+def _first_occurrences(values: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per row of ``values`` (n, w): True where a value appears for the first time in its row.
+
+    A column at a time against a (row, expert) "seen" table: w cheap passes instead of a (n, w, w) compare.
+    """
+    n, width = values.shape
+    seen = np.zeros(n * num_experts, dtype=bool)
+    flat = values.astype(np.int64) + (np.arange(n, dtype=np.int64) * num_experts)[:, None]
+    first = np.empty((n, width), dtype=bool)
+    for column in range(width):
+        index = flat[:, column]
+        first[:, column] = ~seen[index]
+        seen[index] = True
+    return first
+
+
+def _draw_distinct(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.ndarray:
+    """k distinct experts per row, drawn one after another without replacement (as top-k sampling is).
+
+    The first distinct values of an i.i.d. sequence are exactly such a draw, so each row first takes 2k
+    cheap i.i.d. draws from its block's urn and keeps the first distinct ones; rows that saw fewer than k
+    distinct experts (concentrated routing) complete the sequence with exact restricted draws.
+    """
+    n, width = len(block), 2 * k
+    index = block.astype(np.int64)[:, None] * _URN_SIZE + rng.integers(0, _URN_SIZE, (n, width))
+    draws = tables.urns.ravel()[index].astype(np.int64)
+    first = _first_occurrences(draws, tables.p.shape[1])
+    rank = np.cumsum(first, axis=1)
+    take = first & (rank <= k)
+    chosen = np.full((n, k), -1, dtype=np.int64)
+    rows, cols = np.nonzero(take)
+    chosen[rows, rank[rows, cols] - 1] = draws[rows, cols]
+    have = take.sum(axis=1)
+    for slot in range(k):
+        lacking = np.flatnonzero(have <= slot)
+        if lacking.size:
+            chosen[lacking, slot] = _draw_excluding(rng, tables, block[lacking], chosen[lacking, :slot])
+    return chosen.astype(expert_dtype(tables.p.shape[1]))
 
 
 def _fill_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray) -> None:
-    """Replace, in place, every later occurrence of a repeated expert with a fresh expert not in the row.
-
-    Redrawing only the repeated slots from the row's distribution is sequential sampling without
-    replacement, the way top-k routing picks distinct experts.
-    """
+    """Replace, in place, every later occurrence of a repeated expert with one drawn from the row's
+    distribution restricted to the experts not already in the row."""
     ordered = np.sort(rows, axis=1)
     bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-    if bad.size:
-        fixed = rows[bad]
-        _redraw_repeats(rng, tables, block[bad], fixed)
-        rows[bad] = fixed
-
-
-def _redraw_repeats(rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray) -> None:
-    k = rows.shape[1]
-    repeat = ((rows[:, :, None] == rows[:, None, :]) & np.tri(k, k, -1, dtype=bool)).any(axis=2)
+    if not bad.size:
+        return
+    fixed = rows[bad].astype(np.int64)
+    k = fixed.shape[1]
+    repeat = ~_first_occurrences(fixed, tables.p.shape[1])
+    sub_block = block[bad].astype(np.int64)
     for slot in range(1, k):
         todo = np.flatnonzero(repeat[:, slot])
-        for _ in range(_REDRAW_ROUNDS):
+        # A few cheap i.i.d. urn draws first (a rejected draw is simply the next one of the sequence), then
+        # an exact restricted draw for the rows whose mass sits on experts they already hold.
+        for _ in range(_URN_ROUNDS):
             if not todo.size:
                 break
-            draw = _draw(rng, tables, block[todo], 1)[:, 0]
-            clash = (rows[todo] == draw[:, None]) & ~repeat[todo]
-            ok = ~clash.any(axis=1)
-            rows[todo[ok], slot] = draw[ok]
+            draw = tables.urns.ravel()[sub_block[todo] * _URN_SIZE + rng.integers(0, _URN_SIZE, todo.size)]
+            ok = ~((fixed[todo] == draw[:, None]) & ~repeat[todo]).any(axis=1)
+            fixed[todo[ok], slot] = draw[ok]
             repeat[todo[ok], slot] = False
             todo = todo[~ok]
         if todo.size:
-            # Concentrated rows, whose mass sits on experts already chosen: draw exactly from the
-            # distribution restricted to the unchosen experts (Gumbel-max over them).
-            keys = tables.log_p[block[todo]] + rng.gumbel(size=(todo.size, tables.log_p.shape[1]))
-            chosen = rows[todo].astype(np.int64)
-            np.put_along_axis(keys, chosen, -np.inf, axis=1)
-            rows[todo, slot] = keys.argmax(axis=1)
+            keep = np.where(repeat[todo], -1, fixed[todo])
+            fixed[todo, slot] = _draw_excluding(rng, tables, sub_block[todo], keep)
             repeat[todo, slot] = False
+    rows[bad] = fixed
 
 
 def _settle(rng, tables: _LayerTables, block: np.ndarray, values: np.ndarray, fresh: np.ndarray) -> np.ndarray:
@@ -309,8 +376,7 @@ class RoutingModel:
         chain_out = np.empty((self.num_layers, k), dtype=experts.dtype)
         for layer, tables in enumerate(self.layers):
             block = topic * p.num_states + state
-            fresh = _draw(rng, tables, block, k)
-            _fill_repeats(rng, tables, block, fresh)
+            fresh = _draw_distinct(rng, tables, block, k)
             slot_fresh = np.empty((n + 1, k), dtype=bool)
             slot_fresh[0] = True
             slot_fresh[1:] = starts[:, None] | (rng.random((n, k)) >= p.reuse)
@@ -355,7 +421,7 @@ def _sample_rows(rng, probabilities: np.ndarray) -> np.ndarray:
 # Whole sequences are grouped into blocks of at least this many tokens; blocks are independent (own random
 # stream, no state crosses them), so they can be routed in parallel. A block much longer than this (one
 # very long sequence) is routed in the calling process, chunk by chunk, to keep memory bounded.
-_BLOCK_TOKENS = 8192
+_BLOCK_TOKENS = 16384
 _INLINE_BLOCK_TOKENS = 4 * _BLOCK_TOKENS
 
 
