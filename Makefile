@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-OUT := out
 
 .PHONY: run test bench clean
 
@@ -12,20 +11,20 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(BIN)/.installed-test: $(BIN)/.installed-test
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The main job: the default scenario (DeepSeek-R1, experts on NVMe SSD, LRU cache in HBM, prefetching).
 run: $(BIN)/.installed
-	@mkdir -p $(OUT)
-	$(BIN)/tierflow trace gen --model deepseek-r1 --tokens 20000 --seed 0 --out $(OUT)/demo-deepseek-r1.h5
-	$(BIN)/tierflow trace info $(OUT)/demo-deepseek-r1.h5
+	$(BIN)/tierflow simulate --scenario ssd_prefetch
 
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_trace.py
+	$(BIN)/python benchmarks/bench_sim.py
 
 clean:
-	rm -rf $(VENV) $(OUT) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) out build src/*.egg-info .pytest_cache .hypothesis
