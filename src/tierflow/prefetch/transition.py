@@ -27,7 +27,10 @@ class Transition(Prefetcher):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         c = self.context
-        self._counts = np.zeros((c.lookahead, c.num_layers, c.num_experts, c.num_experts), dtype=np.float32)
+        shape = (c.num_layers, c.lookahead, c.num_experts, c.num_experts)
+        self._counts = np.zeros(shape, dtype=np.float32)  # [l, d-1, i, j]: i at layer l, then j at l+d
+        self._totals = np.zeros(shape[:3], dtype=np.float32)  # [l, d-1, i]: observations of i at layer l
+        self._prob = np.zeros(shape, dtype=np.float32)  # counts / totals, kept up to date row by row
         self._routed: dict[int, np.ndarray] = {}  # layer -> experts of the current step so far
         self._step = -1
         self._observations = 0
@@ -37,22 +40,24 @@ class Transition(Prefetcher):
         if event.step != self._step:
             self._step, self._routed = event.step, {}
             self._observations += 1
-        experts = event.experts
+        experts, layer = event.experts, event.layer
         for distance in range(1, c.lookahead + 1):
-            source = self._routed.get(event.layer - distance)
-            if source is not None:
-                self._counts[distance - 1, event.layer - distance][np.ix_(source, experts)] += 1
-        self._routed[event.layer] = experts
-        if self._observations <= self.params.min_observations:
+            source = self._routed.get(layer - distance)
+            if source is not None:  # source and experts are distinct sets, so no index repeats in the add
+                counts = self._counts[layer - distance, distance - 1]
+                totals = self._totals[layer - distance, distance - 1]
+                counts[source[:, None], experts[None, :]] += 1
+                totals[source] += len(experts)
+                self._prob[layer - distance, distance - 1][source] = counts[source] / totals[source][:, None]
+        self._routed[layer] = experts
+        reach = min(c.lookahead, c.num_layers - 1 - layer)
+        if self._observations <= self.params.min_observations or reach <= 0:
             return []
         proposals = []
-        for distance in range(1, c.lookahead + 1):
-            target = event.layer + distance
-            if target >= c.num_layers:
-                break
-            rows = self._counts[distance - 1, event.layer][experts]
-            totals = rows.sum(axis=1, keepdims=True)
-            scores = (rows / np.maximum(totals, 1)).sum(axis=0)
-            best = np.argsort(-scores, kind="stable")[: c.budget_experts]
-            proposals += [(target, int(e)) for e in best if scores[e] > 0]
+        budget = min(c.budget_experts, c.num_experts)
+        for d in range(reach):
+            scores = self._prob[layer, d][experts].sum(axis=0)
+            best = np.argpartition(-scores, budget - 1)[:budget]
+            best = best[np.argsort(-scores[best], kind="stable")]
+            proposals += [(layer + 1 + d, e) for e in best[scores[best] > 0].tolist()]
         return proposals

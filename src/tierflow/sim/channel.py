@@ -1,4 +1,7 @@
-"""A channel: a SimPy process that serves transfers one at a time, demand before prefetch, FIFO within each.
+"""A channel serves transfers one at a time, demand before prefetch, FIFO within each.
+
+It is driven by SimPy events: starting a transfer schedules one timeout for its service, whose callback
+delivers it and starts the next; an idle channel costs nothing.
 
 Links, SSDs and other data paths are channels; each owns its own delay (:meth:`Channel.service_time`). A
 transfer that arrives from an upstream hop may have been streaming into this channel while the upstream
@@ -27,14 +30,13 @@ class Channel:
         self.bytes_carried = 0
         self._queue: list = []
         self._order = itertools.count()
-        self._wake = None
+        self._busy = False
         self._idle_since = 0.0
-        env.process(self._serve())
 
     def submit(self, transfer) -> None:
         heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
-        if self._wake is not None and not self._wake.triggered:
-            self._wake.succeed()
+        if not self._busy:
+            self._start_next()
 
     @property
     def queued(self) -> int:
@@ -59,20 +61,21 @@ class Channel:
     def first_chunk_time(self, transfer) -> float:
         return self.transfer_time(min(self.chunk_bytes, transfer.size_bytes))
 
-    def _serve(self):
-        env = self.env
-        while True:
-            if not self._queue:
-                self._idle_since = env.now
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
-            _, _, transfer = heapq.heappop(self._queue)
-            start = env.now
-            duration = self.service_time(transfer, start)
-            first_chunk_at = start + self.first_chunk_time(transfer)
-            yield env.timeout(duration)
-            self.busy_s += duration
-            self.bytes_carried += transfer.size_bytes
-            self._idle_since = env.now
-            transfer.hop_finished(env.now, min(first_chunk_at, env.now))
+    def _start_next(self) -> None:
+        _, _, transfer = heapq.heappop(self._queue)
+        self._busy = True
+        now = self.env.now
+        duration = self.service_time(transfer, now)
+        first_chunk_at = now + min(self.first_chunk_time(transfer), duration)
+        done = self.env.timeout(duration)
+        done.callbacks.append(lambda _event: self._finish(transfer, duration, first_chunk_at))
+
+    def _finish(self, transfer, duration: float, first_chunk_at: float) -> None:
+        self.busy_s += duration
+        self.bytes_carried += transfer.size_bytes
+        self._idle_since = self.env.now
+        if self._queue:
+            self._start_next()
+        else:
+            self._busy = False
+        transfer.hop_finished(self.env.now, first_chunk_at)

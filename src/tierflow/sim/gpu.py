@@ -218,7 +218,10 @@ class GpuStream:
             if not layer < target_layer <= layer + self.lookahead:
                 continue
             key = target_layer * num_experts + expert
+            memory = self.memories[expert % gpus]
+            if not memory.can_prefetch(key, self.max_queued):
+                continue
             next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-            access = Access(key, time, target_layer, 0.0, next_use, prefetch=True, current_layer=layer)
-            if self.memories[expert % gpus].try_prefetch(key, access, self.max_queued):
-                issued += 1
+            memory.prefetch_now(key, Access(key, time, target_layer, 0.0, next_use, prefetch=True,
+                                            current_layer=layer))
+            issued += 1

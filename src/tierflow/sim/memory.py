@@ -93,21 +93,22 @@ class ExpertMemory:
 
     # ------------------------------------------------------------------------------------------- prefetch
 
-    def try_prefetch(self, key: int, access: Access, max_queued: int) -> bool:
-        """Start a prefetch of ``key`` if it is not resident, room can be made without evicting pinned
-        experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use spare
-        bandwidth, they do not pile up in front of demand misses); True if one started."""
-        if self.hbm is None or key in self.hbm or not self.hbm.can_admit(self.expert_bytes + self.reserve_bytes):
-            return False
-        if self.paths[self.placement].hops[0].queued >= max_queued:
-            return False
+    def can_prefetch(self, key: int, max_queued: int) -> bool:
+        """Whether a prefetch of ``key`` would start: it is not resident, room can be made without evicting
+        pinned experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use
+        spare bandwidth; they do not pile up in front of demand misses)."""
+        return (self.hbm is not None and key not in self.hbm
+                and self.hbm.can_admit(self.expert_bytes + self.reserve_bytes)
+                and self.paths[self.placement].hops[0].queued < max_queued)
+
+    def prefetch_now(self, key: int, access: Access) -> None:
+        """Start a prefetch that :meth:`can_prefetch` allowed."""
         self._admit(key, access)
         self.hbm.pin(key)  # in flight
         transfer = self._fetch(key, access, PREFETCH, into_hbm=True)
         self._unused_prefetch[key] = transfer
         self.prefetch.issued += 1
         self.prefetch.issued_bytes += self.expert_bytes
-        return True
 
     def _on_hbm_eviction(self, key: int) -> None:
         if self._unused_prefetch.pop(key, None) is not None:
