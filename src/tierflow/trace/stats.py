@@ -62,11 +62,11 @@ class RoutingAccumulator:
         self._reused = 0
         self._reuse_pairs = 0
         self._last_row: dict[int, np.ndarray] = {}
-        self._layer_offsets = (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
 
     def update(self, experts: np.ndarray, sequence_id: np.ndarray) -> None:
-        flat = (experts.astype(np.int64) + self._layer_offsets).ravel()
-        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+        # One layer at a time: no int64 copy of the whole chunk.
+        for layer in range(self.num_layers):
+            self.counts[layer] += np.bincount(experts[:, layer, :].ravel(), minlength=self.num_experts)
         self.num_tokens += len(sequence_id)
         for lo in range(0, len(sequence_id), _REUSE_CHUNK_TOKENS):
             self._update_reuse(experts[lo : lo + _REUSE_CHUNK_TOKENS], sequence_id[lo : lo + _REUSE_CHUNK_TOKENS])
