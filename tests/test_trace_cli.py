@@ -1,0 +1,85 @@
+"""`tierflow trace gen` and `tierflow trace info`: the documented outputs and their closed forms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from tierflow.trace import stats
+from tierflow.trace.format import validate_trace, write_trace
+
+INFO_KEYS = ["model", "num_tokens", "num_sequences", "num_layers", "num_experts", "top_k", "source",
+             "per_layer_popularity_entropy", "consecutive_token_reuse_rate"]
+
+
+def test_gen_then_info_json_has_exactly_the_documented_keys(tmp_path):
+    out = tmp_path / "t.h5"
+    run_cli("trace", "gen", "--model", "qwen3-30b-a3b", "--tokens", "3000", "--sequences", "5", "--seed", "4",
+            "--out", out, check_status=0)
+    info = json.loads(run_cli("trace", "info", out, "--json", check_status=0).stdout)
+    assert list(info) == INFO_KEYS
+    assert (info["model"], info["num_tokens"], info["num_sequences"]) == ("qwen3-30b-a3b", 3000, 5)
+    assert (info["num_layers"], info["num_experts"], info["top_k"]) == (48, 128, 8)
+    assert len(info["per_layer_popularity_entropy"]) == 48
+    assert all(0 < h <= 7.0 for h in info["per_layer_popularity_entropy"])
+    assert 0 < info["consecutive_token_reuse_rate"] < 1
+    text = run_cli("trace", "info", out, check_status=0).stdout
+    assert "qwen3-30b-a3b" in text and "3,000" in text
+
+
+def test_gen_is_deterministic_per_seed(tmp_path):
+    paths = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        paths.append(tmp_path / f"{name}.h5")
+        run_cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "2000", "--seed", seed, "--out", paths[-1],
+                check_status=0)
+    import h5py
+
+    data = [h5py.File(p)["experts"][()] for p in paths]
+    assert np.array_equal(data[0], data[1]) and not np.array_equal(data[0], data[2])
+
+
+def test_gen_overrides_are_applied_and_recorded(tmp_path):
+    out = tmp_path / "t.h5"
+    run_cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "500", "--set", "reuse=1.0", "--out", out,
+            check_status=0)
+    meta = validate_trace(out)
+    assert "reuse=1.0" in meta.source
+    acc, _ = stats.validate_and_accumulate(out)
+    assert acc.reuse_rate == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "gpt-9", "--tokens", "10"], "valid models"),
+    (["--model", "olmoe-1b-7b", "--tokens", "0"], "--tokens"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--sequences", "11"], "exceeds"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "bogus=1"], "valid: num_topics"),
+])
+def test_gen_bad_input(tmp_path, args, fragment):
+    assert_one_line_error(run_cli("trace", "gen", *args, "--out", tmp_path / "t.h5"), fragment)
+    assert not (tmp_path / "t.h5").exists()
+
+
+def test_info_statistics_match_a_hand_computed_trace(tmp_path):
+    # Two sequences interleaved; one layer, top-2 of 4 experts.
+    experts = np.array([[[0, 1]], [[2, 3]], [[1, 2]], [[3, 0]], [[1, 0]]])
+    sequence = np.array([0, 1, 0, 1, 0])
+    path = tmp_path / "t.h5"
+    write_trace(path, experts, sequence, model="m", num_experts=4, source="hand")
+    summary = stats.summarize(path)
+    # Sequence 0: {0,1} -> {1,2} (1 of 2) -> {1,0} (1 of 2); sequence 1: {2,3} -> {3,0} (1 of 2).
+    assert summary["consecutive_token_reuse_rate"] == pytest.approx(3 / 6)
+    counts = np.bincount(experts.ravel(), minlength=4)
+    p = counts / counts.sum()
+    assert summary["per_layer_popularity_entropy"] == [pytest.approx(-(p * np.log2(p)).sum(), abs=1e-6)]
+    assert summary["num_sequences"] == 2
+
+
+def test_reuse_carries_across_chunks():
+    acc = stats.RoutingAccumulator(1, 4, 2)
+    acc.update(np.array([[[0, 1]]]), np.array([7]))
+    acc.update(np.array([[[1, 2]]]), np.array([7]))
+    assert acc.reuse_rate == pytest.approx(0.5)

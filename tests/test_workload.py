@@ -1,0 +1,49 @@
+"""Decode steps from traces: continuous batching, unions, prefill skipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tierflow.errors import TierflowError
+from tierflow.trace.format import write_trace
+from tierflow.workload import build_steps, load_workload
+
+
+def _sequences(lengths, layers=2, k=2, experts=8):
+    rng = np.random.default_rng(0)
+    return {
+        sid: (np.array([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(n)]), None)
+        for sid, n in enumerate(lengths)
+    }
+
+
+def test_continuous_batching_refills_finished_slots():
+    steps = build_steps(_sequences([2, 5, 3]), batch_size=2, num_steps=10)
+    # A finished sequence's slot goes to the next one in order.
+    assert [s.sequence_ids.tolist() for s in steps] == [[0, 1], [0, 1], [2, 1], [2, 1], [2, 1]]
+    assert sum(len(s.sequence_ids) for s in steps) == 10
+
+
+def test_union_counts_tokens_per_expert():
+    rows = {0: (np.array([[[0, 1]]]), np.array([[[0.7, 0.3]]])), 1: (np.array([[[1, 2]]]), np.array([[[0.6, 0.4]]]))}
+    (step,) = build_steps(rows, batch_size=2, num_steps=1)
+    assert step.experts[0].tolist() == [0, 1, 2]
+    assert step.tokens_per_expert[0].tolist() == [1, 2, 1]
+    assert step.scores[0].tolist() == pytest.approx([0.7, 0.6, 0.4])
+
+
+def test_prefill_tokens_are_skipped_and_steps_bounded(tmp_path):
+    path = tmp_path / "t.h5"
+    experts = np.array([[[0, 1]], [[1, 2]], [[2, 3]], [[3, 0]]])
+    write_trace(path, experts, [0, 0, 0, 0], model="m", num_experts=4, source="s",
+                phase=np.array([0, 0, 1, 1], dtype=np.uint8))
+    workload = load_workload(path, batch_size=1, num_steps=5)
+    assert [s.experts[0].tolist() for s in workload.steps] == [[2, 3], [3, 0]]
+
+
+def test_a_trace_with_nothing_to_decode_is_an_error(tmp_path):
+    path = tmp_path / "t.h5"
+    write_trace(path, [[[0, 1]]], [0], model="m", num_experts=4, source="s", phase=np.array([0], dtype=np.uint8))
+    with pytest.raises(TierflowError):
+        load_workload(path, batch_size=1, num_steps=5)
