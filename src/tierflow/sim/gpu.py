@@ -16,6 +16,7 @@ from tierflow.catalog.hardware import HardwareProfile, Link
 from tierflow.catalog.models import ModelSpec
 from tierflow.ledger import Ledger
 from tierflow.prefetch import RoutingEvent
+from tierflow.sim.transfer import Arrival
 
 ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
 
@@ -190,7 +191,7 @@ class GpuStream:
                 self._prefetch(step, layer, time)
                 if waits:
                     waited_from = env.now
-                    yield env.all_of(waits)
+                    yield Arrival(env, waits).event
                     stall += env.now - waited_from
                 pending = self.compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:

@@ -58,12 +58,12 @@ class ExpertMemory:
     # ------------------------------------------------------------------------------------------- demand
 
     def demand(self, key: int, access: Access):
-        """Make ``key`` resident for the current layer; returns an event to wait for, or None if resident."""
+        """Make ``key`` resident for the current layer; returns the transfer to wait for, or None if resident."""
         if self.placement == "hbm":  # every expert lives in HBM: nothing to look up, nothing moves
             return None
         if self.hbm is None:  # no cache: stream every expert from its tier, every time
             self.demand_misses += 1
-            return self._fetch(key, access, DEMAND, into_hbm=False).done
+            return self._fetch(key, access, DEMAND, into_hbm=False)
         if self.hbm.lookup(key, access):
             self.hbm.pin(key)
             transfer = self.in_flight.get(key)
@@ -73,14 +73,14 @@ class ExpertMemory:
                 if transfer is not None:
                     self.prefetch.late += 1
             if transfer is not None:
-                return transfer.done
+                return transfer
             self.demand_hits += 1
             return None
         self.demand_misses += 1
         self._admit(key, access)
         self.hbm.pin(key)  # used by this layer
         self.hbm.pin(key)  # in flight
-        return self._fetch(key, access, DEMAND, into_hbm=True).done
+        return self._fetch(key, access, DEMAND, into_hbm=True)
 
     def _admit(self, key: int, access: Access) -> None:
         self.hbm.admit(key, self.expert_bytes, access)

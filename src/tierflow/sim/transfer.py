@@ -8,20 +8,20 @@ DEMAND, PREFETCH = 0, 1  # queue priorities: a demand miss overtakes queued pref
 class Transfer:
     """One expert moving ``size_bytes`` from ``src`` to ``dst`` through ``hops`` (channels, in order).
 
-    ``done`` is a SimPy event that succeeds when the last hop delivers. ``data_ready_at`` is when the
+    ``waiters`` are :class:`Arrival` barriers told when the last hop delivers. ``data_ready_at`` is when the
     first chunk of data is available to the current hop (for cut-through between hops). ``via`` names a
     tier the bytes bounce through (the DDR staging buffer on the SSD path without GPUDirect Storage).
     """
 
     __slots__ = (
-        "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "done", "issued_at",
+        "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "waiters", "issued_at",
         "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes",
     )
 
     def __init__(self, env, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
         self.key, self.size_bytes, self.src, self.dst, self.via = key, size_bytes, src, dst, via
         self.priority, self.hops, self.hop, self.gpu = priority, hops, 0, gpu
-        self.done = env.event()
+        self.waiters = []
         self.issued_at = env.now
         self.arrived_at = None
         self.data_ready_at = env.now
@@ -47,4 +47,25 @@ class Transfer:
         self.arrived_at = now
         if self.on_done is not None:
             self.on_done(self)
-        self.done.succeed(self)
+        for waiter in self.waiters:
+            waiter.one_arrived()
+
+
+class Arrival:
+    """One SimPy event that succeeds when every given transfer has arrived: a layer waits on this instead
+    of on one event per transfer."""
+
+    def __init__(self, env, transfers):
+        self.event = env.event()
+        self.pending = 0
+        for transfer in transfers:
+            if transfer.arrived_at is None:
+                transfer.waiters.append(self)
+                self.pending += 1
+        if not self.pending:
+            self.event.succeed()
+
+    def one_arrived(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.event.succeed()
