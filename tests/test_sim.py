@@ -289,3 +289,22 @@ def test_model_shapes_feed_the_roofline():
     expected = max(4 * spec.expert_flops_per_token / sim.hardware.gpu.peak_flops,
                    2 * spec.expert_bytes / sim.hardware.gpu.hbm.read_bandwidth_bytes_per_s)
     assert phase.seconds == pytest.approx(expected)
+
+
+def test_wasted_prefetch_bytes_are_charged_to_energy():
+    """Wasted bytes carry the route's per-bit cost; prefetched bytes are part of the ledger's total."""
+    sim, results = run(small(placement="ssd", **{"cache.capacity_experts": 120, "prefetch.policy": "previous_token",
+                                                 "prefetch.max_queued": 100}))
+    p = results.summary["prefetch"]
+    assert p["issued"] > 0 and p["wasted_bytes"] > 0
+    hw = sim.hardware
+    per_bit = (hw.ssd.read_pj_per_bit + hw.gpu.hbm.write_pj_per_bit + hw.ssd_link.pj_per_bit
+               + hw.host_link.pj_per_bit)
+    if not hw.gpudirect_storage:  # staged through host DDR
+        per_bit += hw.ddr.write_pj_per_bit + hw.ddr.read_pj_per_bit
+    tokens = results.summary["tokens"]
+    assert p["wasted_energy_j_per_token"] * tokens == pytest.approx(8 * p["wasted_bytes"] * per_bit * 1e-12)
+    assert p["prefetched_bytes"] == p["issued"] * sim.spec.expert_bytes
+    assert p["accuracy"] == pytest.approx(p["useful"] / p["issued"])
+    assert sum(results.summary["bytes_moved"].values()) == (int(results.step_misses.sum()) * sim.spec.expert_bytes
+                                                            + p["prefetched_bytes"])

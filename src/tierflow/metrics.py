@@ -16,7 +16,7 @@ import attrs
 import h5py
 import numpy as np
 
-from tierflow.energy import COMPONENTS, ledger_energy_j
+from tierflow.energy import COMPONENTS, ledger_energy_j, route_energy_j
 
 
 @attrs.frozen
@@ -41,17 +41,12 @@ def collect_results(sim) -> Results:
     latency = np.array([r.latency_s for r in records])
     stall = np.array([r.stall_s for r in records])
     tokens = sim.workload.tokens
-    elapsed = float(sim.env.now)
+    elapsed = sim.elapsed_s
     joules = ledger_energy_j(sim.energy, sim.ledger, elapsed)
     memories = sim.memories
     hbm_caches = [m.hbm for m in memories if m.hbm is not None]
     ddr_caches = [m.ddr for m in memories if m.ddr is not None]
-    prefetch = {
-        "issued": sum(m.prefetch.issued for m in memories),
-        "useful": sum(m.prefetch.useful for m in memories),
-        "late": sum(m.prefetch.late for m in memories),
-        "wasted_bytes": sum(m.prefetch.wasted_bytes for m in memories),
-    }
+    prefetch = _prefetch_figures(sim, tokens)
     peak_hbm = sim.plan.non_expert_bytes_per_gpu + sim.plan.kv_bytes_per_gpu
     if sim.scenario.placement == "hbm":
         peak_hbm += sim.plan.expert_bytes * -(-sim.spec.num_routed_experts // sim.plan.gpus) * sim.spec.num_moe_layers
@@ -87,6 +82,34 @@ def collect_results(sim) -> Results:
     )
 
 
+def _prefetch_figures(sim, tokens: int) -> dict:
+    """issued, useful (used before eviction), late (still in flight when needed), wasted bytes; accuracy
+    (useful / issued), coverage (the share of would-be demand misses a prefetch served: useful / (useful +
+    demand misses)), and energy per token of the prefetched bytes and of the wasted ones, apart from the
+    demand misses'."""
+    stats = [m.prefetch for m in sim.memories]
+    issued, useful = sum(s.issued for s in stats), sum(s.useful for s in stats)
+    misses = sum(m.demand_misses for m in sim.memories)
+    wasted = {}
+    for s in stats:
+        for route, size in s.wasted_by_route.items():
+            wasted[route] = wasted.get(route, 0) + size
+    wasted_j = sum(sum(route_energy_j(sim.energy, route, size).values()) for route, size in wasted.items())
+    prefetched_j = sum(sum(route_energy_j(sim.energy, route, size).values())
+                       for route, size in sim.ledger.prefetch_bytes.items())
+    return {
+        "issued": issued,
+        "useful": useful,
+        "late": sum(s.late for s in stats),
+        "wasted_bytes": sum(s.wasted_bytes for s in stats),
+        "accuracy": useful / issued if issued else None,
+        "coverage": useful / (useful + misses) if useful + misses else None,
+        "prefetched_bytes": sum(sim.ledger.prefetch_bytes.values()),
+        "energy_j_per_token": prefetched_j / tokens if tokens else 0.0,
+        "wasted_energy_j_per_token": wasted_j / tokens if tokens else 0.0,
+    }
+
+
 def _hit_rate(caches) -> float | None:
     if not caches:
         return None
@@ -108,10 +131,18 @@ def format_table(summary: dict) -> str:
         f"hit rate          HBM {rate(s['hit_rate']['hbm'])}   DDR {rate(s['hit_rate']['ddr'])}",
         "bytes moved       " + ("   ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["bytes_moved"].items()) or "none"),
         "energy/token      " + "   ".join(f"{k} {v:.3f} J" for k, v in s["energy_j_per_token"].items()),
-        "prefetch          " + "   ".join(f"{k} {v:,}" for k, v in s["prefetch"].items()),
+        "prefetch          " + _prefetch_line(s["prefetch"]),
         f"peak HBM          {s['peak_hbm_bytes'] / 1e9:.2f} GB per GPU",
     ]
     return "\n".join(lines)
+
+
+def _prefetch_line(p: dict) -> str:
+    if not p["issued"]:
+        return "none issued"
+    return (f"issued {p['issued']:,}   useful {p['useful']:,}   late {p['late']:,}   accuracy {100 * p['accuracy']:.1f}%"
+            f"   coverage {100 * (p['coverage'] or 0):.1f}%   wasted {p['wasted_bytes'] / 1e9:.2f} GB"
+            f" ({p['wasted_energy_j_per_token']:.3f} J/token)")
 
 
 def write_results_h5(results: Results, path) -> None:

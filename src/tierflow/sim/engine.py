@@ -228,6 +228,10 @@ class Simulation:
 
     def run(self) -> Results:
         self.env.run(until=self.stream.process)
+        self.elapsed_s = float(self.env.now)
+        # Let transfers still in flight (prefetches nobody waited for) land, so the ledger holds every byte
+        # that was moved; time, and so static energy, stops with the last token.
+        self.env.run()
         for memory in self.memories:
             memory.finish()
         return collect_results(self)

@@ -22,6 +22,11 @@ class PrefetchStats:
     late: int = 0  # ... of which were still in flight when their layer needed them
     wasted_bytes: int = 0  # prefetched bytes evicted (or left at the end) without being used
     issued_bytes: int = 0
+    wasted_by_route: dict = attrs.field(factory=dict)  # Route -> wasted bytes, for their energy
+
+    def waste(self, route: Route, size_bytes: int) -> None:
+        self.wasted_bytes += size_bytes
+        self.wasted_by_route[route] = self.wasted_by_route.get(route, 0) + size_bytes
 
 
 @attrs.define
@@ -111,12 +116,14 @@ class ExpertMemory:
         self.prefetch.issued_bytes += self.expert_bytes
 
     def _on_hbm_eviction(self, key: int) -> None:
-        if self._unused_prefetch.pop(key, None) is not None:
-            self.prefetch.wasted_bytes += self.expert_bytes
+        transfer = self._unused_prefetch.pop(key, None)
+        if transfer is not None:
+            self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
 
     def finish(self) -> None:
         """At the end of the run, prefetched experts never used count as wasted."""
-        self.prefetch.wasted_bytes += self.expert_bytes * len(self._unused_prefetch)
+        for transfer in self._unused_prefetch.values():
+            self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
         self._unused_prefetch.clear()
 
     # ------------------------------------------------------------------------------------------- transfers
