@@ -308,3 +308,15 @@ def test_wasted_prefetch_bytes_are_charged_to_energy():
     assert p["accuracy"] == pytest.approx(p["useful"] / p["issued"])
     assert sum(results.summary["bytes_moved"].values()) == (int(results.step_misses.sum()) * sim.spec.expert_bytes
                                                             + p["prefetched_bytes"])
+
+
+def test_a_scenario_file_finds_its_trace_next_to_it(tmp_path):
+    from tierflow.trace.synth import generate
+
+    generate("olmoe-1b-7b", 200, tmp_path / "mine.h5", seed=1, workers=1)
+    scenario_file = tmp_path / "s.toml"
+    scenario_file.write_text('model = "olmoe-1b-7b"\nhardware = "h100-pcie5"\nplacement = "ddr"\n'
+                             '[workload]\ntrace = "mine.h5"\ndecode_tokens = 4\n')
+    scenario = load_scenario(str(scenario_file))
+    assert scenario.workload.trace == str(tmp_path / "mine.h5")
+    assert run(scenario)[1].summary["tokens"] == 4

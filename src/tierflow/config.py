@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from tierflow.errors import TierflowError
-from tierflow.resources import scenarios_dir
+from tierflow.resources import scenarios_dir, traces_dir
 
 PLACEMENTS = ("hbm", "ddr", "ssd")
 SCOPES = ("global", "per-layer")
@@ -255,8 +255,20 @@ def scenario_from_table(table: Mapping[str, Any]) -> Scenario:
 
 
 def load_scenario(name_or_path: str, overrides: Iterable[str] = ()) -> Scenario:
-    """Load a shipped scenario (by name) or a TOML file, apply ``--set`` overrides and validate."""
-    table = apply_overrides(load_table(name_or_path), overrides)
+    """Load a shipped scenario (by name) or a TOML file, apply ``--set`` overrides and validate.
+
+    A relative ``workload.trace`` in the file is found next to the scenario file, else in the shipped
+    traces; one given with ``--set`` is relative to the working directory.
+    """
+    path = resolve_scenario_path(name_or_path)
+    table = load_table(name_or_path)
+    trace = table.get("workload", {}).get("trace") if isinstance(table.get("workload"), Mapping) else None
+    if isinstance(trace, str) and trace and not Path(trace).is_absolute():
+        for base in (path.parent, traces_dir()):
+            if (base / trace).is_file():
+                table["workload"]["trace"] = str(base / trace)
+                break
+    table = apply_overrides(table, overrides)
     table.setdefault("name", Path(name_or_path).stem)
     return scenario_from_table(table)
 
