@@ -225,7 +225,7 @@ def _draw_distinct(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.n
     cheap i.i.d. draws from its block's urn and keeps the first distinct ones; rows that saw fewer than k
     distinct experts (concentrated routing) complete the sequence with exact restricted draws.
     """
-    n, width = len(block), 2 * k
+    n, width = len(block), k + 4
     index = block.astype(np.int64)[:, None] * _URN_SIZE + rng.integers(0, _URN_SIZE, (n, width))
     draws = tables.urns.ravel()[index].astype(np.int64)
     first = _first_occurrences(draws, tables.p.shape[1])
