@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench sweep report clean
 
 # Reinstalled whenever pyproject.toml changes; editable, so source edits need no reinstall.
 $(BIN)/.installed: pyproject.toml
@@ -25,6 +25,19 @@ test: $(BIN)/.installed-test
 bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_trace.py
 	$(BIN)/python benchmarks/bench_sim.py
+	$(BIN)/python benchmarks/bench_sweep.py
+
+# Sweeps: `make sweep SWEEP=sweeps/NAME.toml` runs a grid of scenarios into out/sweeps/NAME (rerunning resumes:
+# finished points are skipped); `make report` draws its figures and report.md into out/sweeps/NAME/report,
+# running whatever points are missing first. WORKERS=N sets the parallel points (default: the cores).
+SWEEP ?= sweeps/energy_vs_batch.toml
+SWEEP_OUT = out/sweeps/$(basename $(notdir $(SWEEP)))
+
+sweep: $(BIN)/.installed
+	$(BIN)/tierflow sweep $(SWEEP) --out $(SWEEP_OUT) $(if $(WORKERS),--workers $(WORKERS))
+
+report: sweep
+	$(BIN)/tierflow report $(SWEEP_OUT) --out $(SWEEP_OUT)/report
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info .pytest_cache .hypothesis

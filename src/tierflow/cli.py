@@ -31,6 +31,7 @@ def trace() -> None:
 
 
 # Subcommands live beside the code they drive; each module registers its own.
+from tierflow import sweep_commands as _sweep_commands  # noqa: E402
 from tierflow.catalog import commands as _catalog_commands  # noqa: E402
 from tierflow.sim import commands as _sim_commands  # noqa: E402
 from tierflow.trace import commands as _trace_commands  # noqa: E402
@@ -38,6 +39,7 @@ from tierflow.trace import commands as _trace_commands  # noqa: E402
 _trace_commands.register(trace)
 _catalog_commands.register(cli)
 _sim_commands.register(cli)
+_sweep_commands.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,505 @@
+"""Sweeps: a grid of scenarios run in parallel, with resumable per-point results and one summary table.
+
+A sweep file (TOML) names a base scenario and the axes to vary::
+
+    name = "energy_vs_batch"
+    description = "energy per token vs batch size for each placement"
+    scenario = "ssd_offload"        # a shipped scenario or a .toml path (relative to the sweep file)
+    seed = 1                        # optional: every point uses this seed (else one derived from its id)
+
+    [set]                           # fixed overrides for every point
+    "workload.decode_tokens" = 32
+
+    [grid]                          # cartesian product over any scenario keys
+    placement = ["ddr", "ssd"]
+    "workload.batch_size" = [1, 4, 16]
+
+    [[zip]]                         # keys that vary together (equal lengths); crossed with the grid
+    "energy.ssd_read_pj_per_bit" = [206.0, 103.0]
+    description = ["1x", "0.5x"]
+
+Keys are dotted scenario keys (quoted, or as nested TOML tables). Every point is validated before anything
+runs, so a bad key or value is one :class:`TierflowError` line. A point's id is a hash of its full scenario
+(name and description aside), so resuming into the same folder reruns exactly the points whose settings
+changed. Output folder::
+
+    DIR/sweep.json          the sweep: axes and the point ids in grid order
+    DIR/points/ID.h5        one point's summary and per-step series (``write_results_h5``)
+    DIR/points/ID.json      one point's record: parameters, status, error, summary; written last = complete
+    DIR/results.h5, .csv    the table: one row per point, rebuilt from the point records
+
+Every file is written to a temporary name and renamed into place, so a killed sweep loses no finished point
+and leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from tierflow.config import load_table, scenario_from_table, scenario_to_table, valid_keys
+from tierflow.errors import TierflowError
+
+ENGINES = ("local", "dask")
+STATUS_OK, STATUS_ERROR = "ok", "error"
+_SWEEP_KEYS = {"name", "description", "scenario", "seed", "set", "grid", "zip"}
+# Scenario fields that label a point but do not change what it simulates: left out of the id.
+_LABEL_KEYS = ("name", "description")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@attrs.frozen
+class Point:
+    """One scenario of a sweep."""
+
+    point_id: str  # 12 hex digits of sha256 over the canonical JSON of the scenario (labels aside)
+    axes: dict  # dotted key -> value, the values this point takes on the sweep's axes
+    scenario_table: dict  # the full nested scenario table, seed included
+
+    @property
+    def seed(self) -> int:
+        return self.scenario_table["seed"]
+
+
+@attrs.frozen
+class Sweep:
+    name: str
+    description: str
+    axis_keys: tuple  # grid keys then zipped keys, in file order
+    points: tuple  # of Point, in grid order
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _flatten(table: Mapping, prefix: str = "") -> dict:
+    """``{"workload": {"batch_size": [1]}}`` -> ``{"workload.batch_size": [1]}``; stops at free ``params`` tables."""
+    flat = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not dotted.endswith(".params") and "." not in key:
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _check_key(key: str, where: str) -> None:
+    keys = valid_keys()
+    free = [k for k in keys if k.endswith(".params")]
+    if key in keys or any(key.startswith(f"{k}.") for k in free):
+        return
+    raise TierflowError(f"{where}: unknown scenario key {key!r}; valid keys: {', '.join(keys)}")
+
+
+def _set_dotted(table: dict, key: str, value: Any) -> None:
+    node = table
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def point_id(scenario_table: Mapping) -> str:
+    """The stable id of a scenario table: sha256 of its canonical JSON, the labels (name, description) aside."""
+    content = {k: v for k, v in scenario_table.items() if k not in _LABEL_KEYS}
+    return hashlib.sha256(_canonical(content).encode()).hexdigest()[:12]
+
+
+def derived_seed(identity: str) -> int:
+    """A deterministic seed from a point id (31 bits, so any RNG accepts it)."""
+    return int(hashlib.sha256(f"seed:{identity}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _axis_combinations(grid: Mapping, zips: list[Mapping], where: str) -> list[dict]:
+    axes: list[list[dict]] = []
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise TierflowError(f"{where}: grid axis {key!r} needs a non-empty list of values, got {values!r}")
+        axes.append([{key: v} for v in values])
+    for number, group in enumerate(zips, 1):
+        lengths = {key: len(v) if isinstance(v, list) else -1 for key, v in group.items()}
+        if not group or min(lengths.values()) <= 0:
+            raise TierflowError(f"{where}: zip group {number} needs keys with non-empty lists of values")
+        if len(set(lengths.values())) != 1:
+            shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+            raise TierflowError(f"{where}: zip group {number} has lists of different lengths ({shown})")
+        axes.append([dict(zip(group, values)) for values in zip(*group.values())])
+    if not axes:
+        raise TierflowError(f"{where}: no axes; give [grid] keys with lists of values or [[zip]] groups")
+    return [{k: v for part in combo for k, v in part.items()} for combo in product(*axes)]
+
+
+def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "sweep") -> Sweep:
+    """A :class:`Sweep` from a parsed sweep file; every point is validated as a scenario."""
+    unknown = sorted(set(document) - _SWEEP_KEYS)
+    if unknown:
+        raise TierflowError(f"{where}: unknown sweep key {unknown[0]!r}; valid: {', '.join(sorted(_SWEEP_KEYS))}")
+    if "scenario" not in document:
+        raise TierflowError(f"{where}: missing `scenario` (a shipped scenario name or a .toml path)")
+    base_name = str(document["scenario"])
+    relative = base_dir / base_name
+    base_table = load_table(str(relative) if relative.suffix == ".toml" and relative.is_file() else base_name)
+    base_table.setdefault("name", Path(base_name).stem)
+
+    for section in ("set", "grid"):
+        if not isinstance(document.get(section, {}), Mapping):
+            raise TierflowError(f"{where}: `{section}` must be a table ([{section}]) of scenario keys")
+    fixed = _flatten(document.get("set", {}))
+    grid = _flatten(document.get("grid", {}))
+    zips = document.get("zip", [])
+    if not isinstance(zips, list) or not all(isinstance(group, Mapping) for group in zips):
+        raise TierflowError(f"{where}: `zip` must be an array of tables ([[zip]])")
+    zips = [_flatten(group) for group in zips]
+    axis_keys = [*grid, *(k for group in zips for k in group)]
+    repeated = {k for k in axis_keys if axis_keys.count(k) > 1} | (set(axis_keys) & set(fixed))
+    if repeated:
+        raise TierflowError(f"{where}: key {sorted(repeated)[0]!r} is set in more than one place")
+    for key in [*fixed, *axis_keys]:
+        _check_key(key, where)
+    if "seed" in document:
+        if "seed" in fixed or "seed" in axis_keys:
+            raise TierflowError(f"{where}: key 'seed' is set in more than one place")
+        fixed["seed"] = document["seed"]
+
+    points, seen = [], set()
+    for axes in _axis_combinations(grid, zips, where):
+        table = json.loads(json.dumps(base_table))  # a deep copy of plain TOML data
+        for key, value in {**fixed, **axes}.items():
+            _set_dotted(table, key, value)
+        seeded = "seed" in fixed or "seed" in axes
+        if not seeded:
+            table.pop("seed", None)
+        try:
+            scenario = scenario_from_table(table)
+        except TierflowError as error:
+            shown = ", ".join(f"{k}={v!r}" for k, v in axes.items())
+            raise TierflowError(f"{where}: point {shown}: {error}") from None
+        full = scenario_to_table(scenario)
+        if not seeded:
+            full["seed"] = derived_seed(point_id({k: v for k, v in full.items() if k != "seed"}))
+        identity = point_id(full)
+        if identity in seen:
+            raise TierflowError(f"{where}: two points are the same scenario ({_canonical(axes)}); remove the repeat")
+        seen.add(identity)
+        points.append(Point(identity, axes, full))
+    name = str(document.get("name", where))
+    return Sweep(name, str(document.get("description", "")), tuple(axis_keys), tuple(points))
+
+
+def load_sweep(path) -> Sweep:
+    """Read and validate a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TierflowError(f"sweep file {path}: no such file")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise TierflowError(f"sweep file {path}: invalid TOML: {error}") from None
+    document.setdefault("name", path.stem)
+    return parse_sweep(document, path.parent, f"sweep file {path}")
+
+
+# ---------------------------------------------------------------------------------------------- one point
+
+
+@attrs.frozen
+class PointOutput:
+    """What a worker sends back: the record (parameters, status, summary) and the per-step series."""
+
+    record: dict
+    steps: dict | None  # name -> np.ndarray; None for a failed point
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, TierflowError) else f"{type(error).__name__}: {text}"
+
+
+def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
+    """Simulate one point. Never raises: a failure comes back as a record with status ``error``."""
+    from tierflow.sim.engine import Simulation
+
+    record = {"point_id": point_id_, "status": STATUS_OK, "error": "", "scenario": scenario_table}
+    started = time.perf_counter()
+    try:
+        results = Simulation(scenario_from_table(scenario_table)).run()
+    except Exception as error:  # noqa: BLE001 - a failing point is recorded, the sweep goes on
+        return PointOutput({**record, "status": STATUS_ERROR, "error": _one_line(error),
+                            "wall_s": time.perf_counter() - started}, None)
+    steps = {"latency_s": results.step_latency_s, "stall_s": results.step_stall_s,
+             "hits": results.step_hits, "misses": results.step_misses}
+    return PointOutput({**record, "summary": results.summary, "wall_s": time.perf_counter() - started}, steps)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)``, then rename it to ``path``; no half-written file is ever visible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def points_dir(out: Path) -> Path:
+    return Path(out) / "points"
+
+
+def save_point(out: Path, point: Point, output: PointOutput) -> None:
+    """The point's HDF5 output first, then its JSON record: a record on disk means the point is complete."""
+    from tierflow.metrics import Results, write_results_h5
+
+    folder = points_dir(out)
+    record = {**output.record, "axes": point.axes}
+    if output.steps is not None:
+        s = output.steps
+        write_results_h5(Results(output.record["summary"], s["latency_s"], s["stall_s"], s["hits"], s["misses"],
+                                 point.scenario_table), folder / f"{point.point_id}.h5")
+    _write_text(folder / f"{point.point_id}.json", json.dumps(record, indent=1, allow_nan=False))
+
+
+def load_record(out: Path, identity: str) -> dict | None:
+    """A finished point's record, or None when it has not run (or its file is unreadable)."""
+    path = points_dir(out) / f"{identity}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("point_id") == identity else None
+
+
+def is_finished(out: Path, identity: str) -> bool:
+    record = load_record(out, identity)
+    return record is not None and record["status"] == STATUS_OK and (points_dir(out) / f"{identity}.h5").is_file()
+
+
+def _flat_columns(prefix: str, value: Any, row: dict) -> None:
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            _flat_columns(f"{prefix}.{key}" if prefix else str(key), inner, row)
+    else:
+        row[prefix] = value
+
+
+def table_rows(sweep: Sweep, out: Path) -> list[dict]:
+    """One row per point in grid order: id, status, error, the axes, every scenario key, every figure.
+
+    Figures are the flattened keys of ``simulate --json`` (``energy_j_per_token.total``, ...), except
+    ``scenario`` and ``model``, which repeat the parameters of the same name. Points not run yet are absent.
+    """
+    rows = []
+    for point in sweep.points:
+        record = load_record(out, point.point_id)
+        if record is None:
+            continue
+        row = {"point_id": point.point_id, "status": record["status"], "error": record["error"]}
+        row.update(point.axes)
+        _flat_columns("", point.scenario_table, row)
+        summary = {k: v for k, v in record.get("summary", {}).items() if k not in ("scenario", "model")}
+        _flat_columns("", summary, row)
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    # Figures that only ok rows have (bytes_moved.*) go where they first appear; that order is stable.
+    return list(columns)
+
+
+def _column_array(values: list) -> np.ndarray:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present) and len(present) == len(values):
+        return np.array(values, dtype=bool)
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present) and len(present) == len(values):
+        return np.array(values, dtype=np.int64)
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    text = ["" if v is None else v if isinstance(v, str) else _canonical(v) for v in values]
+    return np.array(text, dtype=object)
+
+
+def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    """``results.h5`` (group ``points``: one dataset per column, ``columns`` attribute in order) and ``results.csv``."""
+    import h5py
+
+    out = Path(out)
+    columns = _columns(rows)
+
+    def write_h5(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            group = f.create_group("points")
+            group.attrs["columns"] = json.dumps(columns)
+            for column in columns:
+                array = _column_array([row.get(column) for row in rows])
+                if array.dtype == object:
+                    group.create_dataset(column, data=array.astype(str).tolist(), dtype=h5py.string_dtype())
+                else:
+                    group[column] = array
+
+    def write_csv(tmp: str) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            cells = [row.get(c) for c in columns]
+            writer.writerow(["" if v is None else v if isinstance(v, (str, int, float)) else _canonical(v)
+                             for v in cells])
+        Path(tmp).write_text(buffer.getvalue())
+
+    h5_path, csv_path = out / "results.h5", out / "results.csv"
+    _atomic_write(h5_path, write_h5)
+    _atomic_write(csv_path, write_csv)
+    return h5_path, csv_path
+
+
+def read_table(path) -> dict[str, np.ndarray]:
+    """``results.h5`` back as ordered columns (strings as ``str``)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        group = f["points"]
+        columns = json.loads(group.attrs["columns"])
+        table = {}
+        for column in columns:
+            data = group[column]
+            table[column] = (np.array(data.asstr()[()], dtype=object) if h5py.check_string_dtype(data.dtype)
+                             else data[()])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+
+def _run_local(todo: list[Point], workers: int) -> Iterable[PointOutput]:
+    if workers == 1:
+        for point in todo:
+            yield run_point(point.point_id, point.scenario_table)
+        return
+    import concurrent.futures
+
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(run_point, p.point_id, p.scenario_table): p for p in todo}
+        for future in concurrent.futures.as_completed(futures):
+            yield _result_or_error(future, futures[future])
+    finally:
+        # Interrupted: drop the queued points at once; the ones running finish in their worker, unsaved.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result_or_error(future, point: Point) -> PointOutput:
+    try:
+        return future.result()
+    except Exception as error:  # noqa: BLE001 - the worker died (killed, out of memory): record it
+        return PointOutput({"point_id": point.point_id, "status": STATUS_ERROR, "error": _one_line(error),
+                            "scenario": point.scenario_table, "wall_s": 0.0}, None)
+
+
+def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=None) -> Iterable[PointOutput]:
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise TierflowError("--engine dask needs dask.distributed: pip install 'dask[distributed]'") from None
+    cluster = None
+    if client is None:
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except (OSError, TimeoutError) as error:
+                raise TierflowError(f"--scheduler {scheduler}: cannot connect: {_one_line(error)}") from None
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=50)  # logging.CRITICAL: no shutdown noise
+            client = Client(cluster)
+        owned = client
+    else:
+        owned = None
+    try:
+        futures = {client.submit(run_point, p.point_id, p.scenario_table, key=f"tierflow-point-{p.point_id}",
+                                 pure=False): p for p in todo}
+        try:
+            for future in as_completed(futures):
+                yield _result_or_error(future, futures[future])
+        finally:
+            client.cancel(list(futures))
+    finally:
+        if owned is not None:
+            owned.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@attrs.frozen
+class SweepOutcome:
+    total: int
+    skipped: int  # finished in an earlier run
+    ran: int
+    errors: int  # points whose record says error, across the whole table
+    table_h5: Path
+    table_csv: Path
+
+
+def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "local", scheduler: str | None = None,
+              client=None, progress: Callable[[int], None] | None = None) -> SweepOutcome:
+    """Run the points not finished yet, saving each as it arrives, then rebuild the table from the records.
+
+    ``client``: an existing ``dask.distributed.Client`` (engine ``dask``); ``progress(n)`` is called as
+    points finish.
+    """
+    if engine not in ENGINES:
+        raise TierflowError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise TierflowError(f"--workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "sweep.json", json.dumps(
+        {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
+         "points": [p.point_id for p in sweep.points]}, indent=1))
+    todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
+    by_id = {p.point_id: p for p in todo}
+    if todo:
+        outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"
+                   else _run_local(todo, min(workers, len(todo))))
+        for output in outputs:
+            save_point(out, by_id[output.record["point_id"]], output)
+            if progress is not None:
+                progress(1)
+    rows = table_rows(sweep, out)
+    h5_path, csv_path = write_table(rows, out)
+    errors = sum(row["status"] == STATUS_ERROR for row in rows)
+    return SweepOutcome(len(sweep.points), len(sweep.points) - len(todo), len(todo), errors, h5_path, csv_path)

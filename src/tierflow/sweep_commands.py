@@ -1,0 +1,61 @@
+"""``tierflow sweep`` and ``tierflow report``: run a grid of scenarios, then turn its table into figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tierflow.errors import TierflowError
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sweep)
+    group.add_command(report)
+
+
+@click.command()
+@click.argument("sweep_file", metavar="SWEEP.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the per-point outputs and the results table (reused to resume).")
+@click.option("--workers", type=int, default=None, help="Parallel points; default: the number of cores.")
+@click.option("--engine", type=click.Choice(["local", "dask"]), default=None,
+              help="local: a process pool (default); dask: a dask.distributed cluster.")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="A dask scheduler, e.g. tcp://host:8786 (implies --engine dask); none: a LocalCluster.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(sweep_file, out, workers, engine, scheduler, quiet):
+    """Run every point of a sweep file; rerunning skips the points already finished."""
+    from tierflow.sweep import load_sweep, run_sweep
+
+    if scheduler and engine == "local":
+        raise TierflowError("--scheduler needs --engine dask")
+    if workers is not None and workers < 1:
+        raise TierflowError(f"--workers must be >= 1, got {workers}")
+    engine = engine or ("dask" if scheduler else "local")
+    spec = load_sweep(sweep_file)
+    from tierflow.sweep import is_finished
+
+    to_run = sum(not is_finished(out, p.point_id) for p in spec.points)
+    label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
+    with click.progressbar(length=to_run, label=label, file=click.get_text_stream("stderr"), show_eta=True,
+                           show_pos=True, hidden=quiet or to_run == 0) as bar:
+        outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update)
+    click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "
+               f"{outcome.errors} with errors): {outcome.table_h5}, {outcome.table_csv}")
+    if outcome.errors:
+        click.echo(f"tierflow: warning: {outcome.errors} point(s) failed; see the error column of "
+                   f"{outcome.table_csv}", err=True)
+
+
+@click.command()
+@click.argument("sweep_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNG figures and report.md; default: DIR/report.")
+def report(sweep_dir, out):
+    """Figures (PNG) and report.md from a sweep's results folder."""
+    from tierflow.report import build_report
+
+    written = build_report(sweep_dir, out or sweep_dir / "report")
+    for path in written:
+        click.echo(str(path))

@@ -1,0 +1,268 @@
+"""Sweeps: grid expansion, ids and seeds, identical tables from every executor, resume, failing points, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+from tierflow.errors import TierflowError
+from tierflow.sweep import derived_seed, load_sweep, parse_sweep, points_dir, read_table, run_sweep
+
+# Small points: OLMoE on one H100, 8 decode steps; a whole sweep of these takes a second or two.
+SMALL = {
+    "model": "olmoe-1b-7b", "hardware": "h100-pcie5", "gpus": 1,
+    "workload": {"decode_tokens": 8},
+}
+
+
+def small_sweep(grid=None, zips=(), **top):
+    return {"name": "small", "scenario": "ssd_offload", "set": SMALL,
+            "grid": grid if grid is not None else {"placement": ["ddr", "ssd"],
+                                                   "cache.capacity_experts": [64, 128]},
+            "zip": list(zips), **top}
+
+
+def run_tierflow(*args):
+    """``tierflow ARGS`` in a subprocess; registers the sweep commands if cli.py does not yet."""
+    code = ("import sys\nfrom tierflow import cli, sweep_commands\n"
+            "if 'sweep' not in cli.cli.commands:\n    sweep_commands.register(cli.cli)\ncli.main(sys.argv[1:])")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def write_sweep(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ grid and ids
+
+
+def test_grid_is_the_cartesian_product_crossed_with_each_zip_group():
+    sweep = parse_sweep(small_sweep(zips=[{"prefetch.policy": ["none", "transition"],
+                                           "prefetch.lookahead": [1, 2]}]))
+    assert sweep.axis_keys == ("placement", "cache.capacity_experts", "prefetch.policy", "prefetch.lookahead")
+    combos = [tuple(p.axes.values()) for p in sweep.points]
+    assert len(combos) == 2 * 2 * 2
+    assert combos[0] == ("ddr", 64, "none", 1) and combos[1] == ("ddr", 64, "transition", 2)
+    assert combos[-1] == ("ssd", 128, "transition", 2)
+    # The fixed settings and the base scenario reach every point.
+    assert {p.scenario_table["model"] for p in sweep.points} == {"olmoe-1b-7b"}
+    assert {p.scenario_table["cache"]["policy"] for p in sweep.points} == {"lru"}
+
+
+def test_ids_are_stable_and_change_with_any_setting():
+    first, again = parse_sweep(small_sweep()), parse_sweep(small_sweep())
+    ids = [p.point_id for p in first.points]
+    assert ids == [p.point_id for p in again.points]
+    assert len(set(ids)) == len(ids) and all(len(i) == 12 for i in ids)
+    longer = parse_sweep({**small_sweep(), "set": {**SMALL, "workload": {"decode_tokens": 9}}})
+    assert not set(ids) & {p.point_id for p in longer.points}
+    # Labels do not change what is simulated, so they do not change the id.
+    renamed = parse_sweep({**small_sweep(), "set": {**SMALL, "description": "another label"}})
+    assert ids == [p.point_id for p in renamed.points]
+
+
+def test_seed_derives_from_the_point_unless_the_sweep_fixes_it():
+    derived = parse_sweep(small_sweep())
+    seeds = [p.seed for p in derived.points]
+    assert len(set(seeds)) == len(seeds)
+    assert seeds == [p.seed for p in parse_sweep(small_sweep()).points]
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert derived_seed("abc") == derived_seed("abc") != derived_seed("abd")
+    fixed = parse_sweep(small_sweep(seed=7))
+    assert {p.seed for p in fixed.points} == {7}
+    replicas = parse_sweep(small_sweep(grid={"seed": [1, 2, 3]}))
+    assert [p.seed for p in replicas.points] == [1, 2, 3]
+
+
+def test_nested_tables_and_quoted_dotted_keys_mean_the_same():
+    nested = parse_sweep(small_sweep(grid={"workload": {"batch_size": [1, 2]}}))
+    dotted = parse_sweep(small_sweep(grid={"workload.batch_size": [1, 2]}))
+    assert [p.point_id for p in nested.points] == [p.point_id for p in dotted.points]
+
+
+@pytest.mark.parametrize("document, fragments", [
+    (small_sweep(grid={"cache.capacity": [1, 2]}), ["unknown scenario key 'cache.capacity'", "cache.capacity_experts"]),
+    (small_sweep(grid={"placement": []}), ["grid axis 'placement'", "non-empty list"]),
+    (small_sweep(grid={}), ["no axes"]),
+    (small_sweep(grid={}, zips=[{"placement": ["ddr", "ssd"], "workload.batch_size": [1]}]),
+     ["zip group 1", "different lengths"]),
+    (small_sweep(grid={"workload.batch_size": [1, 0]}), ["workload.batch_size=0", "batch_size must be > 0"]),
+    (small_sweep(grid={"placement": ["ddr", "tape"]}), ["placement must be one of"]),
+    ({**small_sweep(), "axes": {}}, ["unknown sweep key 'axes'"]),
+    (small_sweep(grid={"placement": ["ddr", "ddr"]}), ["same scenario"]),
+    (small_sweep(grid={"seed": [1, 2]}, seed=3), ["'seed' is set in more than one place"]),
+    ({**small_sweep(), "grid": ["placement"]}, ["`grid` must be a table"]),
+])
+def test_invalid_sweeps_are_one_error(document, fragments):
+    with pytest.raises(TierflowError) as caught:
+        parse_sweep(document)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_invalid_sweep_file_on_the_command_line(tmp_path):
+    bad = write_sweep(tmp_path / "bad.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.size" = [1, 2]\n')
+    assert_one_line_error(run_tierflow("sweep", bad, "--out", tmp_path / "out"),
+                          "unknown scenario key 'cache.size'", "valid keys:", "workload.batch_size")
+    mismatched = write_sweep(tmp_path / "zip.toml",
+                             'scenario = "ssd_offload"\n[[zip]]\nplacement = ["ddr", "ssd"]\n"gpus" = [1]\n')
+    assert_one_line_error(run_tierflow("sweep", mismatched, "--out", tmp_path / "out"), "different lengths")
+    assert_one_line_error(run_tierflow("sweep", tmp_path / "missing.toml", "--out", tmp_path / "out"),
+                          "no such file")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _csv(out: Path) -> str:
+    return (out / "results.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    outcome = run_sweep(parse_sweep(small_sweep()), out, workers=1)
+    return out, outcome
+
+
+def test_serial_run_writes_a_row_per_point_with_parameters_and_figures(serial_run):
+    out, outcome = serial_run
+    assert (outcome.total, outcome.ran, outcome.skipped, outcome.errors) == (4, 4, 0, 0)
+    table = read_table(out / "results.h5")
+    assert list(table["status"]) == ["ok"] * 4
+    assert list(table["placement"]) == ["ddr", "ddr", "ssd", "ssd"]
+    assert list(table["cache.capacity_experts"]) == [64, 128, 64, 128]
+    assert list(table["tokens"]) == [8] * 4
+    assert (table["energy_j_per_token.total"] > 0).all()
+    # Every figure of `simulate --json` is a column, and the per-point file holds the full output.
+    record = json.loads((points_dir(out) / f"{table['point_id'][0]}.json").read_text())
+    flat = _flatten_keys(record["summary"]) - {"scenario", "model"}
+    assert flat <= set(table)
+    assert (points_dir(out) / f"{table['point_id'][0]}.h5").is_file()
+    header = _csv(out).splitlines()[0].split(",")
+    assert header == list(table)
+
+
+def _flatten_keys(value, prefix=""):
+    if isinstance(value, dict):
+        return set().union(*(_flatten_keys(v, f"{prefix}{k}.") for k, v in value.items()))
+    return {prefix[:-1]}
+
+
+def test_a_point_matches_simulate_json(serial_run):
+    out, _ = serial_run
+    table = read_table(out / "results.h5")
+    result = run_tierflow("simulate", "--scenario", "ssd_offload", "--json", "--set", "model=olmoe-1b-7b",
+                          "--set", "hardware=h100-pcie5", "--set", "gpus=1", "--set", "workload.decode_tokens=8",
+                          "--set", "placement=ddr", "--set", "cache.capacity_experts=64",
+                          "--set", f"seed={table['seed'][0]}")
+    summary = json.loads(result.stdout)
+    assert table["energy_j_per_token.total"][0] == summary["energy_j_per_token"]["total"]
+    assert table["latency_s_per_token.p99"][0] == summary["latency_s_per_token"]["p99"]
+
+
+def test_parallel_and_dask_give_the_serial_table(serial_run, tmp_path):
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import Client, LocalCluster
+
+    out, _ = serial_run
+    run_sweep(parse_sweep(small_sweep()), tmp_path / "parallel", workers=2)
+    assert _csv(tmp_path / "parallel") == _csv(out)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        outcome = run_sweep(parse_sweep(small_sweep()), tmp_path / "dask", engine="dask", client=client)
+    assert outcome.ran == 4
+    assert _csv(tmp_path / "dask") == _csv(out)
+
+
+def test_resume_after_an_interrupted_run(serial_run, tmp_path):
+    sweep = parse_sweep(small_sweep())
+    finished = []
+
+    def interrupt_after_two(_):
+        finished.append(1)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path, workers=1, progress=interrupt_after_two)
+    records = sorted(points_dir(tmp_path).glob("*.json"))
+    assert len(records) == 2
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "results.csv").exists()
+    # A kill during a write leaves at most a temporary file, never a record: that point runs again.
+    (points_dir(tmp_path) / "stray.json.tmp").write_text("{half")
+    records[0].unlink()
+    ran = []
+    outcome = run_sweep(sweep, tmp_path, workers=1, progress=ran.append)
+    assert (outcome.ran, outcome.skipped, len(ran)) == (3, 1, 3)
+    assert _csv(tmp_path) == _csv(serial_run[0])
+    again = run_sweep(sweep, tmp_path, workers=2)
+    assert (again.ran, again.skipped) == (0, 4)
+
+
+def test_an_interrupted_parallel_run_keeps_what_finished(serial_run, tmp_path):
+    sweep = parse_sweep(small_sweep())
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path, workers=2, progress=interrupt)
+    saved = len(list(points_dir(tmp_path).glob("*.json")))
+    assert saved == 1 and not list(tmp_path.rglob("*.tmp"))
+    outcome = run_sweep(sweep, tmp_path, workers=2)
+    assert (outcome.ran, outcome.skipped) == (3, 1)
+    assert _csv(tmp_path) == _csv(serial_run[0])
+
+
+def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path):
+    # 100000 experts cannot fit in HBM: that point fails when it plans capacity, at run time.
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 100000, 128]}))
+    outcome = run_sweep(sweep, tmp_path, workers=2)
+    assert (outcome.ran, outcome.errors) == (3, 1)
+    table = read_table(tmp_path / "results.h5")
+    assert list(table["status"]) == ["ok", "error", "ok"]
+    assert "needs" in table["error"][1] and "HBM" in table["error"][1] and "\n" not in table["error"][1]
+    assert list(table["error"][[0, 2]]) == ["", ""]
+    assert (table["energy_j_per_token.total"][[0, 2]] > 0).all()
+    import numpy as np
+
+    assert np.isnan(table["energy_j_per_token.total"][1])
+    # A failed point is tried again on the next run; finished ones are not.
+    rerun = run_sweep(sweep, tmp_path, workers=1)
+    assert (rerun.ran, rerun.skipped, rerun.errors) == (1, 2, 1)
+
+
+def test_sweep_command_end_to_end(tmp_path):
+    sweep_file = write_sweep(tmp_path / "two.toml", """
+name = "two"
+scenario = "ssd_offload"
+seed = 3
+[set]
+model = "olmoe-1b-7b"
+hardware = "h100-pcie5"
+gpus = 1
+workload.decode_tokens = 8
+cache.capacity_experts = 128
+[grid]
+placement = ["ddr", "ssd"]
+""")
+    result = run_tierflow("sweep", sweep_file, "--out", tmp_path / "out", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "2 points (0 finished before, 2 run now, 0 with errors)" in result.stdout
+    assert "sweep two: 2 of 2 points" in result.stderr  # the progress bar's label
+    assert load_sweep(sweep_file).points[0].seed == 3
+    again = run_tierflow("sweep", sweep_file, "--out", tmp_path / "out", "--quiet")
+    assert "2 finished before, 0 run now" in again.stdout and again.stderr == ""
+    assert_one_line_error(run_tierflow("sweep", sweep_file, "--out", tmp_path / "o", "--engine", "local",
+                                       "--scheduler", "tcp://127.0.0.1:1"), "--scheduler needs --engine dask")
