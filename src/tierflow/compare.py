@@ -1,0 +1,109 @@
+"""``tierflow compare``: run several scenarios and print their main figures side by side.
+
+Each scenario is simulated exactly as ``tierflow simulate`` would (same loading, same ``--set`` overrides,
+applied to every scenario); the table shows one column per scenario, and ``--json`` prints the same runs as
+``{"scenarios": [summary, ...]}`` where each summary is what ``simulate --json`` prints for that scenario.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tierflow.energy import COMPONENTS
+
+
+def register(group: click.Group) -> None:
+    group.add_command(compare)
+
+
+def _ms(value):
+    return f"{value * 1e3:.2f}"
+
+
+def _rate(value):
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _gb(value):
+    return f"{value / 1e9:.2f}"
+
+
+def _j(value):
+    return f"{value:.2f}"
+
+
+# (label, how to read the figure from a summary). Bytes are per token, like energy, so runs of different
+# lengths or batch sizes compare.
+FIGURES = [
+    ("latency/token mean (ms)", lambda s: _ms(s["latency_s_per_token"]["mean"])),
+    ("latency/token p99 (ms)", lambda s: _ms(s["latency_s_per_token"]["p99"])),
+    ("stall/token (ms)", lambda s: _ms(s["stall_s_per_token"])),
+    ("tokens/s", lambda s: f"{s['tokens_per_s']:.1f}"),
+    ("HBM hit rate", lambda s: _rate(s["hit_rate"]["hbm"])),
+    ("DDR hit rate", lambda s: _rate(s["hit_rate"]["ddr"])),
+    ("bytes moved/token (GB)", lambda s: _gb(sum(s["bytes_moved"].values()) / max(s["tokens"], 1))),
+    ("  of which prefetched (GB)", lambda s: _gb(s["prefetch"]["prefetched_bytes"] / max(s["tokens"], 1))),
+    ("  of which wasted (GB)", lambda s: _gb(s["prefetch"]["wasted_bytes"] / max(s["tokens"], 1))),
+    ("energy/token total (J)", lambda s: _j(s["energy_j_per_token"]["total"])),
+    *[(f"  {name} (J)", lambda s, name=name: _j(s["energy_j_per_token"][name])) for name in COMPONENTS],
+    ("  prefetched bytes (J)", lambda s: _j(s["prefetch"]["energy_j_per_token"])),
+    ("  wasted prefetches (J)", lambda s: _j(s["prefetch"]["wasted_energy_j_per_token"])),
+    ("prefetches issued", lambda s: f"{s['prefetch']['issued']:,}"),
+    ("prefetch accuracy", lambda s: _rate(s["prefetch"]["accuracy"])),
+    ("prefetch coverage", lambda s: _rate(s["prefetch"]["coverage"])),
+    ("late prefetches", lambda s: f"{s['prefetch']['late']:,}"),
+]
+
+
+def format_comparison(summaries: list[dict]) -> str:
+    """One row per figure, one column per scenario (the figures of :data:`FIGURES`)."""
+    header = ["", *[s["scenario"] for s in summaries]]
+    rows = [header, ["model / batch", *[f"{s['model']} / {s['batch_size']}" for s in summaries]]]
+    rows += [[label, *[read(s) for s in summaries]] for label, read in FIGURES]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def run_scenarios(names, overrides=(), trace: str | None = None, progress_stream=None) -> list[dict]:
+    """Simulate each scenario (with the same overrides) and return their summaries in order."""
+    from tierflow.config import load_scenario
+    from tierflow.sim.engine import Simulation
+
+    scenarios = [load_scenario(name, overrides) for name in names]  # every one validated before any runs
+    summaries = []
+    for scenario in scenarios:
+        steps = scenario.workload.decode_tokens
+        hidden = progress_stream is None or steps < 64
+        with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=progress_stream,
+                               hidden=hidden) as bar:
+            summaries.append(Simulation(scenario, trace, progress=bar.update).run().summary)
+    return summaries
+
+
+@click.command()
+@click.option("--scenario", "scenario_names", multiple=True, required=True,
+              help="A shipped scenario name or a .toml path; repeat for each column (at least one).")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Trace file for every scenario; overrides workload.trace.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a scenario key in every scenario, e.g. --set workload.decode_tokens=64 (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(scenario_names, trace, overrides, as_json, quiet):
+    """Simulate several scenarios and print latency, stall, hit rates, bytes and energy side by side."""
+    stream = None if quiet else click.get_text_stream("stderr")
+    summaries = run_scenarios(scenario_names, overrides, str(trace) if trace else None, stream)
+    if as_json:
+        from tierflow.cli import echo_json
+
+        echo_json({"scenarios": summaries})
+    else:
+        click.echo(format_comparison(summaries))

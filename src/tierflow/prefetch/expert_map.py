@@ -1,0 +1,204 @@
+"""Expert maps (fMoE / FineMoE style): prefetch what the most similar past tokens used at the next layers.
+
+An expert map is one decode token's routing over all layers: at each layer, its experts with their router
+weights (normalised to sum 1). The prefetcher keeps a bounded store of past maps, each tagged with its
+sequence's embedding. While a token goes through the layers, it is matched against every stored map:
+
+* by the cosine similarity of its sequence's embedding to the map's (the semantic hint, when the trace has
+  ``/sequences/embedding``) and of its trajectory so far (layers ``0..l``) to the map's same layers; the
+  semantic part weighs ``semantic_weight / (semantic_weight + layers seen)``, so it guides the first layers
+  and the trajectory takes over;
+* the ``neighbors`` best maps, weighted by similarity, give a distribution over layer ``l+d``'s experts; they
+  are proposed in probability order until the cumulative probability reaches ``1 - similarity`` (of the best
+  match), and at least the top-k. A close match needs few experts; a poor one spreads wider.
+
+A batch's proposals are its tokens', interleaved by rank. When a token has passed the last layer its map
+joins the store; a full store replaces the entry most similar to the new map (the most redundant one), so it
+keeps covering distinct routing patterns. ``train_trace`` fills the store before the run with the last
+decode tokens of a trace file (past requests); otherwise it starts empty and learns online.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from tierflow.prefetch.base import PREFETCHERS, Prefetcher
+from tierflow.prefetch.training import load_training_split, row_weights
+
+
+def _positive(instance, attribute, value):
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _non_negative(instance, attribute, value):
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+
+@PREFETCHERS.register
+class ExpertMap(Prefetcher):
+    """Match the token to stored past expert maps (embedding, then trajectory) and prefetch what they used."""
+
+    name = "expert_map"
+
+    @attrs.frozen
+    class Params:
+        capacity: int = attrs.field(default=1024, validator=_positive,
+                                    metadata={"help": "expert maps the store holds"})
+        neighbors: int = attrs.field(default=4, validator=_positive,
+                                     metadata={"help": "best-matching maps that vote on the next layers"})
+        semantic_weight: float = attrs.field(default=1.0, converter=float, validator=_non_negative, metadata={
+            "help": "weight of the embedding match against the layers seen so far (0: trajectory only)"})
+        train_trace: str = attrs.field(default="", metadata={
+            "help": "trace file whose last train_tokens decode tokens fill the store first; empty: start empty"})
+        train_tokens: int = attrs.field(default=4096, validator=_positive,
+                                        metadata={"help": "decode tokens of train_trace offered to the store"})
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        c, p = self.context, self.params
+        L, E, M = c.num_layers, c.num_experts, p.capacity
+        self._maps = np.zeros((L, E, M), np.float32)  # [layer, expert, map]: router weight (0: not chosen)
+        self._prefix_norm2 = np.zeros((L, M), np.float32)  # squared norm of each map's layers 0..l
+        self._slot_experts: list[np.ndarray | None] = [None] * M  # each slot's (L, k) experts, to clear it
+        self._size = 0
+        workload = getattr(c, "workload", None)
+        embeddings = getattr(workload, "embeddings", None)
+        self._embeddings = None if embeddings is None else _unit_rows(np.asarray(embeddings, np.float32))
+        self._map_embedding = None if embeddings is None else np.zeros((M, embeddings.shape[1]), np.float32)
+        self._step = None
+        if p.train_trace:
+            self._fill_from(load_training_split(p.train_trace, p.train_tokens, c, self.name))
+
+    # ------------------------------------------------------------------------------------------- the store
+
+    def _fill_from(self, split) -> None:
+        """Offer the training tokens to the store one by one, as if they had just been decoded."""
+        store = self._map_embedding
+        embeddings = None
+        if split.embeddings is not None and store is not None and split.embeddings.shape[1] == store.shape[1]:
+            embeddings = _unit_rows(split.embeddings)
+        for token in range(len(split)):
+            experts, weights = split.experts[token], split.weights[token]  # (L, k)
+            full = self._size == self.params.capacity
+            similarity = self._full_similarity(experts, weights) if full else None  # only a full store needs it
+            sequence = int(split.sequence_id[token])
+            emb = embeddings[sequence] if embeddings is not None and sequence < len(embeddings) else None
+            self._insert(experts, weights, emb, similarity)
+
+    def _full_similarity(self, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Cosine similarity of a whole map ``(L, k)`` to each stored map."""
+        size = self._size
+        layers = np.arange(experts.shape[0])[:, None]
+        dot = (self._maps[layers, experts, :size] * weights[:, :, None]).sum(axis=(0, 1))
+        norm2 = float((weights * weights).sum())
+        return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, :size], 1e-30))
+
+    def _insert(self, experts, weights, embedding, similarity) -> None:
+        """Add a map; a full store overwrites its most similar entry (the most redundant one)."""
+        if self._size < self.params.capacity:
+            slot = self._size
+            self._size += 1
+        else:
+            slot = int(np.argmax(similarity))
+        layers = np.arange(experts.shape[0])[:, None]
+        if self._slot_experts[slot] is not None:
+            self._maps[layers, self._slot_experts[slot], slot] = 0.0
+        self._maps[layers, experts, slot] = weights
+        self._slot_experts[slot] = experts.copy()
+        self._prefix_norm2[:, slot] = np.cumsum((weights * weights).sum(axis=1))
+        if self._map_embedding is not None:
+            self._map_embedding[slot] = 0.0 if embedding is None else embedding
+
+    # ------------------------------------------------------------------------------------------- routing
+
+    def on_routing(self, event):
+        c = self.context
+        rows = event.rows.astype(np.int64)
+        best = np.zeros(c.num_experts, np.float32)
+        best[event.experts.astype(np.int64)] = event.scores
+        weights = row_weights(rows, best[rows])  # a token's weight: the batch's best for that expert
+        if event.step != self._step or event.layer == 0:
+            self._start_step(event, len(rows))
+        layer, size = event.layer, self._size
+        self._rows[:, layer], self._weights[:, layer] = rows, weights
+        self._norm2 += (weights * weights).sum(axis=1)
+        proposals = []
+        if size:
+            self._dot[:, :size] += (self._maps[layer][rows, :size] * weights[:, :, None]).sum(axis=1)
+            proposals = self._propose(layer, size)
+        if layer == c.num_layers - 1:
+            self._finish_step(size)
+        return proposals
+
+    def _start_step(self, event, batch: int) -> None:
+        c = self.context
+        self._step = event.step
+        self._dot = np.zeros((batch, self.params.capacity), np.float32)
+        self._norm2 = np.zeros(batch, np.float32)
+        self._rows = np.zeros((batch, c.num_layers, event.rows.shape[1]), np.int64)
+        self._weights = np.zeros(self._rows.shape, np.float32)
+        self._token_embedding = None
+        if self._embeddings is not None:
+            ids = event.sequence_ids.astype(np.int64)
+            known = ids < len(self._embeddings)
+            emb = np.zeros((batch, self._embeddings.shape[1]), np.float32)
+            emb[known] = self._embeddings[ids[known]]
+            self._token_embedding = emb
+
+    def _similarity(self, layer: int, size: int) -> np.ndarray:
+        """(batch, size): the blend of trajectory and embedding cosine similarity to each stored map."""
+        trajectory = self._dot[:, :size] / np.sqrt(
+            np.maximum(self._norm2[:, None] * self._prefix_norm2[layer, :size][None, :], 1e-30))
+        w = self.params.semantic_weight
+        if self._token_embedding is None or w == 0:
+            return trajectory
+        semantic = self._token_embedding @ self._map_embedding[:size].T
+        alpha = w / (w + layer + 1)
+        return alpha * semantic + (1 - alpha) * trajectory
+
+    def _propose(self, layer: int, size: int) -> list[tuple[int, int]]:
+        c = self.context
+        reach = min(c.lookahead, c.num_layers - 1 - layer)
+        if reach <= 0:
+            return []
+        similarity = self._similarity(layer, size)
+        n = min(self.params.neighbors, size)
+        nearest = np.argpartition(-similarity, n - 1, axis=1)[:, :n]  # (batch, n)
+        vote = np.maximum(np.take_along_axis(similarity, nearest, axis=1), 0.0) + 1e-6
+        confidence = np.clip(similarity.max(axis=1), 0.0, 1.0)  # (batch,)
+        budget = min(c.budget_experts, c.num_experts)
+        proposals = []
+        for d in range(1, reach + 1):
+            # (batch, E): the neighbours' weights at layer l+d, averaged by similarity.
+            maps = self._maps[layer + d][:, nearest]  # (E, batch, n)
+            dist = np.einsum("ebn,bn->be", maps, vote) / vote.sum(axis=1, keepdims=True)
+            order = np.argsort(-dist, axis=1, kind="stable")
+            ranked = np.take_along_axis(dist, order, axis=1)
+            total = ranked.sum(axis=1, keepdims=True)
+            before = np.cumsum(ranked, axis=1) - ranked  # cumulative probability before each expert
+            want = (before < (1.0 - confidence)[:, None] * total) | (np.arange(c.num_experts) < c.top_k)
+            want &= ranked > 0
+            rank, row = np.nonzero(want.T)  # rank-major: every token's best, then every token's second, ...
+            experts = order[row, rank]
+            _, first = np.unique(experts, return_index=True)
+            chosen = experts[np.sort(first)][:budget]
+            proposals += [(layer + d, e) for e in chosen.tolist()]
+        return proposals
+
+    def _finish_step(self, size: int) -> None:
+        """The batch's tokens have passed the last layer: their maps join the store."""
+        full = (self._dot[:, :size] / np.sqrt(np.maximum(self._norm2[:, None] * self._prefix_norm2[-1, :size], 1e-30))
+                if size else np.zeros((len(self._rows), 0), np.float32))
+        for b in range(len(self._rows)):
+            emb = None if self._token_embedding is None else self._token_embedding[b]
+            similarity = full[b] if self._size == size else self._full_similarity(self._rows[b], self._weights[b])
+            self._insert(self._rows[b], self._weights[b], emb, similarity)
+        self._step = None

@@ -1,0 +1,67 @@
+"""Oracle: the experts the trace says layers ahead will use, the upper bound other prefetchers are compared to.
+
+It reads the future from the workload (``context.workload.steps``): at layer ``l`` of step ``s`` it proposes
+step ``s``'s experts of layers ``l+1 .. l+lookahead``, nearest layer first, each layer's experts in router
+order. With ``accuracy`` a < 1 a share 1 - a of each layer's true experts is replaced by experts that layer
+does not use (wrong guesses that cost bytes and energy); the choice is a deterministic function of
+``(seed, step, layer)``, so a run is reproducible whatever else the engine does.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from tierflow.errors import TierflowError
+from tierflow.prefetch.base import PREFETCHERS, Prefetcher
+
+
+def _fraction(instance, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+@PREFETCHERS.register
+class Oracle(Prefetcher):
+    """Prefetch exactly what the next layers will use (reads the trace's future; an upper bound)."""
+
+    name = "oracle"
+
+    @attrs.frozen
+    class Params:
+        accuracy: float = attrs.field(default=1.0, converter=float, validator=_fraction,
+                                      metadata={"help": "share of each layer's true experts proposed; the rest "
+                                                        "are replaced by wrong ones"})
+        seed: int = attrs.field(default=0, metadata={"help": "seed of the wrong guesses"})
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        workload = getattr(self.context, "workload", None)
+        if workload is None or not hasattr(workload, "steps"):
+            raise TierflowError("prefetcher 'oracle' needs the workload's decode steps (an offline bound)")
+        self._steps = workload.steps
+
+    def on_routing(self, event):
+        c = self.context
+        step = self._steps[event.step]
+        proposals = []
+        for target in range(event.layer + 1, min(event.layer + c.lookahead, c.num_layers - 1) + 1):
+            experts = self._guesses(step.experts[target], event.step, target)
+            proposals += [(target, e) for e in experts]
+        return proposals
+
+    def _guesses(self, true_experts: np.ndarray, step: int, layer: int) -> list[int]:
+        """The layer's true experts with a share 1 - accuracy replaced by unused ones (seeded per step, layer)."""
+        accuracy = self.params.accuracy
+        if accuracy >= 1.0:
+            return true_experts.tolist()
+        rng = np.random.default_rng((self.params.seed, step, layer))
+        n = len(true_experts)
+        # Stochastic rounding keeps the expected replaced share exactly 1 - accuracy for any n.
+        wrong = min(int((1.0 - accuracy) * n + rng.random()), n, self.context.num_experts - n)
+        guesses = true_experts.copy()
+        if wrong:
+            unused = np.setdiff1d(np.arange(self.context.num_experts), true_experts, assume_unique=True)
+            positions = rng.choice(n, size=wrong, replace=False)
+            guesses[positions] = rng.choice(unused, size=wrong, replace=False)
+        return guesses.tolist()

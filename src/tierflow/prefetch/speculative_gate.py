@@ -1,0 +1,177 @@
+"""Speculative gate: predict layer l+d's experts from layer l's routing with a per-layer linear map.
+
+Offloading systems apply the next layer's gate to the current hidden state to guess its experts before the
+hidden state gets there. A trace holds routing, not hidden states, so this prefetcher stands in a linear map
+per (layer l, distance d), fitted by ridge regression on a training split: from a token's routing at layer
+``l`` (multi-hot of its experts plus their router weights, and a bias) to the indicator of each expert at
+layer ``l+d``. Its outputs are per-token probabilities; a batch needs an expert when any of its tokens does,
+so the batch's probability is ``1 - prod(1 - p)``. Experts at or above ``min_probability`` are proposed,
+most likely first, nearest layer first, at most the engine's budget per layer.
+
+The training split is either a trace file (``train_trace``: its last ``train_tokens`` decode tokens, which
+must not be sequences the run simulates) or, without one, the first ``train_fraction`` of the run's own decode
+steps, during which the prefetcher only watches (it proposes nothing, as ``none``).
+
+Recorded predictions: when a decode step carries ``predicted_experts`` (``(batch, layers, k)``: the experts a
+real speculative gate predicted for layer ``l+1`` while at layer ``l``, from a trace dataset of that name),
+those are proposed for the next layer instead of the map's. The engine does not pass them yet (see
+docs/prefetchers.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import numpy as np
+
+from tierflow.prefetch.base import PREFETCHERS, Prefetcher
+from tierflow.prefetch.training import TrainingSplit, load_training_split, row_weights
+
+
+def _fraction(instance, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+def _positive(instance, attribute, value):
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, max_distance: int,
+                   ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge maps from a token's routing at layer ``l`` to its experts at ``l+1 .. l+max_distance``.
+
+    ``experts``/``weights`` are ``(n, layers, k)``. Returns ``hot``, ``scored`` of shape ``(layers, E,
+    max_distance * E)`` and ``bias`` of shape ``(layers, max_distance * E)`` (float32): the prediction for a
+    token with experts ``x`` and weights ``w`` at layer ``l`` is ``bias[l] + sum_i hot[l, x_i] + w_i *
+    scored[l, x_i]``, column ``(d - 1) * E + j`` for expert ``j`` at layer ``l + d`` (zero past the last layer).
+    The normal equations are assembled from co-occurrence counts (``bincount``), not from a dense design
+    matrix: a row has ``2k + 1`` non-zero features.
+    """
+    n, num_layers, k = experts.shape
+    E, D = num_experts, max_distance
+    features = 2 * E + 1
+    hot = np.zeros((num_layers, E, D * E), np.float32)
+    scored = np.zeros_like(hot)
+    bias = np.zeros((num_layers, D * E), np.float32)
+    if n == 0:
+        return hot, scored, bias
+    ones = np.ones((n, 1), np.float32)
+    for layer in range(num_layers - 1):
+        x = experts[:, layer]
+        index = np.concatenate([x, x + E, np.full((n, 1), 2 * E)], axis=1)  # (n, 2k+1) feature ids
+        value = np.concatenate([np.ones_like(weights[:, layer]), weights[:, layer], ones], axis=1)
+        pairs = (index[:, :, None] * features + index[:, None, :]).ravel()
+        gram = np.bincount(pairs, (value[:, :, None] * value[:, None, :]).ravel(), features * features)
+        gram = gram.reshape(features, features)
+        gram[np.diag_indices(features)] += ridge
+        reach = min(D, num_layers - 1 - layer)
+        targets = np.concatenate([experts[:, layer + d] + (d - 1) * E for d in range(1, reach + 1)], axis=1)
+        pairs = (index[:, :, None] * (D * E) + targets[:, None, :]).ravel()
+        cross = np.bincount(pairs, np.repeat(value.ravel(), targets.shape[1]), features * D * E)
+        solution = np.linalg.solve(gram, cross.reshape(features, D * E)).astype(np.float32)
+        hot[layer], scored[layer], bias[layer] = solution[:E], solution[E:2 * E], solution[2 * E]
+    return hot, scored, bias
+
+
+@PREFETCHERS.register
+class SpeculativeGate(Prefetcher):
+    """Predict the next layers' experts from this layer's routing with per-layer linear maps (ridge fit)."""
+
+    name = "speculative_gate"
+
+    @attrs.frozen
+    class Params:
+        train_trace: str = attrs.field(default="", metadata={
+            "help": "trace file to fit on (its last train_tokens decode tokens); empty: the run's first steps"})
+        train_tokens: int = attrs.field(default=10_000, validator=_positive,
+                                        metadata={"help": "decode tokens of train_trace to fit on"})
+        train_fraction: float = attrs.field(default=0.25, converter=float, validator=_fraction, metadata={
+            "help": "without train_trace: share of the run's decode steps watched before fitting"})
+        ridge: float = attrs.field(default=10.0, converter=float, validator=_positive,
+                                   metadata={"help": "ridge regularisation of the least-squares fit"})
+        min_probability: float = attrs.field(default=0.3, converter=float, validator=_fraction,
+                                             metadata={"help": "propose experts the batch needs with at least "
+                                                               "this predicted probability"})
+        use_recorded: bool = attrs.field(default=True, metadata={
+            "help": "use a trace's recorded next-layer predictions when the steps carry them"})
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        c, p = self.context, self.params
+        self._distance = max(1, min(c.lookahead, c.num_layers - 1))
+        self._fitted = False
+        self._watch_steps = 0
+        self._seen: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, weights) of watched steps
+        self._step_rows: list[np.ndarray] = []
+        self._step_weights: list[np.ndarray] = []
+        self._steps = getattr(getattr(c, "workload", None), "steps", None)
+        if p.train_trace:
+            split = load_training_split(p.train_trace, p.train_tokens, c, self.name)
+            self._fit(split)
+        elif self._steps is not None:
+            self._watch_steps = math.ceil(p.train_fraction * len(self._steps))
+
+    def _fit(self, split: TrainingSplit) -> None:
+        self._hot, self._scored, self._bias = fit_layer_maps(split.experts, split.weights, self.context.num_experts,
+                                                             self._distance, self.params.ridge)
+        self._fitted = True
+
+    def on_routing(self, event):
+        c = self.context
+        rows = event.rows.astype(np.int64)
+        weights = self._row_weights(event, rows)
+        if not self._fitted:
+            self._watch(event, rows, weights)
+            if not self._fitted:
+                return []
+        reach = min(self._distance, c.num_layers - 1 - event.layer)
+        if reach <= 0:
+            return []
+        recorded = self._recorded(event)
+        # Per token: bias + the rows of its experts in both blocks; (batch, D * E).
+        p = (self._bias[event.layer] + self._hot[event.layer][rows].sum(axis=1)
+             + (self._scored[event.layer][rows] * weights[:, :, None]).sum(axis=1))
+        p = np.clip(p, 0.0, 1.0).reshape(len(rows), self._distance, c.num_experts)
+        batch_p = 1.0 - np.prod(1.0 - p, axis=0)  # (D, E): some token of the batch needs the expert
+        budget = min(c.budget_experts, c.num_experts)
+        proposals = []
+        for d in range(reach):
+            target = event.layer + 1 + d
+            if d == 0 and recorded is not None:
+                proposals += [(target, e) for e in recorded]
+                continue
+            order = np.argsort(-batch_p[d], kind="stable")[:budget]
+            proposals += [(target, e) for e in order[batch_p[d][order] >= self.params.min_probability].tolist()]
+        return proposals
+
+    def _row_weights(self, event, rows: np.ndarray) -> np.ndarray:
+        """Each token's router weights at this layer. The event gives the batch's best weight per expert, so a
+        token's weight for an expert is that (exact at batch 1)."""
+        best = np.zeros(self.context.num_experts, np.float32)
+        best[event.experts.astype(np.int64)] = event.scores
+        return row_weights(rows, best[rows])
+
+    def _watch(self, event, rows, weights) -> None:
+        """Without a training trace: keep the watched steps' routing and fit once they are over."""
+        if event.step >= self._watch_steps:
+            if self._seen:
+                experts = np.concatenate([r for r, _ in self._seen])
+                split_weights = np.concatenate([w for _, w in self._seen])
+                self._fit(TrainingSplit(experts, split_weights, np.zeros(len(experts), np.int64), None))
+            return
+        self._step_rows.append(rows)
+        self._step_weights.append(weights)
+        if event.layer == self.context.num_layers - 1:
+            self._seen.append((np.stack(self._step_rows, axis=1), np.stack(self._step_weights, axis=1)))
+            self._step_rows, self._step_weights = [], []
+
+    def _recorded(self, event) -> list[int] | None:
+        if not self.params.use_recorded or self._steps is None:
+            return None
+        predicted = getattr(self._steps[event.step], "predicted_experts", None)
+        if predicted is None:
+            return None
+        return list(dict.fromkeys(np.asarray(predicted)[:, event.layer, :].ravel().tolist()))

@@ -1,0 +1,79 @@
+"""Training splits for prefetchers that learn from routing before the run (``speculative_gate``, ``expert_map``).
+
+A training split is a set of decode tokens, each with its experts at every layer, its router weights and its
+sequence's embedding. It comes from a trace file (the last ``tokens`` decode tokens of it) and must not
+share a sequence with the decode steps being simulated: a predictor fitted on the tokens it is then asked
+about would report accuracy it does not have.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from tierflow.errors import TierflowError
+from tierflow.trace.format import open_trace
+
+
+@attrs.frozen
+class TrainingSplit:
+    """``experts`` (n, layers, k) ids, ``weights`` (n, layers, k) router weights normalised per row,
+    ``sequence_id`` (n,), ``embeddings`` (sequences, d) by sequence id or None."""
+
+    experts: np.ndarray
+    weights: np.ndarray
+    sequence_id: np.ndarray
+    embeddings: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.sequence_id)
+
+
+def row_weights(experts: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
+    """Router weights of routing rows ``(..., k)`` normalised to sum 1 per row; uniform when unknown or zero."""
+    k = experts.shape[-1]
+    if scores is None:
+        return np.full(experts.shape, 1.0 / k, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)
+    total = scores.sum(axis=-1, keepdims=True)
+    uniform = np.float32(1.0 / k)
+    return np.where(total > 0, scores / np.where(total > 0, total, 1), uniform).astype(np.float32)
+
+
+def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSplit:
+    """The last ``tokens`` decode tokens of the trace at ``path``, checked against the context's shape and
+    workload (no shared sequence)."""
+    try:
+        reader = open_trace(path)
+    except (OSError, TierflowError) as error:
+        raise TierflowError(f"prefetcher {who!r}: train_trace {path}: {error}") from None
+    with reader:
+        meta = reader.meta
+        if (meta.num_layers, meta.num_experts) != (context.num_layers, context.num_experts):
+            raise TierflowError(
+                f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x {meta.num_experts} experts, "
+                f"the simulated model {context.num_layers} x {context.num_experts}")
+        start = max(0, meta.num_tokens - tokens)
+        parts = list(reader.chunks(start=start, gate_scores=True, phase=True))
+        embeddings = reader.embedding()
+
+    def cat(name):
+        return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+
+    experts, sequence_id = cat("experts").astype(np.int64), cat("sequence_id").astype(np.int64)
+    scores, phase = cat("gate_scores"), cat("phase")
+    keep = np.ones(len(sequence_id), bool) if phase is None else phase != 0
+    experts, sequence_id = experts[keep], sequence_id[keep]
+    scores = None if scores is None else scores[keep]
+    workload = getattr(context, "workload", None)
+    if workload is not None and hasattr(workload, "steps"):
+        simulated = {int(s) for step in workload.steps for s in step.sequence_ids.tolist()}
+        shared = simulated.intersection(np.unique(sequence_id).tolist())
+        # Sequence ids only identify a sequence within one file: check when the workload may be this file.
+        if shared and getattr(workload, "source", None) == meta.source:
+            raise TierflowError(
+                f"prefetcher {who!r}: train_trace {path} shares {len(shared)} sequence(s) with the simulated decode "
+                f"steps (e.g. {min(shared)}); use a separate file or a longer one (the split is its last "
+                f"{tokens} tokens)")
+    return TrainingSplit(experts, row_weights(experts, scores), sequence_id, embeddings)
+

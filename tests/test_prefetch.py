@@ -1,0 +1,338 @@
+"""Prefetchers: the protocol every registered prefetcher keeps (proposals only for layers ahead, never a
+change to what a layer computes with, never an eviction of a pinned expert), the closed forms that bound
+them (no prefetching stalls for exactly the demand transfers; the oracle with enough bandwidth hides them),
+the accounting of wasted prefetches, and each prefetcher's own rule on small hand-made inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tierflow.config import scenario_from_table
+from tierflow.errors import TierflowError
+from tierflow.prefetch import PREFETCHERS, PrefetchContext, RoutingEvent, make_prefetcher
+from tierflow.prefetch.expert_map import ExpertMap
+from tierflow.prefetch.speculative_gate import fit_layer_maps
+from tierflow.sim.engine import Simulation
+from tierflow.trace.format import TraceWriter
+
+SMALL = {
+    "name": "small",
+    "model": "olmoe-1b-7b",
+    "hardware": "h100-pcie5",
+    "placement": "ssd",
+    "workload": {"batch_size": 2, "decode_tokens": 16, "context_length": 256},
+    "cache": {"capacity_experts": 120},
+}
+ALL_EXPERTS = 16 * 64  # OLMoE: 16 MoE layers x 64 experts, all of which fit one H100's free HBM
+
+
+def small(**changes):
+    table = json.loads(json.dumps(SMALL))
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (table.setdefault(section, {}) if section else table)[name] = value
+    return scenario_from_table(table)
+
+
+def run_recorded(scenario):
+    """Run a scenario, recording the experts each layer computes with (in order) and every proposal."""
+    sim = Simulation(scenario)
+    computed = []
+    experts_phase = sim.compute.experts
+
+    def record(experts, tokens):
+        computed.append(list(experts))
+        return experts_phase(experts, tokens)
+
+    sim.compute.experts = record
+    proposals = []
+    if sim.prefetcher is not None:
+        on_routing = sim.prefetcher.on_routing
+
+        def spy(event):
+            result = on_routing(event)
+            proposals.append((event.layer, list(result)))
+            return result
+
+        sim.prefetcher.on_routing = spy
+    return sim, sim.run(), computed, proposals
+
+
+def transfer_s(sim):
+    link = sim.hardware.host_link
+    return link.latency_s + sim.spec.expert_bytes / link.bandwidth_bytes_per_s
+
+
+# ------------------------------------------------------------------------------------------ protocol
+
+NAMES = PREFETCHERS.names()
+
+
+def test_the_issue_prefetchers_are_registered():
+    assert {"none", "oracle", "previous_token", "speculative_gate", "expert_map", "transition"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_prefetcher_proposes_only_layers_ahead_and_keeps_the_figures_consistent(name):
+    sim, results, _, proposals = run_recorded(small(**{"prefetch.policy": name, "prefetch.lookahead": 2,
+                                                       "prefetch.max_queued": 100}))
+    num_layers, num_experts = sim.workload.num_layers, sim.workload.num_experts
+    for layer, proposed in proposals:
+        for target, expert in proposed:
+            assert layer < target <= min(layer + 2, num_layers - 1)
+            assert 0 <= expert < num_experts
+    p = results.summary["prefetch"]
+    assert p["prefetched_bytes"] == p["issued"] * sim.spec.expert_bytes
+    assert 0 <= p["late"] <= p["useful"] <= p["issued"]
+    assert p["wasted_bytes"] == (p["issued"] - p["useful"]) * sim.spec.expert_bytes
+    if p["issued"]:
+        assert p["accuracy"] == pytest.approx(p["useful"] / p["issued"])
+
+
+@settings(max_examples=12)
+@given(name=st.sampled_from(NAMES), seed=st.integers(0, 3), batch=st.integers(1, 3),
+       capacity=st.sampled_from([40, 80, 300]), lookahead=st.integers(1, 3), budget=st.integers(0, 12),
+       max_queued=st.sampled_from([1, 4, 100]))
+def test_prefetching_changes_timing_and_bytes_never_what_layers_compute_with(name, seed, batch, capacity, lookahead,
+                                                                           budget, max_queued):
+    scenario = small(seed=seed, **{"workload.batch_size": batch, "workload.decode_tokens": 8,
+                                   "cache.capacity_experts": capacity, "prefetch.policy": name,
+                                   "prefetch.lookahead": lookahead, "prefetch.budget_experts": budget,
+                                   "prefetch.max_queued": max_queued})
+    sim, results, computed, _ = run_recorded(scenario)
+    expected = [experts.tolist() for step in sim.workload.steps for experts in step.experts]
+    assert computed == expected
+    # Every demand is a hit, a miss, or a hit on a prefetch still in flight (late, not in the step counts).
+    demanded = sum(len(e) for e in expected)
+    late = results.summary["prefetch"]["late"]
+    assert int(results.step_hits.sum() + results.step_misses.sum()) + late == demanded
+    assert results.summary["tokens"] == batch * len(sim.workload.steps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefetches_never_evict_an_expert_a_layer_is_using(name):
+    """A cache barely above one layer's working set and prefetches allowed to pile up: every expert a layer
+    computes with must still be resident (and pinned) when the layer releases it."""
+    sim = Simulation(small(**{"cache.capacity_experts": 17, "workload.batch_size": 1, "prefetch.policy": name,
+                              "prefetch.budget_experts": 16, "prefetch.max_queued": 100,
+                              "prefetch.lookahead": 3}))
+    for memory in sim.memories:
+        release = memory.release
+
+        def checked(key, memory=memory, release=release):
+            assert key in memory.hbm and memory.hbm.pins.get(key, 0) >= 1
+            release(key)
+
+        memory.release = checked
+        memory.hbm.eviction_listeners.append(lambda key, memory=memory: memory.hbm.check_valid())
+    results = sim.run()
+    assert results.summary["tokens"] == len(sim.workload.steps)
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+def test_without_prefetching_the_stall_is_the_demand_transfer_time():
+    """DDR placement, one GPU, a cache holding every expert: a miss is an expert's first use, each layer's
+    misses queue one after another on an idle link, so a step stalls for (first uses) x transfer time."""
+    sim, results, _, _ = run_recorded(small(placement="ddr", **{"cache.capacity_experts": ALL_EXPERTS,
+                                                                 "prefetch.policy": "none"}))
+    seen = set()
+    for step, stall in zip(sim.workload.steps, results.step_stall_s, strict=True):
+        new = 0
+        for layer, experts in enumerate(step.experts):
+            keys = {layer * 64 + e for e in experts.tolist()}
+            new += len(keys - seen)
+            seen |= keys
+        assert stall == pytest.approx(new * transfer_s(sim), rel=1e-9)
+
+
+def _one_new_expert_per_step_trace(path, steps=10):
+    """OLMoE-shaped routing: layers 0..14 always use experts 0..7; layer 15 uses 0..6 and one expert it has
+    never used before. So after the first step each step needs exactly one new expert, at the last layer."""
+    experts = np.tile(np.arange(8), (steps, 16, 1))
+    experts[:, 15, 7] = 8 + np.arange(steps)
+    with TraceWriter(path, model="olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, source="test") as writer:
+        writer.append(experts, np.zeros(steps, dtype=np.int64))
+    return steps
+
+
+def test_oracle_with_enough_bandwidth_hides_every_transfer_after_the_first_step(tmp_path):
+    """With the cache holding every expert and a lookahead covering the transfer (fetched from layer 0 for
+    layer 15, under 15 layers of compute), the oracle stalls only in the first step, whose first layer no
+    routing event precedes; without prefetching every later step stalls for one transfer."""
+    trace = tmp_path / "one_new.h5"
+    steps = _one_new_expert_per_step_trace(trace)
+    common = {"placement": "ddr", "workload.trace": str(trace), "workload.batch_size": 1,
+              "workload.decode_tokens": steps, "cache.capacity_experts": ALL_EXPERTS,
+              "prefetch.lookahead": 15, "prefetch.budget_experts": 64, "prefetch.max_queued": 100}
+    sim, none, _, _ = run_recorded(small(**common, **{"prefetch.policy": "none"}))
+    _, oracle, _, _ = run_recorded(small(**common, **{"prefetch.policy": "oracle"}))
+    compute_before_last_layer = none.step_latency_s[1] - none.step_stall_s[1]
+    assert transfer_s(sim) < compute_before_last_layer  # the bandwidth is enough
+    assert none.step_stall_s[1:] == pytest.approx(np.full(steps - 1, transfer_s(sim)), rel=1e-9)
+    assert np.all(oracle.step_stall_s[1:] == 0.0)
+    assert oracle.step_stall_s[0] <= none.step_stall_s[0]
+    p = oracle.summary["prefetch"]
+    assert p["accuracy"] == 1.0 and p["wasted_bytes"] == 0
+    assert p["late"] <= 15 * 8  # only the first step's prefetches can arrive after their layer started waiting
+
+
+def test_oracle_accuracy_knob_wastes_bytes_that_are_charged_to_energy():
+    base = {"prefetch.policy": "oracle", "prefetch.max_queued": 100, "prefetch.lookahead": 2}
+    sim, exact, _, _ = run_recorded(small(**base))
+    _, noisy, _, _ = run_recorded(small(**base, **{"prefetch.params": {"accuracy": 0.5, "seed": 3}}))
+    assert exact.summary["prefetch"]["wasted_bytes"] == 0
+    p = noisy.summary["prefetch"]
+    assert p["wasted_bytes"] > 0 and p["accuracy"] < 1.0
+    hw = sim.hardware
+    per_bit = (hw.ssd.read_pj_per_bit + hw.gpu.hbm.write_pj_per_bit + hw.ssd_link.pj_per_bit + hw.host_link.pj_per_bit)
+    if not hw.gpudirect_storage:  # staged through host DDR
+        per_bit += hw.ddr.write_pj_per_bit + hw.ddr.read_pj_per_bit
+    tokens = noisy.summary["tokens"]
+    assert p["wasted_energy_j_per_token"] * tokens == pytest.approx(8 * p["wasted_bytes"] * per_bit * 1e-12)
+    # Wasted bytes are part of the bytes moved (and so of the energy), apart from the demand misses.
+    moved = sum(noisy.summary["bytes_moved"].values())
+    assert moved == int(noisy.step_misses.sum()) * sim.spec.expert_bytes + p["prefetched_bytes"]
+    assert p["wasted_energy_j_per_token"] <= p["energy_j_per_token"]
+
+
+# ------------------------------------------------------------------------------------------ each prefetcher
+
+
+class _Step:
+    def __init__(self, experts, predicted=None):
+        self.experts = experts
+        if predicted is not None:
+            self.predicted_experts = predicted
+
+
+class _Workload:
+    def __init__(self, steps, embeddings=None):
+        self.steps, self.embeddings, self.source = steps, embeddings, "fake"
+
+
+def _context(workload=None, layers=4, experts=16, k=2, lookahead=1, budget=8):
+    return PrefetchContext(layers, experts, k, lookahead, budget, workload)
+
+
+def _event(step, layer, row, sequence=0, scores=None):
+    row = np.asarray(row)
+    scores = np.full(len(row), 1.0 / len(row)) if scores is None else np.asarray(scores)
+    return RoutingEvent(step, layer, row, scores, row[None, :], np.array([sequence]))
+
+
+def test_oracle_replaces_the_requested_share_deterministically():
+    truth = [np.arange(l * 2, l * 2 + 8) % 64 for l in range(4)]
+    context = _context(_Workload([_Step(truth)]), experts=64, k=8, lookahead=3)
+    exact = make_prefetcher("oracle", {}, context).on_routing(_event(0, 0, truth[0]))
+    assert exact == [(l, e) for l in (1, 2, 3) for e in truth[l].tolist()]
+    noisy = make_prefetcher("oracle", {"accuracy": 0.25, "seed": 1}, context)
+    first = noisy.on_routing(_event(0, 0, truth[0]))
+    assert first == noisy.on_routing(_event(0, 0, truth[0]))  # a function of (seed, step, layer)
+    right = sum(e in set(truth[l].tolist()) for l, e in first)
+    assert 3 <= right <= 9  # about a quarter of 24 true experts kept
+    assert all(len({e for l, e in first if l == layer}) == 8 for layer in (1, 2, 3))  # no repeats
+
+
+def test_oracle_without_the_workload_is_an_error():
+    with pytest.raises(TierflowError, match="oracle"):
+        make_prefetcher("oracle", {}, _context(None))
+
+
+def test_unknown_parameter_lists_the_valid_ones():
+    with pytest.raises(TierflowError, match="valid: capacity, neighbors"):
+        PREFETCHERS.params("expert_map", {"size": 3})
+    with pytest.raises(TierflowError, match="accuracy must be in"):
+        PREFETCHERS.params("oracle", {"accuracy": 1.5})
+
+
+def test_linear_map_recovers_a_deterministic_layer_to_layer_rule():
+    """If expert e at layer l always leads to expert (e + 1) % E at layer l+1, the fitted map says so."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 16, size=400)
+    experts = np.stack([(first + layer) % 16 for layer in range(4)], axis=1)[:, :, None]  # (n, 4, 1)
+    weights = np.ones(experts.shape, np.float32)
+    hot, scored, bias = fit_layer_maps(experts, weights, 16, 2, ridge=0.1)
+    for e in range(16):
+        one_ahead = bias[0] + hot[0, e] + scored[0, e]
+        assert int(np.argmax(one_ahead[:16])) == (e + 1) % 16
+        assert int(np.argmax(one_ahead[16:])) == (e + 2) % 16
+
+
+def test_speculative_gate_watches_then_predicts_the_learned_rule():
+    steps = [_Step([np.array([s % 16, (s + 5) % 16]) + 0 for _ in range(4)]) for s in range(8)]
+    context = _context(_Workload(steps), lookahead=1)
+    gate = make_prefetcher("speculative_gate", {"train_fraction": 0.5, "ridge": 0.01, "min_probability": 0.5},
+                           context)
+    for step in range(4):  # the training split: watched, nothing proposed
+        for layer in range(4):
+            assert gate.on_routing(_event(step, layer, [step % 16, (step + 5) % 16])) == []
+    # Every layer repeats the previous one's experts in this toy routing; (1, 6) was seen in training.
+    proposals = gate.on_routing(_event(4, 0, [1, 6]))
+    assert sorted(proposals) == [(1, 1), (1, 6)]
+
+
+def test_speculative_gate_prefers_recorded_predictions():
+    predicted = np.zeros((1, 4, 2), dtype=np.int64)
+    predicted[0, 0] = [7, 3]
+    steps = [_Step([np.array([0, 1])] * 4, predicted=predicted)]
+    gate = make_prefetcher("speculative_gate", {"train_fraction": 0.0}, _context(_Workload(steps)))
+    gate._fitted = True  # noqa: SLF001  (no training data needed to use recorded predictions)
+    gate._hot = np.zeros((4, 16, 16), np.float32)
+    gate._scored, gate._bias = gate._hot.copy(), np.zeros((4, 16), np.float32)
+    assert gate.on_routing(_event(0, 0, [0, 1])) == [(1, 7), (1, 3)]
+
+
+def test_speculative_gate_refuses_a_training_split_that_overlaps_the_run(tmp_path):
+    path = tmp_path / "t.h5"
+    with TraceWriter(path, model="m", num_layers=4, num_experts=16, top_k=2, source="fake") as writer:
+        writer.append(np.tile(np.array([0, 1]), (6, 4, 1)), np.array([0, 0, 0, 1, 1, 1]))
+    steps = [type("S", (), {"sequence_ids": np.array([1]), "experts": None})()]
+    with pytest.raises(TierflowError, match="shares 1 sequence"):
+        make_prefetcher("speculative_gate", {"train_trace": str(path)}, _context(_Workload(steps)))
+
+
+def _walk(prefetcher, step, rows, sequence=0):
+    """Feed one token through all layers; returns the proposals made at each layer."""
+    return [prefetcher.on_routing(_event(step, layer, row, sequence)) for layer, row in enumerate(rows)]
+
+
+def test_expert_map_matches_the_trajectory_and_proposes_what_the_match_used_next():
+    pattern_a = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    pattern_b = [[0, 1], [8, 9], [10, 11], [12, 13]]
+    em = make_prefetcher("expert_map", {"neighbors": 1, "semantic_weight": 0}, _context(_Workload([]), lookahead=1))
+    assert isinstance(em, ExpertMap)
+    _walk(em, 0, pattern_a)
+    _walk(em, 1, pattern_b)
+    proposals = _walk(em, 2, [[0, 1], [8, 9], [10, 11], [12, 13]])
+    # At layer 1 the trajectory (0,1),(8,9) matches pattern B exactly: similarity 1, so only its top-k.
+    assert sorted(proposals[1]) == [(2, 10), (2, 11)]
+    assert sorted(proposals[2]) == [(3, 12), (3, 13)]
+
+
+def test_expert_map_embedding_guides_the_first_layer():
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    em = make_prefetcher("expert_map", {"neighbors": 1, "semantic_weight": 10},
+                         _context(_Workload([], embeddings), lookahead=1))
+    _walk(em, 0, [[0, 1], [2, 3], [4, 5], [6, 7]], sequence=0)
+    _walk(em, 1, [[0, 1], [8, 9], [10, 11], [12, 13]], sequence=1)
+    # Same first layer for both: the embedding (sequence 2 is close to sequence 0) decides.
+    assert sorted(em.on_routing(_event(2, 0, [0, 1], sequence=2))) == [(1, 2), (1, 3)]
+
+
+def test_expert_map_store_is_bounded_and_replaces_the_most_redundant_entry():
+    em = make_prefetcher("expert_map", {"capacity": 2, "semantic_weight": 0}, _context(_Workload([])))
+    a = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    b = [[8, 9], [10, 11], [12, 13], [14, 15]]
+    a_variant = [[0, 1], [2, 3], [4, 5], [6, 9]]
+    for step, rows in enumerate([a, b, a_variant]):
+        _walk(em, step, rows)
+    assert em._size == 2  # noqa: SLF001
+    stored = {tuple(map(tuple, em._slot_experts[slot].tolist())) for slot in range(2)}  # noqa: SLF001
+    assert stored == {tuple(map(tuple, a_variant)), tuple(map(tuple, b))}  # a was replaced, b kept
