@@ -25,6 +25,7 @@ test: $(BIN)/.installed-test
 bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_trace.py
 	$(BIN)/python benchmarks/bench_sim.py
+	$(BIN)/python benchmarks/bench_replay.py
 	$(BIN)/python benchmarks/bench_sweep.py
 
 # Sweeps: `make sweep SWEEP=sweeps/NAME.toml` runs a grid of scenarios into out/sweeps/NAME (rerunning resumes:

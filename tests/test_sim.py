@@ -320,3 +320,24 @@ def test_a_scenario_file_finds_its_trace_next_to_it(tmp_path):
     scenario = load_scenario(str(scenario_file))
     assert scenario.workload.trace == str(tmp_path / "mine.h5")
     assert run(scenario)[1].summary["tokens"] == 4
+
+
+def test_per_layer_scope_keeps_each_layer_within_its_slots():
+    sim, results = run(small(**{"cache.scope": "per-layer", "cache.capacity_experts": 16 * 20}))
+    hbm = sim.memories[0].hbm
+    assert len(hbm.caches) == 16 and all(c.capacity_bytes == 20 * sim.spec.expert_bytes for c in hbm.caches)
+    hbm.check_valid()
+    assert results.summary["hit_rate"]["hbm"] is not None
+
+
+def test_per_layer_scope_smaller_than_the_working_set_is_an_error():
+    with pytest.raises(TierflowError, match="slots per layer"):
+        Simulation(small(**{"cache.scope": "per-layer", "cache.capacity_experts": 16 * 10}))
+
+
+def test_belady_in_the_simulator_bounds_the_online_policies():
+    rates = {policy: run(small(**{"cache.policy": policy, "cache.capacity_experts": 60,
+                                  "workload.decode_tokens": 40}))[1].summary["hit_rate"]["hbm"]
+             for policy in ("lru", "lfu", "fifo", "belady")}
+    assert rates["belady"] >= max(rates["lru"], rates["lfu"], rates["fifo"])
+    assert rates["belady"] > rates["lru"]

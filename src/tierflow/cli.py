@@ -33,6 +33,7 @@ def trace() -> None:
 # Subcommands live beside the code they drive; each module registers its own.
 from tierflow import compare as _compare  # noqa: E402
 from tierflow import sweep_commands as _sweep_commands  # noqa: E402
+from tierflow.cache import commands as _cache_commands  # noqa: E402
 from tierflow.catalog import commands as _catalog_commands  # noqa: E402
 from tierflow.sim import commands as _sim_commands  # noqa: E402
 from tierflow.trace import commands as _trace_commands  # noqa: E402
@@ -41,6 +42,7 @@ _trace_commands.register(trace)
 _catalog_commands.register(cli)
 _sim_commands.register(cli)
 _compare.register(cli)
+_cache_commands.register(cli)
 _sweep_commands.register(cli)
 
 

@@ -3,7 +3,7 @@
 Importing this package registers every built-in policy in :data:`POLICIES`.
 """
 
-from tierflow.cache import lru  # noqa: F401  (registers the policy)
+from tierflow.cache import belady, fifo, finemoe, learned, lfu, lfu_aging, lru  # noqa: F401  (they register)
 from tierflow.cache.base import (
     NEVER,
     POLICIES,
@@ -12,11 +12,14 @@ from tierflow.cache.base import (
     CacheFullError,
     CacheStats,
     Policy,
+    PriorityPolicy,
+    QueuePolicy,
     TierCache,
     make_policy,
 )
+from tierflow.cache.scope import SCOPES, LayeredCache, make_expert_cache
 
 __all__ = [
-    "NEVER", "POLICIES", "Access", "CacheContext", "CacheFullError", "CacheStats", "Policy", "TierCache",
-    "make_policy",
+    "NEVER", "POLICIES", "SCOPES", "Access", "CacheContext", "CacheFullError", "CacheStats", "LayeredCache",
+    "Policy", "PriorityPolicy", "QueuePolicy", "TierCache", "make_expert_cache", "make_policy",
 ]

@@ -9,7 +9,10 @@ score, the next use for the offline bound) read it from the :class:`Access` reco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import ClassVar
 
 import attrs
@@ -31,15 +34,20 @@ class Access:
     ``layer`` is the MoE layer the key belongs to; ``score`` the router's weight for it (0 when unknown);
     ``next_use`` the ``time`` of the key's next access (``NEVER`` if none; only offline drivers know it);
     ``prefetch`` is true when the insertion is speculative rather than demanded; ``current_layer`` is the
-    layer being computed when the event happens.
+    layer being computed when the event happens; ``step`` the decode step (token) the access belongs to, or
+    None when the driver does not say (policies then measure time in ``time`` units only).
+
+    Drivers may reuse one record for many events: a policy copies what it keeps and never holds the record.
     """
 
-    __slots__ = ("key", "time", "layer", "score", "next_use", "prefetch", "current_layer")
+    __slots__ = ("key", "time", "layer", "score", "next_use", "prefetch", "current_layer", "step")
 
-    def __init__(self, key, time, layer=0, score=0.0, next_use=NEVER, prefetch=False, current_layer=None):
+    def __init__(self, key, time, layer=0, score=0.0, next_use=NEVER, prefetch=False, current_layer=None,
+                 step=None):
         self.key, self.time, self.layer, self.score = key, time, layer, score
         self.next_use, self.prefetch = next_use, prefetch
         self.current_layer = layer if current_layer is None else current_layer
+        self.step = step
 
 
 @attrs.frozen
@@ -49,13 +57,21 @@ class CacheContext:
     capacity_items: int
     num_layers: int = 1
     num_experts: int = 1
+    top_k: int = 1
 
 
 class Policy:
-    """Eviction order for one cache. Subclasses implement the four hooks; the cache does the rest."""
+    """Eviction order for one cache. Subclasses implement the four hooks; the cache does the rest.
+
+    Most policies derive from one of the two orderings below rather than from this class directly:
+    :class:`QueuePolicy` (a queue the hooks reorder: LRU, FIFO) or :class:`PriorityPolicy` (a priority computed
+    at each access: LFU, LFU with aging, FineMoE, Belady). The learned policy ranks all residents itself.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
+    # Offline policies read Access.next_use; drivers compute the future only for them.
+    needs_future: ClassVar[bool] = False
 
     def __init__(self, params=None, context: CacheContext | None = None):
         self.params = params if params is not None else self.Params()
@@ -73,6 +89,107 @@ class Policy:
     def victim(self, evictable: Callable[[Hashable], bool], access: Access) -> Hashable | None:
         """The resident key to evict next among those for which ``evictable(key)``; None if there is none."""
         raise NotImplementedError
+
+    def ordered_keys(self) -> Collection[Hashable] | None:
+        """The keys the policy currently orders (for :meth:`TierCache.check_valid`); None if it does not say."""
+        return None
+
+    def steps(self, access: Access) -> float:
+        """The access's time in decode steps: ``Access.step`` when the driver gives it, else ``Access.time``
+        divided by the accesses of one step (``num_layers * top_k``), so parameters in steps mean the same in
+        cache-only replay and in the simulator."""
+        if access.step is not None:
+            return float(access.step)
+        context = self.context
+        per_step = context.num_layers * context.top_k if context is not None else 1
+        return access.time / per_step
+
+
+class QueuePolicy(Policy):
+    """Eviction in queue order: the victim is the first evictable key of a queue that hooks may reorder.
+
+    Insertions join the back of the queue; :meth:`on_hit` decides what a hit does (LRU moves the key to the
+    back, FIFO leaves it). The victim walk skips pinned keys, so it is O(1) when nothing is pinned.
+    """
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        self._queue: OrderedDict = OrderedDict()  # front = next victim
+
+    def on_insert(self, key, access):
+        self._queue[key] = None
+
+    def on_hit(self, key, access):
+        pass
+
+    def on_remove(self, key):
+        del self._queue[key]
+
+    def victim(self, evictable, access):
+        for key in self._queue:
+            if evictable(key):
+                return key
+        return None
+
+    def ordered_keys(self):
+        return self._queue.keys()
+
+
+class PriorityPolicy(Policy):
+    """Eviction by a priority fixed at each access: the victim is the evictable key with the lowest priority.
+
+    Subclasses implement :meth:`priority` (called on every insertion and hit); ties go to the key accessed
+    least recently. Keys are held in a heap with lazy deletion: each access pushes a fresh entry and older
+    entries of the key are skipped when they surface, so every hook is O(log n).
+    """
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        self._heap: list = []
+        self._entries: dict = {}  # key -> its live heap entry (priority, seq, key)
+        self._seq = itertools.count()
+
+    def priority(self, key, access: Access, hit: bool):
+        """The key's eviction priority after this access (lower is evicted first); any comparable value."""
+        raise NotImplementedError
+
+    def on_insert(self, key, access):
+        self._push(key, self.priority(key, access, False))
+
+    def on_hit(self, key, access):
+        self._push(key, self.priority(key, access, True))
+
+    def on_remove(self, key):
+        del self._entries[key]
+
+    def _push(self, key, priority) -> None:
+        entry = (priority, next(self._seq), key)
+        self._entries[key] = entry
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * len(self._entries) + 64:  # drop the stale entries now and then
+            self._heap = list(self._entries.values())
+            heapq.heapify(self._heap)
+
+    def victim(self, evictable, access):
+        heap, entries = self._heap, self._entries
+        skipped = []
+        found = None
+        while heap:
+            entry = heap[0]
+            key = entry[2]
+            if entries.get(key) is not entry:
+                heapq.heappop(heap)  # stale: the key was accessed again or removed since
+            elif evictable(key):
+                found = key
+                break
+            else:
+                skipped.append(heapq.heappop(heap))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def ordered_keys(self):
+        return self._entries.keys()
 
 
 POLICIES: Registry[Policy] = Registry("cache policy")
@@ -151,6 +268,11 @@ class TierCache:
             raise CacheFullError(
                 f"{self.name}: an object of {size_bytes} bytes cannot fit in a capacity of {self.capacity_bytes}"
             )
+        if not self.can_admit(size_bytes):  # checked first, so a failed admission evicts nothing
+            raise CacheFullError(
+                f"{self.name}: no room for {key!r} ({size_bytes} bytes): {self.pinned_bytes} of "
+                f"{self.capacity_bytes} bytes are pinned by {len(self.pins)} resident objects"
+            )
         evicted = []
         while self.used_bytes + size_bytes > self.capacity_bytes:
             victim = self.policy.victim(self._evictable, access)
@@ -168,6 +290,8 @@ class TierCache:
 
     def evict(self, key) -> None:
         """Remove an unpinned resident key (an eviction: listeners hear of it)."""
+        if key not in self.sizes:
+            raise ValueError(f"{self.name}: {key!r} is not resident")
         if key in self.pins:
             raise ValueError(f"{self.name}: {key!r} is pinned and cannot be evicted")
         self._remove(key)
@@ -214,6 +338,9 @@ class TierCache:
         assert set(self.pins) <= set(self.sizes), "a pinned key is not resident"
         assert all(count > 0 for count in self.pins.values())
         assert self.pinned_bytes == sum(self.sizes[k] for k in self.pins), "pinned bytes drifted"
+        ordered = self.policy.ordered_keys()
+        if ordered is not None:
+            assert len(ordered) == len(self.sizes) and set(ordered) == set(self.sizes), "policy lost track of keys"
 
 
 def make_policy(name: str, params: dict | None = None, context: CacheContext | None = None) -> Policy:

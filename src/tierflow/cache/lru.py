@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from tierflow.cache.base import POLICIES, Policy
+from tierflow.cache.base import POLICIES, QueuePolicy
 
 
 @POLICIES.register
-class LRU(Policy):
+class LRU(QueuePolicy):
     """Evict the least recently used expert."""
 
     name = "lru"
 
-    def __init__(self, params=None, context=None):
-        super().__init__(params, context)
-        self._order: OrderedDict = OrderedDict()  # oldest first
-
-    def on_insert(self, key, access):
-        self._order[key] = None
-
     def on_hit(self, key, access):
-        self._order.move_to_end(key)
-
-    def on_remove(self, key):
-        del self._order[key]
-
-    def victim(self, evictable, access):
-        for key in self._order:
-            if evictable(key):
-                return key
-        return None
+        self._queue.move_to_end(key)

@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 import simpy
 
-from tierflow.cache import POLICIES, CacheContext, TierCache, make_policy
+from tierflow.cache import POLICIES, make_expert_cache
 from tierflow.catalog import get_model, get_profile
 from tierflow.catalog.hardware import HardwareProfile
 from tierflow.catalog.models import ModelSpec
@@ -105,10 +105,12 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
                 f"cache of {hbm_cache} experts per GPU needs {hbm_cache * expert_bytes / 1e9:.1f} GB but only "
                 f"{free / 1e9:.1f} GB of HBM is free after weights and KV cache"
             )
-        if hbm_cache < working_set:
+        slots = hbm_cache if cache.scope == "global" else hbm_cache // spec.num_moe_layers
+        if slots < working_set:
+            where = "" if cache.scope == "global" else f" ({slots} slots per layer)"
             raise TierflowError(
-                f"cache of {hbm_cache} experts per GPU is smaller than one layer's working set of {working_set} "
-                f"experts (batch {scenario.workload.batch_size}, top-{spec.top_k})"
+                f"cache of {hbm_cache} experts per GPU{where} is smaller than one layer's working set of "
+                f"{working_set} experts (batch {scenario.workload.batch_size}, top-{spec.top_k})"
             )
         hbm_cache = min(hbm_cache, experts_per_gpu)
     if scenario.placement == "ddr" and experts_per_gpu * expert_bytes > hardware.ddr.capacity_bytes:
@@ -177,6 +179,10 @@ class Simulation:
         self.energy = energy_model(scenario, self.hardware, self.plan.gpus)
         self.memories = [self._memory(gpu) for gpu in range(self.plan.gpus)]
         self.prefetcher = self._prefetcher()
+        if self.prefetcher is not None:
+            experts = self.workload.num_experts
+            for memory in self.memories:
+                memory.eviction_listeners.append(lambda key: self.prefetcher.on_eviction(key // experts, key % experts))
         policy_cls = POLICIES.get(scenario.cache.policy)
         future = None
         if getattr(policy_cls, "needs_future", False) and self.plan.hbm_cache_experts is not None:
@@ -188,16 +194,20 @@ class Simulation:
             scenario.prefetch.max_queued, future, progress,
         )
 
-    def _cache(self, name, policy, params, capacity_experts) -> TierCache:
-        context = CacheContext(capacity_experts, self.workload.num_layers, self.workload.num_experts)
-        return TierCache(make_policy(policy, params, context), capacity_experts * self.plan.expert_bytes, name)
+    def _cache(self, name, policy, params, capacity_experts, scope="global"):
+        """A global pool, or (per-layer scope) the same capacity split evenly into per-layer slots."""
+        w = self.workload
+        capacity = capacity_experts if scope == "global" else capacity_experts // w.num_layers
+        return make_expert_cache(policy, scope, capacity, num_layers=w.num_layers, num_experts=w.num_experts,
+                                 top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name)
 
     def _memory(self, gpu: int) -> ExpertMemory:
         scenario, hw, env = self.scenario, self.hardware, self.env
         plan = self.plan
         hbm = ddr = None
         if plan.hbm_cache_experts is not None:
-            hbm = self._cache(f"hbm{gpu}", scenario.cache.policy, scenario.cache.params, plan.hbm_cache_experts)
+            hbm = self._cache(f"hbm{gpu}", scenario.cache.policy, scenario.cache.params, plan.hbm_cache_experts,
+                              scenario.cache.scope)
         if plan.ddr_cache_experts is not None:
             ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
                               plan.ddr_cache_experts)

@@ -184,7 +184,7 @@ class GpuStream:
                     key = base + expert
                     next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
                     memory = memories[expert % gpus]
-                    wait = memory.demand(key, Access(key, time, layer, score, next_use))
+                    wait = memory.demand(key, Access(key, time, layer, score, next_use, step=step.index))
                     if wait is not None:
                         waits.append(wait)
                     used.append((memory, key))
@@ -224,5 +224,5 @@ class GpuStream:
                 continue
             next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
             memory.prefetch_now(key, Access(key, time, target_layer, 0.0, next_use, prefetch=True,
-                                            current_layer=layer))
+                                            current_layer=layer, step=step.index))
             issued += 1

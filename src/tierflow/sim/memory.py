@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from tierflow.cache import Access, TierCache
+from tierflow.cache import Access
 from tierflow.ledger import Ledger, Route
 from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
 
@@ -41,7 +41,7 @@ class FetchPath:
 class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
-    def __init__(self, env, gpu: int, hbm: TierCache | None, ddr: TierCache | None, paths: dict[str, FetchPath],
+    def __init__(self, env, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
                  placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0):
         self.env, self.gpu = env, gpu
         self.hbm, self.ddr = hbm, ddr
@@ -57,8 +57,12 @@ class ExpertMemory:
         self.demand_misses = 0
         self.demand_hits = 0
         self.peak_cache_bytes = 0
-        if hbm is not None:
-            hbm.eviction_listeners.append(self._on_hbm_eviction)
+        self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
+        # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
+        parts = getattr(hbm, "caches", [hbm]) if hbm is not None else []
+        self._cache_of = hbm.cache_of if len(parts) > 1 else (lambda key: hbm)
+        for part in parts:
+            part.eviction_listeners.append(self._on_hbm_eviction)
 
     # ------------------------------------------------------------------------------------------- demand
 
@@ -103,7 +107,7 @@ class ExpertMemory:
         pinned experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use
         spare bandwidth; they do not pile up in front of demand misses)."""
         return (self.hbm is not None and key not in self.hbm
-                and self.hbm.can_admit(self.expert_bytes + self.reserve_bytes)
+                and self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes)
                 and self.paths[self.placement].hops[0].queued < max_queued)
 
     def prefetch_now(self, key: int, access: Access) -> None:
@@ -116,6 +120,8 @@ class ExpertMemory:
         self.prefetch.issued_bytes += self.expert_bytes
 
     def _on_hbm_eviction(self, key: int) -> None:
+        for listener in self.eviction_listeners:
+            listener(key)
         transfer = self._unused_prefetch.pop(key, None)
         if transfer is not None:
             self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)

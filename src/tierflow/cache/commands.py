@@ -1,0 +1,175 @@
+"""``tierflow replay | plugins | train-policy``: cache-only replay, the plugin listing, and training the learned
+policy."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import click
+
+from tierflow.errors import TierflowError
+
+
+def register(group: click.Group) -> None:
+    group.add_command(replay)
+    group.add_command(plugins)
+    group.add_command(train_policy)
+
+
+def parse_capacities(text: str) -> list[int]:
+    """``N[,N...]``: positive integers, else a one-line error naming the bad item."""
+    capacities = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            value = None
+        if value is None or value < 1 or str(value) != item.lstrip("+"):
+            raise TierflowError(f"--capacity: {item!r} is not a positive integer (expected N[,N...])")
+        capacities.append(value)
+    return capacities
+
+
+def parse_params(items) -> dict:
+    """``KEY=VALUE`` policy parameters; a value is read as JSON when it parses (numbers, true/false), else text."""
+    params = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TierflowError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        params[key.strip()] = value
+    return params
+
+
+@click.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.option("--policy", default="lru", show_default=True, help="Eviction policy (see `tierflow plugins`).")
+@click.option("--capacity", "capacity_text", default=None, metavar="N[,N...]",
+              help="Capacities to replay: experts in the pool (global) or slots per layer (per-layer).")
+@click.option("--scope", default="global", show_default=True, help="global (one pool) or per-layer (fixed slots).")
+@click.option("--param", "param_items", multiple=True, metavar="KEY=VALUE", help="A policy parameter.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Replay only the first N tokens.")
+@click.option("--mrc", is_flag=True, help="LRU's hit rate at every capacity, from one stack-distance pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per capacity.")
+def replay(trace_path, policy, capacity_text, scope, param_items, tokens, mrc, as_json):
+    """Replay a trace through one cache (no timing) and count hits and misses.
+
+    Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts);
+    every miss is admitted.
+    """
+    from tierflow import replay as replay_module
+    from tierflow.cache import POLICIES
+    from tierflow.cache.scope import check_scope
+
+    check_scope(scope)
+    params = parse_params(param_items)
+    POLICIES.params(policy, params)
+    if mrc:
+        if policy != "lru" or params:
+            raise TierflowError("--mrc computes LRU's curve: it takes no other --policy and no --param")
+        if capacity_text is not None:
+            raise TierflowError("--mrc reports every capacity: leave out --capacity")
+    elif capacity_text is None:
+        raise TierflowError("--capacity is required (or ask for --mrc)")
+    requests = replay_module.read_requests(trace_path, max_tokens=tokens)
+    if mrc:
+        capacities, hits = replay_module.lru_mrc(requests, scope)
+        results = [replay_module.ReplayResult("lru", int(c), scope, len(requests), int(h))
+                   for c, h in zip(capacities.tolist(), hits.tolist(), strict=True)]
+    else:
+        results = replay_module.replay(requests, policy, parse_capacities(capacity_text), scope, params)
+    if as_json:
+        from tierflow.cli import echo_json
+
+        echo_json([result.to_json() for result in results])
+    else:
+        click.echo(format_results(results))
+
+
+def format_results(results) -> str:
+    """A plain-text table of replay results."""
+    header = ("policy", "scope", "capacity", "requests", "hits", "misses", "hit_rate")
+    rows = [(r.policy, r.scope, str(r.capacity), str(r.requests), str(r.hits), str(r.misses), f"{r.hit_rate:.4f}")
+            for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def plugin_families() -> dict[str, list[dict]]:
+    """Every registered plugin family: cache policies, and prefetchers once ``tierflow.prefetch`` exists."""
+    from tierflow.cache import POLICIES
+
+    families = {"cache policies": POLICIES.describe()}
+    try:
+        prefetch = importlib.import_module("tierflow.prefetch")
+    except ModuleNotFoundError as error:
+        if error.name not in ("tierflow.prefetch",):
+            raise
+    else:
+        registry = getattr(prefetch, "PREFETCHERS", None)
+        if registry is not None:
+            families["prefetchers"] = registry.describe()
+    return families
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def plugins(as_json):
+    """List every cache policy and prefetcher with its parameters and defaults."""
+    families = plugin_families()
+    if as_json:
+        from tierflow.cli import echo_json
+
+        echo_json({family.replace(" ", "_"): rows for family, rows in families.items()})
+        return
+    lines = []
+    width = max((len(row["name"]) for rows in families.values() for row in rows), default=0)
+    for family, rows in families.items():
+        lines.append(f"{family}:")
+        for row in rows:
+            lines.append(f"  {row['name']:<{width}}  {row['summary']}")
+            for param in row["params"]:
+                lines.append(f"      {param['name']}={param['default']!r}  {param['help']}")
+    click.echo("\n".join(lines))
+
+
+@click.command("train-policy")
+@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Weights file to write (.npz), for `--param weights=FILE` of the learned policy.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Use only each trace's first N tokens.")
+@click.option("--fractions", default="0.05,0.1,0.25,0.5", show_default=True,
+              help="Cache sizes to imitate Belady at, as fractions of the pool's experts.")
+@click.option("--driver", default="lru", show_default=True,
+              help="Policy whose cache states are sampled (labels always come from the true future, as Belady's).")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Hidden units.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and inputs, same weights.")
+def train_policy(traces, out, tokens, fractions, driver, epochs, hidden, seed):
+    """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
+    from tierflow.cache import POLICIES, training
+    from tierflow.replay import read_requests
+
+    POLICIES.get(driver)
+    try:
+        capacity_fractions = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        raise TierflowError(f"--fractions {fractions!r}: expected numbers like 0.1,0.25") from None
+    if not all(0.0 < f < 1.0 for f in capacity_fractions):
+        raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
+    report = training.train(
+        [read_requests(path, max_tokens=tokens) for path in traces], out,
+        capacity_fractions=capacity_fractions, driver=driver, epochs=epochs, hidden=hidden, seed=seed,
+        sources=[Path(path).name for path in traces],
+    )
+    click.echo(f"wrote {out}: {report.examples} examples, {report.epochs} epochs, training error "
+               f"{report.train_loss:.3f} ({report.loss})", err=True)

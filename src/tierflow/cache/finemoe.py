@@ -1,0 +1,57 @@
+"""FineMoE-style eviction (fMoE): evict the expert with the lowest router probability x visit count, and
+protect experts that were prefetched but not yet used.
+
+A key's value is ``visits * probability``: how often it was routed to (kept across evictions: the expert set
+is small) times its router weight, smoothed over its visits (``Access.score``; traces without router weights
+give every visit the weight 1, which reduces the rule to LFU with history). A key inserted by a prefetch
+(``Access.prefetch``) is protected until its first demand hit: protected keys are evicted only when no
+unprotected key is evictable. Ties go to the least recently used key.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from tierflow.cache.base import POLICIES, PriorityPolicy
+
+
+def _unit(instance, attribute, value):
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value}")
+
+
+@attrs.frozen
+class FineMoEParams:
+    smoothing: float = attrs.field(default=0.25, converter=float, validator=_unit,
+                                   metadata={"help": "weight of the newest router probability in its running mean"})
+
+
+@POLICIES.register
+class FineMoE(PriorityPolicy):
+    """Evict the expert with the lowest router probability x visit count; prefetched experts are protected."""
+
+    name = "finemoe"
+    Params = FineMoEParams
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        self._visits: dict = {}
+        self._probability: dict = {}
+        self._protected: set = set()
+
+    def priority(self, key, access, hit):
+        probability = access.score if access.score > 0 else 1.0
+        old = self._probability.get(key)
+        alpha = self.params.smoothing
+        probability = self._probability[key] = probability if old is None else old + alpha * (probability - old)
+        if access.prefetch and not hit:
+            self._protected.add(key)
+        else:
+            self._visits[key] = self._visits.get(key, 0) + 1
+            if hit:
+                self._protected.discard(key)
+        return (key in self._protected, self._visits.get(key, 0) * probability)
+
+    def on_remove(self, key):
+        super().on_remove(key)
+        self._protected.discard(key)

@@ -1,0 +1,296 @@
+"""A learned eviction policy: a small neural network scores resident experts by their predicted time to next
+use, and the expert predicted to be needed last is evicted (Belady's rule with a learned future).
+
+Features (one row per resident expert, computed when the cache needs room; see :data:`FEATURES`):
+recency (steps since the expert's last access, and its recency rank among the residents), frequency (decayed
+visit counts at three half-lives, their rank among the residents, total visits), reuse-distance history (the
+last gap between accesses and a running mean of gaps), the router score of the last access, the expert's layer
+and its distance ahead of the layer being computed (in a global pool the experts of the next layers are needed
+soonest). Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
+counters are updated incrementally at each access; time is ``Access.time / (num_layers * top_k)`` steps.
+
+The network (one hidden ReLU layer, numpy only) regresses ``log2`` of the time to next use in decode steps, the
+quantity Belady ranks by: ``tierflow train-policy`` samples eviction decisions on training traces and labels
+every candidate with its true time to next use (see :mod:`tierflow.cache.training`). Default weights ship in
+``data/learned_default.npz``, trained only on synthetic traces (scripts/train_default_policy.py).
+
+Ranking every resident at every eviction would cost O(capacity) per miss, so the policy ranks all of them at
+once and then evicts in that order for up to ``rerank_every`` evictions; experts accessed since the ranking are
+skipped (their features changed) and the next ranking sees them again.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from tierflow.cache.base import POLICIES, Policy
+from tierflow.errors import TierflowError
+
+HALF_LIVES_STEPS = (2.0, 16.0, 128.0)
+FEATURES = (
+    "log2(1 + steps since last access)",
+    "recency rank among residents (0 most, 1 least recently used)",
+    "decayed-frequency rank among residents (0 most, 1 least frequent; half-life 16 steps)",
+    "layer distance ahead of the current layer / num_layers",
+    "log2(1 + decayed visits, half-life 2 steps)",
+    "log2(1 + decayed visits, half-life 16 steps)",
+    "log2(1 + decayed visits, half-life 128 steps)",
+    "log2(1 + visits)",
+    "log2(1 + last reuse gap in steps)",
+    "log2(1 + running mean reuse gap in steps)",
+    "router score of the last access",
+    "layer / num_layers",
+)
+NUM_FEATURES = len(FEATURES)
+# Targets: log2 of the steps to next use, capped (a key never used again is "far": 2**_FAR_LOG2 steps).
+FAR_LOG2 = 12.0
+_GAP_SMOOTHING = 0.25
+DEFAULT_WEIGHTS = "learned_default.npz"
+
+
+# ----------------------------------------------------------------------------------------------- the network
+
+
+@attrs.frozen(eq=False)
+class Scorer:
+    """``x -> relu((x - mean) / scale @ w1 + b1) @ w2 + b2``: predicted log2 steps to next use."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        hidden = np.maximum((features - self.mean) / self.scale @ self.w1 + self.b1, 0.0)
+        return hidden @ self.w2 + self.b2
+
+    def save(self, path, **metadata) -> None:
+        arrays = {name: getattr(self, name) for name in ("mean", "scale", "w1", "b1", "w2", "b2")}
+        np.savez(path, **arrays, features=np.array(FEATURES), **{k: np.asarray(v) for k, v in metadata.items()})
+
+    @classmethod
+    def load(cls, path) -> Scorer:
+        try:
+            with np.load(path) as data:
+                arrays = {name: np.asarray(data[name], dtype=np.float64)
+                          for name in ("mean", "scale", "w1", "b1", "w2", "b2")}
+                features = tuple(str(f) for f in data["features"]) if "features" in data else None
+        except (OSError, ValueError, KeyError) as error:
+            raise TierflowError(f"{path}: not a learned-policy weights file ({error})") from None
+        if features is not None and features != FEATURES:
+            raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")
+        scorer = cls(**{**arrays, "w2": arrays["w2"].reshape(-1), "b2": arrays["b2"].reshape(())})
+        if scorer.w1.shape[0] != NUM_FEATURES or scorer.w2.shape[0] != scorer.w1.shape[1]:
+            raise TierflowError(f"{path}: weight shapes {scorer.w1.shape}, {scorer.w2.shape} do not fit")
+        return scorer
+
+
+_SCORERS: dict[str, Scorer] = {}
+
+
+def load_scorer(weights: str = "") -> Scorer:
+    """The scorer from a weights file; ``""`` means the default weights shipped in the package."""
+    if weights not in _SCORERS:
+        if weights:
+            _SCORERS[weights] = Scorer.load(Path(weights))
+        else:
+            with resources.as_file(resources.files("tierflow.cache") / "data" / DEFAULT_WEIGHTS) as path:
+                _SCORERS[weights] = Scorer.load(path)
+    return _SCORERS[weights]
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+class ExpertFeatures:
+    """Per-key access statistics, kept incrementally, and the feature rows of the resident keys.
+
+    History (visits, decayed counts, gaps) outlives residency; each resident key also has a row (a *slot*) in
+    one table, written at each of its accesses, so that the features of all residents are computed at once.
+    """
+
+    FIELDS = ("last_step", "layer", "visits", "decayed_0", "decayed_1", "decayed_2", "last_gap", "mean_gap",
+              "score", "next_use", "version")
+    LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SCORE, NEXT_USE, VERSION = 0, 1, 2, 3, 6, 7, 8, 9, 10
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap]
+        self.slot_of: dict = {}
+        self.keys: list = []
+        self.free: list[int] = []
+        self.table = np.zeros((0, len(self.FIELDS)))
+
+    def observe(self, key, access, steps: float) -> None:
+        """Count an access (hit or insertion) of a resident key at time ``steps``."""
+        record = self.history.get(key)
+        if record is None:
+            record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0]
+        else:
+            gap = steps - record[0]
+            record[0] = steps
+            record[1] += 1
+            for i, half_life in enumerate(HALF_LIVES_STEPS):
+                record[2 + i] = record[2 + i] * 2.0 ** (-gap / half_life) + 1.0
+            record[5] = gap
+            record[6] = gap if record[1] == 2 else record[6] + _GAP_SMOOTHING * (gap - record[6])
+        slot = self.slot_of.get(key)
+        if slot is None:
+            slot = self._allocate(key)
+        version = self.table[slot, self.VERSION] + 1
+        self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, version)
+
+    def _allocate(self, key) -> int:
+        if not self.free:
+            old = len(self.keys)
+            extra = max(16, old)
+            self.table = np.concatenate([self.table, np.zeros((extra, len(self.FIELDS)))])
+            self.keys.extend([None] * extra)
+            self.free = list(range(old + extra - 1, old - 1, -1))
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.keys[slot] = key
+        return slot
+
+    def remove(self, key) -> None:
+        slot = self.slot_of.pop(key)
+        self.keys[slot] = None
+        self.free.append(slot)
+
+    def resident_slots(self) -> np.ndarray:
+        return np.fromiter(self.slot_of.values(), dtype=np.int64, count=len(self.slot_of))
+
+    def rows(self, slots: np.ndarray, now_steps: float, current_layer: int) -> np.ndarray:
+        """The feature rows (see :data:`FEATURES`) of the keys in ``slots`` at time ``now_steps``; ranks are
+        among these keys, so pass every resident."""
+        c = self.table[slots].T
+        age = np.maximum(now_steps - c[self.LAST_STEP], 0.0)
+        decayed = c[self.DECAYED:self.DECAYED + 3] * np.exp2(-age / np.array(HALF_LIVES_STEPS)[:, None])
+        last = max(len(slots) - 1, 1)
+        rows = np.empty((len(slots), NUM_FEATURES))
+        rows[:, 0] = np.log2(1.0 + age)
+        rows[:, 1] = _ranks(-c[self.LAST_STEP]) / last
+        rows[:, 2] = _ranks(-decayed[1]) / last
+        rows[:, 3] = np.mod(c[self.LAYER] - current_layer, self.num_layers) / self.num_layers
+        rows[:, 4:7] = np.log2(1.0 + decayed.T)
+        rows[:, 7] = np.log2(1.0 + c[self.VISITS])
+        rows[:, 8] = np.log2(1.0 + c[self.LAST_GAP])
+        rows[:, 9] = np.log2(1.0 + c[self.MEAN_GAP])
+        rows[:, 10] = c[self.SCORE]
+        rows[:, 11] = c[self.LAYER] / self.num_layers
+        return rows
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """0 for the smallest value, len - 1 for the largest (ties in slot order)."""
+    ranks = np.empty(len(values))
+    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
+    return ranks
+
+
+def log_steps_to_next_use(next_use: np.ndarray, now_time: float, accesses_per_step: float) -> np.ndarray:
+    """The regression target: ``log2`` of the steps until each key's next use, capped at ``FAR_LOG2``."""
+    steps = np.where(np.isinf(next_use), np.inf, (next_use - now_time) / accesses_per_step)
+    return np.minimum(np.log2(np.maximum(steps, 1.0 / accesses_per_step)), FAR_LOG2)
+
+
+# ----------------------------------------------------------------------------------------------- the policy
+
+
+def _non_negative(instance, attribute, value):
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+@attrs.frozen
+class LearnedParams:
+    weights: str = attrs.field(default="", validator=attrs.validators.instance_of(str),
+                               metadata={"help": "weights file from `tierflow train-policy` (default: shipped)"})
+    rerank_every: int = attrs.field(default=0, converter=int, validator=_non_negative,
+                                    metadata={"help": "evictions between two rankings of all residents "
+                                                      "(0: one per 64 residents)"})
+
+
+@POLICIES.register
+class Learned(Policy):
+    """Evict the expert a small neural network predicts is needed last (trained to imitate Belady)."""
+
+    name = "learned"
+    Params = LearnedParams
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        num_layers = context.num_layers if context is not None else 1
+        self.features = ExpertFeatures(num_layers)
+        self.scorer = load_scorer(self.params.weights)
+        self._ranked = np.empty(0, dtype=np.int64)  # resident slots by predicted next use, farthest last
+        self._ranked_versions = np.empty(0)
+        self._unused = 0
+        self._evictions_left = 0
+
+    def on_insert(self, key, access):
+        self.features.observe(key, access, self.clock(access))
+
+    def on_hit(self, key, access):
+        self.features.observe(key, access, self.clock(access))
+
+    def on_remove(self, key):
+        self.features.remove(key)
+
+    def ordered_keys(self):
+        return self.features.slot_of.keys()
+
+    def clock(self, access) -> float:
+        """Time in decode steps, to the access: ``Access.time`` over the accesses of one step
+        (``num_layers * top_k``), so that two accesses of one step still have an order."""
+        context = self.context
+        return access.time / (context.num_layers * context.top_k) if context is not None else float(access.time)
+
+    def victim(self, evictable, access):
+        for attempt in range(2):
+            if attempt or self._evictions_left <= 0:
+                self._rank(access)
+            found = self._next_ranked(evictable)
+            if found is not None:
+                self._evictions_left -= 1
+                return found
+        return None
+
+    def _rank(self, access) -> None:
+        """Order every resident key by predicted next use (farthest last) and start a new run of evictions."""
+        features = self.features
+        slots = features.resident_slots()
+        predicted = self.scorer(features.rows(slots, self.clock(access), access.current_layer))
+        self._ranked = slots[np.argsort(predicted, kind="stable")]
+        self._ranked_versions = features.table[self._ranked, features.VERSION]
+        self._unused = len(self._ranked)  # entries [0, _unused) may still be taken, from the end
+        every = self.params.rerank_every or max(1, len(slots) // 64)
+        self._evictions_left = every
+
+    def _next_ranked(self, evictable):
+        """The best remaining victim that is unchanged since the ranking and evictable (pinned ones stay)."""
+        features = self.features
+        table, keys, column = features.table, features.keys, features.VERSION
+        ranked, seen = self._ranked, self._ranked_versions
+        i = self._unused - 1
+        while i >= 0:
+            slot = ranked[i]
+            key = keys[slot]
+            if key is not None and table[slot, column] == seen[i]:
+                if evictable(key):
+                    seen[i] = -1.0  # taken
+                    break
+            elif i == self._unused - 1:
+                self._unused = i  # removed or accessed since the ranking: never a candidate again
+            i -= 1
+        else:
+            return None
+        if i == self._unused - 1:
+            self._unused = i
+        return key

@@ -1,0 +1,264 @@
+"""Eviction policies: each one's rule on small hand-worked sequences, the shared conformance protocol every
+registered policy passes, the two cache scopes, and the learned policy's weights and features."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tierflow.cache import (
+    NEVER,
+    POLICIES,
+    Access,
+    CacheContext,
+    CacheFullError,
+    LayeredCache,
+    TierCache,
+    make_expert_cache,
+    make_policy,
+)
+from tierflow.cache.learned import FEATURES, ExpertFeatures, Scorer, load_scorer
+from tierflow.errors import TierflowError
+from tierflow.replay import next_use
+
+
+def run(policy, keys, capacity, params=None, scores=None, prefetch=(), steps=None):
+    """Replay ``keys`` through a cache of ``capacity`` unit objects; returns (hits per access, cache)."""
+    cache = TierCache(make_policy(policy, params, CacheContext(capacity)), capacity)
+    following = next_use(np.array(keys))
+    hits = []
+    for time, key in enumerate(keys):
+        access = Access(key, time, score=scores[time] if scores else 0.0,
+                        next_use=NEVER if following[time] < 0 else int(following[time]),
+                        prefetch=time in prefetch, step=steps[time] if steps else time)
+        hit = cache.lookup(key, access)
+        if not hit:
+            cache.admit(key, 1, access)
+        hits.append(hit)
+        cache.check_valid()
+    return hits, cache
+
+
+def hit_pattern(hits):
+    return "".join("H" if h else "." for h in hits)
+
+
+# ----------------------------------------------------------------------------------------------- hand-worked
+
+
+def test_lru_evicts_the_least_recently_used():
+    # a b c a d: d evicts b (a was used after b); then b misses and evicts c; a still hits.
+    hits, cache = run("lru", list("abcadba"), 3)
+    assert hit_pattern(hits) == "...H..H"
+    assert set(cache.keys()) == {"a", "d", "b"}
+
+
+def test_fifo_ignores_hits():
+    # a b c a d: d evicts a, the first in, although a was just hit.
+    hits, cache = run("fifo", list("abcada"), 3)
+    assert hit_pattern(hits) == "...H.."
+    assert set(cache.keys()) == {"c", "d", "a"}
+
+
+def test_lfu_evicts_the_least_frequent_and_breaks_ties_by_recency():
+    # Counts a:3 b:1 c:1 when d arrives: b and c tie at 1 and b was used longer ago, so b goes.
+    _, cache = run("lfu", list("aaabcd"), 3)
+    assert set(cache.keys()) == {"a", "c", "d"}
+
+
+def test_lfu_counts_restart_when_a_key_returns():
+    # At d: a:3 b:2 c:2 -> b (tie with c, older) goes. b returns with count 1, so at e it is the victim,
+    # although it was used twice before (libCacheSim's LFU keeps no history).
+    hits, cache = run("lfu", list("aabbcacdbe"), 3)
+    assert hit_pattern(hits) == ".H.H.HH..."
+    assert set(cache.keys()) == {"a", "c", "e"}
+
+
+def test_belady_evicts_the_farthest_next_use():
+    # At d, the residents' next uses are a:4? -- a is used at 5, b at 6, c never: c goes.
+    hits, cache = run("belady", list("abcdab"), 3)
+    assert hit_pattern(hits) == "....HH"
+
+
+def test_belady_matches_brute_force_optimum_on_small_sequences():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        keys = rng.integers(0, 6, 14).tolist()
+        hits, _ = run("belady", keys, 3)
+        assert sum(hits) == _optimal_hits(keys, 3)
+
+
+def _optimal_hits(keys, capacity):
+    """The most hits any eviction choice achieves (exhaustive search; every miss is admitted)."""
+    best = {frozenset(): 0}
+    for key in keys:
+        nxt = {}
+        for resident, count in best.items():
+            if key in resident:
+                options = [(resident, count + 1)]
+            elif len(resident) < capacity:
+                options = [(resident | {key}, count)]
+            else:
+                options = [((resident - {victim}) | {key}, count) for victim in resident]
+            for state, value in options:
+                nxt[state] = max(nxt.get(state, -1), value)
+        best = nxt
+    return max(best.values())
+
+
+def test_lfu_aging_forgets_old_popularity():
+    # a is used 30 times, then b and c alternate 10 times each, then d arrives. Plain counting keeps a (30
+    # against 10) and evicts b; with a half-life of 2 steps a's popularity has faded, so a goes.
+    keys = ["a"] * 30 + ["b", "c"] * 10 + ["d"]
+    steps = list(range(len(keys)))
+    _, aged = run("lfu_aging", keys, 3, {"half_life": 2.0}, steps=steps)
+    assert set(aged.keys()) == {"b", "c", "d"}
+    _, kept = run("lfu_aging", keys, 3, {"half_life": 1e9}, steps=steps)
+    assert set(kept.keys()) == {"a", "c", "d"}
+
+
+def test_lfu_aging_score_is_a_decayed_count():
+    policy = make_policy("lfu_aging", {"half_life": 4.0}, CacheContext(4))
+    policy.on_insert("k", Access("k", 0, step=0))
+    policy.on_hit("k", Access("k", 1, step=4))
+    policy.on_hit("k", Access("k", 2, step=8))
+    # At step 8 the score is 1 + 2**-1 + 2**-2 = 1.75; it is stored as log2(score) + 8 / half_life.
+    assert policy._log_score["k"] == pytest.approx(math.log2(1.75) + 2.0)
+
+
+def test_finemoe_evicts_lowest_probability_times_visits_and_protects_prefetched():
+    # a: 2 visits x 0.9; b: 3 visits x 0.1; c: 1 visit x 0.8 -> scores 1.8, 0.3, 0.8: d evicts b.
+    keys = list("aabbbcd")
+    scores = [0.9, 0.9, 0.1, 0.1, 0.1, 0.8, 0.5]
+    _, cache = run("finemoe", keys, 3, {"smoothing": 1.0}, scores=scores)
+    assert set(cache.keys()) == {"a", "c", "d"}
+    # The same, but c was prefetched (never demanded): it is protected, so b still goes, then on e, with c
+    # protected and d (0.5) lowest among a and d, d goes.
+    keys = list("aabbbcde")
+    scores = [0.9, 0.9, 0.1, 0.1, 0.1, 0.01, 0.5, 0.5]
+    _, cache = run("finemoe", keys, 3, {"smoothing": 1.0}, scores=scores, prefetch={5})
+    assert set(cache.keys()) == {"a", "c", "e"}
+
+
+def test_learned_policy_loads_the_shipped_weights():
+    scorer = load_scorer()
+    assert scorer.w1.shape == (len(FEATURES), scorer.b1.shape[0])
+    hits, cache = run("learned", [i % 7 for i in range(200)], 4)
+    assert len(cache) == 4
+
+
+def test_learned_policy_with_a_recency_scorer_is_lru(tmp_path):
+    """A network that predicts 'the longer unused, the later needed' must evict exactly as LRU does."""
+    width = len(FEATURES)
+    w1 = np.zeros((width, 1))
+    w1[FEATURES.index("log2(1 + steps since last access)"), 0] = 1.0
+    path = tmp_path / "recency.npz"
+    Scorer(np.zeros(width), np.ones(width), w1, np.zeros(1), np.ones(1), np.array(0.0)).save(path)
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        keys = rng.integers(0, 12, 300).tolist()
+        learned, _ = run("learned", keys, 5, {"weights": str(path), "rerank_every": 1})
+        lru, _ = run("lru", keys, 5)
+        assert learned == lru
+
+
+def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    scorer = Scorer(rng.normal(size=len(FEATURES)), np.ones(len(FEATURES)), rng.normal(size=(len(FEATURES), 4)),
+                    np.zeros(4), rng.normal(size=4), np.array(0.5))
+    path = tmp_path / "w.npz"
+    scorer.save(path)
+    loaded = Scorer.load(path)
+    x = rng.normal(size=(5, len(FEATURES)))
+    np.testing.assert_allclose(loaded(x), scorer(x))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(TierflowError, match="weights"):
+        make_policy("learned", {"weights": str(bad)}, CacheContext(4))
+
+
+def test_learned_features_are_recency_frequency_and_layer_distance():
+    features = ExpertFeatures(num_layers=4)
+    features.observe("x", Access("x", 0, layer=3, score=0.7), steps=0.0)
+    features.observe("x", Access("x", 10, layer=3, score=0.5), steps=2.0)
+    features.observe("y", Access("y", 11, layer=0, score=0.2), steps=3.0)
+    slots = features.resident_slots()
+    x, y = (dict(zip(FEATURES, row, strict=True)) for row in features.rows(slots, now_steps=6.0, current_layer=1))
+    assert x["log2(1 + steps since last access)"] == pytest.approx(math.log2(5.0))
+    assert x["recency rank among residents (0 most, 1 least recently used)"] == 1.0
+    assert y["recency rank among residents (0 most, 1 least recently used)"] == 0.0
+    # x: two visits 2 steps apart, seen 4 steps after the last; y: one visit 3 steps ago. Half-life 16:
+    # x has (2**-1/8 + 1) * 2**-4/16 = 1.73, y has 2**-3/16 = 0.88: y is the less frequent.
+    assert y["decayed-frequency rank among residents (0 most, 1 least frequent; half-life 16 steps)"] == 1.0
+    assert x["layer distance ahead of the current layer / num_layers"] == pytest.approx(2 / 4)
+    assert y["layer distance ahead of the current layer / num_layers"] == pytest.approx(3 / 4)
+    # Half-life 2: (2**-1 + 1) * 2**-2 for x.
+    assert x["log2(1 + decayed visits, half-life 2 steps)"] == pytest.approx(math.log2(1 + 1.5 * 0.25))
+    assert x["log2(1 + visits)"] == pytest.approx(math.log2(3.0))
+    assert x["log2(1 + last reuse gap in steps)"] == pytest.approx(math.log2(3.0))
+    assert x["router score of the last access"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- conformance
+
+
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_every_policy_follows_the_protocol(name):
+    """The same protocol for every registered policy: fills to capacity, evicts only unpinned keys, reports
+    a full-of-pinned cache as an error without evicting anything, and keeps its ordering in step."""
+    cache = TierCache(make_policy(name, None, CacheContext(4, num_layers=2, num_experts=8)), 4)
+    following = next_use(np.array([k % 9 for k in range(60)]))
+    for time in range(60):
+        key = time % 9
+        access = Access(key, time, layer=key // 8, score=0.3, step=time // 2,
+                        next_use=NEVER if following[time] < 0 else int(following[time]))
+        if not cache.lookup(key, access):
+            cache.admit(key, 1, access)
+        cache.check_valid()
+        assert len(cache) <= 4
+    for key in list(cache.keys()):
+        cache.pin(key)
+    with pytest.raises(CacheFullError, match="pinned"):
+        cache.admit(99, 1, Access(99, 61))
+    assert len(cache) == 4
+    cache.unpin(next(iter(cache.keys())))
+    evicted = cache.admit(99, 1, Access(99, 62))
+    assert len(evicted) == 1 and not cache.is_pinned(evicted[0])
+    cache.check_valid()
+
+
+def test_unknown_policy_and_parameter_list_the_valid_ones():
+    with pytest.raises(TierflowError, match="valid: belady, fifo, finemoe, learned, lfu, lfu_aging, lru"):
+        make_policy("mru")
+    with pytest.raises(TierflowError, match="valid: half_life, keep_history"):
+        make_policy("lfu_aging", {"halflife": 3})
+    with pytest.raises(TierflowError, match="half_life must be > 0"):
+        make_policy("lfu_aging", {"half_life": 0})
+
+
+# ----------------------------------------------------------------------------------------------- scopes
+
+
+def test_per_layer_scope_keeps_each_layer_within_its_budget():
+    cache = make_expert_cache("lru", "per-layer", [1, 3], num_layers=2, num_experts=10)
+    assert isinstance(cache, LayeredCache) and cache.capacity_bytes == 4
+    for time, key in enumerate([0, 1, 2, 10, 11, 12, 13, 0]):
+        if not cache.lookup(key, Access(key, time, layer=key // 10)):
+            cache.admit(key, 1, Access(key, time, layer=key // 10))
+        cache.check_valid()
+    assert set(cache.caches[0].keys()) == {0} and set(cache.caches[1].keys()) == {11, 12, 13}
+    assert cache.stats.hits == 0 and cache.stats.misses == 8
+
+
+def test_global_scope_is_one_pool():
+    cache = make_expert_cache("lru", "global", 3, num_layers=2, num_experts=10)
+    assert isinstance(cache, TierCache) and cache.capacity_bytes == 3
+
+
+def test_bad_scope_and_budgets_are_errors():
+    with pytest.raises(TierflowError, match="valid: global, per-layer"):
+        make_expert_cache("lru", "layer", 3, num_layers=2, num_experts=10)
+    with pytest.raises(TierflowError, match="got 3 for 2 layers"):
+        make_expert_cache("lru", "per-layer", [1, 2, 3], num_layers=2, num_experts=10)

@@ -1,0 +1,126 @@
+"""``tierflow replay``, ``tierflow plugins`` and ``tierflow train-policy`` end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from tierflow.replay import Requests, lru_hits, replay
+from tierflow.trace.format import write_trace
+from tierflow.trace.synth import generate_arrays
+
+NUM_LAYERS, NUM_EXPERTS, TOP_K, TOKENS = 4, 16, 2, 300
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    arrays = generate_arrays(NUM_LAYERS, NUM_EXPERTS, TOP_K, TOKENS, seed=3)
+    path = tmp_path_factory.mktemp("replay") / "small.h5"
+    write_trace(path, arrays["experts"], arrays["sequence_id"], model="test", num_experts=NUM_EXPERTS,
+                source="test", gate_scores=arrays["gate_scores"])
+    return path, Requests.from_experts(arrays["experts"], NUM_EXPERTS, arrays["gate_scores"])
+
+
+def replay_json(*args):
+    result = run_cli("replay", *args, "--json", check_status=0)
+    return json.loads(result.stdout)
+
+
+def test_replay_json_is_one_object_per_capacity_with_the_agreed_keys(trace):
+    path, requests = trace
+    rows = replay_json(path, "--policy", "lfu", "--capacity", "4,16,40")
+    assert [set(row) for row in rows] == [{"policy", "capacity", "scope", "requests", "hits", "misses",
+                                           "hit_rate"}] * 3
+    assert [row["capacity"] for row in rows] == [4, 16, 40]
+    expected = replay(requests, "lfu", [4, 16, 40])
+    for row, result in zip(rows, expected, strict=True):
+        assert (row["policy"], row["scope"], row["requests"]) == ("lfu", "global", TOKENS * NUM_LAYERS * TOP_K)
+        assert row["hits"] == result.hits and row["hits"] + row["misses"] == row["requests"]
+        assert row["hit_rate"] == pytest.approx(row["hits"] / row["requests"])
+
+
+def test_replay_per_layer_scope_and_parameters(trace):
+    path, requests = trace
+    rows = replay_json(path, "--policy", "lfu_aging", "--param", "half_life=8", "--param", "keep_history=false",
+                       "--capacity", "3", "--scope", "per-layer")
+    expected = replay(requests, "lfu_aging", [3], "per-layer", {"half_life": 8, "keep_history": False})
+    assert rows[0]["hits"] == expected[0].hits and rows[0]["scope"] == "per-layer"
+
+
+def test_replay_text_table(trace):
+    path, _ = trace
+    result = run_cli("replay", path, "--capacity", "8", "--tokens", "10", check_status=0)
+    header, row = result.stdout.strip().splitlines()
+    assert header.split() == ["policy", "scope", "capacity", "requests", "hits", "misses", "hit_rate"]
+    assert row.split()[:4] == ["lru", "global", "8", str(10 * NUM_LAYERS * TOP_K)]
+
+
+@pytest.mark.parametrize("scope", ["global", "per-layer"])
+def test_mrc_reports_lru_at_every_capacity(trace, scope):
+    path, requests = trace
+    rows = replay_json(path, "--mrc", "--scope", scope)
+    capacities = [row["capacity"] for row in rows]
+    assert capacities == list(range(TOP_K, capacities[-1] + 1))
+    assert {row["policy"] for row in rows} == {"lru"}
+    assert [row["hits"] for row in rows] == lru_hits(requests, capacities, scope)
+
+
+def test_plugins_lists_every_policy_with_its_parameters():
+    text = run_cli("plugins", check_status=0).stdout
+    for name in ("lru", "fifo", "lfu", "lfu_aging", "learned", "finemoe", "belady"):
+        assert f"  {name} " in text
+    assert "half_life=64.0" in text
+    listing = json.loads(run_cli("plugins", "--json", check_status=0).stdout)
+    policies = {row["name"]: row for row in listing["cache_policies"]}
+    assert [p["name"] for p in policies["lfu_aging"]["params"]] == ["half_life", "keep_history"]
+    assert policies["lru"]["params"] == []
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--policy", "mru", "--capacity", "4"], ["unknown cache policy 'mru'", "valid: belady, fifo, finemoe"]),
+    (["--scope", "tiered", "--capacity", "4"], ["unknown cache scope 'tiered'", "valid: global, per-layer"]),
+    (["--capacity", "0"], ["'0' is not a positive integer"]),
+    (["--capacity", "-3"], ["'-3' is not a positive integer"]),
+    (["--capacity", "4,x"], ["'x' is not a positive integer"]),
+    (["--capacity", "2.5"], ["'2.5' is not a positive integer"]),
+    (["--capacity", "1"], ["capacity 1 is smaller than top_k=2"]),
+    (["--capacity", "1", "--scope", "per-layer"], ["smaller than top_k=2", "slots per layer"]),
+    ([], ["--capacity is required"]),
+    (["--mrc", "--policy", "lfu"], ["--mrc computes LRU's curve"]),
+    (["--policy", "lfu_aging", "--param", "halflife=3", "--capacity", "4"], ["unknown parameter(s) halflife",
+                                                                             "valid: half_life, keep_history"]),
+    (["--policy", "lfu_aging", "--param", "half_life=-1", "--capacity", "4"], ["half_life must be > 0"]),
+])
+def test_bad_input_is_one_line_and_status_2(trace, args, fragments):
+    path, _ = trace
+    assert_one_line_error(run_cli("replay", path, *args), *fragments)
+
+
+def test_missing_trace_is_one_line_error(tmp_path):
+    assert_one_line_error(run_cli("replay", tmp_path / "nope.h5", "--capacity", "4"), "no such file")
+
+
+def test_train_policy_writes_weights_the_learned_policy_uses(trace, tmp_path):
+    path, requests = trace
+    out = tmp_path / "weights.npz"
+    result = run_cli("train-policy", path, "--out", out, "--epochs", "2", "--fractions", "0.1,0.3", "--seed", "4",
+                     check_status=0)
+    assert "examples" in result.stderr and out.exists()
+    with np.load(out) as weights:
+        assert weights["w1"].shape[1] == 32 and str(weights["sources"][0]) == "small.h5"
+    rows = replay_json(path, "--policy", "learned", "--param", f"weights={out}", "--capacity", "20")
+    assert rows[0]["hits"] == replay(requests, "learned", [20], params={"weights": str(out)})[0].hits
+    again = tmp_path / "again.npz"
+    run_cli("train-policy", path, "--out", again, "--epochs", "2", "--fractions", "0.1,0.3", "--seed", "4",
+            check_status=0)
+    with np.load(out) as first, np.load(again) as second:
+        np.testing.assert_array_equal(first["w1"], second["w1"])  # same seed, same weights
+
+
+def test_train_policy_bad_fractions(trace, tmp_path):
+    path, _ = trace
+    assert_one_line_error(run_cli("train-policy", path, "--out", tmp_path / "w.npz", "--fractions", "0.1,2"),
+                          "each must be in (0, 1)")
