@@ -12,7 +12,6 @@ process that only imports tierflow.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,6 @@ def main():
           f"writing random ids of the same shape: {write_s:.2f} s; ratio {gen_s / write_s:.2f}")
     print(f"trace info: {info_s:.2f} s, peak {info_mb:.0f} MB (target < 300 MB); "
           f"importing tierflow alone: {import_mb:.0f} MB; ratio {info_mb / import_mb:.2f}")
-    del resource
 
 
 if __name__ == "__main__":

@@ -196,3 +196,14 @@ def test_out_of_order_is_found_across_chunks_and_interleaved_sequences(tmp_path)
                  token_index=np.array([0, 0, 1, 2, 2, 1]))
     with pytest.raises(TraceError, match="sequence 1 tokens out of order at token 5"):
         validate_trace(bad, chunk_tokens=2)
+
+
+def test_published_files_have_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "t.h5"
+    write_trace(path, [[[0, 1]]], [0], model="m", num_experts=4, source="s")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -8,14 +8,12 @@ token is the step's energy divided by the tokens it produced.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import attrs
 import h5py
 import numpy as np
 
+from tierflow.atomic import atomic_write
 from tierflow.energy import COMPONENTS, ledger_energy_j, route_energy_j
 
 
@@ -147,11 +145,8 @@ def _prefetch_line(p: dict) -> str:
 
 def write_results_h5(results: Results, path) -> None:
     """The summary (as JSON and as attributes) and the per-step series, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["summary_json"] = json.dumps(results.summary)
             f.attrs["scenario_json"] = json.dumps(results.scenario_table)
@@ -160,7 +155,5 @@ def write_results_h5(results: Results, path) -> None:
             steps["stall_s"] = results.step_stall_s
             steps["hits"] = results.step_hits
             steps["misses"] = results.step_misses
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)

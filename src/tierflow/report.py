@@ -20,7 +20,8 @@ import numpy as np
 
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
-from tierflow.sweep import STATUS_OK, _atomic_write, _write_text, points_dir, read_table
+from tierflow.atomic import atomic_write
+from tierflow.sweep import STATUS_OK, _write_text, points_dir, read_table
 
 FIGURE_SIZE_IN = (10.0, 6.0)
 FIGURE_DPI = 100  # so every PNG is 1000 x 600 pixels
@@ -100,7 +101,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=FIGURE_DPI))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=FIGURE_DPI))
     return path
 
 

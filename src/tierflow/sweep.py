@@ -40,7 +40,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -51,6 +50,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from tierflow.atomic import atomic_write
 from tierflow.config import load_table, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
 
@@ -59,8 +59,6 @@ STATUS_OK, STATUS_ERROR = "ok", "error"
 _SWEEP_KEYS = {"name", "description", "scenario", "seed", "set", "grid", "zip"}
 # Scenario fields that label a point but do not change what it simulates: left out of the id.
 _LABEL_KEYS = ("name", "description")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @attrs.frozen
@@ -254,22 +252,8 @@ def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)``, then rename it to ``path``; no half-written file is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def points_dir(out: Path) -> Path:
@@ -381,8 +365,8 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
         Path(tmp).write_text(buffer.getvalue())
 
     h5_path, csv_path = out / "results.h5", out / "results.csv"
-    _atomic_write(h5_path, write_h5)
-    _atomic_write(csv_path, write_csv)
+    atomic_write(h5_path, write_h5)
+    atomic_write(csv_path, write_csv)
     return h5_path, csv_path
 
 

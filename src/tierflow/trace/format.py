@@ -18,7 +18,6 @@ Readers stream the file in chunks of tokens, so memory stays bounded whatever th
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,16 +25,16 @@ import attrs
 import h5py
 import numpy as np
 
+from tierflow.atomic import discard, new_temporary, publish
 from tierflow.errors import TraceError
 
 FORMAT_NAME = "tierflow-trace"
 FORMAT_VERSION = 1
 REQUIRED_ATTRS = ("format", "version", "model", "num_layers", "num_experts", "top_k", "source")
 DEFAULT_CHUNK_TOKENS = 16384
-# gzip level 1 with byte shuffling: readable by any HDF5 tool. Higher levels cost several times more for a
-# few percent. Router weights are near-random half floats that gzip shrinks by a fifth at a high CPU cost;
+# gzip level 1: readable by any HDF5 tool. Higher levels cost several times more for a few percent. Router weights are near-random half floats that gzip shrinks by a fifth at a high CPU cost;
 # they take h5py's LZF filter instead (four times faster, about the same size).
-_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 _FLOAT_COMPRESSION = {"compression": "lzf", "shuffle": True}
 # Router weights need three significant digits, not seven: half precision halves the file.
 GATE_SCORE_DTYPE = np.float16
@@ -118,10 +117,7 @@ class TraceWriter:
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.num_tokens = 0
         self._validate = validate
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = new_temporary(self.path)
         self._file = h5py.File(self._tmp, "w")
         self._file.attrs.update(
             format=FORMAT_NAME,
@@ -197,13 +193,13 @@ class TraceWriter:
             try:
                 validate_trace(self._tmp)
             except TraceError as error:
-                self._tmp.unlink(missing_ok=True)
+                discard(self._tmp)
                 raise TraceError(self.path, error.problem) from None
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
 
     def abort(self) -> None:
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        discard(self._tmp)
 
     def __enter__(self) -> TraceWriter:
         return self

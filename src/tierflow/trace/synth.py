@@ -421,7 +421,7 @@ def _sample_rows(rng, probabilities: np.ndarray) -> np.ndarray:
 # Whole sequences are grouped into blocks of at least this many tokens; blocks are independent (own random
 # stream, no state crosses them), so they can be routed in parallel. A block much longer than this (one
 # very long sequence) is routed in the calling process, chunk by chunk, to keep memory bounded.
-_BLOCK_TOKENS = 16384
+_BLOCK_TOKENS = 12288
 _INLINE_BLOCK_TOKENS = 4 * _BLOCK_TOKENS
 
 
