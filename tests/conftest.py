@@ -36,6 +36,19 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def scenario_with(base: dict, **changes):
+    """A scenario from a base table with dotted-key changes (``**{"cache.capacity_experts": 100}``)."""
+    import json
+
+    from tierflow.config import scenario_from_table
+
+    table = json.loads(json.dumps(base))
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (table.setdefault(section, {}) if section else table)[name] = value
+    return scenario_from_table(table)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -5,14 +5,14 @@ the accounting of wasted prefetches, and each prefetcher's own rule on small han
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
+
+from conftest import scenario_with
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierflow.config import scenario_from_table
 from tierflow.errors import TierflowError
 from tierflow.prefetch import PREFETCHERS, PrefetchContext, RoutingEvent, make_prefetcher
 from tierflow.prefetch.expert_map import ExpertMap
@@ -32,11 +32,7 @@ ALL_EXPERTS = 16 * 64  # OLMoE: 16 MoE layers x 64 experts, all of which fit one
 
 
 def small(**changes):
-    table = json.loads(json.dumps(SMALL))
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (table.setdefault(section, {}) if section else table)[name] = value
-    return scenario_from_table(table)
+    return scenario_with(SMALL, **changes)
 
 
 def run_recorded(scenario):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import simpy
 
-from conftest import assert_one_line_error, run_cli
+from conftest import scenario_with, assert_one_line_error, run_cli
 from tierflow.cache import Access, TierCache, make_policy
 from tierflow.catalog import get_model, get_profile
-from tierflow.config import load_scenario, scenario_from_table
+from tierflow.config import load_scenario
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
 from tierflow.sim.channel import Channel
@@ -30,11 +30,7 @@ SMALL = {
 
 
 def small(**changes):
-    table = json.loads(json.dumps(SMALL))
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (table.setdefault(section, {}) if section else table)[name] = value
-    return scenario_from_table(table)
+    return scenario_with(SMALL, **changes)
 
 
 def run(scenario):

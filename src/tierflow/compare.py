@@ -72,20 +72,13 @@ def format_comparison(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_scenarios(names, overrides=(), trace: str | None = None, progress_stream=None) -> list[dict]:
+def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = True) -> list[dict]:
     """Simulate each scenario (with the same overrides) and return their summaries in order."""
     from tierflow.config import load_scenario
-    from tierflow.sim.engine import Simulation
+    from tierflow.sim.commands import run_with_progress
 
     scenarios = [load_scenario(name, overrides) for name in names]  # every one validated before any runs
-    summaries = []
-    for scenario in scenarios:
-        steps = scenario.workload.decode_tokens
-        hidden = progress_stream is None or steps < 64
-        with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=progress_stream,
-                               hidden=hidden) as bar:
-            summaries.append(Simulation(scenario, trace, progress=bar.update).run().summary)
-    return summaries
+    return [run_with_progress(scenario, trace, quiet).summary for scenario in scenarios]
 
 
 @click.command()
@@ -99,8 +92,7 @@ def run_scenarios(names, overrides=(), trace: str | None = None, progress_stream
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare(scenario_names, trace, overrides, as_json, quiet):
     """Simulate several scenarios and print latency, stall, hit rates, bytes and energy side by side."""
-    stream = None if quiet else click.get_text_stream("stderr")
-    summaries = run_scenarios(scenario_names, overrides, str(trace) if trace else None, stream)
+    summaries = run_scenarios(scenario_names, overrides, str(trace) if trace else None, quiet)
     if as_json:
         from tierflow.cli import echo_json
 

@@ -14,6 +14,16 @@ def register(group: click.Group) -> None:
     group.add_command(simulate)
 
 
+def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
+    """Simulate a scenario with a progress bar on stderr (for runs of 64 steps or more, unless quiet)."""
+    from tierflow.sim.engine import Simulation
+
+    steps = scenario.workload.decode_tokens
+    with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=click.get_text_stream("stderr"),
+                           hidden=quiet or steps < 64) as bar:
+        return Simulation(scenario, trace, progress=bar.update).run()
+
+
 @click.command()
 @click.option("--scenario", "scenario_name", default="ssd_prefetch", show_default=True,
               help="A shipped scenario name or a path to a .toml file.")
@@ -27,14 +37,8 @@ def register(group: click.Group) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     """Simulate MoE decode over GPU HBM, host DDR and NVMe SSD for one scenario."""
-    from tierflow.sim.engine import Simulation
-
     scenario = load_scenario(scenario_name, overrides)
-    steps = scenario.workload.decode_tokens
-    show = not quiet and steps >= 64
-    with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=click.get_text_stream("stderr"),
-                           hidden=not show) as bar:
-        results = Simulation(scenario, str(trace) if trace else None, progress=bar.update).run()
+    results = run_with_progress(scenario, str(trace) if trace else None, quiet)
     if out is not None:
         write_results_h5(results, out)
     if as_json:
