@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -38,7 +39,7 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
 
     to_run = sum(not is_finished(out, p.point_id) for p in spec.points)
     label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
-    with click.progressbar(length=to_run, label=label, file=click.get_text_stream("stderr"), show_eta=True,
+    with click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
                            show_pos=True, hidden=quiet or to_run == 0) as bar:
         outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update)
     click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -19,7 +20,7 @@ def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
     from tierflow.sim.engine import Simulation
 
     steps = scenario.workload.decode_tokens
-    with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=click.get_text_stream("stderr"),
+    with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=sys.stderr,
                            hidden=quiet or steps < 64) as bar:
         return Simulation(scenario, trace, progress=bar.update).run()
 
