@@ -221,7 +221,7 @@ def _first_occurrences(values: np.ndarray, num_experts: int) -> np.ndarray:
 def _draw_distinct(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.ndarray:
     """k distinct experts per row, drawn one after another without replacement (as top-k sampling is).
 
-    The first distinct values of an i.i.d. sequence are exactly such a draw, so each row first takes 2k
+    The first distinct values of an i.i.d. sequence are exactly such a draw, so each row first takes k + 4
     cheap i.i.d. draws from its block's urn and keeps the first distinct ones; rows that saw fewer than k
     distinct experts (concentrated routing) complete the sequence with exact restricted draws.
     """
