@@ -209,7 +209,7 @@ def _first_occurrences(values: np.ndarray, num_experts: int) -> np.ndarray:
     """
     n, width = values.shape
     seen = np.zeros(n * num_experts, dtype=bool)
-    flat = values.astype(np.int64) + (np.arange(n, dtype=np.int64) * num_experts)[:, None]
+    flat = values + (np.arange(n, dtype=np.int64) * num_experts)[:, None]
     first = np.empty((n, width), dtype=bool)
     for column in range(width):
         index = flat[:, column]
@@ -226,15 +226,15 @@ def _draw_distinct(rng, tables: _LayerTables, block: np.ndarray, k: int) -> np.n
     distinct experts (concentrated routing) complete the sequence with exact restricted draws.
     """
     n, width = len(block), k + 4
-    index = block.astype(np.int64)[:, None] * _URN_SIZE + rng.integers(0, _URN_SIZE, (n, width))
-    draws = tables.urns.ravel()[index].astype(np.int64)
+    index = rng.integers(0, _URN_SIZE, (n, width))
+    index += block[:, None] * _URN_SIZE
+    draws = tables.urns.ravel()[index]
     first = _first_occurrences(draws, tables.p.shape[1])
-    rank = np.cumsum(first, axis=1)
-    take = first & (rank <= k)
-    chosen = np.full((n, k), -1, dtype=np.int64)
-    rows, cols = np.nonzero(take)
-    chosen[rows, rank[rows, cols] - 1] = draws[rows, cols]
-    have = take.sum(axis=1)
+    # The first k distinct draws of each row, in order: a stable sort puts the first occurrences in front.
+    order = np.argsort(~first, axis=1, kind="stable")[:, :k]
+    chosen = np.take_along_axis(draws, order, axis=1).astype(np.int64)
+    have = first.sum(axis=1)
+    chosen[np.arange(k) >= have[:, None]] = -1
     for slot in range(k):
         lacking = np.flatnonzero(have <= slot)
         if lacking.size:
