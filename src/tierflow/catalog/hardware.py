@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
-from tierflow.errors import TierflowError
+from tierflow.catalog.lookup import lookup
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 GB, TB = 1e9, 1e12
@@ -525,7 +525,4 @@ def profile_names() -> list[str]:
 
 def get_profile(name: str) -> HardwareProfile:
     """The profile called ``name`` (case-insensitive); :class:`TierflowError` listing valid names if unknown."""
-    profile = PROFILES.get(name.strip().lower())
-    if profile is None:
-        raise TierflowError(f"unknown hardware profile {name!r}; valid profiles: {', '.join(profile_names())}")
-    return profile
+    return lookup(PROFILES, name, "hardware profile", "profiles")

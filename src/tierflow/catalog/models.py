@@ -20,7 +20,7 @@ from typing import ClassVar
 import attrs
 from attrs import validators as v
 
-from tierflow.errors import TierflowError
+from tierflow.catalog.lookup import lookup
 
 BF16_BYTES = 2.0
 # DeepSeek's FP8 release: e4m3 weights plus one float32 scale per 128 x 128 block (README_WEIGHTS.md).
@@ -530,7 +530,4 @@ def model_names() -> list[str]:
 
 def get_model(name: str) -> ModelSpec:
     """The catalog row for ``name`` (case-insensitive); :class:`TierflowError` listing valid names if unknown."""
-    spec = MODELS.get(name.strip().lower())
-    if spec is None:
-        raise TierflowError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
-    return spec
+    return lookup(MODELS, name, "model", "models")
