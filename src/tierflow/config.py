@@ -19,6 +19,8 @@ from tierflow.resources import scenarios_dir, traces_dir
 
 PLACEMENTS = ("hbm", "ddr", "ssd")
 SCOPES = ("global", "per-layer")
+ROUTINGS = ("trace", "uniform")
+EXPERT_COPIES = ("on_demand", "ahead")
 
 
 def _help(text: str) -> dict:
@@ -43,6 +45,11 @@ def _one_of(choices):
     return check
 
 
+def _divides_gpus(scenario, tp: int | None) -> None:
+    if tp is not None and scenario.gpus % tp:
+        raise ValueError(f"attention_tp must divide gpus = {scenario.gpus}; got {tp}")
+
+
 @attrs.frozen
 class WorkloadConfig:
     trace: str = attrs.field(default="", metadata=_help("trace file (HDF5); empty: a built-in synthetic trace"))
@@ -55,6 +62,9 @@ class WorkloadConfig:
                                            metadata=_help("sequences in the built-in trace; 0: batch_size"))
     skip_tokens: int = attrs.field(default=0, validator=_non_negative,
                                    metadata=_help("decode steps per sequence to skip (cache warm-up is not skipped)"))
+    routing: str = attrs.field(default="trace", validator=_one_of(ROUTINGS),
+                               metadata=_help("trace: the trace's (or the built-in generator's) routing; uniform: "
+                                              "every token picks top-k experts uniformly at random"))
 
 
 @attrs.frozen
@@ -93,6 +103,23 @@ class PrefetchConfig:
 
 
 @attrs.frozen
+class TimingConfig:
+    """How expert copies meet compute. The defaults are the simulator's own model; the alternatives are the
+    idealisations of analytical studies (Kyung et al., CAL 2025), each a setting of its own."""
+
+    expert_copies: str = attrs.field(
+        default="on_demand", validator=_one_of(EXPERT_COPIES),
+        metadata=_help("on_demand: a layer fetches its missing experts when it reaches them (plus what the "
+                       "prefetcher asks for); ahead: at each step's first MoE layer every layer's copies are "
+                       "queued in layer order, an ideal prefetch that overlaps copying with all compute (needs "
+                       "cache.enabled = false)"))
+    offload_takes_hbm_bandwidth: bool = attrs.field(
+        default=False,
+        metadata=_help("true: compute sees the HBM bandwidth minus the offload link's bandwidth whenever experts "
+                       "live off the GPU (the copies' writes into HBM compete with compute's reads)"))
+
+
+@attrs.frozen
 class EnergyConfig:
     """Overrides of the hardware profile's energy figures; unset keeps the profile's cited value."""
 
@@ -106,6 +133,8 @@ class EnergyConfig:
     gpu_static_w: float | None = attrs.field(default=None, validator=_non_negative)
     ddr_static_w: float | None = attrs.field(default=None, validator=_non_negative)
     ssd_static_w: float | None = attrs.field(default=None, validator=_non_negative)
+    l1_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
+    l2_pj_per_bit: float | None = attrs.field(default=None, validator=_non_negative)
 
 
 @attrs.frozen
@@ -119,10 +148,15 @@ class Scenario:
     seed: int = attrs.field(default=0, metadata=_help("seed of the built-in trace and of random policies"))
     gpus: int = attrs.field(default=1, validator=_positive,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
+    attention_tp: int | None = attrs.field(
+        default=None, validator=[_positive, lambda scenario, attribute, value: _divides_gpus(scenario, value)],
+        metadata=_help("GPUs per tensor-parallel group of attention and dense layers; gpus / attention_tp groups "
+                       "split the batch (data parallel); unset: all gpus"))
     workload: WorkloadConfig = attrs.field(factory=WorkloadConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     ddr_cache: DdrCacheConfig = attrs.field(factory=DdrCacheConfig)
     prefetch: PrefetchConfig = attrs.field(factory=PrefetchConfig)
+    timing: TimingConfig = attrs.field(factory=TimingConfig)
     energy: EnergyConfig = attrs.field(factory=EnergyConfig)
 
 
@@ -131,6 +165,7 @@ _SECTIONS = {
     "cache": CacheConfig,
     "ddr_cache": DdrCacheConfig,
     "prefetch": PrefetchConfig,
+    "timing": TimingConfig,
     "energy": EnergyConfig,
 }
 # Tables whose keys are free-form (plugin parameters, checked by the plugin's registry).

@@ -2,7 +2,9 @@
 
 * A transfer's bits cost the read energy at the source tier, the energy of each link crossed, the write
   energy at the destination tier and, when they bounce through a staging tier, that tier's write and read.
-* Compute costs FLOPs x pJ/FLOP plus the bytes compute reads from HBM x the HBM read energy.
+* Compute costs FLOPs x pJ/FLOP plus its on-chip traffic (every byte read from HBM crosses L2 once; the L1
+  traffic is the ledger's) at the L1 and L2 pJ/bit; the bytes compute reads from HBM cost the HBM read
+  energy (component ``hbm``).
 * Static energy is each device's background power x simulated time.
 
 Components: ``compute`` (arithmetic), ``hbm`` (compute's HBM reads and writes into HBM), ``ddr``, ``ssd``,
@@ -28,6 +30,8 @@ class EnergyModel:
     link_pj_per_bit: dict[str, float]  # link name -> pJ/bit
     pj_per_flop: float
     static_w: dict[str, float]  # component -> W (all devices of the deployment)
+    l1_pj_per_bit: float = 0.0
+    l2_pj_per_bit: float = 0.0
 
 
 def route_energy_j(model: EnergyModel, route: Route, size_bytes: float) -> dict[str, float]:
@@ -49,6 +53,7 @@ def ledger_energy_j(model: EnergyModel, ledger: Ledger, elapsed_s: float) -> dic
         for name, joules in route_energy_j(model, route, size).items():
             parts[name] += joules
     parts["compute"] += ledger.flops * model.pj_per_flop * PJ
+    parts["compute"] += 8.0 * (ledger.l1_bytes * model.l1_pj_per_bit + ledger.hbm_read_bytes * model.l2_pj_per_bit) * PJ
     parts["hbm"] += 8.0 * ledger.hbm_read_bytes * model.read_pj_per_bit["hbm"] * PJ
     parts["static"] += sum(model.static_w.values()) * elapsed_s
     parts["total"] = sum(parts[name] for name in COMPONENTS)

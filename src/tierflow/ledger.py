@@ -29,14 +29,16 @@ class Ledger:
         self.demand_bytes: dict[Route, int] = defaultdict(int)
         self.prefetch_bytes: dict[Route, int] = defaultdict(int)
         self.flops = 0.0
-        self.hbm_read_bytes = 0.0  # weights and KV cache read by compute
+        self.hbm_read_bytes = 0.0  # weights and KV cache read by compute (each crosses L2 once)
+        self.l1_bytes = 0.0  # on-chip L1 traffic of compute
 
     def record_transfer(self, route: Route, size_bytes: int, prefetch: bool) -> None:
         (self.prefetch_bytes if prefetch else self.demand_bytes)[route] += size_bytes
 
-    def record_compute(self, flops: float, hbm_read_bytes: float) -> None:
+    def record_compute(self, flops: float, hbm_read_bytes: float, l1_bytes: float = 0.0) -> None:
         self.flops += flops
         self.hbm_read_bytes += hbm_read_bytes
+        self.l1_bytes += l1_bytes
 
     def bytes_by_route(self) -> dict[Route, int]:
         total: dict[Route, int] = defaultdict(int)

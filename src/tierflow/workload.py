@@ -171,3 +171,27 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
     steps = build_steps(by_sequence, batch_size, num_steps, skip_tokens)
     return Workload(steps, spec.num_moe_layers, spec.num_routed_experts, spec.top_k, spec.name,
                     f"built-in synthetic (seed={seed})", data["embedding"], list(by_sequence))
+
+
+def uniform_workload(model_name: str, batch_size: int, num_steps: int, seed: int) -> Workload:
+    """Decode steps where every token picks its top-k experts uniformly at random, independently per layer
+    and step (no reuse, no skew): a layer with batch B then activates E (1 - (1 - k/E)^B) experts on
+    average. ``batch_size`` sequences decode for ``num_steps`` steps; router weights are 1/k each."""
+    from tierflow.catalog import get_model
+
+    spec = get_model(model_name)
+    layers, num_experts, k = spec.num_moe_layers, spec.num_routed_experts, spec.top_k
+    rng = np.random.default_rng(seed)
+    tokens = batch_size * num_steps
+    rows = np.empty((tokens, layers, k), dtype=np.int16)
+    chunk = max(1, 2**22 // (layers * num_experts))  # about 32 MB of random keys at a time
+    for start in range(0, tokens, chunk):
+        stop = min(tokens, start + chunk)
+        keys = rng.random((stop - start, layers, num_experts))
+        rows[start:stop] = np.argpartition(keys, k - 1, axis=-1)[..., :k]
+    scores = np.full((num_steps, layers, k), 1.0 / k, dtype=np.float32)
+    # Token t of sequence s is row s * num_steps + t.
+    sequences = {s: (rows[s * num_steps : (s + 1) * num_steps], scores) for s in range(batch_size)}
+    steps = build_steps(sequences, batch_size, num_steps)
+    return Workload(steps, layers, num_experts, k, spec.name, f"uniform random routing (seed={seed})", None,
+                    list(sequences))

@@ -129,6 +129,10 @@ class HardwareProfile:
     gpudirect_storage: bool  # SSD -> HBM by DMA without a DDR bounce buffer
     nvlink: Link | None
     sources: dict[str, str] = attrs.field(hash=False)  # the profile's own choices
+    # Multi-node deployments: GPUs per node share NVLink; traffic between nodes takes the per-GPU network link.
+    # None: every GPU of a deployment sits on one NVLink domain.
+    gpus_per_node: int | None = attrs.field(default=None, validator=v.optional(_positive))
+    internode: Link | None = None
 
     def __attrs_post_init__(self) -> None:
         _check_sources(self)
@@ -149,6 +153,8 @@ class HardwareProfile:
                  "host_link": self.host_link, "ssd_link": self.ssd_link}
         if self.nvlink is not None:
             parts["nvlink"] = self.nvlink
+        if self.internode is not None:
+            parts["internode"] = self.internode
         return parts
 
 
@@ -450,6 +456,14 @@ KYUNG_NVLINK4 = _cited(
     pj_per_bit=(0.0, _PAPER_LINK_ENERGY),
 )
 
+KYUNG_INFINIBAND = _cited(
+    Link, name="InfiniBand between nodes (Kyung et al. 2025)",
+    bandwidth_bytes_per_s=(50 * GB, f"{_P}: eval/test.cpp sets 50 GB/s InfiniBand for decode across nodes"),
+    theoretical_bandwidth_bytes_per_s=(50 * GB, f"{_P}: 50 GB/s (400 Gb/s NDR per GPU)"),
+    latency_s=(0.13 * US, f"{_P}: eval/test.cpp sets 0.13 us"),
+    pj_per_bit=(0.0, _PAPER_LINK_ENERGY),
+)
+
 # --- Profiles ------------------------------------------------------------------------------------------
 
 _GDS_ON = "[D] NVIDIA GDS design guide: H100-class GPUs support direct SSD-to-GPU DMA"
@@ -465,7 +479,9 @@ def _kyung_profile(name: str, link_bytes_per_s: float) -> HardwareProfile:
                      f"bandwidth left for compute while copying."),
         gpu=KYUNG_H100, ddr=_kyung_ddr(link_bytes_per_s), ssd=_kyung_ssd(link_bytes_per_s),
         host_link=link, ssd_link=link, gpudirect_storage=True, nvlink=KYUNG_NVLINK4,
-        sources={"gpudirect_storage": f"{_P}: SSD bits cost 102.4 + 4.2 (HBM write) pJ/bit, no DDR hop"},
+        gpus_per_node=8, internode=KYUNG_INFINIBAND,
+        sources={"gpudirect_storage": f"{_P}: SSD bits cost 102.4 + 4.2 (HBM write) pJ/bit, no DDR hop",
+                 "gpus_per_node": f"{_P}: figure_4_and_5.py runs DeepSeek-R1 as num_node 4 x num_device 8"},
     )
 
 

@@ -27,8 +27,8 @@ from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream
 from tierflow.sim.link import LinkChannel
 from tierflow.sim.memory import ExpertMemory, FetchPath
-from tierflow.sim.ssd import SsdChannel
-from tierflow.workload import Workload, load_workload, synthetic_workload
+from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
+from tierflow.workload import Workload, load_workload, synthetic_workload, uniform_workload
 
 # Transfers are pipelined between hops in chunks of this size (a typical pinned staging buffer slice).
 TRANSFER_CHUNK_BYTES = 4 * 2**20
@@ -53,6 +53,11 @@ class Plan:
 def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | None = None) -> Workload:
     workload_cfg = scenario.workload
     path = trace or workload_cfg.trace
+    if workload_cfg.routing == "uniform":
+        if path:
+            raise TierflowError("workload.routing = 'uniform' draws its own routing; drop the trace or set "
+                                "workload.routing = 'trace'")
+        return uniform_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens, scenario.seed)
     if path:
         workload = load_workload(path, workload_cfg.batch_size, workload_cfg.decode_tokens, workload_cfg.skip_tokens)
         if (workload.num_layers, workload.num_experts) != (spec.num_moe_layers, spec.num_routed_experts):
@@ -78,8 +83,12 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     expert_bytes = spec.expert_bytes
     steps = len(workload.steps)
     context = scenario.workload.context_length + steps
-    kv_per_gpu = math.ceil(spec.kv_bytes(context, scenario.workload.batch_size) / gpus)
-    non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / gpus)
+    # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights and the
+    # KV cache of its share of the batch, both split over its tp GPUs.
+    tp = scenario.attention_tp or gpus
+    group_batch = -(-scenario.workload.batch_size // (gpus // tp))
+    kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) / tp)
+    non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / tp)
     hbm_bytes = int(hardware.gpu.hbm.capacity_bytes)
     free = hbm_bytes - kv_per_gpu - non_expert_per_gpu
     if free < 0:
@@ -97,6 +106,9 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
                 f"placement = 'hbm' needs {experts_per_gpu * expert_bytes / 1e9:.1f} GB of experts per GPU but only "
                 f"{free / 1e9:.1f} GB of HBM is free; use more gpus or placement = 'ddr' / 'ssd'"
             )
+    elif scenario.timing.expert_copies == "ahead" and cache.enabled:
+        raise TierflowError("timing.expert_copies = 'ahead' streams every expert at every step; set "
+                            "cache.enabled = false (or timing.expert_copies = 'on_demand' to use the cache)")
     elif cache.enabled:
         hbm_cache = _cache_experts("cache", cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
                                    free // expert_bytes)
@@ -159,10 +171,33 @@ def energy_model(scenario: Scenario, hardware: HardwareProfile, gpus: int) -> En
                           "ssd": ssd.write_pj_per_bit},
         link_pj_per_bit=links,
         pj_per_flop=pick(e.pj_per_flop, hardware.gpu.pj_per_flop),
+        l1_pj_per_bit=pick(e.l1_pj_per_bit, hardware.gpu.l1_pj_per_bit or 0.0),
+        l2_pj_per_bit=pick(e.l2_pj_per_bit, hardware.gpu.l2_pj_per_bit or 0.0),
         static_w={"gpu": gpus * pick(e.gpu_static_w, hardware.gpu.static_power_w + hbm.static_power_w),
                   "ddr": gpus * pick(e.ddr_static_w, ddr.static_power_w),
                   "ssd": gpus * pick(e.ssd_static_w, ssd.static_power_w)},
     )
+
+
+def offload_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:
+    """The rate at which one GPU's expert copies arrive in its HBM from the placement tier."""
+    if scenario.placement == "ddr":
+        return min(hardware.host_link.bandwidth_bytes_per_s, hardware.ddr.read_bandwidth_bytes_per_s)
+    rate = sustained_read_bytes_per_s(hardware.ssd, hardware.ssd_link)
+    return rate if hardware.gpudirect_storage else min(rate, hardware.host_link.bandwidth_bytes_per_s)
+
+
+def compute_hbm_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:
+    """HBM bandwidth left for compute: all of it, or (``timing.offload_takes_hbm_bandwidth``, experts off the
+    GPU) what the offload copies leave."""
+    hbm = hardware.gpu.hbm.read_bandwidth_bytes_per_s
+    if not scenario.timing.offload_takes_hbm_bandwidth or scenario.placement == "hbm":
+        return hbm
+    left = hbm - offload_bandwidth(scenario, hardware)
+    if left <= 0:
+        raise TierflowError(f"timing.offload_takes_hbm_bandwidth: the offload rate of {hardware.name!r} leaves no "
+                            f"HBM bandwidth for compute ({hbm / 1e9:.0f} GB/s)")
+    return left
 
 
 class Simulation:
@@ -187,11 +222,12 @@ class Simulation:
         future = None
         if getattr(policy_cls, "needs_future", False) and self.plan.hbm_cache_experts is not None:
             future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts)
-        self.compute = ComputeModel(self.spec, self.hardware, self.plan.gpus, scenario.workload.batch_size)
+        self.compute = ComputeModel(self.spec, self.hardware, self.plan.gpus, scenario.workload.batch_size,
+                                    compute_hbm_bandwidth(scenario, self.hardware), scenario.attention_tp)
         self.stream = GpuStream(
             self.env, self.workload, self.memories, self.compute, self.prefetcher, self.ledger,
             scenario.workload.context_length, scenario.prefetch.lookahead, scenario.prefetch.budget_experts,
-            scenario.prefetch.max_queued, future, progress,
+            scenario.prefetch.max_queued, future, progress, copies_ahead=scenario.timing.expert_copies == "ahead",
         )
 
     def _cache(self, name, policy, params, capacity_experts, scope="global"):

@@ -2,9 +2,11 @@
 then expert compute. Compute overlaps transfers; a layer stalls only for experts not yet resident.
 
 Compute time is a roofline: ``max(FLOPs / peak, bytes read / HBM bandwidth)`` for each phase. With N GPUs,
-attention and dense layers are tensor-parallel (FLOPs and weights split N ways, plus an all-reduce of the
-activations over NVLink) and experts are expert-parallel (expert ``e`` lives on GPU ``e mod N``; the busiest
-GPU sets the layer's pace, plus the all-to-all that sends tokens to their experts and back).
+attention and dense layers run in N / TP data-parallel groups of TP tensor-parallel GPUs (TP = N unless the
+scenario sets ``attention_tp``): each group decodes its share of the batch, reads its own replica of the
+weights split TP ways, and all-reduces its activations over NVLink. Experts are expert-parallel over all N
+GPUs (expert ``e`` lives on GPU ``e mod N``; the busiest GPU sets the layer's pace, plus the all-to-all that
+sends tokens to their experts and back).
 """
 
 from __future__ import annotations
@@ -21,13 +23,27 @@ from tierflow.sim.transfer import Arrival
 ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
 
 
+# A GEMM's weights cross L1 once per register tile of this many tokens (the 16 x 16 tiles of the tile model
+# in Kyung et al.'s artifact, src/hardware/tile.h).
+L1_TILE_TOKENS = 16
+
+
+def l1_passes(tokens: int) -> int:
+    """How often a weight byte crosses L1 when ``tokens`` tokens use it (at least once)."""
+    return max(1, -(-tokens // L1_TILE_TOKENS))
+
+
 @attrs.frozen
 class Phase:
-    """One roofline phase: its duration and what it reads and computes (summed over GPUs)."""
+    """One roofline phase: its duration and what it reads and computes (summed over GPUs).
+
+    On-chip traffic: every byte read from HBM crosses L2 once; ``l1_bytes`` is what crosses L1 (weights once
+    per tile of tokens, the KV cache once)."""
 
     seconds: float
     flops: float
     hbm_read_bytes: float
+    l1_bytes: float = 0.0
 
 
 class ComputeModel:
@@ -39,11 +55,16 @@ class ComputeModel:
     """
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
-                 hbm_bandwidth_bytes_per_s: float | None = None):
+                 hbm_bandwidth_bytes_per_s: float | None = None, attention_tp: int | None = None):
         self.spec, self.gpus, self.batch = spec, gpus, batch_size
+        self.tp = attention_tp or gpus
+        self.dp = gpus // self.tp
+        self.group_batch = -(-batch_size // self.dp)  # the busiest data-parallel group's sequences
         self.peak_flops = hardware.gpu.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
+        self.internode: Link | None = hardware.internode
+        self.gpus_per_node = hardware.gpus_per_node or gpus
         self.expert_flops = spec.expert_flops_per_token
         self.expert_bytes = spec.expert_bytes
         context_flops = spec.attention.context_flops_per_token
@@ -52,61 +73,84 @@ class ComputeModel:
         self._dense_fixed_flops = (spec.non_expert_flops_per_token_per_dense_layer(1) - self._flops_per_attended)
         self._kv_per_token = spec.kv_bytes_per_token_per_layer
         self._window = {layer: spec.sliding_window_tokens for layer in spec.sliding_window_layers}
-        activations = self.batch * spec.hidden_size * ACTIVATION_BYTES
-        self._allreduce_s = self._collective_s(activations)
-        self._dispatch_s = 2 * self._collective_s(activations * spec.top_k)
+        self._allreduce_s = self._all_reduce_s(self.group_batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
+        # Dispatch and combine: each GPU holds 1/N of the batch's token-to-expert copies and sends them to
+        # the experts' GPUs, then gets the results back.
+        copies_per_gpu = self.batch * spec.top_k * spec.hidden_size * ACTIVATION_BYTES / gpus
+        self._dispatch_s = 2 * self._all_to_all_s(copies_per_gpu)
 
     def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float) -> float:
         return max(flops_per_gpu / self.peak_flops, bytes_per_gpu / self.hbm_bw)
 
-    def _collective_s(self, bytes_per_gpu: float) -> float:
-        """Ring all-reduce (or all-to-all) of ``bytes_per_gpu`` over NVLink: 2 (N-1)/N of the data each way."""
-        if self.gpus == 1 or self.nvlink is None:
+    def _all_reduce_s(self, bytes_per_gpu: float, n: int) -> float:
+        """Ring all-reduce of ``bytes_per_gpu`` among ``n`` GPUs: 2 (n-1) steps, each a link latency plus
+        1/n of the data; over NVLink within a node, else over the network."""
+        link = self.nvlink if n <= self.gpus_per_node else self.internode
+        if n == 1 or link is None:
             return 0.0
-        moved = 2 * (self.gpus - 1) / self.gpus * bytes_per_gpu
-        return self.nvlink.latency_s + moved / self.nvlink.bandwidth_bytes_per_s
+        return 2 * (n - 1) * (link.latency_s + bytes_per_gpu / n / link.bandwidth_bytes_per_s)
 
-    def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float) -> Phase:
+    def _all_to_all_s(self, bytes_per_gpu: float) -> float:
+        """All-to-all among all GPUs, each sending ``bytes_per_gpu`` spread evenly over the GPUs: the share
+        bound for the GPU's own node goes over NVLink, the rest over its network link, both at once."""
+        n, local = self.gpus, self.gpus_per_node
+        times = []
+        for link, peers in ((self.nvlink, min(n, local) - 1), (self.internode, n - min(n, local))):
+            if peers and link is not None:
+                times.append(peers * link.latency_s + bytes_per_gpu * peers / n / link.bandwidth_bytes_per_s)
+        return max(times, default=0.0)
+
+    def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, bytes_per_token: float,
+                         collective_s: float) -> Phase:
+        """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
+        busiest group sets the time, and every group reads its own replica of the weights."""
+        tp, group = self.tp, self.group_batch
+        seconds = self._roofline(group * flops_per_token / tp, (weight_bytes + group * bytes_per_token) / tp)
+        per_token = self.batch * bytes_per_token
+        return Phase(seconds + collective_s, self.batch * flops_per_token, self.dp * weight_bytes + per_token,
+                     self.dp * weight_bytes * l1_passes(group) + per_token)
+
+    def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float,
+                   all_reduces: int) -> Phase:
         attended = min(context, self._window[layer]) if layer in self._window else context
-        flops = self.batch * (fixed_flops + self._flops_per_attended * attended)
-        read = weight_bytes + self.batch * attended * self._kv_per_token
-        n = self.gpus
-        return Phase(self._roofline(flops / n, read / n) + self._allreduce_s, flops, read)
+        return self._tensor_parallel(fixed_flops + self._flops_per_attended * attended, weight_bytes,
+                                     attended * self._kv_per_token, all_reduces * self._allreduce_s)
 
     def dense_prefix(self, context: int) -> Phase:
         """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
         spec = self.spec
-        phases = [self._attention(context, layer, self._dense_fixed_flops, spec.non_expert_bytes_per_dense_layer)
+        # Two all-reduces a dense layer: after attention and after the FFN.
+        phases = [self._attention(context, layer, self._dense_fixed_flops, spec.non_expert_bytes_per_dense_layer, 2)
                   for layer in range(spec.num_dense_layers)]
         return Phase(sum(p.seconds for p in phases), sum(p.flops for p in phases),
-                     sum(p.hbm_read_bytes for p in phases))
+                     sum(p.hbm_read_bytes for p in phases), sum(p.l1_bytes for p in phases))
 
     def attention(self, context: int, moe_layer: int) -> Phase:
-        """Attention, router and shared experts of one MoE layer, tensor-parallel."""
+        """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce: the shared
+        experts' output is summed with the routed experts' combine)."""
         return self._attention(context, self.spec.first_moe_layer + moe_layer, self._moe_fixed_flops,
-                               self.spec.non_expert_bytes_per_moe_layer)
+                               self.spec.non_expert_bytes_per_moe_layer, 1)
 
     def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
         """Routed experts of one MoE layer, expert-parallel: the busiest GPU sets the time."""
-        n = self.gpus
+        n, size = self.gpus, self.expert_bytes
+        read = len(experts) * size
+        l1 = read if max(tokens_per_expert) <= L1_TILE_TOKENS else size * sum(map(l1_passes, tokens_per_expert))
         if n == 1:
             tokens = sum(tokens_per_expert)
-            seconds = self._roofline(tokens * self.expert_flops, len(experts) * self.expert_bytes)
-            return Phase(seconds, tokens * self.expert_flops, len(experts) * self.expert_bytes)
+            return Phase(self._roofline(tokens * self.expert_flops, read), tokens * self.expert_flops, read, l1)
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
         tokens, count = [0] * n, [0] * n
         for expert, routed in zip(experts, tokens_per_expert, strict=True):
             tokens[expert % n] += routed
             count[expert % n] += 1
-        busiest = max(self._roofline(t * self.expert_flops, c * self.expert_bytes)
-                      for t, c in zip(tokens, count, strict=True))
-        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, len(experts) * self.expert_bytes)
+        busiest = max(self._roofline(t * self.expert_flops, c * size) for t, c in zip(tokens, count, strict=True))
+        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1)
 
     def lm_head(self) -> Phase:
-        spec, n = self.spec, self.gpus
-        flops = self.batch * spec.lm_head_flops_per_token
-        read = spec.lm_head_flops_per_token / 2 * spec.non_expert_bytes_per_param
-        return Phase(self._roofline(flops / n, read / n), flops, read)
+        spec = self.spec
+        return self._tensor_parallel(spec.lm_head_flops_per_token,
+                                     spec.lm_head_flops_per_token / 2 * spec.non_expert_bytes_per_param, 0.0, 0.0)
 
 
 @attrs.define
@@ -144,8 +188,10 @@ class GpuStream:
 
     def __init__(self, env, workload, memories, compute: ComputeModel, prefetcher, ledger: Ledger,
                  context_length: int, lookahead: int, budget_experts: int, max_queued: int,
-                 future: FutureIndex | None, progress=None):
+                 future: FutureIndex | None, progress=None, copies_ahead: bool = False):
         self.env, self.workload, self.memories = env, workload, memories
+        # Ideal prefetch: every layer's copies are queued when the step reaches its first MoE layer.
+        self.copies_ahead = copies_ahead
         self.compute, self.prefetcher, self.ledger = compute, prefetcher, ledger
         self.context_length, self.lookahead, self.budget = context_length, lookahead, budget_experts
         self.max_queued = max_queued
@@ -158,13 +204,13 @@ class GpuStream:
         """One timeout for phases that run back to back; their work goes to the ledger."""
         seconds = 0.0
         for phase in phases:
-            self.ledger.record_compute(phase.flops, phase.hbm_read_bytes)
+            self.ledger.record_compute(phase.flops, phase.hbm_read_bytes, phase.l1_bytes)
             seconds += phase.seconds
         return self.env.timeout(seconds)
 
     def _run(self):
         env, workload, memories = self.env, self.workload, self.memories
-        num_layers, num_experts, gpus = workload.num_layers, workload.num_experts, len(memories)
+        num_layers = workload.num_layers
         for step in workload.steps:
             start = env.now
             stall = 0.0
@@ -174,21 +220,17 @@ class GpuStream:
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back, and nothing is admitted to a cache between them.
             pending = self.compute.dense_prefix(context)
+            ahead = None
+            if self.copies_ahead:  # the dense layers run first; then every MoE layer's copies are queued
+                yield self._phase(pending)
+                pending = None
+                ahead = [self._demand(step, layer) for layer in range(num_layers)]
             for layer in range(num_layers):
-                yield self._phase(pending, self.compute.attention(context, layer))
+                attention = self.compute.attention(context, layer)
+                yield self._phase(attention) if pending is None else self._phase(pending, attention)
                 experts = step.experts[layer].tolist()
-                time = step.index * num_layers + layer
-                waits, used = [], []
-                base = layer * num_experts
-                for expert, score in zip(experts, step.scores[layer].tolist(), strict=True):
-                    key = base + expert
-                    next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-                    memory = memories[expert % gpus]
-                    wait = memory.demand(key, Access(key, time, layer, score, next_use, step=step.index))
-                    if wait is not None:
-                        waits.append(wait)
-                    used.append((memory, key))
-                self._prefetch(step, layer, time)
+                waits, used = ahead[layer] if ahead is not None else self._demand(step, layer)
+                self._prefetch(step, layer, step.index * num_layers + layer)
                 if waits:
                     waited_from = env.now
                     yield Arrival(env, waits).event
@@ -204,6 +246,24 @@ class GpuStream:
             ))
             if self.progress is not None:
                 self.progress(1)
+
+    def _demand(self, step, layer: int):
+        """Look up (and fetch what is missing of) layer ``layer``'s experts: the transfers to wait for, and the
+        (memory, key) pairs to release after the layer's expert compute."""
+        memories, num_experts = self.memories, self.workload.num_experts
+        gpus = len(memories)
+        time = step.index * self.workload.num_layers + layer
+        waits, used = [], []
+        base = layer * num_experts
+        for expert, score in zip(step.experts[layer].tolist(), step.scores[layer].tolist(), strict=True):
+            key = base + expert
+            next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+            memory = memories[expert % gpus]
+            wait = memory.demand(key, Access(key, time, layer, score, next_use, step=step.index))
+            if wait is not None:
+                waits.append(wait)
+            used.append((memory, key))
+        return waits, used
 
     def _prefetch(self, step, layer: int, time: int) -> None:
         if self.prefetcher is None:
