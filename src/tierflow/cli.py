@@ -32,6 +32,7 @@ def trace() -> None:
 
 # Subcommands live beside the code they drive; each module registers its own.
 from tierflow import compare as _compare  # noqa: E402
+from tierflow import paper_commands as _paper_commands  # noqa: E402
 from tierflow import sweep_commands as _sweep_commands  # noqa: E402
 from tierflow.cache import commands as _cache_commands  # noqa: E402
 from tierflow.catalog import commands as _catalog_commands  # noqa: E402
@@ -44,6 +45,7 @@ _sim_commands.register(cli)
 _compare.register(cli)
 _cache_commands.register(cli)
 _sweep_commands.register(cli)
+_paper_commands.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -456,6 +456,14 @@ KYUNG_NVLINK4 = _cited(
     pj_per_bit=(0.0, _PAPER_LINK_ENERGY),
 )
 
+# A real drive's bandwidth, IOPS, queue and latency with the paper's read energy and no idle power, so that
+# only the timing assumption changes.
+KYUNG_REAL_SSD = _revised(
+    SAMSUNG_PM1743, name="Samsung PM1743 timing, paper energy (Kyung et al. 2025)",
+    read_pj_per_bit=(102.4, f"{_P}: OFFLOAD_READ_ENERGY 102.4 pJ/bit (M.2 NVMe SSD read)"),
+    static_power_w=(0.0, _SSD_IDLE),
+)
+
 KYUNG_INFINIBAND = _cited(
     Link, name="InfiniBand between nodes (Kyung et al. 2025)",
     bandwidth_bytes_per_s=(50 * GB, f"{_P}: eval/test.cpp sets 50 GB/s InfiniBand for decode across nodes"),
@@ -469,16 +477,19 @@ KYUNG_INFINIBAND = _cited(
 _GDS_ON = "[D] NVIDIA GDS design guide: H100-class GPUs support direct SSD-to-GPU DMA"
 
 
-def _kyung_profile(name: str, link_bytes_per_s: float) -> HardwareProfile:
-    link = _kyung_c2c(link_bytes_per_s)
+def _kyung_profile(name: str, link_bytes_per_s: float, link: Link | None = None, ssd: MemoryTier | None = None,
+                   ssd_link: Link | None = None, description: str | None = None) -> HardwareProfile:
+    """The paper's setting; the beyond-the-paper variants swap in a real link or a real SSD, one at a time."""
+    link = link or _kyung_c2c(link_bytes_per_s)
     return HardwareProfile(
         name=name,
-        description=(f"The seed paper's artifact (Kyung, Yun, Ahn, CAL 2025) exactly: H100 SXM, DDR5 and SSD offload "
-                     f"over a {link_bytes_per_s / GB:.0f} GB/s NVLink-C2C link with the SSD assumed to keep up; no "
-                     f"link energy, no latencies. The artifact also subtracts the offload bandwidth from the HBM "
-                     f"bandwidth left for compute while copying."),
-        gpu=KYUNG_H100, ddr=_kyung_ddr(link_bytes_per_s), ssd=_kyung_ssd(link_bytes_per_s),
-        host_link=link, ssd_link=link, gpudirect_storage=True, nvlink=KYUNG_NVLINK4,
+        description=description or (
+            f"The seed paper's artifact (Kyung, Yun, Ahn, CAL 2025) exactly: H100 SXM, DDR5 and SSD offload over a "
+            f"{link_bytes_per_s / GB:.0f} GB/s NVLink-C2C link with the SSD assumed to keep up; no link energy, no "
+            f"latencies. The artifact also subtracts the offload bandwidth from the HBM bandwidth left for compute "
+            f"while copying."),
+        gpu=KYUNG_H100, ddr=_kyung_ddr(link_bytes_per_s), ssd=ssd or _kyung_ssd(link_bytes_per_s),
+        host_link=link, ssd_link=ssd_link or link, gpudirect_storage=True, nvlink=KYUNG_NVLINK4,
         gpus_per_node=8, internode=KYUNG_INFINIBAND,
         sources={"gpudirect_storage": f"{_P}: SSD bits cost 102.4 + 4.2 (HBM write) pJ/bit, no DDR hop",
                  "gpus_per_node": f"{_P}: figure_4_and_5.py runs DeepSeek-R1 as num_node 4 x num_device 8"},
@@ -529,6 +540,18 @@ _ROWS = (
     ),
     _kyung_profile("kyung2025", 900 * GB),
     _kyung_profile("kyung2025-c2c450", 450 * GB),
+    # Beyond the paper, one assumption at a time (and both together): energies stay the paper's.
+    _kyung_profile("kyung2025-nvme", 900 * GB, ssd=KYUNG_REAL_SSD, ssd_link=PCIE_GEN5_X4,
+                   description=("kyung2025 with a real NVMe SSD per GPU (Samsung PM1743: 13 GB/s, 2.5M IOPS, queue "
+                                "depth and latency) on its PCIe Gen5 x4 link instead of an SSD that keeps up with "
+                                "the 900 GB/s link; the paper's energies.")),
+    _kyung_profile("kyung2025-pcie5", PCIE_GEN5_X16.bandwidth_bytes_per_s, link=PCIE_GEN5_X16,
+                   description=("kyung2025 with the GPU's offload link a PCIe Gen5 x16 (35.2 GB/s measured, 11.4 "
+                                "pJ/bit PHY energy) instead of 900 GB/s NVLink-C2C; the SSD still keeps up with it.")),
+    _kyung_profile("kyung2025-pcie5-nvme", PCIE_GEN5_X16.bandwidth_bytes_per_s, link=PCIE_GEN5_X16,
+                   ssd=KYUNG_REAL_SSD, ssd_link=PCIE_GEN5_X4,
+                   description=("kyung2025 with both: a PCIe Gen5 x16 host link and a real PM1743 NVMe SSD per GPU "
+                                "on PCIe Gen5 x4; the paper's energies.")),
 )
 
 PROFILES: dict[str, HardwareProfile] = {profile.name: profile for profile in _ROWS}

@@ -1,0 +1,197 @@
+"""The Kyung et al. (IEEE CAL 2025) reproduction: its modelling conditions as settings, each checked against a
+closed form or an independent recurrence, the headline numbers pinned as golden values
+(``scripts/regen_kyung_golden.py`` regenerates them), and ``tierflow paper``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from tierflow import paper
+from tierflow.catalog import get_model, get_profile
+from tierflow.config import load_scenario
+from tierflow.energy import PJ
+from tierflow.sim.engine import Simulation
+
+GOLDEN = Path(__file__).parent / "golden" / "kyung_paper.json"
+
+
+def simulate(name, *settings):
+    sim = Simulation(load_scenario(name, settings))
+    return sim, sim.run()
+
+
+@pytest.fixture(scope="module")
+def paper_rows():
+    return paper.run_cells(paper.paper_cells(), workers=2)
+
+
+# --------------------------------------------------------------------------------------- golden values
+
+
+def test_every_cell_matches_the_golden_values(paper_rows):
+    golden = json.loads(GOLDEN.read_text())
+    expected = {(c["model"], c["placement"], c["batch_size"]): c for c in golden["cells"]}
+    assert len(paper_rows) == len(expected) == 33  # 6 Mixtral + 5 DeepSeek batch sizes x 3 placements
+    for row in paper_rows:
+        cell = expected[(row["model"], row["placement"], row["batch_size"])]
+        for key, value in cell.items():
+            if key.endswith(("_j", "_ms")):
+                assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-15), (row["command"], key)
+
+
+def test_headline_figures_match_the_golden_values(paper_rows):
+    golden = json.loads(GOLDEN.read_text())["headline"]
+    figures = json.loads(json.dumps(paper.headline(paper_rows)))  # int keys as in the file
+    for model, expected in golden.items():
+        got = figures[model]
+        for key in ("peak_ssd_over_hbm", "peak_ddr_over_hbm"):
+            assert got[key]["batch_size"] == expected[key]["batch_size"]
+            assert got[key]["ratio"] == pytest.approx(expected[key]["ratio"], rel=1e-9)
+        for batch, scale in expected["ssd_scale_matching_ddr"].items():
+            assert got["ssd_scale_matching_ddr"][batch] == pytest.approx(scale, rel=1e-9)
+
+
+def test_the_papers_conclusions_hold(paper_rows):
+    """SSD offloading costs several times HBM's energy per token, DDR sits between, and SSD read energy must
+    fall by about an order of magnitude (to DDR's 9.2 of 102.4 pJ/bit) before SSD matches DDR."""
+    rows = paper.with_ratios(paper_rows)
+    for row in rows:
+        if row["placement"] == "ddr":
+            assert 1.0 < row["ratio_to_hbm"]
+        if row["placement"] == "ssd":
+            ddr = next(r for r in rows if r["model"] == row["model"] and r["batch_size"] == row["batch_size"]
+                       and r["placement"] == "ddr")
+            assert row["total_j"] > ddr["total_j"] and row["ratio_to_hbm"] > 4
+    for figures in paper.headline(paper_rows).values():
+        assert 10 < figures["peak_ssd_over_hbm"]["ratio"] < 14  # the paper: "up to ~12x"
+        for scale in figures["ssd_scale_matching_ddr"].values():
+            assert scale == pytest.approx(9.2 / 102.4, rel=0.01)
+
+
+# --------------------------------------------------------------------------------------- SSD energy scaling
+
+
+def test_repricing_the_ledger_equals_rerunning_with_the_scaled_ssd_energy(paper_rows):
+    row = next(r for r in paper_rows if r["model"] == "DeepSeek-R1" and r["placement"] == "ssd"
+               and r["batch_size"] == 16)
+    _, results = simulate("kyung_deepseek_r1", "placement=ssd", "workload.batch_size=16",
+                          f"energy.ssd_read_pj_per_bit={102.4 * 0.3}")
+    assert results.summary["energy_j_per_token"]["total"] == pytest.approx(row["total_j_ssd_x0.3"], rel=1e-12)
+
+
+def test_the_crossover_scale_prices_the_ssd_cell_at_the_ddr_total(paper_rows):
+    for entry in paper.scaling_rows(paper.with_ratios(paper_rows)):
+        ssd = next(r for r in paper_rows if r["model"] == entry["model"] and r["placement"] == "ssd"
+                   and r["batch_size"] == entry["batch_size"])
+        scale = entry["scale_matching_ddr"]
+        priced = ssd["total_j"] - (1 - scale) * ssd["ssd_j"]
+        assert priced == pytest.approx(entry["ddr_j"], rel=1e-12)
+        assert entry["scale_matching_hbm"] is None  # static and HBM energy alone exceed HBM-only's total
+
+
+def test_crossover_scale_edge_cases():
+    row = {"total_j": 10.0, "ssd_j": 8.0}
+    assert paper.crossover_scale(row, 6.0) == pytest.approx(0.5)
+    assert paper.crossover_scale(row, 1.0) is None  # below what the other components cost
+    assert paper.crossover_scale(row, 12.0) == 1.0  # already below the target at full SSD energy
+
+
+# --------------------------------------------------------------------------------------- the conditions
+
+
+def test_uniform_routing_activates_the_closed_form_number_of_experts():
+    for model, batch in (("mixtral-8x7b", 4), ("deepseek-r1-bf16", 64)):
+        sim, _ = simulate("kyung_mixtral" if "mixtral" in model else "kyung_deepseek_r1", "placement=hbm",
+                          f"workload.batch_size={batch}", "workload.decode_tokens=8")
+        spec = get_model(model)
+        e, k = spec.num_routed_experts, spec.top_k
+        counts = np.array([len(x) for step in sim.workload.steps for x in step.experts])
+        expected = e * (1 - (1 - k / e) ** batch)
+        assert abs(counts.mean() - expected) < 4 * counts.std() / np.sqrt(len(counts)) + 1e-9
+        # every token's experts are distinct, in range, and all experts are used
+        rows = np.concatenate([step.rows for step in sim.workload.steps])
+        assert all(len(set(r)) == k for r in rows.reshape(-1, k).tolist())
+        assert set(np.unique(rows)) == set(range(e))
+
+
+def test_ahead_copies_follow_the_per_gpu_link_recurrence():
+    """Ideal prefetch: each GPU's copies stream back to back in layer order from the first MoE layer; a layer's
+    experts start when its attention is done and every GPU's copies of it have landed."""
+    sim, results = simulate("kyung_mixtral", "placement=ddr", "workload.batch_size=16")
+    compute, step = sim.compute, sim.workload.steps[0]
+    bandwidth = get_profile("kyung2025").host_link.bandwidth_bytes_per_s
+    gpus, size = sim.plan.gpus, sim.spec.expert_bytes
+    context = sim.scenario.workload.context_length
+    t = compute.dense_prefix(context).seconds  # copies start once the dense layers are done (none for Mixtral)
+    landed = np.full(gpus, float(t))
+    for layer, experts in enumerate(step.experts):
+        landed += np.bincount(experts % gpus, minlength=gpus) * size / bandwidth
+        t = max(t + compute.attention(context, layer).seconds, landed.max())
+        t += compute.experts(experts.tolist(), step.tokens_per_expert[layer].tolist()).seconds
+    t += compute.lm_head().seconds
+    assert results.step_latency_s[0] == pytest.approx(t, rel=1e-9)
+
+
+def test_offload_takes_hbm_bandwidth_only_when_experts_are_offloaded():
+    hbm = get_profile("kyung2025").gpu.hbm.read_bandwidth_bytes_per_s
+    for placement, expected in (("hbm", hbm), ("ddr", hbm - 900e9), ("ssd", hbm - 900e9)):
+        sim = Simulation(load_scenario("kyung_mixtral", [f"placement={placement}"]))
+        assert sim.compute.hbm_bw == pytest.approx(expected)
+    sim = Simulation(load_scenario("kyung_mixtral", ["placement=ssd", "timing.offload_takes_hbm_bandwidth=false"]))
+    assert sim.compute.hbm_bw == hbm
+
+
+def test_data_parallel_groups_read_their_own_weight_replicas():
+    """Attention TP8 x DP4: each group decodes a quarter of the batch; weights are read once per group."""
+    spec = get_model("deepseek-r1-bf16")
+    tp8, _ = simulate("kyung_deepseek_r1", "placement=hbm", "workload.batch_size=64")
+    tp32, _ = simulate("kyung_deepseek_r1", "placement=hbm", "workload.batch_size=64", "attention_tp=32")
+    a8, a32 = tp8.compute.attention(1024, 0), tp32.compute.attention(1024, 0)
+    weights = spec.non_expert_bytes_per_moe_layer
+    assert a8.hbm_read_bytes - a32.hbm_read_bytes == pytest.approx(3 * weights)  # 4 replicas vs 1
+    assert a8.flops == a32.flops
+    assert (tp8.compute.tp, tp8.compute.dp, tp8.compute.group_batch) == (8, 4, 16)
+    assert tp8.plan.non_expert_bytes_per_gpu == -(-spec.total_non_expert_bytes // 8)
+
+
+def test_compute_energy_includes_on_chip_traffic():
+    sim, results = simulate("kyung_mixtral", "placement=hbm", "workload.batch_size=64")
+    ledger, tokens = sim.ledger, results.summary["tokens"]
+    expected = (ledger.flops * 0.16 + 8 * (ledger.l1_bytes * 0.16 + ledger.hbm_read_bytes * 0.3)) * PJ / tokens
+    assert results.summary["energy_j_per_token"]["compute"] == pytest.approx(expected, rel=1e-12)
+    assert ledger.l1_bytes >= ledger.hbm_read_bytes > 0
+
+
+def test_multi_node_all_to_all_takes_the_network_link():
+    sim, _ = simulate("kyung_deepseek_r1", "placement=hbm", "workload.batch_size=64")
+    spec, ib = sim.spec, get_profile("kyung2025").internode
+    per_gpu = 64 * spec.top_k * spec.hidden_size * 2 / 32
+    # 24 of 32 destinations are on other nodes; the network link is slower than NVLink's 7 local peers.
+    assert sim.compute._dispatch_s == pytest.approx(2 * (24 * ib.latency_s + per_gpu * 24 / 32 / ib.bandwidth_bytes_per_s))
+
+
+@pytest.mark.parametrize("settings, fragments", [
+    (["--set", "attention_tp=3"], ["attention_tp", "divide"]),
+    (["--set", "timing.expert_copies=ahead", "--set", "cache.enabled=true"], ["cache.enabled = false"]),
+    (["--set", "workload.routing=uniform", "--set", "workload.trace=x.h5"], ["uniform"]),
+    (["--set", "timing.expert_copies=later"], ["on_demand", "ahead"]),
+])
+def test_bad_paper_settings_get_one_line(settings, fragments):
+    assert_one_line_error(run_cli("simulate", "--scenario", "kyung_mixtral", *settings), *fragments)
+
+
+def test_paper_command_writes_tables_and_figures(tmp_path):
+    result = run_cli("paper", "--no-beyond", "--out", tmp_path, "--json", "--quiet", check_status=0)
+    figures = json.loads(result.stdout)
+    assert set(figures) == {"Mixtral-8x7B", "DeepSeek-R1"}
+    for name in ("paper_table.csv", "paper_table.md", "ssd_scaling.csv", "ssd_scaling.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    for name in ("paper_energy.png", "ssd_scaling.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "paper_table.csv").read_text().splitlines()
+    assert len(lines) == 34 and "tierflow simulate --scenario" in lines[1]
