@@ -64,6 +64,7 @@ class Variant:
 
 VARIANTS = (
     Variant("paper", "the paper's conditions", lambda total: ()),
+    Variant("c2c450", "the paper's 450 GB/s NVLink-C2C variant", lambda total: ("hardware=kyung2025-c2c450",)),
     Variant("on_demand", "no prefetch: each layer copies its experts when it reaches them",
             lambda total: ("timing.expert_copies=on_demand",)),
     Variant("nvme_ssd", "a real NVMe SSD per GPU (PM1743, 13 GB/s) instead of one that keeps up with the link",
