@@ -6,6 +6,7 @@ the accounting of wasted prefetches, and each prefetcher's own rule on small han
 from __future__ import annotations
 
 
+import attrs
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ from tierflow.prefetch import PREFETCHERS, PrefetchContext, RoutingEvent, make_p
 from tierflow.prefetch.expert_map import ExpertMap
 from tierflow.prefetch.speculative_gate import fit_layer_maps
 from tierflow.sim.engine import Simulation
-from tierflow.trace.format import TraceWriter
+from tierflow.trace.format import TraceWriter, write_trace
 
 SMALL = {
     "name": "small",
@@ -275,14 +276,38 @@ def test_speculative_gate_watches_then_predicts_the_learned_rule():
 
 
 def test_speculative_gate_prefers_recorded_predictions():
-    predicted = np.zeros((1, 4, 2), dtype=np.int64)
-    predicted[0, 0] = [7, 3]
-    steps = [_Step([np.array([0, 1])] * 4, predicted=predicted)]
+    steps = [_Step([np.array([0, 1])] * 4)]
     gate = make_prefetcher("speculative_gate", {"train_fraction": 0.0}, _context(_Workload(steps)))
-    gate._fitted = True  # noqa: SLF001  (no training data needed to use recorded predictions)
-    gate._hot = np.zeros((4, 16, 16), np.float32)
-    gate._scored, gate._bias = gate._hot.copy(), np.zeros((4, 16), np.float32)
-    assert gate.on_routing(_event(0, 0, [0, 1])) == [(1, 7), (1, 3)]
+    event = attrs.evolve(_event(0, 0, [0, 1]), predicted=np.array([[7, 3]]))
+    assert gate.on_routing(event) == [(1, 7), (1, 3)]  # no fit needed
+    off = make_prefetcher("speculative_gate", {"train_fraction": 0.0, "use_recorded": False},
+                          _context(_Workload(steps)))
+    assert off.on_routing(event) == []
+    assert gate.on_routing(attrs.evolve(_event(0, 3, [0, 1]), predicted=np.array([[7, 3]]))) == []  # last layer
+
+
+def test_recorded_predictions_flow_from_the_trace_file_to_the_prefetcher(tmp_path):
+    """A trace whose predicted_experts are the true next-layer experts: every prefetch is used, and the run
+    stalls less than without prefetching."""
+    rng = np.random.default_rng(3)
+    tokens, layers, k = 24, 16, 8
+    experts = np.stack([[rng.choice(64, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
+    predicted = np.roll(experts, -1, axis=1)  # row [t, l] = the experts of layer l + 1
+    scores = rng.dirichlet(np.ones(k), size=(tokens, layers)).astype(np.float32)
+    path = tmp_path / "predicted.h5"
+    write_trace(path, experts, np.zeros(tokens, np.int64), model="olmoe-1b-7b", num_experts=64, source="test",
+                gate_scores=scores, predicted_experts=predicted, validate=True)
+    common = {"workload.trace": str(path), "workload.batch_size": 1, "workload.decode_tokens": tokens,
+              "prefetch.lookahead": 1, "prefetch.max_queued": 64, "prefetch.budget_experts": 8}
+    _, none, _, _ = run_recorded(small(**common, **{"prefetch.policy": "none"}))
+    sim, gate, _, _ = run_recorded(small(**common, **{"prefetch.policy": "speculative_gate",
+                                                     "prefetch.params": {"train_fraction": 0.0}}))
+    step = sim.workload.steps[5]
+    assert np.array_equal(step.predicted_experts, predicted[5][None])
+    assert np.allclose(step.row_scores, scores[5][None], atol=1e-3)  # stored as float16
+    p = gate.summary["prefetch"]
+    assert p["issued"] > 0 and p["accuracy"] == 1.0 and p["wasted_bytes"] == 0
+    assert gate.summary["stall_s_per_token"] < none.summary["stall_s_per_token"]
 
 
 def test_speculative_gate_refuses_a_training_split_that_overlaps_the_run(tmp_path):

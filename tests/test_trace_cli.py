@@ -83,3 +83,19 @@ def test_reuse_carries_across_chunks():
     acc.update(np.array([[[0, 1]]]), np.array([7]))
     acc.update(np.array([[[1, 2]]]), np.array([7]))
     assert acc.reuse_rate == pytest.approx(0.5)
+
+
+def test_predicted_experts_round_trip_and_bad_ids_are_one_line(tmp_path):
+    from tierflow.trace.format import open_trace
+
+    experts = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]])
+    good = tmp_path / "good.h5"
+    write_trace(good, experts, [0, 0], model="m", num_experts=4, source="t", predicted_experts=experts[:, ::-1])
+    with open_trace(good) as reader:
+        assert reader.meta.has_predicted_experts
+        (chunk,) = reader.chunks(predicted_experts=True)
+        assert np.array_equal(chunk.predicted_experts, experts[:, ::-1])
+    bad = tmp_path / "bad.h5"
+    write_trace(bad, experts, [0, 0], model="m", num_experts=4, source="t",
+                predicted_experts=np.where(experts == 3, 9, experts))
+    assert_one_line_error(run_cli("trace", "info", bad), "predicted_experts id 9 outside [0, 4)")

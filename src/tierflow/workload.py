@@ -19,7 +19,9 @@ class DecodeStep:
 
     ``experts[l]`` holds the distinct experts layer ``l`` needs (union over the batch, in first-seen
     order); ``scores[l]`` the largest router weight any sequence gave each of them; ``tokens_per_expert[l]``
-    how many of the batch's tokens chose each; ``rows`` the raw (batch, layers, k) routing of the step.
+    how many of the batch's tokens chose each; ``rows`` the raw (batch, layers, k) routing of the step, and
+    ``row_scores`` its router weights (None when the trace has none). ``predicted_experts`` (batch, layers, k),
+    when the trace records them: the experts a speculative gate predicted for layer ``l + 1`` at layer ``l``.
     """
 
     index: int
@@ -28,6 +30,8 @@ class DecodeStep:
     tokens_per_expert: list[np.ndarray]
     rows: np.ndarray
     sequence_ids: np.ndarray
+    row_scores: np.ndarray | None = None
+    predicted_experts: np.ndarray | None = None
 
 
 @attrs.frozen
@@ -48,10 +52,12 @@ class Workload:
         return sum(len(step.sequence_ids) for step in self.steps)
 
 
-def _sequences_from_arrays(experts, sequence_id, gate_scores, phase) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _sequences_from_arrays(experts, sequence_id, gate_scores, phase, predicted=None) -> dict[int, tuple]:
+    """Per sequence id, in order of first appearance: (experts, scores or None, predicted or None)."""
     keep = np.ones(len(sequence_id), dtype=bool) if phase is None else phase != 0
     experts, sequence_id = experts[keep], sequence_id[keep]
     scores = None if gate_scores is None else gate_scores[keep]
+    predicted = None if predicted is None else predicted[keep]
     order = np.argsort(sequence_id, kind="stable")
     ids, starts = np.unique(sequence_id[order], return_index=True)
     first_seen = np.argsort([order[s] for s in starts], kind="stable")
@@ -59,7 +65,8 @@ def _sequences_from_arrays(experts, sequence_id, gate_scores, phase) -> dict[int
     sequences = {}
     for i in first_seen:
         index = order[bounds[i] : bounds[i + 1]]
-        sequences[int(ids[i])] = (experts[index], None if scores is None else scores[index])
+        sequences[int(ids[i])] = (experts[index], None if scores is None else scores[index],
+                                  None if predicted is None else predicted[index])
     return sequences
 
 
@@ -84,16 +91,16 @@ def _unions(rows: np.ndarray, scores: np.ndarray | None):
     return unions
 
 
-def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batch_size: int, num_steps: int,
-                skip_tokens: int = 0) -> list[DecodeStep]:
-    """Continuous batching over the sequences (dict in admission order) for up to ``num_steps`` steps."""
+def build_steps(sequences: dict[int, tuple], batch_size: int, num_steps: int, skip_tokens: int = 0) -> list[DecodeStep]:
+    """Continuous batching over the sequences (dict in admission order; values ``(experts, scores or None[,
+    predicted or None])``) for up to ``num_steps`` steps."""
     pending = iter(sequences.items())
-    slots: list[list] = []  # [sequence id, experts, scores, position]
+    slots: list[list] = []  # [sequence id, experts, scores, position, predicted]
 
     def admit():
-        for seq_id, (experts, scores) in pending:
+        for seq_id, (experts, scores, *predicted) in pending:
             if len(experts) > skip_tokens:
-                return [seq_id, experts, scores, skip_tokens]
+                return [seq_id, experts, scores, skip_tokens, predicted[0] if predicted else None]
         return None
 
     for _ in range(batch_size):
@@ -106,6 +113,8 @@ def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batc
         rows = np.stack([slot[1][slot[3]] for slot in slots])
         has_scores = all(slot[2] is not None for slot in slots)
         scores = np.stack([slot[2][slot[3]] for slot in slots]).astype(np.float64) if has_scores else None
+        has_predicted = all(slot[4] is not None for slot in slots)
+        predicted = np.stack([slot[4][slot[3]] for slot in slots]) if has_predicted else None
         unions = _unions(rows, scores)
         steps.append(DecodeStep(
             index=len(steps),
@@ -114,6 +123,8 @@ def build_steps(sequences: dict[int, tuple[np.ndarray, np.ndarray | None]], batc
             tokens_per_expert=[u[2] for u in unions],
             rows=rows,
             sequence_ids=np.array([slot[0] for slot in slots]),
+            row_scores=scores,
+            predicted_experts=predicted,
         ))
         next_slots = []
         for slot in slots:
@@ -135,7 +146,7 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
         budget = batch_size * (num_steps + skip_tokens)
         parts = []
         read = 0
-        for chunk in reader.chunks(gate_scores=True, phase=True):
+        for chunk in reader.chunks(gate_scores=True, phase=True, predicted_experts=True):
             parts.append(chunk)
             read += len(chunk)
             if read >= 2 * budget + 65536:
@@ -144,7 +155,8 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
     if not parts or read == 0:
         raise TierflowError(f"{path}: the trace has no tokens")
     cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-    sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"), cat("phase"))
+    sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"), cat("phase"),
+                                       cat("predicted_experts"))
     steps = build_steps(sequences, batch_size, num_steps, skip_tokens)
     if not steps:
         raise TierflowError(f"{path}: no decode tokens after skipping {skip_tokens} per sequence")

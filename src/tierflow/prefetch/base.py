@@ -36,6 +36,8 @@ class RoutingEvent:
     scores: np.ndarray  # the largest router weight each got
     rows: np.ndarray  # (batch, k) each sequence's routing at this layer
     sequence_ids: np.ndarray
+    row_scores: np.ndarray | None = None  # (batch, k) each sequence's router weights, when the trace has them
+    predicted: np.ndarray | None = None  # (batch, k) recorded predictions of the next layer's experts
 
 
 class Prefetcher:

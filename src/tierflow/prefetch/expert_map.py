@@ -122,9 +122,12 @@ class ExpertMap(Prefetcher):
     def on_routing(self, event):
         c = self.context
         rows = event.rows.astype(np.int64)
-        best = np.zeros(c.num_experts, np.float32)
-        best[event.experts.astype(np.int64)] = event.scores
-        weights = row_weights(rows, best[rows])  # a token's weight: the batch's best for that expert
+        if event.row_scores is not None:
+            weights = row_weights(rows, event.row_scores)
+        else:  # a token's weight: the batch's best for that expert (exact at batch 1)
+            best = np.zeros(c.num_experts, np.float32)
+            best[event.experts.astype(np.int64)] = event.scores
+            weights = row_weights(rows, best[rows])
         if event.step != self._step or event.layer == 0:
             self._start_step(event, len(rows))
         layer, size = event.layer, self._size

@@ -12,10 +12,9 @@ The training split is either a trace file (``train_trace``: its last ``train_tok
 must not be sequences the run simulates) or, without one, the first ``train_fraction`` of the run's own decode
 steps, during which the prefetcher only watches (it proposes nothing, as ``none``).
 
-Recorded predictions: when a decode step carries ``predicted_experts`` (``(batch, layers, k)``: the experts a
-real speculative gate predicted for layer ``l+1`` while at layer ``l``, from a trace dataset of that name),
-those are proposed for the next layer instead of the map's. The engine does not pass them yet (see
-docs/prefetchers.md).
+Recorded predictions: when the trace has the optional ``predicted_experts`` dataset (row ``[t, l]``: the
+experts a real speculative gate predicted for layer ``l+1`` of token ``t`` while at layer ``l``), the routing
+event carries the batch's rows and those experts are proposed for the next layer instead of the map's.
 """
 
 from __future__ import annotations
@@ -123,14 +122,14 @@ class SpeculativeGate(Prefetcher):
         c = self.context
         rows = event.rows.astype(np.int64)
         weights = self._row_weights(event, rows)
+        reach = min(self._distance, c.num_layers - 1 - event.layer)
+        recorded = self._recorded(event) if reach > 0 else None
         if not self._fitted:
             self._watch(event, rows, weights)
-            if not self._fitted:
-                return []
-        reach = min(self._distance, c.num_layers - 1 - event.layer)
+            if not self._fitted:  # recorded predictions need no fit
+                return [] if recorded is None else [(event.layer + 1, e) for e in recorded]
         if reach <= 0:
             return []
-        recorded = self._recorded(event)
         # Per token: bias + the rows of its experts in both blocks; (batch, D * E).
         p = (self._bias[event.layer] + self._hot[event.layer][rows].sum(axis=1)
              + (self._scored[event.layer][rows] * weights[:, :, None]).sum(axis=1))
@@ -148,8 +147,10 @@ class SpeculativeGate(Prefetcher):
         return proposals
 
     def _row_weights(self, event, rows: np.ndarray) -> np.ndarray:
-        """Each token's router weights at this layer. The event gives the batch's best weight per expert, so a
-        token's weight for an expert is that (exact at batch 1)."""
+        """Each token's router weights at this layer: the event's per-token weights when the trace has them,
+        else the batch's best weight for each expert (exact at batch 1)."""
+        if event.row_scores is not None:
+            return row_weights(rows, event.row_scores)
         best = np.zeros(self.context.num_experts, np.float32)
         best[event.experts.astype(np.int64)] = event.scores
         return row_weights(rows, best[rows])
@@ -169,9 +170,7 @@ class SpeculativeGate(Prefetcher):
             self._step_rows, self._step_weights = [], []
 
     def _recorded(self, event) -> list[int] | None:
-        if not self.params.use_recorded or self._steps is None:
+        """The batch's recorded next-layer predictions (each token's, first-seen order), or None."""
+        if not self.params.use_recorded or event.predicted is None:
             return None
-        predicted = getattr(self._steps[event.step], "predicted_experts", None)
-        if predicted is None:
-            return None
-        return list(dict.fromkeys(np.asarray(predicted)[:, event.layer, :].ravel().tolist()))
+        return list(dict.fromkeys(np.asarray(event.predicted).ravel().tolist()))

@@ -269,7 +269,9 @@ class GpuStream:
         if self.prefetcher is None:
             return
         event = RoutingEvent(step.index, layer, step.experts[layer], step.scores[layer], step.rows[:, layer, :],
-                             step.sequence_ids)
+                             step.sequence_ids,
+                             None if step.row_scores is None else step.row_scores[:, layer, :],
+                             None if step.predicted_experts is None else step.predicted_experts[:, layer, :])
         proposals = self.prefetcher.on_routing(event)
         num_experts, gpus = self.workload.num_experts, len(self.memories)
         issued = 0

@@ -10,7 +10,10 @@ Layout (see DESIGN.md):
 - optional ``phase``: uint8 ``(num_tokens,)``, 0 prefill, 1 decode;
 - optional ``token_index``: integer ``(num_tokens,)``, the token's position in its sequence; where present, each
   sequence's positions must increase in file order;
-- optional ``/sequences/embedding``: float ``(num_sequences, d)``, row ``i`` for sequence id ``i``.
+- optional ``/sequences/embedding``: float ``(num_sequences, d)``, row ``i`` for sequence id ``i``;
+- optional ``predicted_experts``: integer ``(num_tokens, num_layers, top_k)``, row ``[t, l]`` the experts a
+  speculative gate predicted for layer ``l + 1`` of token ``t`` while at layer ``l`` (the last layer's row is
+  unused), for prefetchers that replay a serving system's own predictions.
 
 Readers stream the file in chunks of tokens, so memory stays bounded whatever the trace's length.
 """
@@ -63,6 +66,7 @@ class TraceMeta:
     has_phase: bool
     has_token_index: bool
     embedding_dim: int | None
+    has_predicted_experts: bool = False
 
 
 @attrs.frozen
@@ -75,6 +79,7 @@ class TraceChunk:
     gate_scores: np.ndarray | None = None
     phase: np.ndarray | None = None
     token_index: np.ndarray | None = None
+    predicted_experts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sequence_id)
@@ -104,6 +109,7 @@ class TraceWriter:
         with_gate_scores: bool = False,
         with_phase: bool = False,
         with_token_index: bool = False,
+        with_predicted_experts: bool = False,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         extra_attrs: dict | None = None,
         validate: bool = False,
@@ -142,6 +148,9 @@ class TraceWriter:
             self._datasets["phase"] = self._create("phase", np.uint8, (), chunk * 8)
         if with_token_index:
             self._datasets["token_index"] = self._create("token_index", np.int64, (), chunk * 8)
+        if with_predicted_experts:
+            self._datasets["predicted_experts"] = self._create("predicted_experts", expert_dtype(num_experts), rows,
+                                                               chunk)
 
     def _create(self, name, dtype, row_shape, chunk_tokens, compression=None) -> h5py.Dataset:
         return self._file.create_dataset(
@@ -153,7 +162,8 @@ class TraceWriter:
             **(compression or _COMPRESSION),
         )
 
-    def append(self, experts, sequence_id, gate_scores=None, phase=None, token_index=None) -> None:
+    def append(self, experts, sequence_id, gate_scores=None, phase=None, token_index=None,
+               predicted_experts=None) -> None:
         """Add ``len(sequence_id)`` tokens. Optional fields must be given exactly when the writer has them."""
         fields = {
             "experts": experts,
@@ -161,6 +171,7 @@ class TraceWriter:
             "gate_scores": gate_scores,
             "phase": phase,
             "token_index": token_index,
+            "predicted_experts": predicted_experts,
         }
         n = len(sequence_id)
         for name, values in fields.items():
@@ -173,9 +184,10 @@ class TraceWriter:
             values = np.asarray(values)
             if values.shape != (n, *dataset.shape[1:]):
                 raise ValueError(f"{name}: shape {values.shape}, expected {(n, *dataset.shape[1:])}")
-            if name == "experts" and values.size and (values.min() < 0 or values.max() > np.iinfo(dataset.dtype).max):
+            if (name in ("experts", "predicted_experts") and values.size
+                    and (values.min() < 0 or values.max() > np.iinfo(dataset.dtype).max)):
                 # HDF5 would saturate such ids on the way to the narrow stored type, hiding the error.
-                raise ValueError(f"experts: ids must be in [0, {self.num_experts}) to be stored as {dataset.dtype}")
+                raise ValueError(f"{name}: ids must be in [0, {self.num_experts}) to be stored as {dataset.dtype}")
             dataset.resize(self.num_tokens + n, axis=0)
             dataset[self.num_tokens :] = values
         self.num_tokens += n
@@ -223,6 +235,7 @@ def write_trace(
     phase=None,
     token_index=None,
     embedding=None,
+    predicted_experts=None,
     extra_attrs: dict | None = None,
     validate: bool = False,
 ) -> None:
@@ -241,10 +254,11 @@ def write_trace(
         with_gate_scores=gate_scores is not None,
         with_phase=phase is not None,
         with_token_index=token_index is not None,
+        with_predicted_experts=predicted_experts is not None,
         extra_attrs=extra_attrs,
         validate=validate,
     ) as writer:
-        writer.append(experts, sequence_id, gate_scores, phase, token_index)
+        writer.append(experts, sequence_id, gate_scores, phase, token_index, predicted_experts)
         if embedding is not None:
             writer.set_embeddings(embedding)
 
@@ -310,6 +324,7 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
     gate = _check_dataset(path, file, "gate_scores", kind=np.floating, shape=rows, required=False)
     phase = _check_dataset(path, file, "phase", kind=np.integer, shape=(num_tokens,), required=False)
     index = _check_dataset(path, file, "token_index", kind=np.integer, shape=(num_tokens,), required=False)
+    predicted = _check_dataset(path, file, "predicted_experts", kind=np.integer, shape=rows, required=False)
     embedding_dim = None
     if "sequences" in file and "embedding" in file["sequences"]:
         embedding = file["sequences/embedding"]
@@ -330,6 +345,7 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
         has_phase=phase is not None,
         has_token_index=index is not None,
         embedding_dim=embedding_dim,
+        has_predicted_experts=predicted is not None,
     )
 
 
@@ -357,8 +373,8 @@ class TraceReader:
             raise
 
     def chunks(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, *, start: int = 0, stop: int | None = None,
-               gate_scores: bool = False, phase: bool = False, token_index: bool = False
-               ) -> Iterator[TraceChunk]:
+               gate_scores: bool = False, phase: bool = False, token_index: bool = False,
+               predicted_experts: bool = False) -> Iterator[TraceChunk]:
         """Yield tokens ``[start, stop)`` in file order; optional fields only when asked for and present."""
         file, meta = self._file, self.meta
         stop = meta.num_tokens if stop is None else min(stop, meta.num_tokens)
@@ -366,6 +382,7 @@ class TraceReader:
             "gate_scores": gate_scores and meta.has_gate_scores,
             "phase": phase and meta.has_phase,
             "token_index": token_index and meta.has_token_index,
+            "predicted_experts": predicted_experts and meta.has_predicted_experts,
         }
         for lo in range(start, stop, chunk_tokens):
             hi = min(lo + chunk_tokens, stop)
@@ -421,6 +438,12 @@ def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
                 )
     if chunk.phase is not None and chunk.phase.size and chunk.phase.max() > 1:
         raise TraceError(meta.path, f"phase values must be 0 (prefill) or 1 (decode), found {chunk.phase.max()}")
+    predicted = chunk.predicted_experts
+    if predicted is not None and predicted.size and (predicted.min() < 0 or predicted.max() >= meta.num_experts):
+        bad = predicted.min() if predicted.min() < 0 else predicted.max()
+        token = np.argwhere(predicted == bad)[0][0]
+        raise TraceError(meta.path, f"predicted_experts id {int(bad)} outside [0, {meta.num_experts}) at token "
+                                    f"{chunk.start + int(token)}")
     if chunk.gate_scores is not None and not np.isfinite(chunk.gate_scores).all():
         raise TraceError(meta.path, "gate_scores contains NaN or infinite values")
     if chunk.sequence_id.size and chunk.sequence_id.min() < 0:
@@ -466,7 +489,8 @@ def validate_trace(path, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, on_chunk=None
         meta = reader.meta
         order = _SequenceOrder(meta.path) if meta.has_token_index else None
         max_sequence = -1
-        for chunk in reader.chunks(chunk_tokens, gate_scores=True, phase=True, token_index=True):
+        for chunk in reader.chunks(chunk_tokens, gate_scores=True, phase=True, token_index=True,
+                                   predicted_experts=True):
             check_chunk(meta, chunk)
             if on_chunk is not None:
                 on_chunk(meta, chunk)
