@@ -50,7 +50,7 @@ def main():
         accesses = sum(len(e) for step in sim.workload.steps for e in step.experts)
         rate = accesses / (done - built)
         print(f"{name}: {accesses:,} expert accesses in {done - start:.2f} s ({built - start:.2f} s to build, "
-              f"{done - built:.2f} s to run, {next(sim.env._eid):,} events): {rate:,.0f} accesses/s, "
+              f"{done - built:.2f} s to run, {next(sim.env._eid):,} SimPy events, {sim.calendar.events_run:,} data-path events): {rate:,.0f} accesses/s, "
               f"ratio to raw events {rate / raw:.2f} (goal >= 0.5); hit rate {results.summary['hit_rate']['hbm']}")
 
 

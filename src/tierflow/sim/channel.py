@@ -1,7 +1,7 @@
 """A channel serves transfers one at a time, demand before prefetch, FIFO within each.
 
-It is driven by SimPy events: starting a transfer schedules one timeout for its service, whose callback
-delivers it and starts the next; an idle channel costs nothing.
+It runs on the data paths' :class:`~tierflow.sim.calendar.Calendar`: starting a transfer schedules one
+event at the end of its service, which delivers it and starts the next; an idle channel costs nothing.
 
 Links, SSDs and other data paths are channels; each owns its own delay (:meth:`Channel.service_time`). A
 transfer that arrives from an upstream hop may have been streaming into this channel while the upstream
@@ -19,10 +19,10 @@ import itertools
 class Channel:
     """Serves :class:`~tierflow.sim.transfer.Transfer` objects; subclasses define the service time."""
 
-    def __init__(self, env, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
+    def __init__(self, calendar, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
         if bandwidth_bytes_per_s <= 0:
             raise ValueError(f"{name}: bandwidth must be > 0")
-        self.env, self.name = env, name
+        self.calendar, self.name = calendar, name
         self.bandwidth_bytes_per_s = bandwidth_bytes_per_s
         self.latency_s = latency_s
         self.chunk_bytes = chunk_bytes
@@ -32,6 +32,7 @@ class Channel:
         self._order = itertools.count()
         self._busy = False
         self._idle_since = 0.0
+        self._serving = None  # (transfer, duration, first chunk time) while busy
 
     def submit(self, transfer) -> None:
         heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
@@ -64,18 +65,19 @@ class Channel:
     def _start_next(self) -> None:
         _, _, transfer = heapq.heappop(self._queue)
         self._busy = True
-        now = self.env.now
+        now = self.calendar.now
         duration = self.service_time(transfer, now)
-        first_chunk_at = now + min(self.first_chunk_time(transfer), duration)
-        done = self.env.timeout(duration)
-        done.callbacks.append(lambda _event: self._finish(transfer, duration, first_chunk_at))
+        self._serving = transfer, duration, now + min(self.first_chunk_time(transfer), duration)
+        self.calendar.schedule(duration, self._finish)
 
-    def _finish(self, transfer, duration: float, first_chunk_at: float) -> None:
+    def _finish(self, _argument) -> None:
+        transfer, duration, first_chunk_at = self._serving
+        now = self.calendar.now
         self.busy_s += duration
         self.bytes_carried += transfer.size_bytes
-        self._idle_since = self.env.now
+        self._idle_since = now
         if self._queue:
             self._start_next()
         else:
             self._busy = False
-        transfer.hop_finished(self.env.now, first_chunk_at)
+        transfer.hop_finished(now, first_chunk_at)

@@ -152,6 +152,8 @@ class GpuStream:
         self.future = future
         self.progress = progress
         self.records: list[StepRecord] = []
+        self.calendar = memories[0].calendar  # where the data paths' events wait until the stream looks
+        self.wake = None  # the stream's place in the calendar's order when its current timeout ends
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -160,7 +162,14 @@ class GpuStream:
         for phase in phases:
             self.ledger.record_compute(phase.flops, phase.hbm_read_bytes)
             seconds += phase.seconds
+        self.wake = self.calendar.mark(self.env.now + seconds)  # SimPy's own sum, so the times agree exactly
         return self.env.timeout(seconds)
+
+    def _arrival(self, transfers):
+        """A timeout that ends when the last of ``transfers`` lands."""
+        self.wake = self.calendar.run_until(Arrival(self.calendar, transfers))
+        # For 0 <= now <= t, now + (t - now) rounds back to exactly t: the stream wakes when the last one lands.
+        return self.env.timeout(self.wake[0] - self.env.now)
 
     def _run(self):
         env, workload, memories = self.env, self.workload, self.memories
@@ -176,6 +185,7 @@ class GpuStream:
             pending = self.compute.dense_prefix(context)
             for layer in range(num_layers):
                 yield self._phase(pending, self.compute.attention(context, layer))
+                self.calendar.advance(self.wake)
                 experts = step.experts[layer].tolist()
                 time = step.index * num_layers + layer
                 waits, used = [], []
@@ -191,12 +201,14 @@ class GpuStream:
                 self._prefetch(step, layer, time)
                 if waits:
                     waited_from = env.now
-                    yield Arrival(env, waits).event
+                    yield self._arrival(waits)
+                    self.calendar.advance(self.wake)
                     stall += env.now - waited_from
                 pending = self.compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
             yield self._phase(pending, self.compute.lm_head())
+            self.calendar.advance(self.wake)
             self.records.append(StepRecord(
                 env.now - start, stall,
                 sum(m.demand_hits for m in memories) - hits_before,

@@ -41,9 +41,9 @@ class FetchPath:
 class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
-    def __init__(self, env, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
+    def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
                  placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0):
-        self.env, self.gpu = env, gpu
+        self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
         self.placement = placement
@@ -127,7 +127,9 @@ class ExpertMemory:
             self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
 
     def finish(self) -> None:
-        """At the end of the run, prefetched experts never used count as wasted."""
+        """At the end of the run, transfers still in flight land, and prefetched experts never used count as
+        wasted."""
+        self.calendar.run()
         for transfer in self._unused_prefetch.values():
             self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
         self._unused_prefetch.clear()
@@ -145,7 +147,7 @@ class ExpertMemory:
         if source == "ssd" and self.ddr is not None:
             self._fill_ddr(key, access)
         path = self.paths[source]
-        transfer = Transfer(self.env, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
+        transfer = Transfer(self.calendar, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
                             via=path.route.via, on_done=self._arrived if into_hbm else self._streamed)
         if into_hbm:
             self.in_flight[key] = transfer
@@ -163,8 +165,7 @@ class ExpertMemory:
             transfer.start()
             return
         transfer.staged_bytes = self.expert_bytes
-        reserved = path.staging.acquire(self.expert_bytes)
-        reserved.callbacks.append(lambda _event: (path.staging.note_usage(), transfer.start()))
+        path.staging.acquire(self.expert_bytes, transfer.start)
 
     def _delivered(self, transfer: Transfer) -> None:
         path = self.paths[transfer.src]
