@@ -33,11 +33,13 @@ class Channel:
         self._busy = False
         self._idle_since = 0.0
         self._serving = None  # (transfer, duration, first chunk time) while busy
+        self._times_by_size: dict[int, tuple[float, float]] = {}
 
     def submit(self, transfer) -> None:
-        heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
-        if not self._busy:
-            self._start_next()
+        if self._busy:
+            heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
+        else:  # an idle channel has an empty queue
+            self._start(transfer)
 
     @property
     def queued(self) -> int:
@@ -47,27 +49,31 @@ class Channel:
         """Seconds to carry ``size_bytes`` on an idle channel, latency included."""
         return self.latency_s + size_bytes / self.bandwidth_bytes_per_s
 
+    def _times(self, size_bytes: int) -> tuple[float, float]:
+        """(whole transfer, first chunk) times for a size; transfers come in a few sizes, so they are kept."""
+        times = self._times_by_size.get(size_bytes)
+        if times is None:
+            times = self.transfer_time(size_bytes), self.transfer_time(min(self.chunk_bytes, size_bytes))
+            self._times_by_size[size_bytes] = times
+        return times
+
     def service_time(self, transfer, now: float) -> float:
         """How long this channel is busy with ``transfer`` if it starts now."""
-        full = self.transfer_time(transfer.size_bytes)
+        full, last_chunk = self._times(transfer.size_bytes)
         if transfer.upstream_done_at is None:
             return full
         # Bytes this channel could have moved while upstream was still producing them, had it been idle.
         overlap = transfer.upstream_done_at - max(self._idle_since, transfer.data_ready_at)
         if overlap <= 0:
             return full
-        last_chunk = self.transfer_time(min(self.chunk_bytes, transfer.size_bytes))
         return max(last_chunk, full - overlap)
 
-    def first_chunk_time(self, transfer) -> float:
-        return self.transfer_time(min(self.chunk_bytes, transfer.size_bytes))
-
-    def _start_next(self) -> None:
-        _, _, transfer = heapq.heappop(self._queue)
+    def _start(self, transfer) -> None:
         self._busy = True
         now = self.calendar.now
         duration = self.service_time(transfer, now)
-        self._serving = transfer, duration, now + min(self.first_chunk_time(transfer), duration)
+        first_chunk_s = self._times(transfer.size_bytes)[1]
+        self._serving = transfer, duration, now + (first_chunk_s if first_chunk_s < duration else duration)
         self.calendar.schedule(duration, self._finish)
 
     def _finish(self, _argument) -> None:
@@ -77,7 +83,7 @@ class Channel:
         self.bytes_carried += transfer.size_bytes
         self._idle_since = now
         if self._queue:
-            self._start_next()
+            self._start(heapq.heappop(self._queue)[2])
         else:
             self._busy = False
         transfer.hop_finished(now, first_chunk_at)

@@ -154,6 +154,7 @@ class GpuStream:
         self.records: list[StepRecord] = []
         self.calendar = memories[0].calendar  # where the data paths' events wait until the stream looks
         self.wake = None  # the stream's place in the calendar's order when its current timeout ends
+        self._prefetch_access = Access(0, 0, prefetch=True)  # reused for every prefetch (policies copy)
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -172,43 +173,51 @@ class GpuStream:
         return self.env.timeout(self.wake[0] - self.env.now)
 
     def _run(self):
-        env, workload, memories = self.env, self.workload, self.memories
+        env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
+        compute, future = self.compute, self.future
         num_layers, num_experts, gpus = workload.num_layers, workload.num_experts, len(memories)
+        looks_up = not all(memory.all_resident for memory in memories)
+        access = Access(0, 0)  # one record for every demand lookup: policies copy what they keep
         for step in workload.steps:
             start = env.now
             stall = 0.0
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             context = self.context_length + step.index
+            access.step = step.index
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back, and nothing is admitted to a cache between them.
-            pending = self.compute.dense_prefix(context)
+            pending = compute.dense_prefix(context)
             for layer in range(num_layers):
-                yield self._phase(pending, self.compute.attention(context, layer))
-                self.calendar.advance(self.wake)
+                yield self._phase(pending, compute.attention(context, layer))
+                calendar.advance(self.wake)
                 experts = step.experts[layer].tolist()
                 time = step.index * num_layers + layer
                 waits, used = [], []
-                base = layer * num_experts
-                for expert, score in zip(experts, step.scores[layer].tolist(), strict=True):
-                    key = base + expert
-                    next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-                    memory = memories[expert % gpus]
-                    wait = memory.demand(key, Access(key, time, layer, score, next_use, step=step.index))
-                    if wait is not None:
-                        waits.append(wait)
-                    used.append((memory, key))
+                if looks_up:
+                    access.time, access.layer, access.current_layer = time, layer, layer
+                    base = layer * num_experts
+                    for expert, score in zip(experts, step.scores[layer].tolist(), strict=True):
+                        key = base + expert
+                        access.key, access.score = key, score
+                        if future is not None:
+                            access.next_use = future.next_use_after(key, time)
+                        memory = memories[expert % gpus]
+                        wait = memory.demand(key, access)
+                        if wait is not None:
+                            waits.append(wait)
+                        used.append((memory, key))
                 self._prefetch(step, layer, time)
                 if waits:
                     waited_from = env.now
                     yield self._arrival(waits)
-                    self.calendar.advance(self.wake)
+                    calendar.advance(self.wake)
                     stall += env.now - waited_from
-                pending = self.compute.experts(experts, step.tokens_per_expert[layer].tolist())
+                pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
-            yield self._phase(pending, self.compute.lm_head())
-            self.calendar.advance(self.wake)
+            yield self._phase(pending, compute.lm_head())
+            calendar.advance(self.wake)
             self.records.append(StepRecord(
                 env.now - start, stall,
                 sum(m.demand_hits for m in memories) - hits_before,
@@ -223,18 +232,24 @@ class GpuStream:
         event = RoutingEvent(step.index, layer, step.experts[layer], step.scores[layer], step.rows[:, layer, :],
                              step.sequence_ids)
         proposals = self.prefetcher.on_routing(event)
-        num_experts, gpus = self.workload.num_experts, len(self.memories)
+        if not proposals:
+            return
+        memories, future, max_queued = self.memories, self.future, self.max_queued
+        num_experts, gpus = self.workload.num_experts, len(memories)
+        last_layer = layer + self.lookahead
+        access = self._prefetch_access
+        access.time, access.current_layer, access.step = time, layer, step.index
         issued = 0
         for target_layer, expert in proposals:
             if issued >= self.budget:
                 break
-            if not layer < target_layer <= layer + self.lookahead:
+            if not layer < target_layer <= last_layer:
                 continue
             key = target_layer * num_experts + expert
-            memory = self.memories[expert % gpus]
-            if not memory.can_prefetch(key, self.max_queued):
+            memory = memories[expert % gpus]
+            if not memory.can_prefetch(key, max_queued):
                 continue
-            next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-            memory.prefetch_now(key, Access(key, time, target_layer, 0.0, next_use, prefetch=True,
-                                            current_layer=layer, step=step.index))
+            access.key, access.layer = key, target_layer
+            access.next_use = future.next_use_after(key, time) if future is not None else NEVER
+            memory.prefetch_now(key, access)
             issued += 1

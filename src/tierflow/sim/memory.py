@@ -46,7 +46,9 @@ class ExpertMemory:
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
+        self._prefetch_source = paths[placement].hops[0] if placement in paths else None
         self.placement = placement
+        self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
         self.ledger = ledger
         # Prefetches leave this much unpinned room, so the next layer's demand misses always fit.
@@ -60,7 +62,11 @@ class ExpertMemory:
         self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
         # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
         parts = getattr(hbm, "caches", [hbm]) if hbm is not None else []
-        self._cache_of = hbm.cache_of if len(parts) > 1 else (lambda key: hbm)
+        if len(parts) > 1:
+            self._cache_of, self._resident = hbm.cache_of, hbm
+        else:  # one cache: its own table answers "is this key resident", asked for every proposal
+            only = parts[0] if parts else None
+            self._cache_of, self._resident = (lambda key: only), (only.sizes if parts else ())
         for part in parts:
             part.eviction_listeners.append(self._on_hbm_eviction)
 
@@ -68,27 +74,26 @@ class ExpertMemory:
 
     def demand(self, key: int, access: Access):
         """Make ``key`` resident for the current layer; returns the transfer to wait for, or None if resident."""
-        if self.placement == "hbm":  # every expert lives in HBM: nothing to look up, nothing moves
-            return None
-        if self.hbm is None:  # no cache: stream every expert from its tier, every time
-            self.demand_misses += 1
+        hbm = self.hbm
+        if hbm is None:
+            if self.all_resident:  # every expert lives in HBM: nothing to look up, nothing moves
+                return None
+            self.demand_misses += 1  # no cache: stream every expert from its tier, every time
             return self._fetch(key, access, DEMAND, into_hbm=False)
-        if self.hbm.lookup(key, access):
-            self.hbm.pin(key)
-            transfer = self.in_flight.get(key)
-            unused = self._unused_prefetch.pop(key, None)
-            if unused is not None:
+        if hbm.lookup(key, access):
+            hbm.pin(key)
+            transfer = self.in_flight.get(key) if self.in_flight else None
+            if self._unused_prefetch and self._unused_prefetch.pop(key, None) is not None:
                 self.prefetch.useful += 1
                 if transfer is not None:
                     self.prefetch.late += 1
-            if transfer is not None:
-                return transfer
-            self.demand_hits += 1
-            return None
+            if transfer is None:
+                self.demand_hits += 1
+            return transfer
         self.demand_misses += 1
         self._admit(key, access)
-        self.hbm.pin(key)  # used by this layer
-        self.hbm.pin(key)  # in flight
+        hbm.pin(key)  # used by this layer
+        hbm.pin(key)  # in flight
         return self._fetch(key, access, DEMAND, into_hbm=True)
 
     def _admit(self, key: int, access: Access) -> None:
@@ -103,12 +108,11 @@ class ExpertMemory:
     # ------------------------------------------------------------------------------------------- prefetch
 
     def can_prefetch(self, key: int, max_queued: int) -> bool:
-        """Whether a prefetch of ``key`` would start: it is not resident, room can be made without evicting
-        pinned experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use
-        spare bandwidth; they do not pile up in front of demand misses)."""
-        return (self.hbm is not None and key not in self.hbm
-                and self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes)
-                and self.paths[self.placement].hops[0].queued < max_queued)
+        """Whether a prefetch of ``key`` would start: ``key`` is not resident, the source's queue holds fewer
+        than ``max_queued`` transfers (prefetches use spare bandwidth; they do not pile up in front of demand
+        misses), and room can be made without evicting pinned experts."""
+        return (self.hbm is not None and key not in self._resident and self._prefetch_source.queued < max_queued
+                and self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes))
 
     def prefetch_now(self, key: int, access: Access) -> None:
         """Start a prefetch that :meth:`can_prefetch` allowed."""
