@@ -97,8 +97,10 @@ class ExpertMemory:
         return self._fetch(key, access, DEMAND, into_hbm=True)
 
     def _admit(self, key: int, access: Access) -> None:
-        self.hbm.admit(key, self.expert_bytes, access)
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.hbm.used_bytes)
+        hbm = self.hbm
+        hbm.admit(key, self.expert_bytes, access)
+        if hbm.used_bytes > self.peak_cache_bytes:
+            self.peak_cache_bytes = hbm.used_bytes
 
     def release(self, key: int) -> None:
         """The layer that used ``key`` has finished computing with it."""
@@ -126,9 +128,10 @@ class ExpertMemory:
     def _on_hbm_eviction(self, key: int) -> None:
         for listener in self.eviction_listeners:
             listener(key)
-        transfer = self._unused_prefetch.pop(key, None)
-        if transfer is not None:
-            self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
+        if self._unused_prefetch:
+            transfer = self._unused_prefetch.pop(key, None)
+            if transfer is not None:
+                self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
 
     def finish(self) -> None:
         """At the end of the run, transfers still in flight land, and prefetched experts never used count as
@@ -147,15 +150,22 @@ class ExpertMemory:
         return self.placement
 
     def _fetch(self, key: int, access: Access, priority: int, into_hbm: bool) -> Transfer:
-        source = self._source(key, access)
-        if source == "ssd" and self.ddr is not None:
-            self._fill_ddr(key, access)
+        if self.ddr is None:
+            source = self.placement
+        else:
+            source = self._source(key, access)
+            if source == "ssd":
+                self._fill_ddr(key, access)
         path = self.paths[source]
         transfer = Transfer(self.calendar, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
                             via=path.route.via, on_done=self._arrived if into_hbm else self._streamed)
         if into_hbm:
             self.in_flight[key] = transfer
-        self._launch(transfer, path)
+        if path.staging is None:
+            path.hops[0].submit(transfer)
+        else:
+            transfer.staged_bytes = self.expert_bytes
+            path.staging.acquire(self.expert_bytes, transfer.start)
         return transfer
 
     def _fill_ddr(self, key: int, access: Access) -> None:
@@ -164,18 +174,11 @@ class ExpertMemory:
         if self.ddr.can_admit(self.expert_bytes):
             self.ddr.admit(key, self.expert_bytes, access)
 
-    def _launch(self, transfer: Transfer, path: FetchPath) -> None:
-        if path.staging is None:
-            transfer.start()
-            return
-        transfer.staged_bytes = self.expert_bytes
-        path.staging.acquire(self.expert_bytes, transfer.start)
-
     def _delivered(self, transfer: Transfer) -> None:
         path = self.paths[transfer.src]
         if transfer.staged_bytes:
             path.staging.release(transfer.staged_bytes)
-        self.ledger.record_transfer(path.route, transfer.size_bytes, prefetch=transfer.is_prefetch)
+        self.ledger.record_transfer(path.route, transfer.size_bytes, transfer.priority == PREFETCH)
 
     def _arrived(self, transfer: Transfer) -> None:
         self._delivered(transfer)
