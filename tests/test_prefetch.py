@@ -5,6 +5,7 @@ the accounting of wasted prefetches, and each prefetcher's own rule on small han
 
 from __future__ import annotations
 
+from collections import deque
 
 import numpy as np
 import pytest
@@ -383,3 +384,29 @@ def test_transition_counting_a_step_at_once_proposes_as_counting_each_layer(seed
               for step in range(30) for layer in range(6)]
     transition = make_prefetcher("transition", {"min_observations": 1}, context)
     assert [transition.on_routing(e) for e in events] == _transition_reference(context, events)
+
+
+def test_prefetches_refused_for_a_full_queue_wait_and_start_when_it_drains():
+    """With batch 4 and room for one queued read, most proposals meet a full SSD queue. They wait (a budget's
+    worth per GPU) and start when a transfer leaves the queue, unless their layer has been reached."""
+    scenario = small(**{"workload.batch_size": 4, "prefetch.policy": "oracle", "prefetch.max_queued": 1,
+                        "prefetch.lookahead": 2, "prefetch.budget_experts": 8})
+    dropped = Simulation(scenario)
+    dropped.stream.deferred = [deque(maxlen=0) for _ in dropped.memories]  # the former rule: refused is dropped
+    issued_without = dropped.run().summary["prefetch"]["issued"]
+
+    sim = Simulation(scenario)
+    stream, started = sim.stream, []
+    start = stream._start_prefetch  # noqa: SLF001
+
+    def record(memory, key, target_layer, step, layer, time):
+        started.append((stream.position, (step, target_layer), sim.calendar.now > sim.env.now))
+        start(memory, key, target_layer, step, layer, time)
+
+    stream._start_prefetch = record  # noqa: SLF001
+    results = sim.run()
+    assert results.summary["prefetch"]["issued"] == len(started) > issued_without
+    assert all(target > position for position, target, _ in started)  # never for a layer already reached
+    assert any(later for _, _, later in started)  # some started later, when a queue drained
+    p = results.summary["prefetch"]
+    assert p["wasted_bytes"] == (p["issued"] - p["useful"]) * sim.spec.expert_bytes

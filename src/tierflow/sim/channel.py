@@ -34,6 +34,7 @@ class Channel:
         self._idle_since = 0.0
         self._serving = None  # (transfer, duration, first chunk time) while busy
         self._times_by_size: dict[int, tuple[float, float]] = {}
+        self.dequeue_listeners: list = []  # told (with the channel) when a queued transfer starts: the queue shrank
 
     def submit(self, transfer) -> None:
         if self._busy:
@@ -82,8 +83,12 @@ class Channel:
         self.busy_s += duration
         self.bytes_carried += transfer.size_bytes
         self._idle_since = now
-        if self._queue:
+        dequeued = bool(self._queue)
+        if dequeued:
             self._start(heapq.heappop(self._queue)[2])
         else:
             self._busy = False
         transfer.hop_finished(now, first_chunk_at)
+        if dequeued:
+            for listener in self.dequeue_listeners:
+                listener(self)

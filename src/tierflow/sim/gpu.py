@@ -9,6 +9,8 @@ GPU sets the layer's pace, plus the all-to-all that sends tokens to their expert
 
 from __future__ import annotations
 
+from collections import deque
+
 import attrs
 
 from tierflow.cache import NEVER, Access
@@ -155,6 +157,15 @@ class GpuStream:
         self.calendar = memories[0].calendar  # where the data paths' events wait until the stream looks
         self.wake = None  # the stream's place in the calendar's order when its current timeout ends
         self._prefetch_access = Access(0, 0, prefetch=True)  # reused for every prefetch (policies copy)
+        self.position = (-1, -1)  # (step, layer) whose routing the stream has reached
+        # Per GPU, proposals refused only because the source queue was full: (key, step, target layer), offered
+        # again whenever a transfer leaves that queue; at most a budget's worth, the oldest dropped first.
+        self.deferred = None
+        if prefetcher is not None and budget_experts > 0:
+            self.deferred = [deque(maxlen=budget_experts) for _ in memories]
+            for gpu, memory in enumerate(memories):
+                if memory.prefetch_source is not None:
+                    memory.prefetch_source.dequeue_listeners.append(lambda _channel, gpu=gpu: self._offer_deferred(gpu))
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -191,6 +202,7 @@ class GpuStream:
             for layer in range(num_layers):
                 yield self._phase(pending, compute.attention(context, layer))
                 calendar.advance(self.wake)
+                self.position = step.index, layer
                 experts = step.experts[layer].tolist()
                 time = step.index * num_layers + layer
                 waits, used = [], []
@@ -234,11 +246,9 @@ class GpuStream:
         proposals = self.prefetcher.on_routing(event)
         if not proposals:
             return
-        memories, future, max_queued = self.memories, self.future, self.max_queued
+        memories, max_queued = self.memories, self.max_queued
         num_experts, gpus = self.workload.num_experts, len(memories)
         last_layer = layer + self.lookahead
-        access = self._prefetch_access
-        access.time, access.current_layer, access.step = time, layer, step.index
         issued = 0
         for target_layer, expert in proposals:
             if issued >= self.budget:
@@ -247,9 +257,39 @@ class GpuStream:
                 continue
             key = target_layer * num_experts + expert
             memory = memories[expert % gpus]
-            if not memory.can_prefetch(key, max_queued):
+            blocker = memory.prefetch_blocker(key, max_queued)
+            if blocker is None:
+                self._start_prefetch(memory, key, target_layer, step.index, layer, time)
+                issued += 1
+            elif blocker == "queue" and self.deferred is not None:
+                self._defer(self.deferred[expert % gpus], key, step.index, target_layer)
+
+    def _start_prefetch(self, memory, key: int, target_layer: int, step: int, layer: int, time: int) -> None:
+        """Prefetch ``key`` for ``target_layer``, decided while ``layer`` of ``step`` (access ``time``) runs."""
+        access = self._prefetch_access
+        access.key, access.layer, access.time, access.current_layer, access.step = key, target_layer, time, layer, step
+        access.next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+        memory.prefetch_now(key, access)
+
+    @staticmethod
+    def _defer(deferred: deque, key: int, step: int, target_layer: int) -> None:
+        if all(entry[0] != key for entry in deferred):
+            deferred.append((key, step, target_layer))
+
+    def _offer_deferred(self, gpu: int) -> None:
+        """A transfer left GPU ``gpu``'s source queue: start the deferred proposals that now fit, in order, and
+        drop those whose layer has already been reached or that can no longer start for another reason."""
+        deferred = self.deferred[gpu]
+        memory = self.memories[gpu]
+        step, layer = self.position
+        while deferred:
+            key, target_step, target_layer = deferred[0]
+            if (target_step, target_layer) <= (step, layer):
+                deferred.popleft()
                 continue
-            access.key, access.layer = key, target_layer
-            access.next_use = future.next_use_after(key, time) if future is not None else NEVER
-            memory.prefetch_now(key, access)
-            issued += 1
+            blocker = memory.prefetch_blocker(key, self.max_queued)
+            if blocker == "queue":
+                return
+            deferred.popleft()
+            if blocker is None:
+                self._start_prefetch(memory, key, target_layer, step, layer, step * self.workload.num_layers + layer)

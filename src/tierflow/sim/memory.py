@@ -46,7 +46,8 @@ class ExpertMemory:
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
-        self._prefetch_source = paths[placement].hops[0] if placement in paths else None
+        # The channel prefetches are read through first (their queue limit applies there).
+        self.prefetch_source = paths[placement].hops[0] if placement in paths else None
         self.placement = placement
         self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
@@ -110,11 +111,23 @@ class ExpertMemory:
     # ------------------------------------------------------------------------------------------- prefetch
 
     def can_prefetch(self, key: int, max_queued: int) -> bool:
-        """Whether a prefetch of ``key`` would start: ``key`` is not resident, the source's queue holds fewer
-        than ``max_queued`` transfers (prefetches use spare bandwidth; they do not pile up in front of demand
-        misses), and room can be made without evicting pinned experts."""
-        return (self.hbm is not None and key not in self._resident and self._prefetch_source.queued < max_queued
-                and self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes))
+        """Whether a prefetch of ``key`` would start now (see :meth:`prefetch_blocker`)."""
+        return self.prefetch_blocker(key, max_queued) is None
+
+    def prefetch_blocker(self, key: int, max_queued: int) -> str | None:
+        """Why a prefetch of ``key`` would not start now, or None if it would: ``"resident"`` (resident or in
+        flight already), ``"queue"`` (the source's queue holds ``max_queued`` transfers: prefetches use spare
+        bandwidth, they do not pile up in front of demand misses) or ``"room"`` (room cannot be made without
+        evicting pinned experts)."""
+        if self.hbm is None:
+            return "no cache"
+        if key in self._resident:
+            return "resident"
+        if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
+            return "room"
+        if self.prefetch_source.queued >= max_queued:
+            return "queue"
+        return None
 
     def prefetch_now(self, key: int, access: Access) -> None:
         """Start a prefetch that :meth:`can_prefetch` allowed."""
