@@ -42,7 +42,7 @@ class Transition(Prefetcher):
         # For the proposals at layer l: the first rows of (l, 1) .. (l, reach), as a column to add experts to.
         self._reach = [min(lookahead, layers - 1 - layer) for layer in range(layers)]
         self._proposal_rows = [first_row[layer, :reach, None] for layer, reach in enumerate(self._reach)]
-        self._reach_index = [np.arange(reach)[:, None] for reach in range(lookahead + 1)]
+        self._row_offsets = [np.arange(reach)[:, None] * n for reach in range(lookahead + 1)]  # into ranked, flat
         self._routed: dict[int, np.ndarray] = {}  # layer -> experts of the current step so far
         self._step = -1
         self._observations = 0
@@ -66,30 +66,42 @@ class Transition(Prefetcher):
             return
         c = self.context
         n, layers = c.num_experts, c.num_layers
-        sizes = np.array([len(routed.get(layer, ())) for layer in range(layers)])
-        experts = np.full((layers, max(1, sizes.max())), -1, dtype=np.int64)  # padded with -1
-        for layer, chosen in routed.items():
-            experts[layer, : len(chosen)] = chosen
-        present = experts >= 0
+        sizes = [len(routed.get(layer, ())) for layer in range(layers)]
+        width = max(sizes)
+        if min(sizes) == width:  # every layer routed, each to the same number of experts (batch 1)
+            experts = np.array([routed[layer] for layer in range(layers)], dtype=np.int64)
+            present = None
+        else:  # padded with -1
+            experts = np.full((layers, max(1, width)), -1, dtype=np.int64)
+            for layer, chosen in routed.items():
+                experts[layer, : len(chosen)] = chosen
+            present = experts >= 0
+            sizes = np.array(sizes)
         rows_touched = []
         for distance in range(1, min(c.lookahead, layers - 1) + 1):
             source, target = experts[:-distance], experts[distance:]
             rows = self._first_row[: layers - distance, distance - 1, None] + source  # (layers - d, width)
-            pairs = present[:-distance, :, None] & present[distance:, None, :]
             # Rows differ between (l, d) and sources and targets are distinct sets: no cell repeats in the add.
-            self._counts.reshape(-1)[((rows * n)[:, :, None] + target[:, None, :])[pairs]] += 1
-            sources = present[:-distance] & (sizes[distance:, None] > 0)
-            self._totals[rows[sources]] += np.broadcast_to(sizes[distance:, None], rows.shape)[sources]
-            rows_touched.append(rows[sources])
+            cells = (rows * n)[:, :, None] + target[:, None, :]
+            if present is None:
+                self._counts.reshape(-1)[cells.ravel()] += 1
+                self._totals[rows.ravel()] += width
+                rows_touched.append(rows.ravel())
+            else:
+                self._counts.reshape(-1)[cells[present[:-distance, :, None] & present[distance:, None, :]]] += 1
+                sources = present[:-distance] & (sizes[distance:, None] > 0)
+                self._totals[rows[sources]] += np.broadcast_to(sizes[distance:, None], rows.shape)[sources]
+                rows_touched.append(rows[sources])
         rows = np.concatenate(rows_touched)
-        self._minus_prob[rows] = self._counts[rows] / -self._totals[rows][:, None]
+        self._minus_prob[rows] = self._counts.take(rows, axis=0) / -self._totals.take(rows)[:, None]
 
     def _propose(self, layer: int, experts: np.ndarray, reach: int) -> list[tuple[int, int]]:
         """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability."""
         budget = min(self.context.budget_experts, self.context.num_experts)
-        ranked = self._minus_prob[self._proposal_rows[layer] + experts].sum(axis=1)  # (reach, experts): lowest first
+        rows = self._proposal_rows[layer] + experts  # (reach, routed)
+        ranked = self._minus_prob.take(rows, axis=0).sum(axis=1)  # (reach, num_experts): the lowest is wanted most
         best = ranked.argpartition(budget - 1, axis=1)[:, :budget]
-        values = ranked[self._reach_index[reach], best].tolist()
+        values = ranked.take(best + self._row_offsets[reach]).tolist()
         proposals = []
         for d, (chosen, value) in enumerate(zip(best.tolist(), values, strict=True)):
             # Sorted stably, so equal scores keep the partition's order; a score of 0 is no evidence.
