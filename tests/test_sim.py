@@ -19,7 +19,7 @@ from tierflow.sim.channel import Channel
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.engine import Simulation
 from tierflow.sim.ssd import sustained_read_bytes_per_s
-from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
+from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
 
 SMALL = {
     "name": "small",
@@ -145,6 +145,14 @@ def test_calendar_runs_events_in_time_then_creation_order_and_stops_at_a_mark():
     assert ran == ["first at 1"] and calendar.now == 1.0
     calendar.run()
     assert ran == ["first at 1", "second at 1", "late"]
+
+
+def test_waiting_for_a_transfer_that_was_never_started_is_an_error_not_a_hang():
+    calendar = Calendar()
+    channel = Channel(calendar, "link", 1e9, 0.0, 1 << 20)
+    transfer = Transfer(calendar, 1, 1000, "ddr", "hbm", [channel], DEMAND)  # never started
+    with pytest.raises(RuntimeError, match="can never arrive"):
+        calendar.run_until(Arrival(calendar, [transfer]))
 
 
 def test_staging_buffer_serves_reads_first_come_first_served_as_space_frees():

@@ -48,6 +48,8 @@ class Calendar:
         mark, the place in the order where its waiter wakes."""
         heap, pop = self._heap, heapq.heappop
         while arrival.pending:
+            if not heap:
+                raise RuntimeError(f"{arrival.pending} awaited transfer(s) can never arrive: nothing is scheduled")
             self.now, _, action, argument = pop(heap)
             self.events_run += 1
             action(argument)
