@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import simpy
 
 from conftest import scenario_with, assert_one_line_error, run_cli
 from tierflow.cache import Access, TierCache, make_policy
@@ -14,7 +15,7 @@ from tierflow.catalog import get_model, get_profile
 from tierflow.config import load_scenario
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
-from tierflow.sim.calendar import Calendar
+from tierflow.sim.calendar import Calendar, timeout_towards
 from tierflow.sim.channel import Channel
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.engine import Simulation
@@ -153,6 +154,20 @@ def test_waiting_for_a_transfer_that_was_never_started_is_an_error_not_a_hang():
     transfer = Transfer(calendar, 1, 1000, "ddr", "hbm", [channel], DEMAND)  # never started
     with pytest.raises(RuntimeError, match="can never arrive"):
         calendar.run_until(Arrival(calendar, [transfer]))
+
+
+def test_the_stream_can_wake_exactly_when_now_plus_the_difference_misses_the_time():
+    now, when = 1.969903153219066e-07, 1.8809674164643634e-06
+    assert now + (when - now) != when  # one rounding step off
+    env = simpy.Environment()
+    env.run(until=now)
+
+    def waiter():
+        while env.now != when:
+            yield timeout_towards(env, when)
+
+    env.run(until=env.process(waiter()))
+    assert env.now == when
 
 
 def test_staging_buffer_serves_reads_first_come_first_served_as_space_frees():

@@ -65,3 +65,13 @@ class Calendar:
         if until != math.inf:
             self.now = until
 
+
+def timeout_towards(env, when: float):
+    """A SimPy timeout that ends at ``when`` (a calendar time) exactly if ``env.now + delay`` can land there;
+    it always can once ``now >= when / 2`` (the difference is then exact). Before that it rarely cannot, and
+    the timeout ends at three quarters of ``when``: the caller waits again until ``env.now == when``."""
+    now = env.now
+    delay = when - now
+    if now + delay != when:
+        delay = 0.75 * when - now
+    return env.timeout(delay)

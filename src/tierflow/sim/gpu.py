@@ -18,6 +18,7 @@ from tierflow.catalog.hardware import HardwareProfile, Link
 from tierflow.catalog.models import ModelSpec
 from tierflow.ledger import Ledger
 from tierflow.prefetch import RoutingEvent
+from tierflow.sim.calendar import timeout_towards
 from tierflow.sim.transfer import Arrival
 
 ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
@@ -178,10 +179,9 @@ class GpuStream:
         return self.env.timeout(seconds)
 
     def _arrival(self, transfers):
-        """A timeout that ends when the last of ``transfers`` lands."""
+        """A timeout towards the moment the last of ``transfers`` lands (see :func:`timeout_towards`)."""
         self.wake = self.calendar.run_until(Arrival(self.calendar, transfers))
-        # For 0 <= now <= t, now + (t - now) rounds back to exactly t: the stream wakes when the last one lands.
-        return self.env.timeout(self.wake[0] - self.env.now)
+        return timeout_towards(self.env, self.wake[0])
 
     def _run(self):
         env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
@@ -223,6 +223,8 @@ class GpuStream:
                 if waits:
                     waited_from = env.now
                     yield self._arrival(waits)
+                    while env.now != self.wake[0]:
+                        yield timeout_towards(env, self.wake[0])
                     calendar.advance(self.wake)
                     stall += env.now - waited_from
                 pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
