@@ -5,6 +5,7 @@ the accounting of wasted prefetches, and each prefetcher's own rule on small han
 
 from __future__ import annotations
 
+from collections import deque
 
 import attrs
 import numpy as np
@@ -357,3 +358,80 @@ def test_expert_map_store_is_bounded_and_replaces_the_most_redundant_entry():
     assert em._size == 2  # noqa: SLF001
     stored = {tuple(map(tuple, em._slot_experts[slot].tolist())) for slot in range(2)}  # noqa: SLF001
     assert stored == {tuple(map(tuple, a_variant)), tuple(map(tuple, b))}  # a was replaced, b kept
+
+
+def test_transition_proposes_what_most_often_followed_the_routed_experts():
+    transition = make_prefetcher("transition", {"min_observations": 3}, _context(lookahead=2, budget=2))
+    # Expert 0 at layer 0 is followed at layer 1 by 5, 6, 5 and always by 7; at layer 2 by 9 always, 8 twice.
+    for step, (one_ahead, two_ahead) in enumerate([(5, 8), (6, 8), (5, 10)]):
+        assert _walk(transition, step, [[0, 1], [one_ahead, 7], [9, two_ahead], [3, 4]]) == [[]] * 4
+    # Six experts followed expert 0 at each distance: 7 in 3 of 6, 5 in 2, 6 in 1; 9 in 3, 8 in 2, 10 in 1.
+    assert transition.on_routing(_event(3, 0, [0])) == [(1, 7), (1, 5), (2, 9), (2, 8)]
+
+
+def _transition_reference(context, events):
+    """The rule in its plainest form: update the counts at each event, then rank (as the prefetcher did
+    before it counted a step's transitions all at once)."""
+    n, a = context.num_experts, context.lookahead
+    counts = np.zeros((context.num_layers, a, n, n), np.float32)
+    totals = np.zeros((context.num_layers, a, n), np.float32)
+    prob = np.zeros_like(counts)
+    routed, step, seen, out = {}, -1, 0, []
+    for event in events:
+        if event.step != step:
+            step, routed, seen = event.step, {}, seen + 1
+        experts, layer = event.experts, event.layer
+        for d in range(1, a + 1):
+            source = routed.get(layer - d)
+            if source is not None:
+                counts[layer - d, d - 1][source[:, None], experts[None, :]] += 1
+                totals[layer - d, d - 1][source] += len(experts)
+                prob[layer - d, d - 1][source] = counts[layer - d, d - 1][source] / totals[layer - d, d - 1][source][:, None]
+        routed[layer] = experts
+        reach = min(a, context.num_layers - 1 - layer)
+        proposals = []
+        if seen > 1 and reach > 0:
+            budget = min(context.budget_experts, n)
+            for d in range(reach):
+                scores = prob[layer, d][experts].sum(axis=0)
+                best = np.argpartition(-scores, budget - 1)[:budget]
+                best = best[np.argsort(-scores[best], kind="stable")]
+                proposals += [(layer + 1 + d, e) for e in best[scores[best] > 0].tolist()]
+        out.append(proposals)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_transition_counting_a_step_at_once_proposes_as_counting_each_layer(seed):
+    rng = np.random.default_rng(seed)
+    context = _context(layers=6, experts=12, lookahead=int(rng.integers(1, 4)), budget=int(rng.integers(0, 6)))
+    events = [_event(step, layer, rng.choice(12, size=int(rng.integers(1, 5)), replace=False))
+              for step in range(30) for layer in range(6)]
+    transition = make_prefetcher("transition", {"min_observations": 1}, context)
+    assert [transition.on_routing(e) for e in events] == _transition_reference(context, events)
+
+
+def test_prefetches_refused_for_a_full_queue_wait_and_start_when_it_drains():
+    """With batch 4 and room for one queued read, most proposals meet a full SSD queue. They wait (a budget's
+    worth per GPU) and start when a transfer leaves the queue, unless their layer has been reached."""
+    scenario = small(**{"workload.batch_size": 4, "prefetch.policy": "oracle", "prefetch.max_queued": 1,
+                        "prefetch.lookahead": 2, "prefetch.budget_experts": 8})
+    dropped = Simulation(scenario)
+    dropped.stream.deferred = [deque(maxlen=0) for _ in dropped.memories]  # the former rule: refused is dropped
+    issued_without = dropped.run().summary["prefetch"]["issued"]
+
+    sim = Simulation(scenario)
+    stream, started = sim.stream, []
+    start = stream._start_prefetch  # noqa: SLF001
+
+    def record(memory, key, target_layer, step, layer, time):
+        started.append((stream.position, (step, target_layer), sim.calendar.now > sim.env.now))
+        start(memory, key, target_layer, step, layer, time)
+
+    stream._start_prefetch = record  # noqa: SLF001
+    results = sim.run()
+    assert results.summary["prefetch"]["issued"] == len(started) > issued_without
+    assert all(target > position for position, target, _ in started)  # never for a layer already reached
+    assert any(later for _, _, later in started)  # some started later, when a queue drained
+    p = results.summary["prefetch"]
+    assert p["wasted_bytes"] == (p["issued"] - p["useful"]) * sim.spec.expert_bytes

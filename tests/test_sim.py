@@ -15,10 +15,12 @@ from tierflow.catalog import get_model, get_profile
 from tierflow.config import load_scenario
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
+from tierflow.sim.calendar import Calendar, timeout_towards
 from tierflow.sim.channel import Channel
+from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.engine import Simulation
 from tierflow.sim.ssd import sustained_read_bytes_per_s
-from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
+from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
 
 SMALL = {
     "name": "small",
@@ -91,46 +93,95 @@ def test_ssd_sustained_rate_is_the_tightest_of_its_limits():
     assert sustained_read_bytes_per_s(ssd, link) == expected
 
 
-def _channel_pair(env, bw1, bw2, chunk):
-    first = Channel(env, "a", bw1, 1e-6, chunk)
-    second = Channel(env, "b", bw2, 2e-6, chunk)
+def _channel_pair(calendar, bw1, bw2, chunk):
+    first = Channel(calendar, "a", bw1, 1e-6, chunk)
+    second = Channel(calendar, "b", bw2, 2e-6, chunk)
     return first, second
 
 
 def test_cut_through_costs_the_slow_hop_plus_one_chunk_on_the_fast_one():
-    env = simpy.Environment()
-    slow, fast = _channel_pair(env, 1e9, 4e9, 1_000_000)
-    transfer = Transfer(env, 1, 10_000_000, "ssd", "hbm", [slow, fast], DEMAND)
+    calendar = Calendar()
+    slow, fast = _channel_pair(calendar, 1e9, 4e9, 1_000_000)
+    transfer = Transfer(calendar, 1, 10_000_000, "ssd", "hbm", [slow, fast], DEMAND)
     transfer.start()
-    env.run()
+    calendar.run()
     expected = (1e-6 + 10_000_000 / 1e9) + (2e-6 + 1_000_000 / 4e9)
     assert transfer.arrived_at == pytest.approx(expected)
 
 
 def test_cut_through_is_bounded_by_the_slow_downstream_hop():
-    env = simpy.Environment()
-    fast, slow = _channel_pair(env, 4e9, 1e9, 1_000_000)
-    transfer = Transfer(env, 1, 10_000_000, "ssd", "hbm", [fast, slow], DEMAND)
+    calendar = Calendar()
+    fast, slow = _channel_pair(calendar, 4e9, 1e9, 1_000_000)
+    transfer = Transfer(calendar, 1, 10_000_000, "ssd", "hbm", [fast, slow], DEMAND)
     transfer.start()
-    env.run()
+    calendar.run()
     first_chunk = 1e-6 + 1_000_000 / 4e9
     # The slow hop starts once the first chunk is there and then runs at its own pace.
     assert transfer.arrived_at == pytest.approx(first_chunk + 2e-6 + 10_000_000 / 1e9, rel=1e-6)
 
 
 def test_a_demand_transfer_overtakes_queued_prefetches():
-    env = simpy.Environment()
-    channel = Channel(env, "link", 1e9, 0.0, 1 << 20)
+    calendar = Calendar()
+    channel = Channel(calendar, "link", 1e9, 0.0, 1 << 20)
     order = []
-    transfers = [Transfer(env, key, 1_000_000, "ddr", "hbm", [channel], priority, on_done=order.append)
+    transfers = [Transfer(calendar, key, 1_000_000, "ddr", "hbm", [channel], priority, on_done=order.append)
                  for key, priority in [(0, PREFETCH), (1, PREFETCH), (2, PREFETCH), (3, DEMAND)]]
     transfers[0].start()
-    env.run(until=1e-6)  # the first prefetch is now in service
+    calendar.run(until=1e-6)  # the first prefetch is now in service
     for t in transfers[1:]:
         t.start()
-    env.run()
+    calendar.run()
     # Service is not pre-empted; the demand goes next, before the prefetches queued ahead of it.
     assert [t.key for t in order] == [0, 3, 1, 2]
+
+
+def test_calendar_runs_events_in_time_then_creation_order_and_stops_at_a_mark():
+    calendar = Calendar()
+    ran = []
+    calendar.schedule(2.0, ran.append, "late")
+    calendar.schedule(1.0, ran.append, "first at 1")
+    wake = calendar.mark(1.0)  # a waiter whose wake-up at t=1 was arranged now
+    calendar.schedule(1.0, ran.append, "second at 1")
+    calendar.advance(wake)
+    assert ran == ["first at 1"] and calendar.now == 1.0
+    calendar.run()
+    assert ran == ["first at 1", "second at 1", "late"]
+
+
+def test_waiting_for_a_transfer_that_was_never_started_is_an_error_not_a_hang():
+    calendar = Calendar()
+    channel = Channel(calendar, "link", 1e9, 0.0, 1 << 20)
+    transfer = Transfer(calendar, 1, 1000, "ddr", "hbm", [channel], DEMAND)  # never started
+    with pytest.raises(RuntimeError, match="can never arrive"):
+        calendar.run_until(Arrival(calendar, [transfer]))
+
+
+def test_the_stream_can_wake_exactly_when_now_plus_the_difference_misses_the_time():
+    now, when = 1.969903153219066e-07, 1.8809674164643634e-06
+    assert now + (when - now) != when  # one rounding step off
+    env = simpy.Environment()
+    env.run(until=now)
+
+    def waiter():
+        while env.now != when:
+            yield timeout_towards(env, when)
+
+    env.run(until=env.process(waiter()))
+    assert env.now == when
+
+
+def test_staging_buffer_serves_reads_first_come_first_served_as_space_frees():
+    calendar = Calendar()
+    buffer = StagingBuffer(calendar, 10)
+    started = []
+    for name in ("a", "b", "c"):
+        buffer.acquire(6, lambda name=name: started.append((name, calendar.now)))
+    calendar.run()
+    assert started == [("a", 0.0)]  # b and c wait: 4 bytes are free
+    calendar.schedule(1.0, lambda _: buffer.release(6))
+    calendar.run()
+    assert started == [("a", 0.0), ("b", 1.0)]
+    assert buffer.peak_bytes == 6 and buffer.free_bytes == 4
 
 
 # ------------------------------------------------------------------------------------------ accounting

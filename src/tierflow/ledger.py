@@ -10,7 +10,7 @@ from collections import defaultdict
 import attrs
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a key of the ledger's tables, looked up for every transfer
 class Route:
     """Where bytes went: source tier, destination tier, the links crossed, and a tier they bounced through."""
 

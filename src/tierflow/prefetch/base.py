@@ -1,7 +1,9 @@
 """Prefetchers see routing events and propose experts to fetch for layers ahead; they never move bytes.
 
 The engine turns proposals into transfers at prefetch priority (a demand miss overtakes queued prefetches),
-within the scenario's lookahead and per-event budget, skipping experts already resident or in flight.
+within the scenario's lookahead and per-event budget, skipping experts already resident or in flight. A
+proposal refused only because its source queue is full waits and is offered again when that queue shrinks,
+until its layer is reached.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ For every pair of layers ``d`` apart (``d`` up to the lookahead) the prefetcher 
 ``j`` ran at layer ``l+d`` in a step where expert ``i`` ran at layer ``l``. When layer ``l`` is routed, it
 scores each expert of layer ``l+d`` by the summed counts of the experts just chosen, normalised per source
 expert (so frequent experts do not swamp the estimate), and proposes the best ones.
+
+A step's counts are added when the next step begins, all at once. That changes no proposal: the statistics
+layer ``l`` reads (transitions out of layer ``l``) gain this step's counts only when layers ``l+1 .. l+d``
+are routed, after layer ``l`` has proposed, since a step's layers are routed in order.
 """
 
 from __future__ import annotations
@@ -27,37 +31,80 @@ class Transition(Prefetcher):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         c = self.context
-        shape = (c.num_layers, c.lookahead, c.num_experts, c.num_experts)
-        self._counts = np.zeros(shape, dtype=np.float32)  # [l, d-1, i, j]: i at layer l, then j at l+d
-        self._totals = np.zeros(shape[:3], dtype=np.float32)  # [l, d-1, i]: observations of i at layer l
-        self._prob = np.zeros(shape, dtype=np.float32)  # counts / totals, kept up to date row by row
+        layers, lookahead, n = c.num_layers, c.lookahead, c.num_experts
+        # Row (l, d-1, i) of each table, flattened to one row number: the source expert i at layer l, distance d.
+        self._counts = np.zeros((layers * lookahead * n, n), dtype=np.float32)  # row, j: then j ran at l+d
+        self._totals = np.zeros(layers * lookahead * n, dtype=np.float32)  # row: experts seen at l+d after i
+        # -counts / totals (0 while a row is unobserved): summed over the routed experts it ranks candidates.
+        self._minus_prob = np.zeros_like(self._counts)
+        first_row = (np.arange(layers)[:, None] * lookahead + np.arange(lookahead)) * n  # [l, d-1]
+        self._first_row = first_row
+        # For the proposals at layer l: the first rows of (l, 1) .. (l, reach), as a column to add experts to.
+        self._reach = [min(lookahead, layers - 1 - layer) for layer in range(layers)]
+        self._proposal_rows = [first_row[layer, :reach, None] for layer, reach in enumerate(self._reach)]
+        self._row_offsets = [np.arange(reach)[:, None] * n for reach in range(lookahead + 1)]  # into ranked, flat
         self._routed: dict[int, np.ndarray] = {}  # layer -> experts of the current step so far
         self._step = -1
         self._observations = 0
 
     def on_routing(self, event):
-        c = self.context
         if event.step != self._step:
+            self._observe_step()
             self._step, self._routed = event.step, {}
             self._observations += 1
         experts, layer = event.experts, event.layer
-        for distance in range(1, c.lookahead + 1):
-            source = self._routed.get(layer - distance)
-            if source is not None:  # source and experts are distinct sets, so no index repeats in the add
-                counts = self._counts[layer - distance, distance - 1]
-                totals = self._totals[layer - distance, distance - 1]
-                counts[source[:, None], experts[None, :]] += 1
-                totals[source] += len(experts)
-                self._prob[layer - distance, distance - 1][source] = counts[source] / totals[source][:, None]
         self._routed[layer] = experts
-        reach = min(c.lookahead, c.num_layers - 1 - layer)
+        reach = self._reach[layer]
         if self._observations <= self.params.min_observations or reach <= 0:
             return []
+        return self._propose(layer, experts, reach)
+
+    def _observe_step(self) -> None:
+        """Add the finished step's transitions: every (i at l, j at l+d) pair of its routed experts."""
+        routed = self._routed
+        if not routed:
+            return
+        c = self.context
+        n, layers = c.num_experts, c.num_layers
+        sizes = [len(routed.get(layer, ())) for layer in range(layers)]
+        width = max(sizes)
+        if min(sizes) == width:  # every layer routed, each to the same number of experts (batch 1)
+            experts = np.array([routed[layer] for layer in range(layers)], dtype=np.int64)
+            present = None
+        else:  # padded with -1
+            experts = np.full((layers, max(1, width)), -1, dtype=np.int64)
+            for layer, chosen in routed.items():
+                experts[layer, : len(chosen)] = chosen
+            present = experts >= 0
+            sizes = np.array(sizes)
+        rows_touched = []
+        for distance in range(1, min(c.lookahead, layers - 1) + 1):
+            source, target = experts[:-distance], experts[distance:]
+            rows = self._first_row[: layers - distance, distance - 1, None] + source  # (layers - d, width)
+            # Rows differ between (l, d) and sources and targets are distinct sets: no cell repeats in the add.
+            cells = (rows * n)[:, :, None] + target[:, None, :]
+            if present is None:
+                self._counts.reshape(-1)[cells.ravel()] += 1
+                self._totals[rows.ravel()] += width
+                rows_touched.append(rows.ravel())
+            else:
+                self._counts.reshape(-1)[cells[present[:-distance, :, None] & present[distance:, None, :]]] += 1
+                sources = present[:-distance] & (sizes[distance:, None] > 0)
+                self._totals[rows[sources]] += np.broadcast_to(sizes[distance:, None], rows.shape)[sources]
+                rows_touched.append(rows[sources])
+        rows = np.concatenate(rows_touched)
+        self._minus_prob[rows] = self._counts.take(rows, axis=0) / -self._totals.take(rows)[:, None]
+
+    def _propose(self, layer: int, experts: np.ndarray, reach: int) -> list[tuple[int, int]]:
+        """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability."""
+        budget = min(self.context.budget_experts, self.context.num_experts)
+        rows = self._proposal_rows[layer] + experts  # (reach, routed)
+        ranked = self._minus_prob.take(rows, axis=0).sum(axis=1)  # (reach, num_experts): the lowest is wanted most
+        best = ranked.argpartition(budget - 1, axis=1)[:, :budget]
+        values = ranked.take(best + self._row_offsets[reach]).tolist()
         proposals = []
-        budget = min(c.budget_experts, c.num_experts)
-        for d in range(reach):
-            scores = self._prob[layer, d][experts].sum(axis=0)
-            best = np.argpartition(-scores, budget - 1)[:budget]
-            best = best[np.argsort(-scores[best], kind="stable")]
-            proposals += [(layer + 1 + d, e) for e in best[scores[best] > 0].tolist()]
+        for d, (chosen, value) in enumerate(zip(best.tolist(), values, strict=True)):
+            # Sorted stably, so equal scores keep the partition's order; a score of 0 is no evidence.
+            proposals += [(layer + 1 + d, chosen[i]) for i in sorted(range(budget), key=value.__getitem__)
+                          if value[i] < 0]
         return proposals

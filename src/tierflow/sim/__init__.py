@@ -1,2 +1,3 @@
-"""The discrete-event model: a GPU compute stream, links, NVMe SSDs and DRAM staging buffers as SimPy
-processes, wired by :mod:`tierflow.sim.engine`."""
+"""The discrete-event model: a GPU compute stream (a SimPy process) and the data paths it feeds (links, NVMe
+SSDs, DRAM staging buffers), whose events run on a calendar the stream catches up with; wired by
+:mod:`tierflow.sim.engine`."""

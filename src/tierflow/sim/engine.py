@@ -23,6 +23,7 @@ from tierflow.errors import TierflowError
 from tierflow.ledger import Ledger, Route
 from tierflow.metrics import Results, collect_results
 from tierflow.prefetch import PrefetchContext, make_prefetcher
+from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream
 from tierflow.sim.link import LinkChannel
@@ -210,6 +211,7 @@ class Simulation:
         self.workload = load_scenario_workload(scenario, self.spec, trace)
         self.plan = plan_capacity(scenario, self.spec, self.hardware, self.workload)
         self.env = simpy.Environment()
+        self.calendar = Calendar()  # the data paths' events, which the GPU stream catches up with
         self.ledger = Ledger()
         self.energy = energy_model(scenario, self.hardware, self.plan.gpus)
         self.memories = [self._memory(gpu) for gpu in range(self.plan.gpus)]
@@ -238,7 +240,7 @@ class Simulation:
                                  top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name)
 
     def _memory(self, gpu: int) -> ExpertMemory:
-        scenario, hw, env = self.scenario, self.hardware, self.env
+        scenario, hw, calendar = self.scenario, self.hardware, self.calendar
         plan = self.plan
         hbm = ddr = None
         if plan.hbm_cache_experts is not None:
@@ -247,18 +249,18 @@ class Simulation:
         if plan.ddr_cache_experts is not None:
             ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
                               plan.ddr_cache_experts)
-        host_link = LinkChannel(env, hw.host_link, TRANSFER_CHUNK_BYTES, name=f"{hw.host_link.name} #{gpu}")
+        host_link = LinkChannel(calendar, hw.host_link, TRANSFER_CHUNK_BYTES, name=f"{hw.host_link.name} #{gpu}")
         paths = {"ddr": FetchPath([host_link], Route("ddr", "hbm", (hw.host_link.name,)))}
         if scenario.placement == "ssd":
-            ssd = SsdChannel(env, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
+            ssd = SsdChannel(calendar, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
             links = (hw.ssd_link.name, hw.host_link.name)
             staged = ddr is not None or not hw.gpudirect_storage
-            staging = StagingBuffer(env, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
+            staging = StagingBuffer(calendar, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
             if staging is not None and not staging.fits(plan.expert_bytes):
                 raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")
             paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
                                      staging)
-        return ExpertMemory(env, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
+        return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
                             reserve_bytes=plan.working_set_experts * plan.expert_bytes)
 
     def _prefetcher(self):

@@ -11,6 +11,8 @@ sends tokens to their experts and back).
 
 from __future__ import annotations
 
+from collections import deque
+
 import attrs
 
 from tierflow.cache import NEVER, Access
@@ -18,6 +20,7 @@ from tierflow.catalog.hardware import HardwareProfile, Link
 from tierflow.catalog.models import ModelSpec
 from tierflow.ledger import Ledger
 from tierflow.prefetch import RoutingEvent
+from tierflow.sim.calendar import timeout_towards
 from tierflow.sim.transfer import Arrival
 
 ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
@@ -198,6 +201,19 @@ class GpuStream:
         self.future = future
         self.progress = progress
         self.records: list[StepRecord] = []
+        self.calendar = memories[0].calendar  # where the data paths' events wait until the stream looks
+        self.wake = None  # the stream's place in the calendar's order when its current timeout ends
+        self._access = Access(0, 0)  # one record for every demand lookup: policies copy what they keep
+        self._prefetch_access = Access(0, 0, prefetch=True)  # reused for every prefetch (policies copy)
+        self.position = (-1, -1)  # (step, layer) whose routing the stream has reached
+        # Per GPU, proposals refused only because the source queue was full: (key, step, target layer), offered
+        # again whenever a transfer leaves that queue; at most a budget's worth, the oldest dropped first.
+        self.deferred = None
+        if prefetcher is not None and budget_experts > 0:
+            self.deferred = [deque(maxlen=budget_experts) for _ in memories]
+            for gpu, memory in enumerate(memories):
+                if memory.prefetch_source is not None:
+                    memory.prefetch_source.dequeue_listeners.append(lambda _channel, gpu=gpu: self._offer_deferred(gpu))
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -206,39 +222,60 @@ class GpuStream:
         for phase in phases:
             self.ledger.record_compute(phase.flops, phase.hbm_read_bytes, phase.l1_bytes)
             seconds += phase.seconds
+        self.wake = self.calendar.mark(self.env.now + seconds)  # SimPy's own sum, so the times agree exactly
         return self.env.timeout(seconds)
 
+    def _arrival(self, transfers):
+        """A timeout towards the moment the last of ``transfers`` lands (see :func:`timeout_towards`)."""
+        self.wake = self.calendar.run_until(Arrival(self.calendar, transfers))
+        return timeout_towards(self.env, self.wake[0])
+
     def _run(self):
-        env, workload, memories = self.env, self.workload, self.memories
+        env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
+        compute = self.compute
         num_layers = workload.num_layers
+        looks_up = not all(memory.all_resident for memory in memories)
+        access = self._access
         for step in workload.steps:
             start = env.now
             stall = 0.0
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             context = self.context_length + step.index
+            access.step = step.index
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back, and nothing is admitted to a cache between them.
-            pending = self.compute.dense_prefix(context)
+            pending = compute.dense_prefix(context)
             ahead = None
-            if self.copies_ahead:  # the dense layers run first; then every MoE layer's copies are queued
+            if self.copies_ahead and looks_up:  # the dense layers run first; then every layer's copies queue
                 yield self._phase(pending)
+                calendar.advance(self.wake)
                 pending = None
                 ahead = [self._demand(step, layer) for layer in range(num_layers)]
             for layer in range(num_layers):
-                attention = self.compute.attention(context, layer)
+                attention = compute.attention(context, layer)
                 yield self._phase(attention) if pending is None else self._phase(pending, attention)
+                calendar.advance(self.wake)
+                self.position = step.index, layer
                 experts = step.experts[layer].tolist()
-                waits, used = ahead[layer] if ahead is not None else self._demand(step, layer)
-                self._prefetch(step, layer, step.index * num_layers + layer)
+                time = step.index * num_layers + layer
+                if ahead is not None:
+                    waits, used = ahead[layer]
+                else:
+                    waits, used = self._demand(step, layer) if looks_up else ([], [])
+                self._prefetch(step, layer, time)
                 if waits:
                     waited_from = env.now
-                    yield Arrival(env, waits).event
+                    yield self._arrival(waits)
+                    while env.now != self.wake[0]:
+                        yield timeout_towards(env, self.wake[0])
+                    calendar.advance(self.wake)
                     stall += env.now - waited_from
-                pending = self.compute.experts(experts, step.tokens_per_expert[layer].tolist())
+                pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
-            yield self._phase(pending, self.compute.lm_head())
+            yield self._phase(pending, compute.lm_head())
+            calendar.advance(self.wake)
             self.records.append(StepRecord(
                 env.now - start, stall,
                 sum(m.demand_hits for m in memories) - hits_before,
@@ -250,16 +287,19 @@ class GpuStream:
     def _demand(self, step, layer: int):
         """Look up (and fetch what is missing of) layer ``layer``'s experts: the transfers to wait for, and the
         (memory, key) pairs to release after the layer's expert compute."""
-        memories, num_experts = self.memories, self.workload.num_experts
-        gpus = len(memories)
+        memories, future, access = self.memories, self.future, self._access
+        num_experts, gpus = self.workload.num_experts, len(memories)
         time = step.index * self.workload.num_layers + layer
+        access.time, access.layer, access.current_layer = time, layer, layer
         waits, used = [], []
         base = layer * num_experts
         for expert, score in zip(step.experts[layer].tolist(), step.scores[layer].tolist(), strict=True):
             key = base + expert
-            next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+            access.key, access.score = key, score
+            if future is not None:
+                access.next_use = future.next_use_after(key, time)
             memory = memories[expert % gpus]
-            wait = memory.demand(key, Access(key, time, layer, score, next_use, step=step.index))
+            wait = memory.demand(key, access)
             if wait is not None:
                 waits.append(wait)
             used.append((memory, key))
@@ -273,18 +313,52 @@ class GpuStream:
                              None if step.row_scores is None else step.row_scores[:, layer, :],
                              None if step.predicted_experts is None else step.predicted_experts[:, layer, :])
         proposals = self.prefetcher.on_routing(event)
-        num_experts, gpus = self.workload.num_experts, len(self.memories)
+        if not proposals:
+            return
+        memories, max_queued = self.memories, self.max_queued
+        num_experts, gpus = self.workload.num_experts, len(memories)
+        last_layer = layer + self.lookahead
         issued = 0
         for target_layer, expert in proposals:
             if issued >= self.budget:
                 break
-            if not layer < target_layer <= layer + self.lookahead:
+            if not layer < target_layer <= last_layer:
                 continue
             key = target_layer * num_experts + expert
-            memory = self.memories[expert % gpus]
-            if not memory.can_prefetch(key, self.max_queued):
+            memory = memories[expert % gpus]
+            blocker = memory.prefetch_blocker(key, max_queued)
+            if blocker is None:
+                self._start_prefetch(memory, key, target_layer, step.index, layer, time)
+                issued += 1
+            elif blocker == "queue" and self.deferred is not None:
+                self._defer(self.deferred[expert % gpus], key, step.index, target_layer)
+
+    def _start_prefetch(self, memory, key: int, target_layer: int, step: int, layer: int, time: int) -> None:
+        """Prefetch ``key`` for ``target_layer``, decided while ``layer`` of ``step`` (access ``time``) runs."""
+        access = self._prefetch_access
+        access.key, access.layer, access.time, access.current_layer, access.step = key, target_layer, time, layer, step
+        access.next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
+        memory.prefetch_now(key, access)
+
+    @staticmethod
+    def _defer(deferred: deque, key: int, step: int, target_layer: int) -> None:
+        if all(entry[0] != key for entry in deferred):
+            deferred.append((key, step, target_layer))
+
+    def _offer_deferred(self, gpu: int) -> None:
+        """A transfer left GPU ``gpu``'s source queue: start the deferred proposals that now fit, in order, and
+        drop those whose layer has already been reached or that can no longer start for another reason."""
+        deferred = self.deferred[gpu]
+        memory = self.memories[gpu]
+        step, layer = self.position
+        while deferred:
+            key, target_step, target_layer = deferred[0]
+            if (target_step, target_layer) <= (step, layer):
+                deferred.popleft()
                 continue
-            next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-            memory.prefetch_now(key, Access(key, time, target_layer, 0.0, next_use, prefetch=True,
-                                            current_layer=layer, step=step.index))
-            issued += 1
+            blocker = memory.prefetch_blocker(key, self.max_queued)
+            if blocker == "queue":
+                return
+            deferred.popleft()
+            if blocker is None:
+                self._start_prefetch(memory, key, target_layer, step, layer, step * self.workload.num_layers + layer)

@@ -41,12 +41,15 @@ class FetchPath:
 class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
-    def __init__(self, env, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
+    def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
                  placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0):
-        self.env, self.gpu = env, gpu
+        self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
+        # The channel prefetches are read through first (their queue limit applies there).
+        self.prefetch_source = paths[placement].hops[0] if placement in paths else None
         self.placement = placement
+        self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
         self.ledger = ledger
         # Prefetches leave this much unpinned room, so the next layer's demand misses always fit.
@@ -60,7 +63,11 @@ class ExpertMemory:
         self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
         # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
         parts = getattr(hbm, "caches", [hbm]) if hbm is not None else []
-        self._cache_of = hbm.cache_of if len(parts) > 1 else (lambda key: hbm)
+        if len(parts) > 1:
+            self._cache_of, self._resident = hbm.cache_of, hbm
+        else:  # one cache: its own table answers "is this key resident", asked for every proposal
+            only = parts[0] if parts else None
+            self._cache_of, self._resident = (lambda key: only), (only.sizes if parts else ())
         for part in parts:
             part.eviction_listeners.append(self._on_hbm_eviction)
 
@@ -68,32 +75,33 @@ class ExpertMemory:
 
     def demand(self, key: int, access: Access):
         """Make ``key`` resident for the current layer; returns the transfer to wait for, or None if resident."""
-        if self.placement == "hbm":  # every expert lives in HBM: nothing to look up, nothing moves
-            return None
-        if self.hbm is None:  # no cache: stream every expert from its tier, every time
-            self.demand_misses += 1
+        hbm = self.hbm
+        if hbm is None:
+            if self.all_resident:  # every expert lives in HBM: nothing to look up, nothing moves
+                return None
+            self.demand_misses += 1  # no cache: stream every expert from its tier, every time
             return self._fetch(key, access, DEMAND, into_hbm=False)
-        if self.hbm.lookup(key, access):
-            self.hbm.pin(key)
-            transfer = self.in_flight.get(key)
-            unused = self._unused_prefetch.pop(key, None)
-            if unused is not None:
+        if hbm.lookup(key, access):
+            hbm.pin(key)
+            transfer = self.in_flight.get(key) if self.in_flight else None
+            if self._unused_prefetch and self._unused_prefetch.pop(key, None) is not None:
                 self.prefetch.useful += 1
                 if transfer is not None:
                     self.prefetch.late += 1
-            if transfer is not None:
-                return transfer
-            self.demand_hits += 1
-            return None
+            if transfer is None:
+                self.demand_hits += 1
+            return transfer
         self.demand_misses += 1
         self._admit(key, access)
-        self.hbm.pin(key)  # used by this layer
-        self.hbm.pin(key)  # in flight
+        hbm.pin(key)  # used by this layer
+        hbm.pin(key)  # in flight
         return self._fetch(key, access, DEMAND, into_hbm=True)
 
     def _admit(self, key: int, access: Access) -> None:
-        self.hbm.admit(key, self.expert_bytes, access)
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.hbm.used_bytes)
+        hbm = self.hbm
+        hbm.admit(key, self.expert_bytes, access)
+        if hbm.used_bytes > self.peak_cache_bytes:
+            self.peak_cache_bytes = hbm.used_bytes
 
     def release(self, key: int) -> None:
         """The layer that used ``key`` has finished computing with it."""
@@ -103,12 +111,23 @@ class ExpertMemory:
     # ------------------------------------------------------------------------------------------- prefetch
 
     def can_prefetch(self, key: int, max_queued: int) -> bool:
-        """Whether a prefetch of ``key`` would start: it is not resident, room can be made without evicting
-        pinned experts, and the source's queue holds fewer than ``max_queued`` transfers (prefetches use
-        spare bandwidth; they do not pile up in front of demand misses)."""
-        return (self.hbm is not None and key not in self.hbm
-                and self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes)
-                and self.paths[self.placement].hops[0].queued < max_queued)
+        """Whether a prefetch of ``key`` would start now (see :meth:`prefetch_blocker`)."""
+        return self.prefetch_blocker(key, max_queued) is None
+
+    def prefetch_blocker(self, key: int, max_queued: int) -> str | None:
+        """Why a prefetch of ``key`` would not start now, or None if it would: ``"resident"`` (resident or in
+        flight already), ``"queue"`` (the source's queue holds ``max_queued`` transfers: prefetches use spare
+        bandwidth, they do not pile up in front of demand misses) or ``"room"`` (room cannot be made without
+        evicting pinned experts)."""
+        if self.hbm is None:
+            return "no cache"
+        if key in self._resident:
+            return "resident"
+        if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
+            return "room"
+        if self.prefetch_source.queued >= max_queued:
+            return "queue"
+        return None
 
     def prefetch_now(self, key: int, access: Access) -> None:
         """Start a prefetch that :meth:`can_prefetch` allowed."""
@@ -122,12 +141,15 @@ class ExpertMemory:
     def _on_hbm_eviction(self, key: int) -> None:
         for listener in self.eviction_listeners:
             listener(key)
-        transfer = self._unused_prefetch.pop(key, None)
-        if transfer is not None:
-            self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
+        if self._unused_prefetch:
+            transfer = self._unused_prefetch.pop(key, None)
+            if transfer is not None:
+                self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
 
     def finish(self) -> None:
-        """At the end of the run, prefetched experts never used count as wasted."""
+        """At the end of the run, transfers still in flight land, and prefetched experts never used count as
+        wasted."""
+        self.calendar.run()
         for transfer in self._unused_prefetch.values():
             self.prefetch.waste(self.paths[transfer.src].route, transfer.size_bytes)
         self._unused_prefetch.clear()
@@ -141,15 +163,22 @@ class ExpertMemory:
         return self.placement
 
     def _fetch(self, key: int, access: Access, priority: int, into_hbm: bool) -> Transfer:
-        source = self._source(key, access)
-        if source == "ssd" and self.ddr is not None:
-            self._fill_ddr(key, access)
+        if self.ddr is None:
+            source = self.placement
+        else:
+            source = self._source(key, access)
+            if source == "ssd":
+                self._fill_ddr(key, access)
         path = self.paths[source]
-        transfer = Transfer(self.env, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
+        transfer = Transfer(self.calendar, key, self.expert_bytes, source, "hbm", path.hops, priority, gpu=self.gpu,
                             via=path.route.via, on_done=self._arrived if into_hbm else self._streamed)
         if into_hbm:
             self.in_flight[key] = transfer
-        self._launch(transfer, path)
+        if path.staging is None:
+            path.hops[0].submit(transfer)
+        else:
+            transfer.staged_bytes = self.expert_bytes
+            path.staging.acquire(self.expert_bytes, transfer.start)
         return transfer
 
     def _fill_ddr(self, key: int, access: Access) -> None:
@@ -158,19 +187,11 @@ class ExpertMemory:
         if self.ddr.can_admit(self.expert_bytes):
             self.ddr.admit(key, self.expert_bytes, access)
 
-    def _launch(self, transfer: Transfer, path: FetchPath) -> None:
-        if path.staging is None:
-            transfer.start()
-            return
-        transfer.staged_bytes = self.expert_bytes
-        reserved = path.staging.acquire(self.expert_bytes)
-        reserved.callbacks.append(lambda _event: (path.staging.note_usage(), transfer.start()))
-
     def _delivered(self, transfer: Transfer) -> None:
         path = self.paths[transfer.src]
         if transfer.staged_bytes:
             path.staging.release(transfer.staged_bytes)
-        self.ledger.record_transfer(path.route, transfer.size_bytes, prefetch=transfer.is_prefetch)
+        self.ledger.record_transfer(path.route, transfer.size_bytes, transfer.priority == PREFETCH)
 
     def _arrived(self, transfer: Transfer) -> None:
         self._delivered(transfer)

@@ -18,13 +18,13 @@ class Transfer:
         "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes",
     )
 
-    def __init__(self, env, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
+    def __init__(self, calendar, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
         self.key, self.size_bytes, self.src, self.dst, self.via = key, size_bytes, src, dst, via
         self.priority, self.hops, self.hop, self.gpu = priority, hops, 0, gpu
         self.waiters = []
-        self.issued_at = env.now
+        self.issued_at = calendar.now
         self.arrived_at = None
-        self.data_ready_at = env.now
+        self.data_ready_at = calendar.now
         self.upstream_done_at = None
         self.on_done = on_done
         self.staged_bytes = 0
@@ -52,20 +52,23 @@ class Transfer:
 
 
 class Arrival:
-    """One SimPy event that succeeds when every given transfer has arrived: a layer waits on this instead
-    of on one event per transfer."""
+    """A barrier over transfers: complete when every given transfer has arrived. A layer waits on this (one
+    wake-up at :attr:`mark`, see :meth:`Calendar.run_until`) instead of on one event per transfer."""
 
-    def __init__(self, env, transfers):
-        self.event = env.event()
+    __slots__ = ("calendar", "pending", "mark")
+
+    def __init__(self, calendar, transfers):
+        self.calendar = calendar
         self.pending = 0
+        self.mark = None
         for transfer in transfers:
             if transfer.arrived_at is None:
                 transfer.waiters.append(self)
                 self.pending += 1
         if not self.pending:
-            self.event.succeed()
+            self.mark = calendar.mark(calendar.now)
 
     def one_arrived(self) -> None:
         self.pending -= 1
         if not self.pending:
-            self.event.succeed()
+            self.mark = self.calendar.mark(self.calendar.now)
