@@ -98,7 +98,8 @@ class PrefetchConfig:
     budget_experts: int = attrs.field(default=16, validator=_non_negative,
                                       metadata=_help("most experts prefetched per routing event"))
     max_queued: int = attrs.field(default=2, validator=_positive,
-                                  metadata=_help("skip a prefetch while its source already has this many queued"))
+                                  metadata=_help("hold a prefetch back while its source already has this many queued; "
+                                                 "it is offered again when the queue drains"))
     params: dict = attrs.field(factory=dict, metadata=_help("prefetcher parameters"))
 
 
