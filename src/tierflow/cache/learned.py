@@ -16,9 +16,8 @@ log-odds that the expert is used again within that many decode steps, a survival
 :mod:`tierflow.cache.training`). Belady evicts the expert used farthest in the future; under uncertainty, what
 costs a miss is an expert needed before the cache would have turned over, so the policy ranks by the probability
 of use within a horizon that grows with the cache: ``HORIZON_PER_CAPACITY`` times the cache's capacity in decode
-steps of requests (``capacity / requests_per_step``, at least one step), unless the ``horizon`` parameter
-fixes it. Default
-weights ship in ``data/learned_default.npz``, trained only on synthetic traces
+steps of requests (``capacity / requests_per_step``, at least ``MIN_HORIZON_STEPS``), unless the ``horizon``
+parameter fixes it. Default weights ship in ``data/learned_default.npz``, trained only on synthetic traces
 (scripts/train_default_policy.py).
 
 Ranking every resident at every eviction would cost O(capacity) per miss, so the policy ranks all of them at
@@ -58,10 +57,12 @@ FEATURES = (
 NUM_FEATURES = len(FEATURES)
 # The network's outputs: log-odds of a next use within each of these horizons (decode steps).
 HORIZONS_STEPS = tuple(2.0 ** np.arange(-2, 10))
-# The horizon the policy ranks by, per decode step of requests the cache holds, and never under one step: every
-# layer comes again within a step, so a shorter horizon would write off every expert behind the current layer
-# (chosen on validation traces, see docs/cache-policies.md).
+# The horizon the policy ranks by, per decode step of requests the cache holds, and its floor: every layer comes
+# again within a step, so under one step every expert behind the current layer is written off at once, and a
+# two-step floor gives every expert at least two chances of reuse (both chosen on validation traces, see
+# docs/cache-policies.md).
 HORIZON_PER_CAPACITY = 1.0
+MIN_HORIZON_STEPS = 2.0
 _GAP_SMOOTHING = 0.25
 DEFAULT_WEIGHTS = "learned_default.npz"
 
@@ -264,7 +265,7 @@ class LearnedParams:
     horizon: float = attrs.field(default=0.0, converter=float, validator=_non_negative,
                                  metadata={"help": "decode steps within which a use is predicted; the least "
                                                    "likely expert is evicted (0: the capacity in steps of "
-                                                   "requests, at least 1)"})
+                                                   "requests, at least 2)"})
     rerank_every: int = attrs.field(default=0, converter=int, validator=_non_negative,
                                     metadata={"help": "evictions between two rankings of all residents "
                                                       "(0: one per 64 residents)"})
@@ -283,8 +284,8 @@ class Learned(Policy):
         capacity_steps = context.capacity_items / context.requests_per_step if context is not None else 1.0
         self.features = ExpertFeatures(num_layers, capacity_steps)
         self.scorer = load_scorer(self.params.weights)
-        self.horizon_steps = self.params.horizon or max(1.0, HORIZON_PER_CAPACITY * capacity_steps)
-        self._ranked = np.empty(0, dtype=np.int64)  # resident slots by predicted next use, farthest last
+        self.horizon_steps = self.params.horizon or max(MIN_HORIZON_STEPS, HORIZON_PER_CAPACITY * capacity_steps)
+        self._ranked = np.empty(0, dtype=np.int64)  # resident slots, the least likely to be used last
         self._ranked_versions = np.empty(0)
         self._unused = 0
         self._evictions_left = 0
