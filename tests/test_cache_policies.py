@@ -19,7 +19,13 @@ from tierflow.cache import (
     make_expert_cache,
     make_policy,
 )
-from tierflow.cache.learned import FEATURES, HORIZONS_STEPS, ExpertFeatures, Scorer, load_scorer
+from tierflow.cache.learned import (
+    FEATURES,
+    HORIZONS_STEPS,
+    ExpertFeatures,
+    Scorer,
+    load_scorer,
+)
 from tierflow.errors import TierflowError
 from tierflow.replay import Requests, next_use, replay
 from tierflow.trace.synth import ROUTING_PROFILES, generate_arrays

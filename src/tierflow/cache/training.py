@@ -24,7 +24,14 @@ import attrs
 import numpy as np
 
 from tierflow.cache.base import CacheContext, Policy, TierCache, make_policy
-from tierflow.cache.learned import HORIZONS_STEPS, NUM_FEATURES, ExpertFeatures, Learned, Scorer, steps_to_next_use
+from tierflow.cache.learned import (
+    HORIZONS_STEPS,
+    NUM_FEATURES,
+    ExpertFeatures,
+    Learned,
+    Scorer,
+    steps_to_next_use,
+)
 from tierflow.cache.scope import LayeredCache
 
 
