@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# One process per core already: OpenBLAS threads on top would oversubscribe the cores (the learned policy's
+# small matrix products ran several times slower that way). Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

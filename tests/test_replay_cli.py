@@ -77,6 +77,7 @@ def test_plugins_lists_every_policy_with_its_parameters():
     policies = {row["name"]: row for row in listing["cache_policies"]}
     assert [p["name"] for p in policies["lfu_aging"]["params"]] == ["half_life", "keep_history"]
     assert policies["lru"]["params"] == []
+    assert [p["name"] for p in policies["learned"]["params"]] == ["weights", "horizon", "rerank_every"]
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -107,15 +108,16 @@ def test_train_policy_writes_weights_the_learned_policy_uses(trace, tmp_path):
     path, requests = trace
     out = tmp_path / "weights.npz"
     result = run_cli("train-policy", path, "--out", out, "--epochs", "2", "--fractions", "0.1,0.3", "--seed", "4",
-                     check_status=0)
-    assert "examples" in result.stderr and out.exists()
+                     "--rounds", "2", check_status=0)
+    assert "examples" in result.stderr and "2 round(s)" in result.stderr and out.exists()
     with np.load(out) as weights:
         assert weights["w1"].shape[1] == 32 and str(weights["sources"][0]) == "small.h5"
+        assert int(weights["rounds"]) == 2 and weights["w2"].shape == (32, len(weights["horizons"]))
     rows = replay_json(path, "--policy", "learned", "--param", f"weights={out}", "--capacity", "20")
     assert rows[0]["hits"] == replay(requests, "learned", [20], params={"weights": str(out)})[0].hits
     again = tmp_path / "again.npz"
     run_cli("train-policy", path, "--out", again, "--epochs", "2", "--fractions", "0.1,0.3", "--seed", "4",
-            check_status=0)
+            "--rounds", "2", check_status=0)
     with np.load(out) as first, np.load(again) as second:
         np.testing.assert_array_equal(first["w1"], second["w1"])  # same seed, same weights
 

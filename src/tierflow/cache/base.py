@@ -58,6 +58,14 @@ class CacheContext:
     num_layers: int = 1
     num_experts: int = 1
     top_k: int = 1
+    # MoE layers whose experts share this cache: num_layers for a global pool, 1 for a per-layer cache
+    # (0: all num_layers). A cache serves pool_layers * top_k requests per decode step.
+    pool_layers: int = 0
+
+    @property
+    def requests_per_step(self) -> int:
+        """Expert requests this cache serves in one decode step (one token's activations in its layers)."""
+        return (self.pool_layers or self.num_layers) * self.top_k
 
 
 class Policy:

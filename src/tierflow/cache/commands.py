@@ -151,10 +151,12 @@ def plugins(as_json):
               help="Cache sizes to imitate Belady at, as fractions of the pool's experts.")
 @click.option("--driver", default="lru", show_default=True,
               help="Policy whose cache states are sampled (labels always come from the true future, as Belady's).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sampling rounds: each after the first is driven by the learned policy of the round before.")
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Hidden units.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed and inputs, same weights.")
-def train_policy(traces, out, tokens, fractions, driver, epochs, hidden, seed):
+def train_policy(traces, out, tokens, fractions, driver, rounds, epochs, hidden, seed):
     """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
     from tierflow.cache import POLICIES, training
     from tierflow.replay import read_requests
@@ -168,8 +170,8 @@ def train_policy(traces, out, tokens, fractions, driver, epochs, hidden, seed):
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
     report = training.train(
         [read_requests(path, max_tokens=tokens) for path in traces], out,
-        capacity_fractions=capacity_fractions, driver=driver, epochs=epochs, hidden=hidden, seed=seed,
+        capacity_fractions=capacity_fractions, driver=driver, rounds=rounds, epochs=epochs, hidden=hidden, seed=seed,
         sources=[Path(path).name for path in traces],
     )
-    click.echo(f"wrote {out}: {report.examples} examples, {report.epochs} epochs, training error "
-               f"{report.train_loss:.3f} ({report.loss})", err=True)
+    click.echo(f"wrote {out}: {report.examples} examples from {report.decisions} decisions, {report.rounds} "
+               f"round(s), {report.epochs} epochs, cross-entropy {report.train_loss:.3f}", err=True)

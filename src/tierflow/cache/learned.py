@@ -1,18 +1,24 @@
-"""A learned eviction policy: a small neural network scores resident experts by their predicted time to next
-use, and the expert predicted to be needed last is evicted (Belady's rule with a learned future).
+"""A learned eviction policy: a small neural network estimates, for each resident expert, the probability that
+it is needed again within a horizon, and the expert least likely to be needed is evicted.
 
-Features (one row per resident expert, computed when the cache needs room; see :data:`FEATURES`):
-recency (steps since the expert's last access, and its recency rank among the residents), frequency (decayed
-visit counts at three half-lives, their rank among the residents, total visits), reuse-distance history (the
-last gap between accesses and a running mean of gaps), the router score of the last access, the expert's layer
-and its distance ahead of the layer being computed (in a global pool the experts of the next layers are needed
-soonest). Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
+Features (one row per resident expert, computed when the cache needs room; see :data:`FEATURES`): recency
+(steps since the expert's last access, tokens between that access and the next computation of its layer, and
+its recency rank among the residents), frequency (decayed visit counts at three half-lives, their rank among
+the residents, total visits), reuse-distance history (the last gap between accesses and a running mean of gaps),
+the router score of the last access, the expert's layer and its distance ahead of the layer being computed (in
+a global pool the experts of the next layers are needed soonest), and the cache's size in decode steps of
+requests. Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
 counters are updated incrementally at each access; time is ``Access.time / (num_layers * top_k)`` steps.
 
-The network (one hidden ReLU layer, numpy only) regresses ``log2`` of the time to next use in decode steps, the
-quantity Belady ranks by: ``tierflow train-policy`` samples eviction decisions on training traces and labels
-every candidate with its true time to next use (see :mod:`tierflow.cache.training`). Default weights ship in
-``data/learned_default.npz``, trained only on synthetic traces (scripts/train_default_policy.py).
+The network (one hidden ReLU layer, numpy only) has one output per horizon of :data:`HORIZONS_STEPS`: the
+log-odds that the expert is used again within that many decode steps, a survival curve of its time to next use.
+``tierflow train-policy`` fits it to the true future at sampled eviction decisions (see
+:mod:`tierflow.cache.training`). Belady evicts the expert used farthest in the future; under uncertainty, what
+costs a miss is an expert needed before the cache would have turned over, so the policy ranks by the probability
+of use within a horizon that grows with the cache: ``HORIZON_PER_CAPACITY`` times the cache's capacity in decode
+steps of requests (``capacity / requests_per_step``, at least ``MIN_HORIZON_STEPS``), unless the ``horizon``
+parameter fixes it. Default weights ship in ``data/learned_default.npz``, trained only on synthetic traces
+(scripts/train_default_policy.py).
 
 Ranking every resident at every eviction would cost O(capacity) per miss, so the policy ranks all of them at
 once and then evicts in that order for up to ``rerank_every`` evictions; experts accessed since the ranking are
@@ -33,6 +39,8 @@ from tierflow.errors import TierflowError
 HALF_LIVES_STEPS = (2.0, 16.0, 128.0)
 FEATURES = (
     "log2(1 + steps since last access)",
+    "log2(tokens from the last access to the next computation of the expert's layer)",
+    "used by the previous token at its layer (1 or 0)",
     "recency rank among residents (0 most, 1 least recently used)",
     "decayed-frequency rank among residents (0 most, 1 least frequent; half-life 16 steps)",
     "layer distance ahead of the current layer / num_layers",
@@ -44,10 +52,17 @@ FEATURES = (
     "log2(1 + running mean reuse gap in steps)",
     "router score of the last access",
     "layer / num_layers",
+    "log2(capacity / requests per step)",
 )
 NUM_FEATURES = len(FEATURES)
-# Targets: log2 of the steps to next use, capped (a key never used again is "far": 2**_FAR_LOG2 steps).
-FAR_LOG2 = 12.0
+# The network's outputs: log-odds of a next use within each of these horizons (decode steps).
+HORIZONS_STEPS = tuple(2.0 ** np.arange(-2, 10))
+# The horizon the policy ranks by, per decode step of requests the cache holds, and its floor: every layer comes
+# again within a step, so under one step every expert behind the current layer is written off at once, and a
+# two-step floor gives every expert at least two chances of reuse (both chosen on validation traces, see
+# docs/cache-policies.md).
+HORIZON_PER_CAPACITY = 1.0
+MIN_HORIZON_STEPS = 2.0
 _GAP_SMOOTHING = 0.25
 DEFAULT_WEIGHTS = "learned_default.npz"
 
@@ -55,38 +70,63 @@ DEFAULT_WEIGHTS = "learned_default.npz"
 # ----------------------------------------------------------------------------------------------- the network
 
 
+_ARRAYS = ("mean", "scale", "w1", "b1", "w2", "b2", "horizons")
+
+
 @attrs.frozen(eq=False)
 class Scorer:
-    """``x -> relu((x - mean) / scale @ w1 + b1) @ w2 + b2``: predicted log2 steps to next use."""
+    """``x -> relu((x - mean) / scale @ w1 + b1) @ w2 + b2``: for each of ``horizons`` (decode steps), the
+    log-odds that a key is used again within it."""
 
     mean: np.ndarray
     scale: np.ndarray
     w1: np.ndarray
     b1: np.ndarray
-    w2: np.ndarray
-    b2: np.ndarray
+    w2: np.ndarray  # (hidden, horizons)
+    b2: np.ndarray  # (horizons,)
+    horizons: np.ndarray = attrs.field(factory=lambda: np.array(HORIZONS_STEPS))
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
-        hidden = np.maximum((features - self.mean) / self.scale @ self.w1 + self.b1, 0.0)
-        return hidden @ self.w2 + self.b2
+    def hidden(self, features: np.ndarray) -> np.ndarray:
+        return np.maximum((features - self.mean) / self.scale @ self.w1 + self.b1, 0.0)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """(rows, horizons): the log-odds of a next use within each horizon."""
+        return self.hidden(features) @ self.w2 + self.b2
+
+    def output_at(self, horizon_steps: float) -> tuple[np.ndarray, float]:
+        """The output weights for one horizon, interpolated linearly in ``log2`` of the horizon between the
+        trained ones (clamped to their range)."""
+        position = np.interp(np.log2(horizon_steps), np.log2(self.horizons), np.arange(len(self.horizons)))
+        low = int(np.floor(position))
+        high = min(low + 1, len(self.horizons) - 1)
+        share = position - low
+        w = (1 - share) * self.w2[:, low] + share * self.w2[:, high]
+        return w, float((1 - share) * self.b2[low] + share * self.b2[high])
+
+    def __call__(self, features: np.ndarray, horizon_steps: float) -> np.ndarray:
+        """The log-odds of a next use within ``horizon_steps``, one per row."""
+        w, b = self.output_at(horizon_steps)
+        return self.hidden(features) @ w + b
 
     def save(self, path, **metadata) -> None:
-        arrays = {name: getattr(self, name) for name in ("mean", "scale", "w1", "b1", "w2", "b2")}
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
         np.savez(path, **arrays, features=np.array(FEATURES), **{k: np.asarray(v) for k, v in metadata.items()})
 
     @classmethod
     def load(cls, path) -> Scorer:
         try:
             with np.load(path) as data:
-                arrays = {name: np.asarray(data[name], dtype=np.float64)
-                          for name in ("mean", "scale", "w1", "b1", "w2", "b2")}
+                arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
                 features = tuple(str(f) for f in data["features"]) if "features" in data else None
         except (OSError, ValueError, KeyError) as error:
             raise TierflowError(f"{path}: not a learned-policy weights file ({error})") from None
         if features is not None and features != FEATURES:
             raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")
-        scorer = cls(**{**arrays, "w2": arrays["w2"].reshape(-1), "b2": arrays["b2"].reshape(())})
-        if scorer.w1.shape[0] != NUM_FEATURES or scorer.w2.shape[0] != scorer.w1.shape[1]:
+        horizons = arrays["horizons"].reshape(-1)
+        scorer = cls(**{**arrays, "w2": arrays["w2"].reshape(-1, len(horizons)), "b2": arrays["b2"].reshape(-1),
+                        "horizons": horizons})
+        if (scorer.w1.shape[0] != NUM_FEATURES or scorer.w2.shape[0] != scorer.w1.shape[1]
+                or len(scorer.b2) != len(horizons) or not np.all(np.diff(horizons) > 0)):
             raise TierflowError(f"{path}: weight shapes {scorer.w1.shape}, {scorer.w2.shape} do not fit")
         return scorer
 
@@ -116,11 +156,14 @@ class ExpertFeatures:
     """
 
     FIELDS = ("last_step", "layer", "visits", "decayed_0", "decayed_1", "decayed_2", "last_gap", "mean_gap",
-              "score", "next_use", "version")
-    LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SCORE, NEXT_USE, VERSION = 0, 1, 2, 3, 6, 7, 8, 9, 10
+              "score", "next_use", "last_token", "version")
+    LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SCORE, NEXT_USE, LAST_TOKEN, VERSION = (
+        0, 1, 2, 3, 6, 7, 8, 9, 10, 11)
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity_steps: float = 1.0):
+        """``capacity_steps``: the cache's capacity in decode steps of requests (a feature of every row)."""
         self.num_layers = num_layers
+        self.log_capacity_steps = float(np.log2(max(capacity_steps, 1e-3)))
         self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap]
         self.slot_of: dict = {}
         self.keys: list = []
@@ -128,7 +171,8 @@ class ExpertFeatures:
         self.table = np.zeros((0, len(self.FIELDS)))
 
     def observe(self, key, access, steps: float) -> None:
-        """Count an access (hit or insertion) of a resident key at time ``steps``."""
+        """Count an access (hit or insertion) of a resident key at time ``steps``; ``access.step`` (else the
+        whole steps) numbers the token."""
         record = self.history.get(key)
         if record is None:
             record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0]
@@ -144,7 +188,8 @@ class ExpertFeatures:
         if slot is None:
             slot = self._allocate(key)
         version = self.table[slot, self.VERSION] + 1
-        self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, version)
+        token = access.step if access.step is not None else int(steps)
+        self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, token, version)
 
     def _allocate(self, key) -> int:
         if not self.free:
@@ -166,24 +211,30 @@ class ExpertFeatures:
     def resident_slots(self) -> np.ndarray:
         return np.fromiter(self.slot_of.values(), dtype=np.int64, count=len(self.slot_of))
 
-    def rows(self, slots: np.ndarray, now_steps: float, current_layer: int) -> np.ndarray:
-        """The feature rows (see :data:`FEATURES`) of the keys in ``slots`` at time ``now_steps``; ranks are
-        among these keys, so pass every resident."""
+    def rows(self, slots: np.ndarray, now_steps: float, now_token: int, current_layer: int) -> np.ndarray:
+        """The feature rows (see :data:`FEATURES`) of the keys in ``slots`` at time ``now_steps``, during token
+        ``now_token`` at ``current_layer``; ranks are among these keys, so pass every resident."""
         c = self.table[slots].T
         age = np.maximum(now_steps - c[self.LAST_STEP], 0.0)
         decayed = c[self.DECAYED:self.DECAYED + 3] * np.exp2(-age / np.array(HALF_LIVES_STEPS)[:, None])
+        # The layers after the current one are still to come in this token; the others come in the next.
+        next_token = now_token + (c[self.LAYER] <= current_layer)
+        tokens_between = np.maximum(next_token - c[self.LAST_TOKEN], 1.0)
         last = max(len(slots) - 1, 1)
         rows = np.empty((len(slots), NUM_FEATURES))
         rows[:, 0] = np.log2(1.0 + age)
-        rows[:, 1] = _ranks(-c[self.LAST_STEP]) / last
-        rows[:, 2] = _ranks(-decayed[1]) / last
-        rows[:, 3] = np.mod(c[self.LAYER] - current_layer, self.num_layers) / self.num_layers
-        rows[:, 4:7] = np.log2(1.0 + decayed.T)
-        rows[:, 7] = np.log2(1.0 + c[self.VISITS])
-        rows[:, 8] = np.log2(1.0 + c[self.LAST_GAP])
-        rows[:, 9] = np.log2(1.0 + c[self.MEAN_GAP])
-        rows[:, 10] = c[self.SCORE]
-        rows[:, 11] = c[self.LAYER] / self.num_layers
+        rows[:, 1] = np.log2(tokens_between)
+        rows[:, 2] = tokens_between == 1.0
+        rows[:, 3] = _ranks(-c[self.LAST_STEP]) / last
+        rows[:, 4] = _ranks(-decayed[1]) / last
+        rows[:, 5] = np.mod(c[self.LAYER] - current_layer, self.num_layers) / self.num_layers
+        rows[:, 6:9] = np.log2(1.0 + decayed.T)
+        rows[:, 9] = np.log2(1.0 + c[self.VISITS])
+        rows[:, 10] = np.log2(1.0 + c[self.LAST_GAP])
+        rows[:, 11] = np.log2(1.0 + c[self.MEAN_GAP])
+        rows[:, 12] = c[self.SCORE]
+        rows[:, 13] = c[self.LAYER] / self.num_layers
+        rows[:, 14] = self.log_capacity_steps
         return rows
 
 
@@ -194,10 +245,9 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def log_steps_to_next_use(next_use: np.ndarray, now_time: float, accesses_per_step: float) -> np.ndarray:
-    """The regression target: ``log2`` of the steps until each key's next use, capped at ``FAR_LOG2``."""
-    steps = np.where(np.isinf(next_use), np.inf, (next_use - now_time) / accesses_per_step)
-    return np.minimum(np.log2(np.maximum(steps, 1.0 / accesses_per_step)), FAR_LOG2)
+def steps_to_next_use(next_use: np.ndarray, now_time: float, accesses_per_step: float) -> np.ndarray:
+    """The training target: decode steps until each key's next use (``inf`` when there is none)."""
+    return np.where(np.isinf(next_use), np.inf, (next_use - now_time) / accesses_per_step)
 
 
 # ----------------------------------------------------------------------------------------------- the policy
@@ -212,6 +262,10 @@ def _non_negative(instance, attribute, value):
 class LearnedParams:
     weights: str = attrs.field(default="", validator=attrs.validators.instance_of(str),
                                metadata={"help": "weights file from `tierflow train-policy` (default: shipped)"})
+    horizon: float = attrs.field(default=0.0, converter=float, validator=_non_negative,
+                                 metadata={"help": "decode steps within which a use is predicted; the least "
+                                                   "likely expert is evicted (0: the capacity in steps of "
+                                                   "requests, at least 2)"})
     rerank_every: int = attrs.field(default=0, converter=int, validator=_non_negative,
                                     metadata={"help": "evictions between two rankings of all residents "
                                                       "(0: one per 64 residents)"})
@@ -219,7 +273,7 @@ class LearnedParams:
 
 @POLICIES.register
 class Learned(Policy):
-    """Evict the expert a small neural network predicts is needed last (trained to imitate Belady)."""
+    """Evict the expert a small neural network predicts least likely to be needed soon (trained on the future)."""
 
     name = "learned"
     Params = LearnedParams
@@ -227,9 +281,11 @@ class Learned(Policy):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         num_layers = context.num_layers if context is not None else 1
-        self.features = ExpertFeatures(num_layers)
+        capacity_steps = context.capacity_items / context.requests_per_step if context is not None else 1.0
+        self.features = ExpertFeatures(num_layers, capacity_steps)
         self.scorer = load_scorer(self.params.weights)
-        self._ranked = np.empty(0, dtype=np.int64)  # resident slots by predicted next use, farthest last
+        self.horizon_steps = self.params.horizon or max(MIN_HORIZON_STEPS, HORIZON_PER_CAPACITY * capacity_steps)
+        self._ranked = np.empty(0, dtype=np.int64)  # resident slots, the least likely to be used last
         self._ranked_versions = np.empty(0)
         self._unused = 0
         self._evictions_left = 0
@@ -252,6 +308,10 @@ class Learned(Policy):
         context = self.context
         return access.time / (context.num_layers * context.top_k) if context is not None else float(access.time)
 
+    def token(self, access) -> int:
+        """The token (decode step) of the access: ``Access.step``, else the whole steps of :meth:`clock`."""
+        return access.step if access.step is not None else int(self.clock(access))
+
     def victim(self, evictable, access):
         for attempt in range(2):
             if attempt or self._evictions_left <= 0:
@@ -263,11 +323,13 @@ class Learned(Policy):
         return None
 
     def _rank(self, access) -> None:
-        """Order every resident key by predicted next use (farthest last) and start a new run of evictions."""
+        """Order every resident key by predicted chance of use within the horizon (least likely last) and start
+        a new run of evictions."""
         features = self.features
         slots = features.resident_slots()
-        predicted = self.scorer(features.rows(slots, self.clock(access), access.current_layer))
-        self._ranked = slots[np.argsort(predicted, kind="stable")]
+        rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer)
+        log_odds = self.scorer(rows, self.horizon_steps)
+        self._ranked = slots[np.argsort(-log_odds, kind="stable")]
         self._ranked_versions = features.table[self._ranked, features.VERSION]
         self._unused = len(self._ranked)  # entries [0, _unused) may still be taken, from the end
         every = self.params.rerank_every or max(1, len(slots) // 64)

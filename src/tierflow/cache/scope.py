@@ -118,6 +118,6 @@ def make_expert_cache(policy: str, scope: str, capacity: int | Sequence[int], *,
         return TierCache(make_policy(policy, params, context), capacity * expert_bytes, name)
     caches = []
     for layer, budget in enumerate(layer_budgets(capacity, num_layers)):
-        context = CacheContext(budget, num_layers, num_experts, top_k)
+        context = CacheContext(budget, num_layers, num_experts, top_k, pool_layers=1)
         caches.append(TierCache(make_policy(policy, params, context), budget * expert_bytes, f"{name}[layer {layer}]"))
     return LayeredCache(caches, num_experts)

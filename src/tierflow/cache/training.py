@@ -1,16 +1,19 @@
-"""Training the learned policy to imitate Belady's MIN (``tierflow train-policy``).
+"""Training the learned policy on the true future (``tierflow train-policy``).
 
-Belady evicts the resident key whose next use is farthest. The network learns that ranking: each training
-trace is replayed at several capacities, in both scopes, and at a random sample of eviction decisions every
-resident candidate becomes one example: its features as the learned policy computes them at that moment, and
-as target the ``log2`` of the steps until its true next use (what Belady ranks by). The network is fitted to
-the examples by mean squared error with Adam (numpy only, deterministic for a seed).
+Belady evicts the resident key whose next use is farthest. The network learns what an online policy can know
+of that future: each training trace is replayed at several capacities, in both scopes, and at a random sample
+of eviction decisions every resident candidate becomes one example: its features as the learned policy computes
+them at that moment, and as targets whether its true next use comes within each horizon of
+:data:`~tierflow.cache.learned.HORIZONS_STEPS` (one binary label per horizon: a survival curve of its time to
+next use). The network is fitted to the examples by binary cross-entropy with Adam (numpy only, deterministic
+for a seed).
 
 Which policy drives the cache while the decisions are sampled matters (imitation learning's distribution
 shift): under Belady itself the cache holds only keys with a near future, states the learned policy never
-reaches, and a network trained there ranks the learned policy's own cache contents badly. The default
-driver is therefore LRU, whose cache states are like the learned policy's; the labels are Belady's either way
-(the true future). docs/cache-policies.md gives the measurements behind this choice.
+reaches. The first round of sampling is driven by LRU, whose cache states are like the learned policy's; with
+``rounds > 1`` each further round is driven by the learned policy with the weights of the round before, and the
+examples of all rounds are fitted together (DAgger). The labels are the true future either way.
+docs/cache-policies.md gives the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -21,24 +24,32 @@ import attrs
 import numpy as np
 
 from tierflow.cache.base import CacheContext, Policy, TierCache, make_policy
-from tierflow.cache.learned import NUM_FEATURES, ExpertFeatures, Learned, Scorer, log_steps_to_next_use
+from tierflow.cache.learned import (
+    HORIZONS_STEPS,
+    NUM_FEATURES,
+    ExpertFeatures,
+    Learned,
+    Scorer,
+    steps_to_next_use,
+)
 from tierflow.cache.scope import LayeredCache
 
 
 class _Recorder(Policy):
     """A driving policy, watched: the learned policy's features are kept beside it, and at a sample of its
-    eviction decisions every candidate becomes an example labelled with its true time to next use (the
-    quantity Belady ranks by)."""
+    eviction decisions every candidate becomes an example labelled with its true time to next use."""
 
     clock = Learned.clock  # the learned policy's time base, so that features match
+    token = Learned.token
 
     def __init__(self, driver: Policy, rng: np.random.Generator, sample_rate: float, max_candidates: int,
                  sink: list):
         super().__init__(None, driver.context)
+        context = driver.context
         self.driver = driver
-        self.features = ExpertFeatures(driver.context.num_layers)
+        self.features = ExpertFeatures(context.num_layers, context.capacity_items / context.requests_per_step)
         self.rng, self.sample_rate, self.max_candidates, self.sink = rng, sample_rate, max_candidates, sink
-        self.accesses_per_step = driver.context.num_layers * driver.context.top_k
+        self.accesses_per_step = context.num_layers * context.top_k
 
     def on_insert(self, key, access):
         self.driver.on_insert(key, access)
@@ -56,12 +67,13 @@ class _Recorder(Policy):
         if self.rng.random() < self.sample_rate:
             features = self.features
             slots = features.resident_slots()
-            rows = features.rows(slots, self.clock(access), access.current_layer)  # ranks need every resident
+            # Ranks need every resident.
+            rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer)
             pick = np.arange(len(slots))
             if len(slots) > self.max_candidates:
                 pick = self.rng.choice(len(slots), self.max_candidates, replace=False)
-            targets = log_steps_to_next_use(features.table[slots[pick], features.NEXT_USE], access.time,
-                                            self.accesses_per_step)
+            targets = steps_to_next_use(features.table[slots[pick], features.NEXT_USE], access.time,
+                                        self.accesses_per_step)
             self.sink.append((rows[pick], targets))
         return self.driver.victim(evictable, access)
 
@@ -70,8 +82,8 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
                      scopes: Sequence[str] = ("global", "per-layer"), *, seed: int = 0,
                      examples_per_run: int = 100_000, max_candidates: int = 64,
                      drivers: Sequence[tuple[str, dict | None]] = (("lru", None),)):
-    """(features, targets, decision) from eviction decisions on one trace's requests, over capacities, scopes
-    and driving policies: one row per candidate, ``decision`` numbering the decision it belongs to."""
+    """(features, steps to next use, decision) from eviction decisions on one trace's requests, over
+    capacities, scopes and driving policies: one row per candidate, ``decision`` numbering its decision."""
     from tierflow.replay import next_use
 
     rng = np.random.default_rng(seed)
@@ -109,7 +121,8 @@ def _recording_cache(requests, scope, capacity, driver, rng, sample_rate, max_ca
     name, params = driver
 
     def recorded(budget):
-        context = CacheContext(budget, requests.num_layers, requests.num_experts, requests.top_k)
+        context = CacheContext(budget, requests.num_layers, requests.num_experts, requests.top_k,
+                               pool_layers=requests.num_layers if scope == "global" else 1)
         policy = _Recorder(make_policy(name, params, context), rng, sample_rate, max_candidates, sink)
         return TierCache(policy, budget)
 
@@ -135,93 +148,48 @@ class TrainingReport:
     examples: int
     decisions: int
     epochs: int
-    loss: str
+    rounds: int
     train_loss: float
 
 
-def _listwise_gradient(predicted, targets, starts):
-    """Softmax cross-entropy over each decision's candidates against Belady's choice (the farthest next use;
-    ties share the weight): (loss, d loss / d predicted). ``starts``: where each decision's rows begin."""
-    counts = np.diff(np.r_[starts, len(predicted)])
-    top = np.repeat(np.maximum.reduceat(predicted, starts), counts)
-    weights = np.exp(predicted - top)
-    probability = weights / np.repeat(np.add.reduceat(weights, starts), counts)
-    chosen = (targets >= np.repeat(np.maximum.reduceat(targets, starts), counts) - 1e-9).astype(np.float64)
-    chosen /= np.repeat(np.add.reduceat(chosen, starts), counts)
-    loss = -float((chosen * np.log(probability + 1e-12)).sum())
-    return loss, probability - chosen
-
-
-def _pairwise_gradient(predicted, targets, starts, lengths, rng):
-    """RankNet loss on random pairs within each decision: the candidate used later should score higher.
-    Every row is paired with one random other row of its decision; ties are skipped."""
-    group_of_row = np.repeat(np.arange(len(starts)), lengths)
-    partner = starts[group_of_row] + (rng.random(len(predicted)) * lengths[group_of_row]).astype(np.int64)
-    label = (targets > targets[partner]).astype(np.float64)
-    keep = targets != targets[partner]
-    margin = predicted - predicted[partner]
-    probability = 1.0 / (1.0 + np.exp(-np.clip(margin, -30, 30)))
-    loss = -float((keep * (label * np.log(probability + 1e-12) + (1 - label) * np.log(1 - probability + 1e-12))).sum())
-    grad_pair = keep * (probability - label)
-    grad = grad_pair.copy()
-    np.add.at(grad, partner, -grad_pair)
-    return loss, grad / max(1, int(keep.sum()))
-
-
-def fit_scorer(features: np.ndarray, targets: np.ndarray, decisions: np.ndarray | None = None, *,
-               loss: str = "regression", hidden: int = 32, epochs: int = 6, learning_rate: float = 2e-3,
-               batch: int = 2048, seed: int = 0) -> tuple[Scorer, TrainingReport]:
-    """Fit the scorer network with Adam; deterministic for a seed.
-
-    ``regression``: mean squared error on ``log2`` steps to next use. ``listwise``: at each decision, the
-    softmax over the candidates' scores should pick Belady's victim (needs ``decisions``).
-    """
+def fit_scorer(features: np.ndarray, steps_to_next: np.ndarray, *, horizons=HORIZONS_STEPS, hidden: int = 32,
+               epochs: int = 6, learning_rate: float = 2e-3, batch: int = 2048,
+               seed: int = 0) -> tuple[Scorer, float]:
+    """Fit the scorer network with Adam, deterministically for a seed: for every horizon, binary cross-entropy
+    between its output and whether the example's next use comes within the horizon. Returns the scorer and
+    the last epoch's mean loss per example and horizon."""
     if len(features) == 0:
         raise ValueError("no training examples")
     rng = np.random.default_rng(seed)
+    horizons = np.asarray(horizons, dtype=np.float64)
     mean = features.mean(axis=0)
     scale = features.std(axis=0) + 1e-6
     x = (features - mean) / scale
-    y = targets.astype(np.float64)
-    if decisions is None:
-        decisions = np.arange(len(x))
-    starts = np.flatnonzero(np.r_[True, decisions[1:] != decisions[:-1]])
-    ends = np.r_[starts[1:], len(x)]
+    labels = (steps_to_next[:, None] <= horizons[None, :]).astype(np.float64)
     w1 = rng.normal(0.0, np.sqrt(2.0 / NUM_FEATURES), (NUM_FEATURES, hidden))
     b1 = np.zeros(hidden)
-    w2 = rng.normal(0.0, np.sqrt(1.0 / hidden), hidden)
-    b2 = np.array(y.mean())
+    w2 = rng.normal(0.0, np.sqrt(1.0 / hidden), (hidden, len(horizons)))
+    rate = labels.mean(axis=0).clip(1e-4, 1 - 1e-4)
+    b2 = np.log(rate / (1 - rate))
     params = [w1, b1, w2, b2]
     moment1 = [np.zeros_like(p) for p in params]
     moment2 = [np.zeros_like(p) for p in params]
     beta1, beta2, step = 0.9, 0.999, 0
-    rows_per_decision = max(1, len(x) // len(starts))
-    decisions_per_batch = max(1, batch // rows_per_decision)
     total = 0.0
     for _ in range(epochs):
-        order = rng.permutation(len(starts))
+        order = rng.permutation(len(x))
         total = 0.0
-        for first in range(0, len(order), decisions_per_batch):
-            chosen = order[first:first + decisions_per_batch]
-            lengths = ends[chosen] - starts[chosen]
-            pick = np.repeat(starts[chosen] - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
-            xb, yb = x[pick], y[pick]
+        for first in range(0, len(order), batch):
+            pick = order[first:first + batch]
+            xb, yb = x[pick], labels[pick]
             pre = xb @ w1 + b1
             hidden_out = np.maximum(pre, 0.0)
-            predicted = hidden_out @ w2 + b2
-            if loss == "listwise":
-                batch_loss, grad_out = _listwise_gradient(predicted, yb, np.r_[0, np.cumsum(lengths)[:-1]])
-                grad_out = grad_out / len(chosen)
-            elif loss == "pairwise":
-                batch_loss, grad_out = _pairwise_gradient(predicted, yb, np.r_[0, np.cumsum(lengths)[:-1]],
-                                                          lengths, rng)
-            else:
-                error = predicted - yb
-                batch_loss = float(error @ error)
-                grad_out = 2.0 * error / len(pick)
-            total += batch_loss
-            grad_hidden = np.outer(grad_out, w2) * (pre > 0)
-            grads = [xb.T @ grad_hidden, grad_hidden.sum(axis=0), hidden_out.T @ grad_out, np.array(grad_out.sum())]
+            logits = hidden_out @ w2 + b2
+            # log(1 + e^z) - y z, and its gradient sigmoid(z) - y, computed stably.
+            total += float((np.logaddexp(0.0, logits) - yb * logits).sum())
+            grad_out = (1.0 / (1.0 + np.exp(-np.clip(logits, -30, 30))) - yb) / (len(pick) * len(horizons))
+            grad_hidden = (grad_out @ w2.T) * (pre > 0)
+            grads = [xb.T @ grad_hidden, grad_hidden.sum(axis=0), hidden_out.T @ grad_out, grad_out.sum(axis=0)]
             step += 1
             for p, g, m, v in zip(params, grads, moment1, moment2, strict=True):
                 m *= beta1
@@ -229,21 +197,49 @@ def fit_scorer(features: np.ndarray, targets: np.ndarray, decisions: np.ndarray 
                 v *= beta2
                 v += (1 - beta2) * g * g
                 p -= learning_rate * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
-    per = len(starts) if loss == "listwise" else len(x)
-    scorer = Scorer(mean, scale, w1, b1, w2, b2)
-    return scorer, TrainingReport(len(x), len(starts), epochs, loss, total / per)
+    return Scorer(mean, scale, w1, b1, w2, b2, horizons), total / (len(x) * len(horizons))
 
 
 def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driver: str = "lru",
-          loss: str = "regression", epochs: int = 6, hidden: int = 32, seed: int = 0, sources=()) -> TrainingReport:
-    """Sample eviction decisions on every trace (cache driven by ``driver``), fit the scorer, write ``out``."""
-    parts = [collect_examples(requests, capacity_fractions, seed=seed + i, drivers=((driver, None),))
-             for i, requests in enumerate(requests_list)]
-    offsets = np.cumsum([0] + [int(g.max()) + 1 if len(g) else 0 for _, _, g in parts])
-    features = np.concatenate([f for f, _, _ in parts])
-    targets = np.concatenate([t for _, t, _ in parts])
-    decisions = np.concatenate([g + offset for (_, _, g), offset in zip(parts, offsets, strict=False)])
-    scorer, report = fit_scorer(features, targets, decisions, loss=loss, hidden=hidden, epochs=epochs, seed=seed)
-    scorer.save(out, sources=np.array(list(sources) or ["unnamed"]), seed=seed, loss=loss, driver=driver,
+          rounds: int = 1, later_tokens: int | None = None, epochs: int = 6, hidden: int = 32, seed: int = 0,
+          sources=()) -> TrainingReport:
+    """Sample eviction decisions on every trace, fit the scorer, write ``out``. The first round's cache is
+    driven by ``driver``; each further round's by the learned policy with the previous round's weights, on
+    each trace's first ``later_tokens`` tokens (all when None)."""
+    features, targets, decisions = [], [], 0
+    scorer, loss = None, float("nan")
+    for round_index in range(rounds):
+        if round_index == 0:
+            drivers = ((driver, None),)
+        else:
+            scorer.save(out)
+            drivers = (("learned", {"weights": str(out)}),)
+        for i, requests in enumerate(requests_list):
+            if round_index and later_tokens:
+                requests = _first_tokens(requests, later_tokens)
+            f, t, g = collect_examples(requests, capacity_fractions, seed=seed + 1000 * round_index + i,
+                                       drivers=drivers)
+            features.append(f)
+            targets.append(t)
+            decisions += int(g.max()) + 1 if len(g) else 0
+        scorer, loss = fit_scorer(np.concatenate(features), np.concatenate(targets), hidden=hidden,
+                                  epochs=epochs, seed=seed)
+        _forget(out)
+    scorer.save(out, sources=np.array(list(sources) or ["unnamed"]), seed=seed, driver=driver, rounds=rounds,
                 capacity_fractions=np.array(capacity_fractions))
-    return report
+    _forget(out)
+    return TrainingReport(sum(len(f) for f in features), decisions, epochs, rounds, loss)
+
+
+def _first_tokens(requests, tokens: int):
+    """The accesses of a trace's first ``tokens`` tokens."""
+    end = tokens * requests.num_layers * requests.top_k
+    scores = requests.scores[:end] if requests.scores is not None else None
+    return attrs.evolve(requests, keys=requests.keys[:end], steps=requests.steps[:end], scores=scores)
+
+
+def _forget(path) -> None:
+    """Drop a weights file from the policy's cache of loaded scorers (it is about to change)."""
+    from tierflow.cache import learned
+
+    learned._SCORERS.pop(str(path), None)
