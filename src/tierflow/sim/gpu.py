@@ -76,6 +76,8 @@ class ComputeModel:
         self._dense_fixed_flops = (spec.non_expert_flops_per_token_per_dense_layer(1) - self._flops_per_attended)
         self._kv_per_token = spec.kv_bytes_per_token_per_layer
         self._window = {layer: spec.sliding_window_tokens for layer in spec.sliding_window_layers}
+        self._moe_layer_bytes = spec.non_expert_bytes_per_moe_layer
+        self._attention_memo: dict[tuple, Phase] = {}
         self._allreduce_s = self._all_reduce_s(self.group_batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
         # Dispatch and combine: each GPU holds 1/N of the batch's token-to-expert copies and sends them to
         # the experts' GPUs, then gets the results back.
@@ -130,9 +132,17 @@ class ComputeModel:
 
     def attention(self, context: int, moe_layer: int) -> Phase:
         """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce: the shared
-        experts' output is summed with the routed experts' combine)."""
-        return self._attention(context, self.spec.first_moe_layer + moe_layer, self._moe_fixed_flops,
-                               self.spec.non_expert_bytes_per_moe_layer, 1)
+        experts' output is summed with the routed experts' combine). Layers that attend to the same number of
+        tokens cost the same, so a step computes each kind once."""
+        layer = self.spec.first_moe_layer + moe_layer
+        key = (context, self._window.get(layer))
+        phase = self._attention_memo.get(key)
+        if phase is None:
+            if len(self._attention_memo) > 8:  # one step's worth: contexts only grow
+                self._attention_memo.clear()
+            phase = self._attention_memo[key] = self._attention(context, layer, self._moe_fixed_flops,
+                                                                self._moe_layer_bytes, 1)
+        return phase
 
     def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
         """Routed experts of one MoE layer, expert-parallel: the busiest GPU sets the time."""
@@ -145,9 +155,11 @@ class ComputeModel:
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
         tokens, count = [0] * n, [0] * n
         for expert, routed in zip(experts, tokens_per_expert, strict=True):
-            tokens[expert % n] += routed
-            count[expert % n] += 1
-        busiest = max(self._roofline(t * self.expert_flops, c * size) for t, c in zip(tokens, count, strict=True))
+            gpu = expert % n
+            tokens[gpu] += routed
+            count[gpu] += 1
+        # The busiest GPU's roofline: the max over GPUs of max(compute, memory) is the larger of the two maxima.
+        busiest = self._roofline(max(tokens) * self.expert_flops, max(count) * size)
         return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1)
 
     def lm_head(self) -> Phase:
