@@ -41,7 +41,7 @@ report: sweep
 	$(BIN)/tierflow report $(SWEEP_OUT) --out $(SWEEP_OUT)/report
 
 # The Kyung et al. (IEEE CAL 2025) reproduction and the beyond-the-paper variants: tables (CSV and markdown)
-# and figures into out/paper (about 7 minutes on 2 cores; `tierflow paper --no-beyond` takes seconds).
+# and figures into out/paper (about 2-5 minutes on 2 cores; rerunning resumes from the finished cells).
 paper: $(BIN)/.installed
 	$(BIN)/tierflow paper --out out/paper $(if $(WORKERS),--workers $(WORKERS))
 

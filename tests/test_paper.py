@@ -195,3 +195,25 @@ def test_paper_command_writes_tables_and_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (tmp_path / "paper_table.csv").read_text().splitlines()
     assert len(lines) == 34 and "tierflow simulate --scenario" in lines[1]
+
+
+def test_an_interrupted_run_resumes_from_the_saved_cells(tmp_path, monkeypatch):
+    cells = [c for c in paper.paper_cells() if c.model == "Mixtral-8x7B" and c.batch in (1, 4)]
+    calls = []
+    real = paper.run_cell
+
+    def flaky(cell):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(cell)
+        return real(cell)
+
+    monkeypatch.setattr(paper, "run_cell", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        paper.run_cells(cells, workers=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3  # the finished cells, whole
+    calls.clear()
+    monkeypatch.setattr(paper, "run_cell", lambda cell: (calls.append(cell), real(cell))[1])
+    resumed = paper.run_cells(cells, workers=1, cache_dir=tmp_path)
+    assert calls == cells[3:]  # only the unfinished cells ran again
+    assert resumed == paper.run_cells(cells, workers=1)  # and the table is the same as a run from scratch

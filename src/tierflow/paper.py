@@ -12,6 +12,10 @@ Every cell is one run of a shipped scenario with ``--set`` overrides (``kyung_mi
 * ``beyond_paper.csv`` / ``.md``: the realistic version of each assumption, one at a time and together;
 * ``paper_energy.png`` (stacked bars like the paper's), ``ssd_scaling.png`` and ``beyond_paper.png``.
 
+Each finished cell is saved (atomically) under ``DIR/cells/``, keyed by its settings and a fingerprint of
+tierflow's own files, so an interrupted run resumes where it stopped and a changed simulator reruns
+everything.
+
 SSD read energy only prices bytes; it changes no timing. The scaling study therefore prices each SSD cell's
 ledger again at every scale, which is what rerunning the cell with ``energy.ssd_read_pj_per_bit`` gives
 (a test checks this against a rerun).
@@ -20,7 +24,10 @@ ledger again at every scale, which is what rerunning the cell with ``energy.ssd_
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -160,23 +167,54 @@ def run_cell(cell: Cell) -> dict:
     return row
 
 
-def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Rows for ``cells`` in order; cells run in ``workers`` processes (default: the cores)."""
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of tierflow's installed files (code, scenarios, catalogs, default weights)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".toml", ".npz", ".json"):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cell_id(cell: Cell) -> str:
+    identity = json.dumps([cell.scenario, cell.variant, cell.settings(), code_fingerprint()])
+    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+
+
+def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[[int], None] | None = None,
+              cache_dir: Path | None = None) -> list[dict]:
+    """Rows for ``cells`` in order; cells run in ``workers`` processes (default: the cores). With
+    ``cache_dir``, cells already saved there are read back instead of run, and each new one is saved."""
+    rows: list[dict | None] = [None] * len(cells)
+    paths = [None if cache_dir is None else Path(cache_dir) / f"{cell_id(cell)}.json" for cell in cells]
+    for i, path in enumerate(paths):
+        if path is not None and path.is_file():
+            rows[i] = json.loads(path.read_text())
+            if progress:
+                progress(1)
+    todo = [i for i, row in enumerate(rows) if row is None]
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+
+    def finished(i: int, row: dict) -> None:
+        rows[i] = row
+        if paths[i] is not None:
+            _write(paths[i], json.dumps(row))
+        if progress:
+            progress(1)
+
     workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        rows = []
-        for cell in cells:
-            rows.append(run_cell(cell))
-            if progress:
-                progress(1)
-        return rows
-    with ProcessPoolExecutor(workers) as pool:
-        rows = []
-        for row in pool.map(run_cell, cells):
-            rows.append(row)
-            if progress:
-                progress(1)
-        return rows
+    if workers == 1 or len(todo) <= 1:
+        for i in todo:
+            finished(i, run_cell(cells[i]))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for i, row in zip(todo, pool.map(run_cell, [cells[i] for i in todo]), strict=True):
+                finished(i, row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- analysis

@@ -25,12 +25,14 @@ def register(group: click.Group) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def paper_command(out, workers, beyond, as_json, quiet):
     """Reproduce Kyung, Yun, Ahn (IEEE CAL 2025): J/token by component and step latency for each model,
-    placement and batch size, the SSD read-energy scaling study, and the beyond-the-paper variants."""
+    placement and batch size, the SSD read-energy scaling study, and the beyond-the-paper variants.
+
+    Finished cells are kept in OUT/cells, so rerunning after an interruption resumes."""
     cells = paper.paper_cells()
     extra = paper.beyond_cells() if beyond else []
     with click.progressbar(length=len(cells) + len(extra), label="cells", file=sys.stderr,
                            hidden=quiet) as bar:
-        rows = paper.run_cells(cells + extra, workers, bar.update)
+        rows = paper.run_cells(cells + extra, workers, bar.update, cache_dir=out / "cells")
     paper_rows, beyond_rows = rows[: len(cells)], rows[len(cells):]
     written = paper.write_outputs(paper_rows, beyond_rows, out)
     figures = paper.headline(paper_rows)
