@@ -25,7 +25,7 @@ from tierflow.metrics import Results, collect_results
 from tierflow.prefetch import PrefetchContext, make_prefetcher
 from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
-from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream
+from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream, attention_groups
 from tierflow.sim.link import LinkChannel
 from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
@@ -86,8 +86,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     context = scenario.workload.context_length + steps
     # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights and the
     # KV cache of its share of the batch, both split over its tp GPUs.
-    tp = scenario.attention_tp or gpus
-    group_batch = -(-scenario.workload.batch_size // (gpus // tp))
+    tp, _, group_batch = attention_groups(gpus, scenario.attention_tp, scenario.workload.batch_size)
     kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) / tp)
     non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / tp)
     hbm_bytes = int(hardware.gpu.hbm.capacity_bytes)
@@ -180,12 +179,18 @@ def energy_model(scenario: Scenario, hardware: HardwareProfile, gpus: int) -> En
     )
 
 
+def ssd_reads_staged(scenario: Scenario, hardware: HardwareProfile) -> bool:
+    """Whether SSD reads bounce through host DDR (a DDR expert cache, or no GPUDirect Storage) and so also
+    cross the host link into HBM."""
+    return scenario.ddr_cache.enabled or not hardware.gpudirect_storage
+
+
 def offload_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:
     """The rate at which one GPU's expert copies arrive in its HBM from the placement tier."""
     if scenario.placement == "ddr":
         return min(hardware.host_link.bandwidth_bytes_per_s, hardware.ddr.read_bandwidth_bytes_per_s)
     rate = sustained_read_bytes_per_s(hardware.ssd, hardware.ssd_link)
-    return rate if hardware.gpudirect_storage else min(rate, hardware.host_link.bandwidth_bytes_per_s)
+    return min(rate, hardware.host_link.bandwidth_bytes_per_s) if ssd_reads_staged(scenario, hardware) else rate
 
 
 def compute_hbm_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:
@@ -254,7 +259,7 @@ class Simulation:
         if scenario.placement == "ssd":
             ssd = SsdChannel(calendar, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
             links = (hw.ssd_link.name, hw.host_link.name)
-            staged = ddr is not None or not hw.gpudirect_storage
+            staged = ssd_reads_staged(scenario, hw)
             staging = StagingBuffer(calendar, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
             if staging is not None and not staging.fits(plan.expert_bytes):
                 raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")

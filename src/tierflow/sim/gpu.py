@@ -36,6 +36,14 @@ def l1_passes(tokens: int) -> int:
     return max(1, -(-tokens // L1_TILE_TOKENS))
 
 
+def attention_groups(gpus: int, attention_tp: int | None, batch_size: int) -> tuple[int, int, int]:
+    """``(tp, dp, group_batch)``: GPUs per tensor-parallel attention group (all, unless set), the number of
+    data-parallel groups, and the sequences of the busiest group."""
+    tp = attention_tp or gpus
+    dp = gpus // tp
+    return tp, dp, -(-batch_size // dp)
+
+
 @attrs.frozen
 class Phase:
     """One roofline phase: its duration and what it reads and computes (summed over GPUs).
@@ -60,9 +68,7 @@ class ComputeModel:
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
                  hbm_bandwidth_bytes_per_s: float | None = None, attention_tp: int | None = None):
         self.spec, self.gpus, self.batch = spec, gpus, batch_size
-        self.tp = attention_tp or gpus
-        self.dp = gpus // self.tp
-        self.group_batch = -(-batch_size // self.dp)  # the busiest data-parallel group's sequences
+        self.tp, self.dp, self.group_batch = attention_groups(gpus, attention_tp, batch_size)
         self.peak_flops = hardware.gpu.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
@@ -247,14 +253,12 @@ class GpuStream:
         compute = self.compute
         num_layers = workload.num_layers
         looks_up = not all(memory.all_resident for memory in memories)
-        access = self._access
         for step in workload.steps:
             start = env.now
             stall = 0.0
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             context = self.context_length + step.index
-            access.step = step.index
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back, and nothing is admitted to a cache between them.
             pending = compute.dense_prefix(context)
@@ -302,7 +306,7 @@ class GpuStream:
         memories, future, access = self.memories, self.future, self._access
         num_experts, gpus = self.workload.num_experts, len(memories)
         time = step.index * self.workload.num_layers + layer
-        access.time, access.layer, access.current_layer = time, layer, layer
+        access.time, access.layer, access.current_layer, access.step = time, layer, layer, step.index
         waits, used = [], []
         base = layer * num_experts
         for expert, score in zip(step.experts[layer].tolist(), step.scores[layer].tolist(), strict=True):
