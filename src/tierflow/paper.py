@@ -52,6 +52,7 @@ SHOWN = ("compute", "hbm", "ddr", "ssd", "link", "static")  # energy components 
 # cache's warm-up). The HBM-only baseline of a variant runs with the same routing and steps.
 STEPS = 16
 _ON_DEMAND = ("timing.expert_copies=on_demand", f"workload.decode_tokens={STEPS}")
+_PREFETCH = ("prefetch.policy=transition", "prefetch.lookahead=2")
 
 
 def _cache(policy: str, fraction: float | None) -> Callable[[int], tuple[str, ...]]:
@@ -69,8 +70,7 @@ class Variant:
     overrides: Callable[[int], tuple[str, ...]]  # total experts of the model -> --set strings
 
 
-VARIANTS = (
-    Variant("paper", "the paper's conditions", lambda total: ()),
+VARIANTS = (  # the paper's own cells (variant "paper") are the reference rows of the beyond table
     Variant("c2c450", "the paper's 450 GB/s NVLink-C2C variant", lambda total: ("hardware=kyung2025-c2c450",)),
     Variant("on_demand", "no prefetch: each layer copies its experts when it reaches them",
             lambda total: ("timing.expert_copies=on_demand",)),
@@ -86,10 +86,10 @@ VARIANTS = (
     Variant("lfu_25", "an LFU expert cache of 25% of the experts", _cache("lfu", 0.25)),
     Variant("learned_25", "the learned expert cache of 25% of the experts", _cache("learned", 0.25)),
     Variant("lru_25_prefetch", "LRU of 25% of the experts with the transition prefetcher",
-            lambda total: (*_cache("lru", 0.25)(total), "prefetch.policy=transition", "prefetch.lookahead=2")),
+            lambda total: (*_cache("lru", 0.25)(total), *_PREFETCH)),
     Variant("together", "all at once: real NVMe SSD, PCIe Gen5, traced routing, LRU 25% and prefetching",
             lambda total: ("hardware=kyung2025-pcie5-nvme", "workload.routing=trace",
-                           *_cache("lru", 0.25)(total), "prefetch.policy=transition", "prefetch.lookahead=2")),
+                           *_cache("lru", 0.25)(total), *_PREFETCH)),
 )
 BEYOND_BATCHES = {"kyung_mixtral": (1, 16, 256), "kyung_deepseek_r1": (4, 64, 1024)}
 
@@ -134,7 +134,7 @@ def beyond_cells() -> list[Cell]:
     cells = []
     for scenario, batches in BEYOND_BATCHES.items():
         total = _total_experts(scenario)
-        for variant in VARIANTS[1:]:
+        for variant in VARIANTS:
             overrides = variant.overrides(total)
             for batch in batches:
                 # The HBM-only baseline ignores links, SSDs and caches: it depends only on routing and steps.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tierflow.atomic import atomic_write
+from tierflow.report import FIGURE_DPI, save_png
 
-SIZE_IN, DPI = (12.0, 5.5), 100
+SIZE_IN = (12.0, 5.5)
 COLORS = {"compute": "tab:green", "hbm": "tab:blue", "ddr": "tab:orange", "ssd": "tab:red", "link": "tab:purple",
           "static": "tab:gray"}
 COMPONENTS = tuple(COLORS)
@@ -24,14 +24,8 @@ PLACEMENTS = ("hbm", "ddr", "ssd")
 def _figure(columns: int):
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=SIZE_IN, dpi=DPI)
+    figure = Figure(figsize=SIZE_IN, dpi=FIGURE_DPI)
     return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
-
-
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
-    return path
 
 
 def _models(rows: list[dict]) -> list[str]:
@@ -62,7 +56,7 @@ def energy_bars(rows: list[dict], path: Path) -> Path:
         axes.set_title(f"{model}: decode energy per token")
         axes.grid(True, axis="y", alpha=0.3)
         axes.legend(fontsize=7, loc="upper right")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def scaling_lines(scaling: list[dict], path: Path) -> Path:
@@ -80,7 +74,7 @@ def scaling_lines(scaling: list[dict], path: Path) -> Path:
         axes.invert_xaxis()
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=7)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def beyond_bars(rows: list[dict], path: Path) -> Path:
@@ -102,4 +96,4 @@ def beyond_bars(rows: list[dict], path: Path) -> Path:
         axes.set_title(f"{model}: beyond the paper's assumptions")
         axes.grid(True, axis="y", alpha=0.3)
         axes.legend(fontsize=7)
-    return _save(figure, path)
+    return save_png(figure, path)

@@ -99,7 +99,8 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return figure, axes
 
 
-def _save(figure, path: Path) -> Path:
+def save_png(figure, path: Path) -> Path:
+    """Lay out ``figure`` and write it as a PNG at the reports' resolution, atomically."""
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=FIGURE_DPI))
     return path
@@ -119,7 +120,7 @@ def energy_bars(table: SweepTable, path: Path) -> Path:
     axes.set_xticks(x, [table.label(i).replace(", ", "\n") if stacked else table.label(i) for i in order],
                     rotation=0 if stacked else 90, fontsize=7 if len(order) <= 24 else 6)
     axes.legend(title="component", loc="upper left", fontsize=8)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _groups(table: SweepTable, exclude: tuple[str, ...]) -> dict[str, list[int]]:
@@ -142,7 +143,7 @@ def hit_rate_curves(table: SweepTable, path: Path) -> Path:
                   linestyle="--" if belady else "-", color="black" if belady else None, linewidth=2 if belady else 1.5)
     axes.set_ylim(0, 100)
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def pareto_front(stall: np.ndarray, energy: np.ndarray) -> list[int]:
@@ -181,7 +182,7 @@ def stall_energy(table: SweepTable, path: Path) -> Path:
         axes.annotate(table.label(i), (stall_ms[i], energy[i]), fontsize=7, xytext=(6, 6 + 10 * (len(annotated) % 2)),
                       textcoords="offset points")
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def latency_cdf(table: SweepTable, path: Path) -> Path:
@@ -204,7 +205,7 @@ def latency_cdf(table: SweepTable, path: Path) -> Path:
         axes.set_title(f"{table.meta['name']}: per-step latency distribution "
                        f"({table.count} points, first {_MAX_LEGEND} in the legend)")
     axes.legend(fontsize=7)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 _TITLES = {
