@@ -413,37 +413,39 @@ def open_trace(path) -> TraceReader:
 # ----------------------------------------------------------------------------------------------- validating
 
 
+def _check_ids(meta: TraceMeta, start: int, ids: np.ndarray, label: str) -> None:
+    """Expert ids of a ``(tokens, layers, k)`` block in ``[0, num_experts)``; the first bad one is named."""
+    if not ids.size:
+        return
+    lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= meta.num_experts:
+        bad = lo if lo < 0 else hi
+        where = np.argwhere(ids == bad)[0]
+        raise TraceError(
+            meta.path,
+            f"{label} id {int(bad)} outside [0, {meta.num_experts}) at token {start + int(where[0])}, "
+            f"layer {int(where[1])}",
+        )
+
+
 def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
     """Value checks on one chunk: expert ids in range, no repeat inside a (token, layer) row, sane phase."""
     experts = chunk.experts
-    if experts.size:
-        lo, hi = experts.min(), experts.max()
-        if lo < 0 or hi >= meta.num_experts:
-            bad = lo if lo < 0 else hi
-            where = np.argwhere(experts == bad)[0]
+    _check_ids(meta, chunk.start, experts, "expert")
+    if experts.size and meta.top_k > 1:
+        ordered = np.sort(experts, axis=2)
+        repeated = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
+        if repeated.any():
+            token, layer = np.argwhere(repeated)[0]
             raise TraceError(
                 meta.path,
-                f"expert id {int(bad)} outside [0, {meta.num_experts}) at token {chunk.start + int(where[0])}, "
-                f"layer {int(where[1])}",
+                f"expert repeated within token {chunk.start + int(token)}, layer {int(layer)}: "
+                f"{experts[token, layer].tolist()}",
             )
-        if meta.top_k > 1:
-            ordered = np.sort(experts, axis=2)
-            repeated = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
-            if repeated.any():
-                token, layer = np.argwhere(repeated)[0]
-                raise TraceError(
-                    meta.path,
-                    f"expert repeated within token {chunk.start + int(token)}, layer {int(layer)}: "
-                    f"{experts[token, layer].tolist()}",
-                )
     if chunk.phase is not None and chunk.phase.size and chunk.phase.max() > 1:
         raise TraceError(meta.path, f"phase values must be 0 (prefill) or 1 (decode), found {chunk.phase.max()}")
-    predicted = chunk.predicted_experts
-    if predicted is not None and predicted.size and (predicted.min() < 0 or predicted.max() >= meta.num_experts):
-        bad = predicted.min() if predicted.min() < 0 else predicted.max()
-        token = np.argwhere(predicted == bad)[0][0]
-        raise TraceError(meta.path, f"predicted_experts id {int(bad)} outside [0, {meta.num_experts}) at token "
-                                    f"{chunk.start + int(token)}")
+    if chunk.predicted_experts is not None:
+        _check_ids(meta, chunk.start, chunk.predicted_experts, "predicted_experts")
     if chunk.gate_scores is not None and not np.isfinite(chunk.gate_scores).all():
         raise TraceError(meta.path, "gate_scores contains NaN or infinite values")
     if chunk.sequence_id.size and chunk.sequence_id.min() < 0:
