@@ -132,6 +132,48 @@ def test_prefetches_never_evict_an_expert_a_layer_is_using(name):
     assert results.summary["tokens"] == len(sim.workload.steps)
 
 
+@settings(max_examples=10)
+@given(seed=st.integers(0, 3), batch=st.integers(1, 3), capacity=st.sampled_from([40, 120]),
+       max_queued=st.sampled_from([1, 100]))
+def test_prefetchers_that_listen_are_told_each_layers_hits_in_flight_and_misses(seed, batch, capacity, max_queued):
+    """A prefetcher overriding ``on_demand`` hears every layer's lookup once, before its routing event; the
+    experts it hears of are the layer's, and the outcomes add up to the run's hits, misses and late prefetches."""
+    previous_token = PREFETCHERS.get("previous_token")
+    heard = []
+
+    class Listening(previous_token):
+        name = "listening"
+
+        def on_demand(self, event):
+            heard.append(("demand", event))
+
+        def on_routing(self, event):
+            heard.append(("routing", event.step, event.layer))
+            return super().on_routing(event)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PREFETCHERS._classes, "listening", Listening)
+        sim = Simulation(small(seed=seed, **{"workload.batch_size": batch, "workload.decode_tokens": 8,
+                                             "cache.capacity_experts": capacity, "prefetch.policy": "listening",
+                                             "prefetch.max_queued": max_queued}))
+    results = sim.run()
+    layers = [(step, layer) for step in sim.workload.steps for layer in range(sim.workload.num_layers)]
+    assert len(heard) == 2 * len(layers)
+    for (step, layer), (kind, event), routing in zip(layers, heard[::2], heard[1::2], strict=True):
+        assert kind == "demand" and routing == ("routing", step.index, layer)
+        assert (event.step, event.layer) == (step.index, layer)
+        assert sorted(event.hits + event.in_flight + event.misses) == sorted(step.experts[layer].tolist())
+    events = [event for _, event in heard[::2]]
+    assert sum(len(e.hits) for e in events) == int(results.step_hits.sum())
+    assert sum(len(e.misses) for e in events) == int(results.step_misses.sum())
+    assert sum(len(e.in_flight) for e in events) == results.summary["prefetch"]["late"]
+
+
+def test_prefetchers_that_do_not_listen_cost_no_demand_events():
+    sim = Simulation(small(**{"prefetch.policy": "transition"}))
+    assert not sim.stream.tells_demand
+
+
 # ------------------------------------------------------------------------------------------ closed forms
 
 

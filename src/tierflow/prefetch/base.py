@@ -42,6 +42,19 @@ class RoutingEvent:
     predicted: np.ndarray | None = None  # (batch, k) recorded predictions of the next layer's experts
 
 
+@attrs.frozen
+class DemandEvent:
+    """The cache's answer to layer ``layer`` of decode step ``step``: which of the layer's experts were
+    resident (``hits``), still on their way (``in_flight``: prefetched or fetched earlier, not landed yet) and
+    missing, so fetched on demand now (``misses``). Each tuple lists experts in the layer's routing order."""
+
+    step: int
+    layer: int
+    hits: tuple[int, ...]
+    in_flight: tuple[int, ...]
+    misses: tuple[int, ...]
+
+
 class Prefetcher:
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
@@ -53,6 +66,11 @@ class Prefetcher:
     def on_routing(self, event: RoutingEvent) -> list[tuple[int, int]]:
         """Proposals ``(layer, expert)`` for layers after ``event.layer``, most wanted first."""
         raise NotImplementedError
+
+    def on_demand(self, event: DemandEvent) -> None:
+        """The layer's experts were looked up, just before its routing event (prefetchers that learn from hits
+        and misses may listen). Only prefetchers that override this are told: building the event costs time
+        at every layer."""
 
     def on_eviction(self, layer: int, expert: int) -> None:
         """The cache evicted an expert (prefetchers that track residency may listen)."""

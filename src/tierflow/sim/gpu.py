@@ -19,7 +19,7 @@ from tierflow.cache import NEVER, Access
 from tierflow.catalog.hardware import HardwareProfile, Link
 from tierflow.catalog.models import ModelSpec
 from tierflow.ledger import Ledger
-from tierflow.prefetch import RoutingEvent
+from tierflow.prefetch import DemandEvent, Prefetcher, RoutingEvent
 from tierflow.sim.calendar import timeout_towards
 from tierflow.sim.transfer import Arrival
 
@@ -224,6 +224,8 @@ class GpuStream:
         self._access = Access(0, 0)  # one record for every demand lookup: policies copy what they keep
         self._prefetch_access = Access(0, 0, prefetch=True)  # reused for every prefetch (policies copy)
         self.position = (-1, -1)  # (step, layer) whose routing the stream has reached
+        # Hits and misses go to the prefetcher only if it listens: the event costs time at every layer.
+        self.tells_demand = prefetcher is not None and type(prefetcher).on_demand is not Prefetcher.on_demand
         # Per GPU, proposals refused only because the source queue was full: (key, step, target layer), offered
         # again whenever a transfer leaves that queue; at most a budget's worth, the oldest dropped first.
         self.deferred = None
@@ -308,6 +310,7 @@ class GpuStream:
         time = step.index * self.workload.num_layers + layer
         access.time, access.layer, access.current_layer, access.step = time, layer, layer, step.index
         waits, used = [], []
+        outcomes = ([], [], []) if self.tells_demand else None  # hits, in flight, misses
         base = layer * num_experts
         for expert, score in zip(step.experts[layer].tolist(), step.scores[layer].tolist(), strict=True):
             key = base + expert
@@ -315,10 +318,17 @@ class GpuStream:
             if future is not None:
                 access.next_use = future.next_use_after(key, time)
             memory = memories[expert % gpus]
+            if outcomes is not None:
+                misses_before = memory.demand_misses
             wait = memory.demand(key, access)
             if wait is not None:
                 waits.append(wait)
             used.append((memory, key))
+            if outcomes is not None:
+                outcome = 2 if memory.demand_misses != misses_before else int(wait is not None)
+                outcomes[outcome].append(expert)
+        if outcomes is not None:
+            self.prefetcher.on_demand(DemandEvent(step.index, layer, *map(tuple, outcomes)))
         return waits, used
 
     def _prefetch(self, step, layer: int, time: int) -> None:
