@@ -298,7 +298,7 @@ def test_linear_map_recovers_a_deterministic_layer_to_layer_rule():
     first = rng.integers(0, 16, size=400)
     experts = np.stack([(first + layer) % 16 for layer in range(4)], axis=1)[:, :, None]  # (n, 4, 1)
     weights = np.ones(experts.shape, np.float32)
-    hot, scored, bias = fit_layer_maps(experts, weights, 16, 2, ridge=0.1)
+    hot, scored, _, bias = fit_layer_maps(experts, weights, 16, 2, ridge=0.1)
     for e in range(16):
         one_ahead = bias[0] + hot[0, e] + scored[0, e]
         assert int(np.argmax(one_ahead[:16])) == (e + 1) % 16
@@ -400,6 +400,109 @@ def test_expert_map_store_is_bounded_and_replaces_the_most_redundant_entry():
     assert em._size == 2  # noqa: SLF001
     stored = {tuple(map(tuple, em._slot_experts[slot].tolist())) for slot in range(2)}  # noqa: SLF001
     assert stored == {tuple(map(tuple, a_variant)), tuple(map(tuple, b))}  # a was replaced, b kept
+
+
+def _batch_event(step, layer, rows, sequences=None):
+    rows = np.asarray(rows)
+    experts = np.unique(rows)
+    sequences = np.arange(len(rows)) if sequences is None else np.asarray(sequences)
+    return RoutingEvent(step, layer, experts, np.full(len(experts), 0.5), rows, sequences)
+
+
+def _expert_map_with(maps, **params):
+    """An expert map whose store holds ``maps`` (each a list of per-layer rows), trajectory matching only."""
+    em = make_prefetcher("expert_map", {"semantic_weight": 0, **params}, _context(_Workload([])))
+    for step, rows in enumerate(maps):
+        _walk(em, step, rows)
+    return em
+
+
+def test_expert_map_proposes_the_experts_enough_of_the_neighbours_used():
+    """Four stored maps match the token equally at layer 0; at layer 1 three used expert 4, one expert 6, and
+    all used 5. The estimated probability of use is the share of neighbours: 5 -> 1, 4 -> 3/4, 6 -> 1/4."""
+    maps = [[[0, 1], [4, 5], [8, 9], [10, 11]]] * 3 + [[[0, 1], [5, 6], [8, 9], [10, 11]]]
+    assert _expert_map_with(maps, neighbors=4, min_probability=0.3).on_routing(_event(9, 0, [0, 1])) == \
+        [(1, 5), (1, 4)]
+    assert _expert_map_with(maps, neighbors=4, min_probability=0.25).on_routing(_event(9, 0, [0, 1])) == \
+        [(1, 5), (1, 4), (1, 6)]
+    assert _expert_map_with(maps, neighbors=4, min_probability=1.0).on_routing(_event(9, 0, [0, 1])) == [(1, 5)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), low=st.floats(0.0, 1.0), high=st.floats(0.0, 1.0))
+def test_expert_map_a_higher_threshold_proposes_a_prefix_of_the_same_list(seed, low, high):
+    """Raising min_probability only drops the least likely proposals: the list is a prefix of the lower one's,
+    per layer ahead (a monotone accuracy-for-coverage trade)."""
+    low, high = sorted((low, high))
+    rng = np.random.default_rng(seed)
+    maps = [[rng.choice(16, 2, replace=False).tolist() for _ in range(4)] for _ in range(12)]
+    token = [rng.choice(16, 2, replace=False).tolist() for _ in range(4)]
+    walks = []
+    for threshold in (low, high):
+        em = make_prefetcher("expert_map", {"semantic_weight": 0, "neighbors": 5, "min_probability": threshold},
+                             _context(_Workload([]), lookahead=2))
+        for step, rows in enumerate(maps):
+            _walk(em, step, rows)
+        walks.append(_walk(em, 99, token))
+    for wide, narrow in zip(*walks, strict=True):
+        for target in {layer for layer, _ in wide}:
+            wide_list = [e for layer, e in wide if layer == target]
+            narrow_list = [e for layer, e in narrow if layer == target]
+            assert wide_list[:len(narrow_list)] == narrow_list
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_expert_map_batch_proposes_what_some_token_alone_would(seed):
+    """A batch proposes an expert when one of its tokens needs it with at least min_probability (the
+    union of the tokens' own proposals), not when many weak estimates add up."""
+    rng = np.random.default_rng(seed)
+    maps = [[rng.choice(16, 2, replace=False).tolist() for _ in range(4)] for _ in range(20)]
+    tokens = [rng.choice(16, 2, replace=False) for _ in range(3)]
+    alone = set()
+    for token in tokens:
+        em = _expert_map_with(maps, neighbors=6, min_probability=0.3)
+        alone |= set(em.on_routing(_event(50, 0, token)))
+    em = _expert_map_with(maps, neighbors=6, min_probability=0.3)
+    together = em.on_routing(_batch_event(50, 0, np.stack(tokens)))
+    assert len(together) == len(set(together)) and set(together) == alone
+
+
+def test_linear_map_with_history_recovers_a_rule_one_layer_back():
+    """Layer l+1 repeats layer l-1's expert and layer l is noise: one layer of routing cannot tell which
+    expert comes next, two layers can."""
+    rng = np.random.default_rng(1)
+    n, E = 2000, 8
+    first = rng.integers(0, E, n)
+    experts = np.stack([first, rng.integers(0, E, n), first, rng.integers(0, E, n)], axis=1)[:, :, None]
+    weights = np.ones(experts.shape, np.float32)
+    hot, scored, past, bias = fit_layer_maps(experts, weights, E, 1, ridge=0.1, history=2)
+    one_hot, one_scored, one_past, one_bias = fit_layer_maps(experts, weights, E, 1, ridge=0.1, history=1)
+    assert past.shape == (4, 1, E, E) and one_past.shape == (4, 0, E, E)
+    for y in range(E):
+        for x in range(E):
+            with_history = bias[1] + hot[1, x] + scored[1, x] + past[1, 0, y]
+            assert int(np.argmax(with_history)) == y and with_history[y] > 0.9
+            without = one_bias[1] + one_hot[1, x] + one_scored[1, x]
+            assert without.max() < 0.3  # about 1/8 each: layer 1 says nothing about layer 2
+    assert not past[0].any()  # layer 0 has no layer before it
+
+
+def test_speculative_gate_with_history_reads_the_earlier_layers_of_the_same_step():
+    """Layer 2 repeats layer 0's expert and layer 1 is noise: with history 2 the gate, at layer 1, proposes
+    layer 0's expert for layer 2; from layer 0 alone it has nothing to go on for layer 1."""
+    rng = np.random.default_rng(2)
+    pairs = zip(rng.integers(0, 16, 256).tolist(), rng.integers(0, 16, 256).tolist(), strict=True)
+    rows = [[a, b, a, b] for a, b in pairs]
+    steps = [_Step([np.array([e]) for e in r]) for r in rows]
+    gate = make_prefetcher("speculative_gate", {"train_fraction": 0.5, "ridge": 0.01, "min_probability": 0.5,
+                                                "history": 2}, _context(_Workload(steps), k=1))
+    for step in range(128):  # the watched half
+        for layer, e in enumerate(rows[step]):
+            assert gate.on_routing(_event(step, layer, [e])) == []
+    for step in range(128, 136):
+        first, noise = rows[step][:2]
+        assert gate.on_routing(_event(step, 0, [first])) == []
+        assert gate.on_routing(_event(step, 1, [noise])) == [(2, first)]
 
 
 def test_transition_proposes_what_most_often_followed_the_routed_experts():

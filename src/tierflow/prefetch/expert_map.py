@@ -8,11 +8,15 @@ sequence's embedding. While a token goes through the layers, it is matched again
   ``/sequences/embedding``) and of its trajectory so far (layers ``0..l``) to the map's same layers; the
   semantic part weighs ``semantic_weight / (semantic_weight + layers seen)``, so it guides the first layers
   and the trajectory takes over;
-* the ``neighbors`` best maps, weighted by similarity, give a distribution over layer ``l+d``'s experts; they
-  are proposed in probability order until the cumulative probability reaches ``1 - similarity`` (of the best
-  match), and at least the top-k. A close match needs few experts; a poor one spreads wider.
+* the ``neighbors`` best maps vote, weighted by similarity: the weighted share of them that used an expert at
+  layer ``l+d`` estimates the probability that the token will. Experts some token needs with at least
+  ``min_probability`` are proposed, most likely first, nearest layer first. The threshold is a direct
+  accuracy-for-coverage knob (as ``speculative_gate``'s), unlike a rule that proposes until the cumulative
+  router weight reaches a target, whose width follows the similarity rather than the chance of use.
 
-A batch's proposals are its tokens', interleaved by rank. When a token has passed the last layer its map
+A batch needs an expert when one of its tokens does with at least the threshold: the per-token estimates are
+coarse (multiples of about ``1 / neighbors``), and combining a batch's as ``1 - prod(1 - p)`` lets many stray
+single votes add up to a confident-looking batch need. When a token has passed the last layer its map
 joins the store; a full store replaces the entry most similar to the new map (the most redundant one), so it
 keeps covering distinct routing patterns. ``train_trace`` fills the store before the run with the last
 decode tokens of a trace file (past requests); otherwise it starts empty and learns online.
@@ -37,6 +41,11 @@ def _non_negative(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
+def _unit(instance, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return (matrix / np.where(norms > 0, norms, 1)).astype(np.float32)
@@ -50,12 +59,14 @@ class ExpertMap(Prefetcher):
 
     @attrs.frozen
     class Params:
-        capacity: int = attrs.field(default=1024, validator=_positive,
+        capacity: int = attrs.field(default=4096, validator=_positive,
                                     metadata={"help": "expert maps the store holds"})
-        neighbors: int = attrs.field(default=4, validator=_positive,
+        neighbors: int = attrs.field(default=16, validator=_positive,
                                      metadata={"help": "best-matching maps that vote on the next layers"})
         semantic_weight: float = attrs.field(default=1.0, converter=float, validator=_non_negative, metadata={
             "help": "weight of the embedding match against the layers seen so far (0: trajectory only)"})
+        min_probability: float = attrs.field(default=0.3, converter=float, validator=_unit, metadata={
+            "help": "propose experts the batch needs with at least this estimated probability"})
         train_trace: str = attrs.field(default="", metadata={
             "help": "trace file whose last train_tokens decode tokens fill the store first; empty: start empty"})
         train_tokens: int = attrs.field(default=4096, validator=_positive,
@@ -65,7 +76,9 @@ class ExpertMap(Prefetcher):
         super().__init__(params, context)
         c, p = self.context, self.params
         L, E, M = c.num_layers, c.num_experts, p.capacity
-        self._maps = np.zeros((L, E, M), np.float32)  # [layer, expert, map]: router weight (0: not chosen)
+        # [layer, expert, map]: router weight (0: not chosen). float16: a cosine needs no more than three digits,
+        # and it halves the store (4096 DeepSeek-R1 maps: 122 MB).
+        self._maps = np.zeros((L, E, M), np.float16)
         self._prefix_norm2 = np.zeros((L, M), np.float32)  # squared norm of each map's layers 0..l
         self._slot_experts: list[np.ndarray | None] = [None] * M  # each slot's (L, k) experts, to clear it
         self._size = 0
@@ -148,13 +161,15 @@ class ExpertMap(Prefetcher):
         self._norm2 = np.zeros(batch, np.float32)
         self._rows = np.zeros((batch, c.num_layers, event.rows.shape[1]), np.int64)
         self._weights = np.zeros(self._rows.shape, np.float32)
-        self._token_embedding = None
+        self._token_embedding = self._semantic = None
         if self._embeddings is not None:
             ids = event.sequence_ids.astype(np.int64)
             known = ids < len(self._embeddings)
             emb = np.zeros((batch, self._embeddings.shape[1]), np.float32)
             emb[known] = self._embeddings[ids[known]]
             self._token_embedding = emb
+            # The store changes only between steps: the embedding match is the same at every layer.
+            self._semantic = emb @ self._map_embedding[:self._size].T
 
     def _similarity(self, layer: int, size: int) -> np.ndarray:
         """(batch, size): the blend of trajectory and embedding cosine similarity to each stored map."""
@@ -163,9 +178,8 @@ class ExpertMap(Prefetcher):
         w = self.params.semantic_weight
         if self._token_embedding is None or w == 0:
             return trajectory
-        semantic = self._token_embedding @ self._map_embedding[:size].T
         alpha = w / (w + layer + 1)
-        return alpha * semantic + (1 - alpha) * trajectory
+        return alpha * self._semantic + (1 - alpha) * trajectory
 
     def _propose(self, layer: int, size: int) -> list[tuple[int, int]]:
         c = self.context
@@ -176,24 +190,17 @@ class ExpertMap(Prefetcher):
         n = min(self.params.neighbors, size)
         nearest = np.argpartition(-similarity, n - 1, axis=1)[:, :n]  # (batch, n)
         vote = np.maximum(np.take_along_axis(similarity, nearest, axis=1), 0.0) + 1e-6
-        confidence = np.clip(similarity.max(axis=1), 0.0, 1.0)  # (batch,)
-        budget = min(c.budget_experts, c.num_experts)
+        vote /= vote.sum(axis=1, keepdims=True)  # (batch, n): each token's neighbours' weights sum to 1
         proposals = []
         for d in range(1, reach + 1):
-            # (batch, E): the neighbours' weights at layer l+d, averaged by similarity.
-            maps = self._maps[layer + d][:, nearest]  # (E, batch, n)
-            dist = np.einsum("ebn,bn->be", maps, vote) / vote.sum(axis=1, keepdims=True)
-            order = np.argsort(-dist, axis=1, kind="stable")
-            ranked = np.take_along_axis(dist, order, axis=1)
-            total = ranked.sum(axis=1, keepdims=True)
-            before = np.cumsum(ranked, axis=1) - ranked  # cumulative probability before each expert
-            want = (before < (1.0 - confidence)[:, None] * total) | (np.arange(c.num_experts) < c.top_k)
-            want &= ranked > 0
-            rank, row = np.nonzero(want.T)  # rank-major: every token's best, then every token's second, ...
-            experts = order[row, rank]
-            _, first = np.unique(experts, return_index=True)
-            chosen = experts[np.sort(first)][:budget]
-            proposals += [(layer + d, e) for e in chosen.tolist()]
+            # (batch, E): the similarity-weighted share of the neighbours that used each expert at l+d, an
+            # estimate of the probability that the token does.
+            used = (self._maps[layer + d][:, nearest] > 0).astype(np.float32)  # (E, batch, n)
+            need = np.einsum("ebn,bn->e", used, vote) if len(vote) == 1 else \
+                np.einsum("ebn,bn->be", used, vote).max(axis=0)
+            order = np.argsort(-need, kind="stable")
+            order = order[need[order] >= self.params.min_probability]
+            proposals += [(layer + d, e) for e in order.tolist()]
         return proposals
 
     def _finish_step(self, size: int) -> None:

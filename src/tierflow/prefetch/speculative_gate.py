@@ -4,9 +4,11 @@ Offloading systems apply the next layer's gate to the current hidden state to gu
 hidden state gets there. A trace holds routing, not hidden states, so this prefetcher stands in a linear map
 per (layer l, distance d), fitted by ridge regression on a training split: from a token's routing at layer
 ``l`` (multi-hot of its experts plus their router weights, and a bias) to the indicator of each expert at
-layer ``l+d``. Its outputs are per-token probabilities; a batch needs an expert when any of its tokens does,
-so the batch's probability is ``1 - prod(1 - p)``. Experts at or above ``min_probability`` are proposed,
-most likely first, nearest layer first, at most the engine's budget per layer.
+layer ``l+d``; with ``history`` h > 1 also the multi-hot of its experts at the h - 1 layers before ``l`` (a
+hidden state carries what earlier layers did, and when a token keeps a routing pattern across layers a few
+layers identify it better than one). Its outputs are per-token probabilities; a batch needs an expert when any
+of its tokens does, so the batch's probability is ``1 - prod(1 - p)``. Experts at or above ``min_probability``
+are proposed, most likely first, nearest layer first, at most the engine's budget per layer.
 
 The training split is either a trace file (``train_trace``: its last ``train_tokens`` decode tokens, which
 must not be sequences the run simulates) or, without one, the first ``train_fraction`` of the run's own decode
@@ -39,29 +41,36 @@ def _positive(instance, attribute, value):
 
 
 def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, max_distance: int,
-                   ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge maps from a token's routing at layer ``l`` to its experts at ``l+1 .. l+max_distance``.
+                   ridge: float, history: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge maps from a token's routing at layers ``l-history+1 .. l`` to its experts at ``l+1 ..
+    l+max_distance``.
 
     ``experts``/``weights`` are ``(n, layers, k)``. Returns ``hot``, ``scored`` of shape ``(layers, E,
-    max_distance * E)`` and ``bias`` of shape ``(layers, max_distance * E)`` (float32): the prediction for a
-    token with experts ``x`` and weights ``w`` at layer ``l`` is ``bias[l] + sum_i hot[l, x_i] + w_i *
-    scored[l, x_i]``, column ``(d - 1) * E + j`` for expert ``j`` at layer ``l + d`` (zero past the last layer).
-    The normal equations are assembled from co-occurrence counts (``bincount``), not from a dense design
-    matrix: a row has ``2k + 1`` non-zero features.
+    max_distance * E)``, ``past`` of shape ``(layers, history - 1, E, max_distance * E)`` and ``bias`` of shape
+    ``(layers, max_distance * E)`` (float32): the prediction for a token with experts ``x`` and weights ``w`` at
+    layer ``l`` and experts ``y_h`` at layer ``l - h`` is ``bias[l] + sum_i hot[l, x_i] + w_i * scored[l, x_i]
+    + sum_h sum_i past[l, h - 1, y_h,i]``, column ``(d - 1) * E + j`` for expert ``j`` at layer ``l + d`` (zero
+    past the last layer; layers before the first contribute nothing). The normal equations are assembled from
+    co-occurrence counts (``bincount``), not from a dense design matrix: a row has ``(history + 1) k + 1``
+    non-zero features.
     """
-    n, num_layers, k = experts.shape
+    n, num_layers, _ = experts.shape
     E, D = num_experts, max_distance
-    features = 2 * E + 1
     hot = np.zeros((num_layers, E, D * E), np.float32)
     scored = np.zeros_like(hot)
+    past = np.zeros((num_layers, max(0, history - 1), E, D * E), np.float32)
     bias = np.zeros((num_layers, D * E), np.float32)
     if n == 0:
-        return hot, scored, bias
+        return hot, scored, past, bias
     ones = np.ones((n, 1), np.float32)
     for layer in range(num_layers - 1):
+        back = min(history - 1, layer)  # earlier layers this one can look back on
+        features = (2 + back) * E + 1
         x = experts[:, layer]
-        index = np.concatenate([x, x + E, np.full((n, 1), 2 * E)], axis=1)  # (n, 2k+1) feature ids
-        value = np.concatenate([np.ones_like(weights[:, layer]), weights[:, layer], ones], axis=1)
+        index = np.concatenate([x, x + E, *[experts[:, layer - h] + (1 + h) * E for h in range(1, back + 1)],
+                                np.full((n, 1), features - 1)], axis=1)  # (n, (2 + back) k + 1) feature ids
+        value = np.concatenate([np.ones_like(weights[:, layer]), weights[:, layer],
+                                *[np.ones_like(weights[:, layer]) for _ in range(back)], ones], axis=1)
         pairs = (index[:, :, None] * features + index[:, None, :]).ravel()
         gram = np.bincount(pairs, (value[:, :, None] * value[:, None, :]).ravel(), features * features)
         gram = gram.reshape(features, features)
@@ -71,8 +80,10 @@ def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, m
         pairs = (index[:, :, None] * (D * E) + targets[:, None, :]).ravel()
         cross = np.bincount(pairs, np.repeat(value.ravel(), targets.shape[1]), features * D * E)
         solution = np.linalg.solve(gram, cross.reshape(features, D * E)).astype(np.float32)
-        hot[layer], scored[layer], bias[layer] = solution[:E], solution[E:2 * E], solution[2 * E]
-    return hot, scored, bias
+        hot[layer], scored[layer], bias[layer] = solution[:E], solution[E:2 * E], solution[-1]
+        for h in range(1, back + 1):
+            past[layer, h - 1] = solution[(1 + h) * E:(2 + h) * E]
+    return hot, scored, past, bias
 
 
 @PREFETCHERS.register
@@ -94,6 +105,8 @@ class SpeculativeGate(Prefetcher):
         min_probability: float = attrs.field(default=0.3, converter=float, validator=_fraction,
                                              metadata={"help": "propose experts the batch needs with at least "
                                                                "this predicted probability"})
+        history: int = attrs.field(default=1, validator=_positive, metadata={
+            "help": "layers of the token's routing the maps read: the current one and history - 1 before it"})
         use_recorded: bool = attrs.field(default=True, metadata={
             "help": "use a trace's recorded next-layer predictions when the steps carry them"})
 
@@ -102,6 +115,7 @@ class SpeculativeGate(Prefetcher):
         c, p = self.context, self.params
         self._distance = max(1, min(c.lookahead, c.num_layers - 1))
         self._fitted = False
+        self._history_step, self._history = None, []  # this step's routing rows so far, by layer
         self._watch_steps = 0
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, weights) of watched steps
         self._step_rows: list[np.ndarray] = []
@@ -114,8 +128,9 @@ class SpeculativeGate(Prefetcher):
             self._watch_steps = math.ceil(p.train_fraction * len(self._steps))
 
     def _fit(self, split: TrainingSplit) -> None:
-        self._hot, self._scored, self._bias = fit_layer_maps(split.experts, split.weights, self.context.num_experts,
-                                                             self._distance, self.params.ridge)
+        self._hot, self._scored, self._past, self._bias = fit_layer_maps(
+            split.experts, split.weights, self.context.num_experts, self._distance, self.params.ridge,
+            self.params.history)
         self._fitted = True
 
     def on_routing(self, event):
@@ -124,15 +139,22 @@ class SpeculativeGate(Prefetcher):
         weights = self._row_weights(event, rows)
         reach = min(self._distance, c.num_layers - 1 - event.layer)
         recorded = self._recorded(event) if reach > 0 else None
+        if event.layer == 0 or event.step != self._history_step:
+            self._history_step, self._history = event.step, []
+        self._history.append(rows)
         if not self._fitted:
             self._watch(event, rows, weights)
             if not self._fitted:  # recorded predictions need no fit
                 return [] if recorded is None else [(event.layer + 1, e) for e in recorded]
         if reach <= 0:
             return []
-        # Per token: bias + the rows of its experts in both blocks; (batch, D * E).
+        # Per token: bias + the rows of its experts in both blocks, + those of its experts at earlier layers;
+        # (batch, D * E).
         p = (self._bias[event.layer] + self._hot[event.layer][rows].sum(axis=1)
              + (self._scored[event.layer][rows] * weights[:, :, None]).sum(axis=1))
+        for h in range(1, min(self.params.history - 1, event.layer) + 1):
+            if len(self._history) > h:
+                p += self._past[event.layer, h - 1][self._history[-1 - h]].sum(axis=1)
         p = np.clip(p, 0.0, 1.0).reshape(len(rows), self._distance, c.num_experts)
         batch_p = 1.0 - np.prod(1.0 - p, axis=0)  # (D, E): some token of the batch needs the expert
         budget = min(c.budget_experts, c.num_experts)
