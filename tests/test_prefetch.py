@@ -169,6 +169,32 @@ def test_prefetchers_that_listen_are_told_each_layers_hits_in_flight_and_misses(
     assert sum(len(e.in_flight) for e in events) == results.summary["prefetch"]["late"]
 
 
+WIDE_EXPERTS = {
+    # Mixtral's 352 MB experts in DDR over NVLink-C2C on 8 GPUs: a transfer spans about six layers of compute and
+    # the links idle about half the time, so what a demand miss waits behind matters.
+    "name": "wide", "model": "mixtral-8x7b", "hardware": "gh200-c2c", "placement": "ddr", "gpus": 8,
+    "workload": {"batch_size": 1, "decode_tokens": 16, "context_length": 256}, "cache": {"capacity_experts": 128},
+    "prefetch": {"policy": "oracle", "lookahead": 6, "budget_experts": 8, "max_queued": 1},
+}
+
+
+def test_demand_misses_taking_over_from_wrong_prefetches_cut_the_stall():
+    """Every prefetch is wrong (oracle, accuracy 0): a demand miss that takes the link over from one at a chunk
+    boundary stalls less than one that waits for the whole wrong transfer."""
+    stall = {}
+    for preempt in (True, False):
+        sim = Simulation(scenario_with(WIDE_EXPERTS, **{"prefetch.params": {"accuracy": 0.0},
+                                                        "prefetch.preempt": preempt}))
+        results = sim.run()
+        preemptions = sum(c.preemptions for m in sim.memories for p in m.paths.values() for c in p.hops)
+        assert (preemptions > 0) == preempt
+        p = results.summary["prefetch"]
+        assert sum(results.summary["bytes_moved"].values()) == (int(results.step_misses.sum()) + p["issued"]) * \
+            sim.spec.expert_bytes
+        stall[preempt] = results.summary["stall_s_per_token"]
+    assert stall[True] < 0.95 * stall[False]
+
+
 def test_prefetchers_that_do_not_listen_cost_no_demand_events():
     sim = Simulation(small(**{"prefetch.policy": "transition"}))
     assert not sim.stream.tells_demand

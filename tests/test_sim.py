@@ -135,6 +135,66 @@ def test_a_demand_transfer_overtakes_queued_prefetches():
     assert [t.key for t in order] == [0, 3, 1, 2]
 
 
+def _preemptive_link(calendar, latency=1e-6):
+    channel = Channel(calendar, "link", 1e9, latency, 1_000_000)
+    channel.preemptive = True
+    return channel
+
+
+def test_a_demand_transfer_takes_over_from_a_prefetch_at_its_next_chunk():
+    """10 MB prefetch in 1 MB chunks from t=0; a 2 MB demand arrives 2.5 ms in. The prefetch stops after its
+    third chunk, the demand runs, then the prefetch's last 7 MB (one latency again)."""
+    calendar, latency = Calendar(), 1e-6
+    channel = _preemptive_link(calendar, latency)
+    prefetch = Transfer(calendar, 0, 10_000_000, "ddr", "hbm", [channel], PREFETCH)
+    demand = Transfer(calendar, 1, 2_000_000, "ddr", "hbm", [channel], DEMAND)
+    prefetch.start()
+    calendar.run(until=2.5e-3)
+    demand.start()
+    calendar.run()
+    whole = latency + 10e-3
+    boundary = whole * 3 / 10
+    assert demand.arrived_at == pytest.approx(boundary + latency + 2e-3)
+    assert prefetch.arrived_at == pytest.approx(demand.arrived_at + latency + 7e-3)
+    assert channel.preemptions == 1
+    assert channel.bytes_carried == 12_000_000
+    assert channel.busy_s == pytest.approx(prefetch.arrived_at)  # never idle, and no time counted twice
+
+
+def test_a_prefetch_in_its_last_chunk_finishes_first_and_a_plain_channel_never_yields():
+    for preemptive, arrives in ((True, 9.5e-3), (False, 2.5e-3)):
+        calendar = Calendar()
+        channel = _preemptive_link(calendar)
+        channel.preemptive = preemptive
+        prefetch = Transfer(calendar, 0, 10_000_000, "ddr", "hbm", [channel], PREFETCH)
+        demand = Transfer(calendar, 1, 2_000_000, "ddr", "hbm", [channel], DEMAND)
+        prefetch.start()
+        calendar.run(until=arrives)
+        demand.start()
+        calendar.run()
+        assert prefetch.arrived_at == pytest.approx(1e-6 + 10e-3)
+        assert demand.arrived_at == pytest.approx(prefetch.arrived_at + 1e-6 + 2e-3)
+        assert channel.preemptions == 0
+
+
+def test_a_preempted_prefetch_resumes_before_later_prefetches_and_crosses_every_hop_whole():
+    calendar = Calendar()
+    first, second = _preemptive_link(calendar), _preemptive_link(calendar)
+    order = []
+    hops = [first, second]
+    early = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", hops, PREFETCH, on_done=order.append)
+    late = Transfer(calendar, 1, 3_000_000, "ssd", "hbm", hops, PREFETCH, on_done=order.append)
+    demand = Transfer(calendar, 2, 2_000_000, "ssd", "hbm", hops, DEMAND, on_done=order.append)
+    early.start()
+    calendar.run(until=1e-3)
+    late.start()
+    demand.start()
+    calendar.run()
+    assert [t.key for t in order] == [2, 0, 1]
+    assert first.bytes_carried == second.bytes_carried == 15_000_000
+    assert all(t.hop_bytes == t.size_bytes for t in order)
+
+
 def test_calendar_runs_events_in_time_then_creation_order_and_stops_at_a_mark():
     calendar = Calendar()
     ran = []

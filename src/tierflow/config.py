@@ -100,6 +100,9 @@ class PrefetchConfig:
     max_queued: int = attrs.field(default=2, validator=_positive,
                                   metadata=_help("hold a prefetch back while its source already has this many queued; "
                                                  "it is offered again when the queue drains"))
+    preempt: bool = attrs.field(default=True, metadata=_help(
+        "a demand miss takes a link or drive over from a prefetch in service at its next 4 MiB chunk (the "
+        "prefetch resumes after); false: a transfer in service always finishes first"))
     params: dict = attrs.field(factory=dict, metadata=_help("prefetcher parameters"))
 
 

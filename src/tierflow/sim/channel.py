@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+
+from tierflow.sim.transfer import DEMAND, PREFETCH
 
 
 class Channel:
@@ -32,13 +35,19 @@ class Channel:
         self._order = itertools.count()
         self._busy = False
         self._idle_since = 0.0
-        self._serving = None  # (transfer, duration, first chunk time) while busy
+        self._serving = None  # (transfer, duration, first chunk time, start time) while busy
+        self._serial = 0  # counts services started: an end event of an earlier one is stale
+        self._yield_chunks = None  # while the prefetch in service is to stop: its chunks carried by then
+        self.preemptive = False
+        self.preemptions = 0
         self._times_by_size: dict[int, tuple[float, float]] = {}
         self.dequeue_listeners: list = []  # told (with the channel) when a queued transfer starts: the queue shrank
 
     def submit(self, transfer) -> None:
         if self._busy:
             heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
+            if self.preemptive and transfer.priority == DEMAND and self._serving[0].priority == PREFETCH:
+                self._preempt()
         else:  # an idle channel has an empty queue
             self._start(transfer)
 
@@ -60,6 +69,8 @@ class Channel:
 
     def service_time(self, transfer, now: float) -> float:
         """How long this channel is busy with ``transfer`` if it starts now."""
+        if transfer.hop_bytes != transfer.size_bytes:  # resuming after a preemption: the rest, no overlap credit
+            return self.transfer_time(transfer.hop_bytes)
         full, last_chunk = self._times(transfer.size_bytes)
         if transfer.upstream_done_at is None:
             return full
@@ -73,15 +84,23 @@ class Channel:
         self._busy = True
         now = self.calendar.now
         duration = self.service_time(transfer, now)
-        first_chunk_s = self._times(transfer.size_bytes)[1]
-        self._serving = transfer, duration, now + (first_chunk_s if first_chunk_s < duration else duration)
-        self.calendar.schedule(duration, self._finish)
+        if transfer.hop_bytes == transfer.size_bytes:
+            first_chunk_s = self._times(transfer.size_bytes)[1]
+            first_chunk_at = now + (first_chunk_s if first_chunk_s < duration else duration)
+        else:  # resumed: its first chunk went through before the preemption
+            first_chunk_at = transfer.first_chunk_at
+        self._serving = transfer, duration, first_chunk_at, now
+        self._serial += 1
+        self._yield_chunks = None
+        self.calendar.schedule(duration, self._finish, self._serial)
 
-    def _finish(self, _argument) -> None:
-        transfer, duration, first_chunk_at = self._serving
+    def _finish(self, serial) -> None:
+        if serial != self._serial:  # the service was preempted and this end is void
+            return
+        transfer, duration, first_chunk_at, _ = self._serving
         now = self.calendar.now
         self.busy_s += duration
-        self.bytes_carried += transfer.size_bytes
+        self.bytes_carried += transfer.hop_bytes
         self._idle_since = now
         dequeued = bool(self._queue)
         if dequeued:
@@ -92,3 +111,32 @@ class Channel:
         if dequeued:
             for listener in self.dequeue_listeners:
                 listener(self)
+
+    def _preempt(self) -> None:
+        """A demand transfer waits behind the prefetch in service: end that service at its next chunk boundary,
+        unless it is in its last chunk (or already stopping)."""
+        if self._yield_chunks is not None:
+            return
+        transfer, duration, _, started = self._serving
+        chunks = math.ceil(transfer.hop_bytes / self.chunk_bytes)
+        done = math.ceil((self.calendar.now - started) / duration * chunks)  # chunks under way or finished
+        if done >= chunks:
+            return
+        self._yield_chunks = done
+        self.calendar.schedule(started + duration * done / chunks - self.calendar.now, self._yield, self._serial)
+
+    def _yield(self, serial) -> None:
+        """The prefetch in service stops at a chunk boundary: it keeps its place at the head of the prefetch queue
+        with the bytes it has left (all of them if it had only just started), and the waiting demand starts."""
+        if serial != self._serial:
+            return
+        transfer, _, first_chunk_at, started = self._serving
+        now = self.calendar.now
+        moved = self._yield_chunks * self.chunk_bytes
+        self.busy_s += now - started
+        self.bytes_carried += moved
+        self.preemptions += 1
+        transfer.hop_bytes -= moved
+        transfer.first_chunk_at = first_chunk_at
+        heapq.heappush(self._queue, (transfer.priority, -next(self._order), transfer))  # ahead of later prefetches
+        self._start(heapq.heappop(self._queue)[2])

@@ -265,6 +265,9 @@ class Simulation:
                 raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")
             paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
                                      staging)
+        for path in paths.values():
+            for channel in path.hops:
+                channel.preemptive = scenario.prefetch.preempt
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
                             reserve_bytes=plan.working_set_experts * plan.expert_bytes)
 

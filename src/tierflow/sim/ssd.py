@@ -42,6 +42,7 @@ class SsdChannel(Channel):
     def requests_for(self, size_bytes: int) -> int:
         return math.ceil(size_bytes / (self.ssd.request_bytes or 128 * 1024))
 
-    def service_time(self, transfer, now):
-        self.requests += self.requests_for(transfer.size_bytes)
-        return super().service_time(transfer, now)
+    def _finish(self, serial) -> None:
+        if serial == self._serial:  # a read done (counted once, however often it was preempted)
+            self.requests += self.requests_for(self._serving[0].size_bytes)
+        super()._finish(serial)

@@ -15,7 +15,8 @@ class Transfer:
 
     __slots__ = (
         "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "waiters", "issued_at",
-        "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes",
+        "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes", "hop_bytes",
+        "first_chunk_at",
     )
 
     def __init__(self, calendar, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
@@ -28,6 +29,8 @@ class Transfer:
         self.upstream_done_at = None
         self.on_done = on_done
         self.staged_bytes = 0
+        self.hop_bytes = size_bytes  # left to carry on the current hop (less after a preemption)
+        self.first_chunk_at = None  # on a preempted hop: when its first chunk went through
 
     @property
     def is_prefetch(self) -> bool:
@@ -39,6 +42,7 @@ class Transfer:
     def hop_finished(self, now: float, first_chunk_at: float) -> None:
         """Called by the channel that just delivered this transfer's bytes."""
         self.hop += 1
+        self.hop_bytes, self.first_chunk_at = self.size_bytes, None
         if self.hop < len(self.hops):
             self.data_ready_at = first_chunk_at
             self.upstream_done_at = now
