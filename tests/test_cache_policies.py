@@ -223,6 +223,27 @@ def test_learned_features_are_recency_frequency_and_layer_distance():
     assert x["router score of the last access"] == pytest.approx(0.5)
 
 
+def test_learned_sequence_features_count_visits_within_the_current_request():
+    """Visits within the current sequence restart when a key is used by another sequence; the sequence's
+    length so far counts from its first token seen. Accesses without a sequence form one of their own."""
+    features = ExpertFeatures(num_layers=1)
+    for time, (key, sequence) in enumerate([("x", 7), ("x", 7), ("y", 7), ("x", 8), ("y", None)]):
+        features.observe(key, Access(key, time, step=time + 10, sequence=sequence), steps=float(time))
+    slots = features.resident_slots()
+
+    def column(name, sequence, token=15):
+        rows = features.rows(slots, now_steps=5.0, now_token=token, current_layer=0, now_sequence=sequence)
+        return rows[:, FEATURES.index(name)].tolist()
+
+    visits = "log2(1 + visits within the current sequence)"
+    length = "log2(tokens of the current sequence so far)"
+    assert column(visits, 7) == [0.0, 0.0]  # x was last used by sequence 8, y by none
+    assert column(visits, 8) == [1.0, 0.0]
+    assert column(visits, None) == [0.0, 1.0]
+    assert column(length, 7) == [math.log2(15 - 10 + 1)] * 2  # sequence 7 began at token 10
+    assert column(length, 8, token=14) == [1.0, 1.0]  # sequence 8 began at token 13: two tokens so far
+
+
 @pytest.mark.parametrize(("profile", "shape", "tokens", "scope", "capacity"), [
     ("fine_grained", (16, 64, 8), 150, "global", 256),  # 25% of all experts
     ("fine_grained", (16, 64, 8), 150, "per-layer", 16),

@@ -41,10 +41,11 @@ def test_requests_follow_the_design_order(tmp_path):
     experts = np.array([[[1, 0], [2, 3]], [[0, 2], [3, 1]]])  # (tokens, layers, top_k), 4 experts
     scores = np.array([[[0.6, 0.4], [0.7, 0.3]], [[0.5, 0.5], [0.9, 0.1]]], dtype=np.float32)
     path = tmp_path / "t.h5"
-    write_trace(path, experts, [0, 0], model="m", num_experts=4, source="test", gate_scores=scores)
+    write_trace(path, experts, [0, 1], model="m", num_experts=4, source="test", gate_scores=scores)
     requests = read_requests(path)
     assert requests.keys.tolist() == [1, 0, 6, 7, 0, 2, 7, 5]  # token, then layer, then stored order
     assert requests.steps.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert requests.sequences.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # each access's request
     assert requests.layers.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
     np.testing.assert_allclose(requests.scores, scores.ravel(), rtol=1e-3)  # stored as float16
     assert len(read_requests(path, max_tokens=1)) == 4

@@ -55,6 +55,22 @@ def test_same_seed_same_trace_and_workers_do_not_matter():
     assert not np.array_equal(a["experts"], c["experts"])
 
 
+def test_recorded_states_leave_the_routing_unchanged():
+    """``with_states`` exposes the hidden routing states without consuming randomness: same seed, same trace
+    (with parallel workers too); the states follow the model (one per token with affinity 0, persisting)."""
+    params = attrs.evolve(FINE, affinity=0.0)
+    plain = synth.generate_arrays(3, 32, 4, 30000, seed=9, params=params, workers=2)
+    recorded = synth.generate_arrays(3, 32, 4, 30000, seed=9, params=params, workers=2, with_states=True)
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], recorded[key])
+    state = recorded["state"]
+    assert state.shape == (30000, 3) and state.min() >= 0 and state.max() < params.num_states
+    assert (state == state[:, :1]).all()  # no cross-layer affinity: the layer-0 state holds for every layer
+    same_sequence = recorded["sequence_id"][1:] == recorded["sequence_id"][:-1]
+    kept = (state[1:, 0] == state[:-1, 0])[same_sequence].mean()
+    assert kept > params.state_persistence  # persistence plus fresh draws that land on the same state
+
+
 def test_one_long_sequence_streams_with_carry_across_chunks():
     data = synth.generate_arrays(2, 16, 2, 3 * 32768 + 5, num_sequences=1, seed=2,
                                  params=attrs.evolve(FINE, reuse=0.9, state_persistence=1.0))

@@ -34,7 +34,8 @@ class Requests:
     """A trace's accesses in replay order, as flat arrays of one entry per access.
 
     ``keys`` are object ids; ``steps`` the file index of the token each access belongs to; ``scores`` the
-    router weights (None when the trace has none).
+    router weights (None when the trace has none); ``sequences`` the sequence id of each access's token (None
+    when not known).
     """
 
     keys: np.ndarray
@@ -43,6 +44,7 @@ class Requests:
     num_experts: int
     top_k: int
     scores: np.ndarray | None = None
+    sequences: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -56,15 +58,19 @@ class Requests:
         return self.num_layers * self.num_experts
 
     @classmethod
-    def from_experts(cls, experts, num_experts: int, gate_scores=None, first_step: int = 0) -> Requests:
-        """Flatten a ``(tokens, layers, top_k)`` array of expert ids (and optional router weights)."""
+    def from_experts(cls, experts, num_experts: int, gate_scores=None, first_step: int = 0,
+                     sequence_id=None) -> Requests:
+        """Flatten a ``(tokens, layers, top_k)`` array of expert ids (and optional router weights and sequence
+        ids, one per token)."""
         experts = np.asarray(experts)
         tokens, num_layers, top_k = experts.shape
         offsets = (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
         keys = (experts.astype(np.int64) + offsets).ravel()
         steps = np.repeat(np.arange(first_step, first_step + tokens, dtype=np.int64), num_layers * top_k)
         scores = None if gate_scores is None else np.asarray(gate_scores, dtype=np.float32).ravel()
-        return cls(keys, steps, num_layers, num_experts, top_k, scores)
+        sequences = None if sequence_id is None else np.repeat(np.asarray(sequence_id, dtype=np.int64),
+                                                               num_layers * top_k)
+        return cls(keys, steps, num_layers, num_experts, top_k, scores, sequences)
 
     @classmethod
     def from_keys(cls, keys, num_experts: int | None = None) -> Requests:
@@ -79,18 +85,21 @@ def read_requests(path, max_tokens: int | None = None) -> Requests:
     """Every access of a trace file (or of its first ``max_tokens`` tokens), streamed chunk by chunk."""
     with open_trace(path) as reader:
         meta = reader.meta
-        keys, steps, scores = [], [], []
+        keys, steps, scores, sequences = [], [], [], []
         for chunk in reader.chunks(stop=max_tokens, gate_scores=True):
-            part = Requests.from_experts(chunk.experts, meta.num_experts, chunk.gate_scores, chunk.start)
+            part = Requests.from_experts(chunk.experts, meta.num_experts, chunk.gate_scores, chunk.start,
+                                         chunk.sequence_id)
             keys.append(part.keys)
             steps.append(part.steps)
             scores.append(part.scores)
+            sequences.append(part.sequences)
     empty = np.empty(0, dtype=np.int64)
     return Requests(
         np.concatenate(keys) if keys else empty,
         np.concatenate(steps) if steps else empty,
         meta.num_layers, meta.num_experts, meta.top_k,
         np.concatenate(scores) if meta.has_gate_scores and scores else None,
+        np.concatenate(sequences) if sequences else empty,
     )
 
 
@@ -320,10 +329,11 @@ def replay_reference(requests: Requests, policy: str, capacity, scope: str = "gl
     next_uses = np.where(following < 0, NEVER, following).tolist()
     scores = requests.scores.tolist() if requests.scores is not None else [0.0] * len(requests)
     steps = requests.steps.tolist()
+    sequences = requests.sequences.tolist() if requests.sequences is not None else [None] * len(requests)
     lookup, admit = cache.lookup, cache.admit
     access = Access(0, 0)
     for time, key in enumerate(requests.keys.tolist()):
-        access.key, access.time, access.step = key, time, steps[time]
+        access.key, access.time, access.step, access.sequence = key, time, steps[time], sequences[time]
         access.layer = access.current_layer = key // num_experts
         access.score, access.next_use = scores[time], next_uses[time]
         if not lookup(key, access):

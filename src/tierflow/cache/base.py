@@ -35,19 +35,20 @@ class Access:
     ``next_use`` the ``time`` of the key's next access (``NEVER`` if none; only offline drivers know it);
     ``prefetch`` is true when the insertion is speculative rather than demanded; ``current_layer`` is the
     layer being computed when the event happens; ``step`` the decode step (token) the access belongs to, or
-    None when the driver does not say (policies then measure time in ``time`` units only).
+    None when the driver does not say (policies then measure time in ``time`` units only); ``sequence`` the
+    request (the trace's sequence id) the access serves, or None when unknown or when it serves several.
 
     Drivers may reuse one record for many events: a policy copies what it keeps and never holds the record.
     """
 
-    __slots__ = ("key", "time", "layer", "score", "next_use", "prefetch", "current_layer", "step")
+    __slots__ = ("key", "time", "layer", "score", "next_use", "prefetch", "current_layer", "step", "sequence")
 
     def __init__(self, key, time, layer=0, score=0.0, next_use=NEVER, prefetch=False, current_layer=None,
-                 step=None):
+                 step=None, sequence=None):
         self.key, self.time, self.layer, self.score = key, time, layer, score
         self.next_use, self.prefetch = next_use, prefetch
         self.current_layer = layer if current_layer is None else current_layer
-        self.step = step
+        self.step, self.sequence = step, sequence
 
 
 @attrs.frozen

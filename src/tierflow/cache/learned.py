@@ -6,8 +6,10 @@ Features (one row per resident expert, computed when the cache needs room; see :
 its recency rank among the residents), frequency (decayed visit counts at three half-lives, their rank among
 the residents, total visits), reuse-distance history (the last gap between accesses and a running mean of gaps),
 the router score of the last access, the expert's layer and its distance ahead of the layer being computed (in
-a global pool the experts of the next layers are needed soonest), and the cache's size in decode steps of
-requests. Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
+a global pool the experts of the next layers are needed soonest), the cache's size in decode steps of
+requests, and the expert's visits within the current request (``Access.sequence``) with that request's length
+so far: a request's topic sets which experts are popular, so counts restarted at each request estimate it
+without the previous request's counts mixed in. Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
 counters are updated incrementally at each access; time is ``Access.time / (num_layers * top_k)`` steps.
 
 The network (one hidden ReLU layer, numpy only) has one output per horizon of :data:`HORIZONS_STEPS`: the
@@ -53,6 +55,8 @@ FEATURES = (
     "router score of the last access",
     "layer / num_layers",
     "log2(capacity / requests per step)",
+    "log2(1 + visits within the current sequence)",
+    "log2(tokens of the current sequence so far)",
 )
 NUM_FEATURES = len(FEATURES)
 # The network's outputs: log-odds of a next use within each of these horizons (decode steps).
@@ -156,15 +160,17 @@ class ExpertFeatures:
     """
 
     FIELDS = ("last_step", "layer", "visits", "decayed_0", "decayed_1", "decayed_2", "last_gap", "mean_gap",
-              "score", "next_use", "last_token", "version")
-    LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SCORE, NEXT_USE, LAST_TOKEN, VERSION = (
-        0, 1, 2, 3, 6, 7, 8, 9, 10, 11)
+              "sequence", "sequence_visits", "score", "next_use", "last_token", "version")
+    (LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SEQUENCE, SEQUENCE_VISITS, SCORE, NEXT_USE, LAST_TOKEN,
+     VERSION) = (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13)
+    NO_SEQUENCE = -1  # the sequence of accesses whose driver does not name one
 
     def __init__(self, num_layers: int, capacity_steps: float = 1.0):
         """``capacity_steps``: the cache's capacity in decode steps of requests (a feature of every row)."""
         self.num_layers = num_layers
         self.log_capacity_steps = float(np.log2(max(capacity_steps, 1e-3)))
-        self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap]
+        self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap, sequence, visits in it]
+        self.sequence_start: dict = {}  # sequence -> its first token seen
         self.slot_of: dict = {}
         self.keys: list = []
         self.free: list[int] = []
@@ -173,9 +179,12 @@ class ExpertFeatures:
     def observe(self, key, access, steps: float) -> None:
         """Count an access (hit or insertion) of a resident key at time ``steps``; ``access.step`` (else the
         whole steps) numbers the token."""
+        token = access.step if access.step is not None else int(steps)
+        sequence = self.NO_SEQUENCE if access.sequence is None else access.sequence
+        self.sequence_start.setdefault(sequence, token)
         record = self.history.get(key)
         if record is None:
-            record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0]
+            record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0, sequence, 1]
         else:
             gap = steps - record[0]
             record[0] = steps
@@ -184,11 +193,14 @@ class ExpertFeatures:
                 record[2 + i] = record[2 + i] * 2.0 ** (-gap / half_life) + 1.0
             record[5] = gap
             record[6] = gap if record[1] == 2 else record[6] + _GAP_SMOOTHING * (gap - record[6])
+            if record[7] == sequence:
+                record[8] += 1
+            else:
+                record[7], record[8] = sequence, 1
         slot = self.slot_of.get(key)
         if slot is None:
             slot = self._allocate(key)
         version = self.table[slot, self.VERSION] + 1
-        token = access.step if access.step is not None else int(steps)
         self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, token, version)
 
     def _allocate(self, key) -> int:
@@ -211,9 +223,11 @@ class ExpertFeatures:
     def resident_slots(self) -> np.ndarray:
         return np.fromiter(self.slot_of.values(), dtype=np.int64, count=len(self.slot_of))
 
-    def rows(self, slots: np.ndarray, now_steps: float, now_token: int, current_layer: int) -> np.ndarray:
+    def rows(self, slots: np.ndarray, now_steps: float, now_token: int, current_layer: int,
+             now_sequence=None) -> np.ndarray:
         """The feature rows (see :data:`FEATURES`) of the keys in ``slots`` at time ``now_steps``, during token
-        ``now_token`` at ``current_layer``; ranks are among these keys, so pass every resident."""
+        ``now_token`` of sequence ``now_sequence`` at ``current_layer``; ranks are among these keys, so pass
+        every resident."""
         c = self.table[slots].T
         age = np.maximum(now_steps - c[self.LAST_STEP], 0.0)
         decayed = c[self.DECAYED:self.DECAYED + 3] * np.exp2(-age / np.array(HALF_LIVES_STEPS)[:, None])
@@ -235,6 +249,10 @@ class ExpertFeatures:
         rows[:, 12] = c[self.SCORE]
         rows[:, 13] = c[self.LAYER] / self.num_layers
         rows[:, 14] = self.log_capacity_steps
+        sequence = self.NO_SEQUENCE if now_sequence is None else now_sequence
+        in_sequence = np.where(c[self.SEQUENCE] == sequence, c[self.SEQUENCE_VISITS], 0.0)
+        rows[:, 15] = np.log2(1.0 + in_sequence)
+        rows[:, 16] = np.log2(max(now_token - self.sequence_start.get(sequence, now_token), 0) + 1.0)
         return rows
 
 
@@ -327,7 +345,7 @@ class Learned(Policy):
         a new run of evictions."""
         features = self.features
         slots = features.resident_slots()
-        rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer)
+        rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer, access.sequence)
         log_odds = self.scorer(rows, self.horizon_steps)
         self._ranked = slots[np.argsort(-log_odds, kind="stable")]
         self._ranked_versions = features.table[self._ranked, features.VERSION]

@@ -68,7 +68,8 @@ class _Recorder(Policy):
             features = self.features
             slots = features.resident_slots()
             # Ranks need every resident.
-            rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer)
+            rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer,
+                                 access.sequence)
             pick = np.arange(len(slots))
             if len(slots) > self.max_candidates:
                 pick = self.rng.choice(len(slots), self.max_candidates, replace=False)
@@ -91,6 +92,7 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
     next_uses = np.where(following < 0, np.inf, following).tolist()
     scores = requests.scores.tolist() if requests.scores is not None else [0.0] * len(requests)
     steps = requests.steps.tolist()
+    sequences = requests.sequences.tolist() if requests.sequences is not None else [None] * len(requests)
     keys = requests.keys.tolist()
     rows, targets, groups = [], [], []
     decisions = 0
@@ -106,7 +108,7 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
         sample_rate = min(1.0, examples_per_run / (max_candidates * expected_decisions))
         cache = _recording_cache(requests, scope, capacity, (driver, driver_params), rng, sample_rate,
                                  max_candidates, sink)
-        _replay(cache, keys, steps, scores, next_uses, requests.num_experts)
+        _replay(cache, keys, steps, sequences, scores, next_uses, requests.num_experts)
         for decision_rows, decision_targets in sink:
             rows.append(decision_rows)
             targets.append(decision_targets)
@@ -131,12 +133,12 @@ def _recording_cache(requests, scope, capacity, driver, rng, sample_rate, max_ca
     return LayeredCache([recorded(capacity) for _ in range(requests.num_layers)], requests.num_experts)
 
 
-def _replay(cache, keys, steps, scores, next_uses, num_experts) -> None:
+def _replay(cache, keys, steps, sequences, scores, next_uses, num_experts) -> None:
     from tierflow.cache.base import Access
 
     access = Access(0, 0)
     for time, key in enumerate(keys):
-        access.key, access.time, access.step = key, time, steps[time]
+        access.key, access.time, access.step, access.sequence = key, time, steps[time], sequences[time]
         access.layer = access.current_layer = key // num_experts
         access.score, access.next_use = scores[time], next_uses[time]
         if not cache.lookup(key, access):
@@ -235,7 +237,9 @@ def _first_tokens(requests, tokens: int):
     """The accesses of a trace's first ``tokens`` tokens."""
     end = tokens * requests.num_layers * requests.top_k
     scores = requests.scores[:end] if requests.scores is not None else None
-    return attrs.evolve(requests, keys=requests.keys[:end], steps=requests.steps[:end], scores=scores)
+    sequences = requests.sequences[:end] if requests.sequences is not None else None
+    return attrs.evolve(requests, keys=requests.keys[:end], steps=requests.steps[:end], scores=scores,
+                        sequences=sequences)
 
 
 def _forget(path) -> None:

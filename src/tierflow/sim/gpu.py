@@ -309,6 +309,8 @@ class GpuStream:
         num_experts, gpus = self.workload.num_experts, len(memories)
         time = step.index * self.workload.num_layers + layer
         access.time, access.layer, access.current_layer, access.step = time, layer, layer, step.index
+        # A step that decodes one request serves that request; a batch serves several (no one sequence).
+        access.sequence = int(step.sequence_ids[0]) if len(step.sequence_ids) == 1 else None
         waits, used = [], []
         outcomes = ([], [], []) if self.tells_demand else None  # hits, in flight, misses
         base = layer * num_experts
@@ -363,6 +365,7 @@ class GpuStream:
         """Prefetch ``key`` for ``target_layer``, decided while ``layer`` of ``step`` (access ``time``) runs."""
         access = self._prefetch_access
         access.key, access.layer, access.time, access.current_layer, access.step = key, target_layer, time, layer, step
+        access.sequence = self._access.sequence  # decided while that request's layer runs
         access.next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
         memory.prefetch_now(key, access)
 

@@ -309,11 +309,14 @@ class _Carry:
 class RoutingModel:
     """A seeded instance of the routing model for one model shape; generates tokens chunk by chunk."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, params: SynthParams, seed: int):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, params: SynthParams, seed: int,
+                 record_states: bool = False):
+        """``record_states``: also yield each token's routing state at every layer (hidden variables, for
+        analyses that need what the generator knew; the routing is the same either way)."""
         if not 1 <= top_k <= num_experts:
             raise TierflowError(f"top_k {top_k} must be in [1, num_experts={num_experts}]")
         self.num_layers, self.num_experts, self.top_k, self.params = num_layers, num_experts, top_k, params
-        self.seed = seed
+        self.seed, self.record_states = seed, record_states
         # Separate streams for the model's tables, the sequences, and each block of tokens (see
         # route_block), so blocks can be generated in any order or in parallel with identical results.
         tables_rng = np.random.default_rng([seed, 0])
@@ -344,7 +347,8 @@ class RoutingModel:
         return _unit_rows(self.topic_centroids[topics] + scale * noise).astype(np.float32)
 
     def route_block(self, plan: _BlockPlan, block: int):
-        """Yield (experts, gate_scores, sequence_id, token_index) for one block, chunk by chunk."""
+        """Yield (experts, gate_scores, sequence_id, token_index) for one block, chunk by chunk, and the routing
+        states (n, L) as a fifth item when the model records them."""
         rng = np.random.default_rng([self.seed, 2, block])
         lo, hi = plan.token_range(block)
         carry = _Carry()
@@ -352,13 +356,19 @@ class RoutingModel:
             stop = min(start + _GEN_CHUNK_TOKENS, hi)
             seq = plan.sequence_of_token[start:stop]
             index = plan.token_index[start:stop]
-            experts, gates = self.generate_chunk(rng, plan.topics[seq], index == 0, carry)
-            yield experts, gates, seq, index
+            states = [] if self.record_states else None
+            experts, gates = self.generate_chunk(rng, plan.topics[seq], index == 0, carry, states)
+            if states is None:
+                yield experts, gates, seq, index
+            else:
+                yield experts, gates, seq, index, np.stack(states, axis=1)
 
-    def generate_chunk(self, rng, topic: np.ndarray, starts: np.ndarray, carry: _Carry):
+    def generate_chunk(self, rng, topic: np.ndarray, starts: np.ndarray, carry: _Carry,
+                       states_out: list | None = None):
         """Route one chunk of tokens. ``topic`` per token; ``starts`` marks each sequence's first token.
 
-        Returns (experts (n, L, k), gate_scores (n, L, k)) and updates ``carry``.
+        Returns (experts (n, L, k), gate_scores (n, L, k)) and updates ``carry``. If ``states_out`` is a list,
+        each layer's routing state per token (n,) is appended to it; no random draw depends on it.
         """
         p = self.params
         n, k = len(topic), self.top_k
@@ -376,6 +386,8 @@ class RoutingModel:
         chain_out = np.empty((self.num_layers, k), dtype=experts.dtype)
         for layer, tables in enumerate(self.layers):
             block = topic * p.num_states + state
+            if states_out is not None:
+                states_out.append(state.astype(np.int16))
             fresh = _draw_distinct(rng, tables, block, k)
             slot_fresh = np.empty((n + 1, k), dtype=bool)
             slot_fresh[0] = True
@@ -470,7 +482,7 @@ def _adopt(model: RoutingModel, plan: _BlockPlan) -> None:
 def _route_block_in_worker(block: int):
     model, plan = _FORKED
     parts = list(model.route_block(plan, block))
-    return tuple(np.concatenate([part[i] for part in parts]) for i in range(4))
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
 
 
 class _BlockRouter:
@@ -521,22 +533,27 @@ class _BlockRouter:
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params):
+def _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params, record_states=False):
     num_sequences = num_sequences or max(1, math.ceil(num_tokens / params.tokens_per_sequence))
-    model = RoutingModel(num_layers, num_experts, top_k, params, seed)
+    model = RoutingModel(num_layers, num_experts, top_k, params, seed, record_states)
     lengths, topics = model.sequences(num_tokens, num_sequences)
     return model, _BlockPlan.build(lengths, topics)
 
 
 def generate_arrays(num_layers, num_experts, top_k, num_tokens, *, num_sequences=None, seed=0,
-                    params: SynthParams | None = None, workers: int = 1):
+                    params: SynthParams | None = None, workers: int = 1, with_states: bool = False):
     """Generate a whole trace in memory. Returns a dict with experts, gate_scores, sequence_id, token_index,
-    topic (per sequence) and embedding (per sequence). For tests and calibration; files use :func:`generate`."""
+    topic (per sequence) and embedding (per sequence). For tests and calibration; files use :func:`generate`.
+
+    ``with_states`` adds ``state`` (tokens, layers): each token's latent routing state at each layer, the hidden
+    variable an analysis of what an online policy could infer needs (scripts/cache_ceiling.py). The routing
+    is identical with or without it."""
     params = params or ROUTING_PROFILES["fine_grained"]
-    model, plan = _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params)
+    model, plan = _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params, with_states)
     with _BlockRouter(model, plan, workers) as router:
         parts = list(router)
-    return {
+    extra = {"state": np.concatenate([c[4] for c in parts])} if with_states else {}
+    return {**extra,
         "experts": np.concatenate([c[0] for c in parts]),
         "gate_scores": np.concatenate([c[1] for c in parts]),
         "sequence_id": np.concatenate([c[2] for c in parts]),
