@@ -10,8 +10,6 @@ caps the rate too. Reads queue in the drive's submission queue, demand before pr
 
 from __future__ import annotations
 
-import math
-
 from tierflow.catalog.hardware import Link, MemoryTier
 from tierflow.sim.channel import Channel
 
@@ -37,12 +35,3 @@ class SsdChannel(Channel):
         super().__init__(calendar, name or ssd.name, sustained_read_bytes_per_s(ssd, link), ssd.read_latency_s,
                          chunk_bytes)
         self.ssd = ssd
-        self.requests = 0
-
-    def requests_for(self, size_bytes: int) -> int:
-        return math.ceil(size_bytes / (self.ssd.request_bytes or 128 * 1024))
-
-    def _finish(self, serial) -> None:
-        if serial == self._serial:  # a read done (counted once, however often it was preempted)
-            self.requests += self.requests_for(self._serving[0].size_bytes)
-        super()._finish(serial)
