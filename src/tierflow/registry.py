@@ -18,6 +18,23 @@ from tierflow.errors import TierflowError
 T = TypeVar("T")
 
 
+# Validators for plugin parameters (``attrs.field(validator=...)``); a failure becomes the one-line error of
+# ``Registry.params``.
+def positive(instance, attribute, value):
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def non_negative(instance, attribute, value):
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def fraction(instance, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
 @attrs.frozen
 class NoParams:
     """A plugin without parameters."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from tierflow.cache.base import POLICIES, Policy
 from tierflow.errors import TierflowError
+from tierflow.registry import non_negative
 
 HALF_LIVES_STEPS = (2.0, 16.0, 128.0)
 FEATURES = (
@@ -271,20 +272,15 @@ def steps_to_next_use(next_use: np.ndarray, now_time: float, accesses_per_step: 
 # ----------------------------------------------------------------------------------------------- the policy
 
 
-def _non_negative(instance, attribute, value):
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen
 class LearnedParams:
     weights: str = attrs.field(default="", validator=attrs.validators.instance_of(str),
                                metadata={"help": "weights file from `tierflow train-policy` (default: shipped)"})
-    horizon: float = attrs.field(default=0.0, converter=float, validator=_non_negative,
+    horizon: float = attrs.field(default=0.0, converter=float, validator=non_negative,
                                  metadata={"help": "decode steps within which a use is predicted; the least "
                                                    "likely expert is evicted (0: the capacity in steps of "
                                                    "requests, at least 2)"})
-    rerank_every: int = attrs.field(default=0, converter=int, validator=_non_negative,
+    rerank_every: int = attrs.field(default=0, converter=int, validator=non_negative,
                                     metadata={"help": "evictions between two rankings of all residents "
                                                       "(0: one per 64 residents)"})
 

@@ -14,16 +14,12 @@ import math
 import attrs
 
 from tierflow.cache.base import POLICIES, PriorityPolicy
-
-
-def _positive(instance, attribute, value):
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+from tierflow.registry import positive
 
 
 @attrs.frozen
 class LFUAgingParams:
-    half_life: float = attrs.field(default=64.0, converter=float, validator=_positive,
+    half_life: float = attrs.field(default=64.0, converter=float, validator=positive,
                                    metadata={"help": "decode steps after which an access counts half"})
     keep_history: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool),
                                      metadata={"help": "remember the scores of evicted experts"})

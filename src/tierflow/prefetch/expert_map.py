@@ -29,21 +29,7 @@ import numpy as np
 
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
 from tierflow.prefetch.training import load_training_split, row_weights
-
-
-def _positive(instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _non_negative(instance, attribute, value):
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
-def _unit(instance, attribute, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+from tierflow.registry import fraction, non_negative, positive
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -59,17 +45,17 @@ class ExpertMap(Prefetcher):
 
     @attrs.frozen
     class Params:
-        capacity: int = attrs.field(default=4096, validator=_positive,
+        capacity: int = attrs.field(default=4096, validator=positive,
                                     metadata={"help": "expert maps the store holds"})
-        neighbors: int = attrs.field(default=16, validator=_positive,
+        neighbors: int = attrs.field(default=16, validator=positive,
                                      metadata={"help": "best-matching maps that vote on the next layers"})
-        semantic_weight: float = attrs.field(default=1.0, converter=float, validator=_non_negative, metadata={
+        semantic_weight: float = attrs.field(default=1.0, converter=float, validator=non_negative, metadata={
             "help": "weight of the embedding match against the layers seen so far (0: trajectory only)"})
-        min_probability: float = attrs.field(default=0.3, converter=float, validator=_unit, metadata={
+        min_probability: float = attrs.field(default=0.3, converter=float, validator=fraction, metadata={
             "help": "propose experts the batch needs with at least this estimated probability"})
         train_trace: str = attrs.field(default="", metadata={
             "help": "trace file whose last train_tokens decode tokens fill the store first; empty: start empty"})
-        train_tokens: int = attrs.field(default=4096, validator=_positive,
+        train_tokens: int = attrs.field(default=4096, validator=positive,
                                         metadata={"help": "decode tokens of train_trace offered to the store"})
 
     def __init__(self, params=None, context=None):

@@ -14,11 +14,7 @@ import numpy as np
 
 from tierflow.errors import TierflowError
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
-
-
-def _fraction(instance, attribute, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+from tierflow.registry import fraction
 
 
 @PREFETCHERS.register
@@ -29,7 +25,7 @@ class Oracle(Prefetcher):
 
     @attrs.frozen
     class Params:
-        accuracy: float = attrs.field(default=1.0, converter=float, validator=_fraction,
+        accuracy: float = attrs.field(default=1.0, converter=float, validator=fraction,
                                       metadata={"help": "share of each layer's true experts proposed; the rest "
                                                         "are replaced by wrong ones"})
         seed: int = attrs.field(default=0, metadata={"help": "seed of the wrong guesses"})

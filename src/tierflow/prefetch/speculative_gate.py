@@ -28,16 +28,7 @@ import numpy as np
 
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
 from tierflow.prefetch.training import TrainingSplit, load_training_split, row_weights
-
-
-def _fraction(instance, attribute, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
-
-
-def _positive(instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+from tierflow.registry import fraction, positive
 
 
 def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, max_distance: int,
@@ -96,16 +87,16 @@ class SpeculativeGate(Prefetcher):
     class Params:
         train_trace: str = attrs.field(default="", metadata={
             "help": "trace file to fit on (its last train_tokens decode tokens); empty: the run's first steps"})
-        train_tokens: int = attrs.field(default=10_000, validator=_positive,
+        train_tokens: int = attrs.field(default=10_000, validator=positive,
                                         metadata={"help": "decode tokens of train_trace to fit on"})
-        train_fraction: float = attrs.field(default=0.25, converter=float, validator=_fraction, metadata={
+        train_fraction: float = attrs.field(default=0.25, converter=float, validator=fraction, metadata={
             "help": "without train_trace: share of the run's decode steps watched before fitting"})
-        ridge: float = attrs.field(default=10.0, converter=float, validator=_positive,
+        ridge: float = attrs.field(default=10.0, converter=float, validator=positive,
                                    metadata={"help": "ridge regularisation of the least-squares fit"})
-        min_probability: float = attrs.field(default=0.3, converter=float, validator=_fraction,
+        min_probability: float = attrs.field(default=0.3, converter=float, validator=fraction,
                                              metadata={"help": "propose experts the batch needs with at least "
                                                                "this predicted probability"})
-        history: int = attrs.field(default=1, validator=_positive, metadata={
+        history: int = attrs.field(default=1, validator=positive, metadata={
             "help": "layers of the token's routing the maps read: the current one and history - 1 before it"})
         use_recorded: bool = attrs.field(default=True, metadata={
             "help": "use a trace's recorded next-layer predictions when the steps carry them"})
