@@ -324,6 +324,13 @@ def replay_reference(requests: Requests, policy: str, capacity, scope: str = "gl
     """Hits of ``policy`` through the cache mechanism, one access at a time (every policy; the reference)."""
     cache = make_expert_cache(policy, scope, capacity, num_layers=requests.num_layers,
                               num_experts=requests.num_experts, top_k=requests.top_k, params=params)
+    drive(cache, requests)
+    return cache.stats.hits
+
+
+def drive(cache, requests: Requests) -> None:
+    """Every access of ``requests`` through ``cache`` in order, each miss admitted (size 1), nothing pinned; each
+    access carries what a policy may read: its time, token, sequence, layer, router score and next use."""
     num_experts = requests.num_experts
     following = next_use(requests.keys)
     next_uses = np.where(following < 0, NEVER, following).tolist()
@@ -338,7 +345,6 @@ def replay_reference(requests: Requests, policy: str, capacity, scope: str = "gl
         access.score, access.next_use = scores[time], next_uses[time]
         if not lookup(key, access):
             admit(key, 1, access)
-    return cache.stats.hits
 
 
 # Policies with a faster exact computation than the access-by-access reference (checked equal by tests).

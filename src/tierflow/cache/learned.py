@@ -9,8 +9,9 @@ the router score of the last access, the expert's layer and its distance ahead o
 a global pool the experts of the next layers are needed soonest), the cache's size in decode steps of
 requests, and the expert's visits within the current request (``Access.sequence``) with that request's length
 so far: a request's topic sets which experts are popular, so counts restarted at each request estimate it
-without the previous request's counts mixed in. Per-key history is kept after eviction, so a returning expert brings its frequency with it. The
-counters are updated incrementally at each access; time is ``Access.time / (num_layers * top_k)`` steps.
+without the previous request's counts mixed in. Per-key history is kept after eviction, so a returning expert
+brings its frequency with it. The counters are updated incrementally at each access; time is ``Access.time /
+(num_layers * top_k)`` steps.
 
 The network (one hidden ReLU layer, numpy only) has one output per horizon of :data:`HORIZONS_STEPS`: the
 log-odds that the expert is used again within that many decode steps, a survival curve of its time to next use.

@@ -85,15 +85,9 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
                      drivers: Sequence[tuple[str, dict | None]] = (("lru", None),)):
     """(features, steps to next use, decision) from eviction decisions on one trace's requests, over
     capacities, scopes and driving policies: one row per candidate, ``decision`` numbering its decision."""
-    from tierflow.replay import next_use
+    from tierflow.replay import drive
 
     rng = np.random.default_rng(seed)
-    following = next_use(requests.keys)
-    next_uses = np.where(following < 0, np.inf, following).tolist()
-    scores = requests.scores.tolist() if requests.scores is not None else [0.0] * len(requests)
-    steps = requests.steps.tolist()
-    sequences = requests.sequences.tolist() if requests.sequences is not None else [None] * len(requests)
-    keys = requests.keys.tolist()
     rows, targets, groups = [], [], []
     decisions = 0
     runs = [(scope, fraction, driver) for driver in drivers for scope in scopes for fraction in capacity_fractions]
@@ -108,7 +102,7 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
         sample_rate = min(1.0, examples_per_run / (max_candidates * expected_decisions))
         cache = _recording_cache(requests, scope, capacity, (driver, driver_params), rng, sample_rate,
                                  max_candidates, sink)
-        _replay(cache, keys, steps, sequences, scores, next_uses, requests.num_experts)
+        drive(cache, requests)
         for decision_rows, decision_targets in sink:
             rows.append(decision_rows)
             targets.append(decision_targets)
@@ -131,18 +125,6 @@ def _recording_cache(requests, scope, capacity, driver, rng, sample_rate, max_ca
     if scope == "global":
         return recorded(capacity)
     return LayeredCache([recorded(capacity) for _ in range(requests.num_layers)], requests.num_experts)
-
-
-def _replay(cache, keys, steps, sequences, scores, next_uses, num_experts) -> None:
-    from tierflow.cache.base import Access
-
-    access = Access(0, 0)
-    for time, key in enumerate(keys):
-        access.key, access.time, access.step, access.sequence = key, time, steps[time], sequences[time]
-        access.layer = access.current_layer = key // num_experts
-        access.score, access.next_use = scores[time], next_uses[time]
-        if not cache.lookup(key, access):
-            cache.admit(key, 1, access)
 
 
 @attrs.frozen
