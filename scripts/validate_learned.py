@@ -4,7 +4,7 @@
 
 Three synthetic traces that neither training (scripts/train_default_policy.py) nor the results table
 (scripts/cache_policy_table.py) uses: DeepSeek-R1 (400 tokens, seed 31), Mixtral-8x7B (3,000 tokens, seed 32),
-Qwen3-30B-A3B (600 tokens, seed 33), at 10%, 25% and 50% of the pool in both scopes (16 cells: Mixtral
+Qwen3-30B-A3B (600 tokens, seed 33), at 10%, 25% and 50% of the pool in both scopes (17 cells: Mixtral
 per-layer 10% is below top-k). Prints per cell the hit rates of LRU, the learned policy and Belady, and the
 learned policy's share of LRU's gap to Belady; then the mean share, the worst cell and the cells below LRU.
 """
