@@ -289,7 +289,7 @@ class TierCache:
                 raise CacheFullError(
                     f"{self.name}: no room for {key!r}: all {len(self.sizes)} resident objects are pinned"
                 )
-            self.evict(victim)
+            self._evict(victim)
             evicted.append(victim)
         self.sizes[key] = size_bytes
         self.used_bytes += size_bytes
@@ -303,7 +303,12 @@ class TierCache:
             raise ValueError(f"{self.name}: {key!r} is not resident")
         if key in self.pins:
             raise ValueError(f"{self.name}: {key!r} is pinned and cannot be evicted")
-        self._remove(key)
+        self._evict(key)
+
+    def _evict(self, key) -> None:
+        """Evict a key known to be resident and unpinned."""
+        self.used_bytes -= self.sizes.pop(key)
+        self.policy.on_remove(key)
         self.stats.evictions += 1
         for listener in self.eviction_listeners:
             listener(key)
@@ -318,14 +323,16 @@ class TierCache:
         self.used_bytes -= self.sizes.pop(key)
         self.policy.on_remove(key)
 
-    def pin(self, key) -> None:
-        """Protect a resident key from eviction; pins nest and each needs an ``unpin``."""
+    def pin(self, key, times: int = 1) -> None:
+        """Protect a resident key from eviction (``times`` pins at once, at least one); pins nest and each
+        needs an ``unpin``."""
         count = self.pins.get(key, 0)
         if not count:
-            if key not in self.sizes:
+            size = self.sizes.get(key)
+            if size is None:
                 raise ValueError(f"{self.name}: cannot pin {key!r}: not resident")
-            self.pinned_bytes += self.sizes[key]
-        self.pins[key] = count + 1
+            self.pinned_bytes += size
+        self.pins[key] = count + times
 
     def unpin(self, key) -> None:
         count = self.pins.get(key, 0)

@@ -71,8 +71,8 @@ class LayeredCache:
     def discard(self, key) -> None:
         self.cache_of(key).discard(key)
 
-    def pin(self, key) -> None:
-        self.cache_of(key).pin(key)
+    def pin(self, key, times: int = 1) -> None:
+        self.cache_of(key).pin(key, times)
 
     def unpin(self, key) -> None:
         self.cache_of(key).unpin(key)

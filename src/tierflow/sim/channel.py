@@ -67,28 +67,28 @@ class Channel:
             self._times_by_size[size_bytes] = times
         return times
 
-    def service_time(self, transfer, now: float) -> float:
-        """How long this channel is busy with ``transfer`` if it starts now."""
+    def service_time(self, transfer) -> tuple[float, float]:
+        """(time busy with ``transfer`` if it starts now, time until its first chunk is through; 0 for a
+        transfer resuming after a preemption, whose first chunk went through before)."""
         if transfer.hop_bytes != transfer.size_bytes:  # resuming after a preemption: the rest, no overlap credit
-            return self.transfer_time(transfer.hop_bytes)
-        full, last_chunk = self._times(transfer.size_bytes)
-        if transfer.upstream_done_at is None:
-            return full
+            return self.transfer_time(transfer.hop_bytes), 0.0
+        full, first_chunk = self._times(transfer.size_bytes)
+        upstream_done_at = transfer.upstream_done_at
+        if upstream_done_at is None:
+            return full, first_chunk
         # Bytes this channel could have moved while upstream was still producing them, had it been idle.
-        overlap = transfer.upstream_done_at - max(self._idle_since, transfer.data_ready_at)
+        idle_since, ready = self._idle_since, transfer.data_ready_at
+        overlap = upstream_done_at - (idle_since if idle_since > ready else ready)
         if overlap <= 0:
-            return full
-        return max(last_chunk, full - overlap)
+            return full, first_chunk
+        duration = full - overlap
+        return (duration if duration > first_chunk else first_chunk), first_chunk
 
     def _start(self, transfer) -> None:
         self._busy = True
         now = self.calendar.now
-        duration = self.service_time(transfer, now)
-        if transfer.hop_bytes == transfer.size_bytes:
-            first_chunk_s = self._times(transfer.size_bytes)[1]
-            first_chunk_at = now + (first_chunk_s if first_chunk_s < duration else duration)
-        else:  # resumed: its first chunk went through before the preemption
-            first_chunk_at = transfer.first_chunk_at
+        duration, first_chunk_s = self.service_time(transfer)
+        first_chunk_at = now + first_chunk_s if transfer.hop_bytes == transfer.size_bytes else transfer.first_chunk_at
         self._serving = transfer, duration, first_chunk_at, now
         self._serial += 1
         self._yield_chunks = None

@@ -93,8 +93,7 @@ class ExpertMemory:
             return transfer
         self.demand_misses += 1
         self._admit(key, access)
-        hbm.pin(key)  # used by this layer
-        hbm.pin(key)  # in flight
+        hbm.pin(key, 2)  # used by this layer, and in flight
         return self._fetch(key, access, DEMAND, into_hbm=True)
 
     def _admit(self, key: int, access: Access) -> None:
