@@ -1,7 +1,10 @@
 """Atomic outputs: write beside the destination under a temporary name, then rename over it.
 
 A reader never sees a half-written file, and an interrupted run leaves the previous file (or none) behind.
-Published files get the ordinary permissions (0666 less the umask), not the 0600 of a temporary file.
+Published files get the ordinary permissions (0666 less the umask), not the 0600 of a temporary file. Missing
+folders on the way are created; a destination that cannot be written (a read-only folder, a path through a
+file) is an :class:`OutputError`, before anything is written: commands that compute for long call
+:func:`check_writable` before they start.
 """
 
 from __future__ import annotations
@@ -12,22 +15,59 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tierflow.errors import TierflowError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class OutputError(TierflowError):
+    """An output that cannot be written where the user asked."""
+
+    def __init__(self, path, error: OSError):
+        if isinstance(error, FileExistsError):  # a folder on the way is a file
+            error = NotADirectoryError(20, f"{error.filename} is a file, not a folder")
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+
+def output_dir(path) -> Path:
+    """``path`` as a folder for outputs, created if needed."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(path, error) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(path, PermissionError(13, "Permission denied"))
+    return path
+
+
 def new_temporary(path: Path) -> Path:
     """An empty temporary file in ``path``'s folder (created if needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(path, IsADirectoryError(21, "Is a directory"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OutputError(path, error) from None
     os.close(fd)
     return Path(tmp)
+
+
+def check_writable(path) -> None:
+    """Fail now, not after a long computation, if ``path`` could not be written."""
+    discard(new_temporary(Path(path)))
 
 
 def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` ordinary permissions and rename it over ``path``."""
     os.chmod(tmp, 0o666 & ~_UMASK)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as error:
+        discard(tmp)
+        raise OutputError(path, error) from None
 
 
 def discard(tmp: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from tierflow.atomic import check_writable
 from tierflow.errors import TierflowError
 
 
@@ -155,13 +156,17 @@ def plugins(as_json):
               help="Sampling rounds: each after the first is driven by the learned policy of the round before.")
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Hidden units.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and inputs, same weights.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Same seed and inputs, same weights.")
 def train_policy(traces, out, tokens, fractions, driver, rounds, epochs, hidden, seed):
     """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
     from tierflow.cache import POLICIES, training
     from tierflow.replay import read_requests
 
     POLICIES.get(driver)
+    if out.suffix != ".npz":
+        raise TierflowError(f"--out {out}: a weights file is named *.npz")
+    check_writable(out)
     try:
         capacity_fractions = [float(f) for f in fractions.split(",")]
     except ValueError:

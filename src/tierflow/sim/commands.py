@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from tierflow.atomic import check_writable
 from tierflow.config import load_scenario
 from tierflow.metrics import format_table, write_results_h5
 
@@ -39,6 +40,8 @@ def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
 def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     """Simulate MoE decode over GPU HBM, host DDR and NVMe SSD for one scenario."""
     scenario = load_scenario(scenario_name, overrides)
+    if out is not None:
+        check_writable(out)
     results = run_with_progress(scenario, str(trace) if trace else None, quiet)
     if out is not None:
         write_results_h5(results, out)
