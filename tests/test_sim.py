@@ -13,6 +13,7 @@ from conftest import scenario_with, assert_one_line_error, run_cli
 from tierflow.cache import Access, TierCache, make_policy
 from tierflow.catalog import get_model, get_profile
 from tierflow.config import load_scenario
+from tierflow import metrics
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
 from tierflow.sim.calendar import Calendar, timeout_towards
@@ -74,6 +75,35 @@ def test_with_a_cache_misses_match_an_independent_replay_and_bytes_follow():
     assert results.summary["bytes_moved"] == {"ddr->hbm": misses * sim.spec.expert_bytes}
     requests = sum(len(e) for step in sim.workload.steps for e in step.experts)
     assert results.summary["hit_rate"]["hbm"] == pytest.approx(1 - misses / requests)
+
+
+def test_layer_lookups_add_up_and_match_the_caches_hit_rate():
+    sim, results = run(small(**{"cache.capacity_experts": 100, "prefetch.policy": "previous_token"}))
+    layers = results.layers
+    requests = [sum(len(step.experts[layer]) for step in sim.workload.steps) for layer in range(sim.workload.num_layers)]
+    np.testing.assert_array_equal(layers["hits"] + layers["in_flight"] + layers["misses"], requests)
+    assert layers["hits"].sum() == results.step_hits.sum() and layers["misses"].sum() == results.step_misses.sum()
+    assert layers["in_flight"].sum() > 0  # prefetches still on their way when their layer looked
+    rates = metrics.layer_hit_rates(layers)
+    assert float(np.average(rates, weights=requests)) == pytest.approx(results.summary["hit_rate"]["hbm"])
+
+
+def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
+    """Without prefetching every SSD read is a whole expert at the drive's sustained rate (a drive has no
+    upstream hop to overlap with): busy time = reads x (latency + expert bytes / rate)."""
+    sim, results = run(small(**{"placement": "ssd", "cache.capacity_experts": 100}))
+    expert, ssd = sim.spec.expert_bytes, sim.hardware.ssd
+    rate = sustained_read_bytes_per_s(ssd, sim.hardware.ssd_link)
+    drives = [c for c in results.channels if c["name"].startswith(ssd.name)]
+    links = [c for c in results.channels if c["name"].startswith(sim.hardware.host_link.name)]
+    assert len(drives) == len(links) == sim.plan.gpus
+    assert sum(c["bytes"] for c in drives) == sum(c["bytes"] for c in links) == results.summary["bytes_moved"]["ssd->hbm"]
+    for drive in drives:
+        reads = drive["bytes"] // expert
+        assert drive["busy_s"] == pytest.approx(reads * (ssd.read_latency_s + expert / rate), rel=1e-9)
+        assert 0 < drive["busy_share"] <= 1 and drive["preemptions"] == 0
+    text = metrics.format_table(results.summary, results)
+    assert "hit rate by layer" in text and f"{ssd.name} " in text
 
 
 def test_stall_is_the_wait_beyond_compute():
@@ -350,6 +380,8 @@ def test_simulate_json_has_exactly_the_documented_keys(tmp_path):
     with h5py.File(out) as f:
         assert json.loads(f.attrs["summary_json"]) == summary
         assert len(f["steps/latency_s"]) == 3
+        assert f["layers/misses"][:].sum() == f["steps/misses"][:].sum()
+        assert len(f["channels/name"]) == len(f["channels/busy_s"]) == 2 * 8  # a drive and a link per GPU
     assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
 
 

@@ -25,6 +25,10 @@ class Results:
     step_hits: np.ndarray
     step_misses: np.ndarray
     scenario_table: dict
+    # Per MoE layer, demand lookups summed over GPUs: {"hits", "in_flight", "misses"} -> (layers,) arrays.
+    layers: dict | None = None
+    # Per link or drive: {"name", "busy_s", "busy_share", "bytes", "preemptions"} (see channel_figures).
+    channels: list | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -77,7 +81,26 @@ def collect_results(sim) -> Results:
         step_hits=np.array([r.hits for r in records]),
         step_misses=np.array([r.misses for r in records]),
         scenario_table=scenario_to_table(sim.scenario),
+        layers=None if sim.scenario.placement == "hbm" else {
+            name: np.sum([getattr(m, f"{name}_by_layer") for m in memories], axis=0, dtype=np.int64)
+            for name in ("hits", "in_flight", "misses")},
+        channels=channel_figures(sim.channels, max(elapsed, sim.calendar.now)),
     )
+
+
+def channel_figures(channels, horizon_s: float) -> list[dict]:
+    """Each link's or drive's busy time, its share of the run (until the last transfer landed, which may be
+    after the last token), the bytes it carried and how often a demand miss took it over from a prefetch."""
+    return [{"name": c.name, "busy_s": c.busy_s, "busy_share": c.busy_s / horizon_s if horizon_s > 0 else 0.0,
+             "bytes": c.bytes_carried, "preemptions": c.preemptions} for c in channels]
+
+
+def layer_hit_rates(layers: dict) -> np.ndarray:
+    """Each layer's share of demand lookups that found the expert resident or on its way (as the cache counts
+    a hit); NaN for a layer never looked up."""
+    lookups = layers["hits"] + layers["in_flight"] + layers["misses"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (layers["hits"] + layers["in_flight"]) / lookups
 
 
 def _prefetch_figures(sim, tokens: int) -> dict:
@@ -116,8 +139,9 @@ def _hit_rate(caches) -> float | None:
     return hits / requests if requests else None
 
 
-def format_table(summary: dict) -> str:
-    """A readable summary of :attr:`Results.summary`."""
+def format_table(summary: dict, results: Results | None = None) -> str:
+    """A readable summary of :attr:`Results.summary`, with the layers' spread of hit rates and the busiest
+    kinds of channel when ``results`` are given."""
     s = summary
     lat = s["latency_s_per_token"]
     rate = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
@@ -132,7 +156,23 @@ def format_table(summary: dict) -> str:
         "prefetch          " + _prefetch_line(s["prefetch"]),
         f"peak HBM          {s['peak_hbm_bytes'] / 1e9:.2f} GB per GPU",
     ]
+    if results is not None and results.layers is not None:
+        rates = layer_hit_rates(results.layers)
+        if not np.isnan(rates).all():
+            low, high = int(np.nanargmin(rates)), int(np.nanargmax(rates))
+            lines.insert(5, f"hit rate by layer lowest {100 * rates[low]:.1f}% (MoE layer {low})   highest "
+                            f"{100 * rates[high]:.1f}% (MoE layer {high})")
+    if results is not None and results.channels and any(c["bytes"] for c in results.channels):
+        lines.append("busy              " + _busy_line(results.channels))
     return "\n".join(lines)
+
+
+def _busy_line(channels: list[dict]) -> str:
+    """Busy share by kind of channel (the name without its GPU number): mean over the GPUs, and the busiest."""
+    kinds: dict[str, list[float]] = {}
+    for channel in channels:
+        kinds.setdefault(channel["name"].split(" #")[0], []).append(channel["busy_share"])
+    return "   ".join(f"{kind} {100 * sum(v) / len(v):.1f}% (max {100 * max(v):.1f}%)" for kind, v in kinds.items())
 
 
 def _prefetch_line(p: dict) -> str:
@@ -144,7 +184,8 @@ def _prefetch_line(p: dict) -> str:
 
 
 def write_results_h5(results: Results, path) -> None:
-    """The summary (as JSON and as attributes) and the per-step series, written atomically."""
+    """The summary (as JSON and as attributes), the per-step series and, when known, per-layer lookups and
+    per-channel figures, written atomically."""
 
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
@@ -155,5 +196,14 @@ def write_results_h5(results: Results, path) -> None:
             steps["stall_s"] = results.step_stall_s
             steps["hits"] = results.step_hits
             steps["misses"] = results.step_misses
+            if results.layers is not None:
+                layers = f.create_group("layers")
+                for name, counts in results.layers.items():
+                    layers[name] = counts
+            if results.channels:
+                channels = f.create_group("channels")
+                channels["name"] = [c["name"] for c in results.channels]
+                for field in ("busy_s", "busy_share", "bytes", "preemptions"):
+                    channels[field] = np.array([c[field] for c in results.channels])
 
     atomic_write(path, write)

@@ -50,4 +50,4 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
 
         echo_json(results.summary)
     else:
-        click.echo(format_table(results.summary))
+        click.echo(format_table(results.summary, results))

@@ -269,7 +269,8 @@ class Simulation:
             for channel in path.hops:
                 channel.preemptive = scenario.prefetch.preempt
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
-                            reserve_bytes=plan.working_set_experts * plan.expert_bytes)
+                            reserve_bytes=plan.working_set_experts * plan.expert_bytes,
+                            num_layers=self.workload.num_layers)
 
     def _prefetcher(self):
         prefetch = self.scenario.prefetch
@@ -281,6 +282,16 @@ class Simulation:
     def _prefetch_context(self) -> PrefetchContext:
         w, p = self.workload, self.scenario.prefetch
         return PrefetchContext(w.num_layers, w.num_experts, w.top_k, p.lookahead, p.budget_experts, w)
+
+    @property
+    def channels(self) -> list:
+        """Every link and drive of the data paths, once each, GPU by GPU."""
+        seen = {}
+        for memory in self.memories:
+            for path in memory.paths.values():
+                for channel in path.hops:
+                    seen.setdefault(id(channel), channel)
+        return list(seen.values())
 
     def run(self) -> Results:
         self.env.run(until=self.stream.process)

@@ -42,7 +42,7 @@ class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
     def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
-                 placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0):
+                 placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0, num_layers: int = 1):
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
@@ -59,6 +59,10 @@ class ExpertMemory:
         self._unused_prefetch: dict[int, Transfer] = {}  # prefetched keys not yet used by a layer
         self.demand_misses = 0
         self.demand_hits = 0
+        # Per MoE layer, the demand lookups that found the expert resident, on its way, or missing.
+        self.hits_by_layer = [0] * num_layers
+        self.in_flight_by_layer = [0] * num_layers
+        self.misses_by_layer = [0] * num_layers
         self.peak_cache_bytes = 0
         self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
         # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
@@ -80,6 +84,7 @@ class ExpertMemory:
             if self.all_resident:  # every expert lives in HBM: nothing to look up, nothing moves
                 return None
             self.demand_misses += 1  # no cache: stream every expert from its tier, every time
+            self.misses_by_layer[access.layer] += 1
             return self._fetch(key, access, DEMAND, into_hbm=False)
         if hbm.lookup(key, access):
             hbm.pin(key)
@@ -90,8 +95,12 @@ class ExpertMemory:
                     self.prefetch.late += 1
             if transfer is None:
                 self.demand_hits += 1
+                self.hits_by_layer[access.layer] += 1
+            else:
+                self.in_flight_by_layer[access.layer] += 1
             return transfer
         self.demand_misses += 1
+        self.misses_by_layer[access.layer] += 1
         self._admit(key, access)
         hbm.pin(key, 2)  # used by this layer, and in flight
         return self._fetch(key, access, DEMAND, into_hbm=True)
