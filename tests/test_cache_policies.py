@@ -322,3 +322,35 @@ def test_bad_scope_and_budgets_are_errors():
         make_expert_cache("lru", "layer", 3, num_layers=2, num_experts=10)
     with pytest.raises(TierflowError, match="got 3 for 2 layers"):
         make_expert_cache("lru", "per-layer", [1, 2, 3], num_layers=2, num_experts=10)
+
+
+@pytest.mark.parametrize("policy, params, message", [
+    ("lfu_aging", {"keep_history": "maybe"}, "cache policy 'lfu_aging': keep_history must be true or false, got 'maybe'"),
+    ("finemoe", {"smoothing": True}, "cache policy 'finemoe': smoothing must be a number, got True"),
+    ("learned", {"rerank_every": 1.5}, "cache policy 'learned': rerank_every must be an integer, got 1.5"),
+    ("learned", {"weights": 5}, "cache policy 'learned': weights must be a string, got 5"),
+    ("lfu_aging", {"half_life": float("inf")}, "cache policy 'lfu_aging': half_life must be a finite number, got inf"),
+])
+def test_plugin_parameters_of_the_wrong_type_are_one_readable_line(policy, params, message):
+    with pytest.raises(TierflowError) as caught:
+        POLICIES.params(policy, params)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert "Attribute(" not in str(caught.value)
+
+
+def test_plugin_parameters_of_the_right_type_still_build():
+    assert POLICIES.params("learned", {"rerank_every": 2.0}).rerank_every == 2
+    assert POLICIES.params("finemoe", {"smoothing": 1}).smoothing == 1.0
+    assert POLICIES.params("lfu_aging", {"keep_history": False}).keep_history is False
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("transition", {"min_observations": -1}, "min_observations must be >= 0"),
+    ("oracle", {"seed": -1}, "seed must be >= 0"),
+    ("oracle", {"accuracy": float("nan")}, "accuracy must be a finite number"),
+])
+def test_prefetcher_parameters_out_of_range_are_errors(name, params, message):
+    from tierflow.prefetch import PREFETCHERS
+
+    with pytest.raises(TierflowError, match=message):
+        PREFETCHERS.params(name, params)

@@ -278,3 +278,13 @@ def test_catalog_tables_list_every_row(catalog_cli, command):
     assert result.exit_code == 0, result.output
     names = model_names() if command == "models" else profile_names()
     assert all(name in result.stdout for name in names)
+
+
+@pytest.mark.parametrize("args", [(), ("trace",), ("catalog",)])
+def test_a_group_without_a_subcommand_prints_its_help(args):
+    from conftest import run_cli
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: tierflow {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND")
+    assert "Commands:" in result.stdout and result.stderr == ""

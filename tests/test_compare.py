@@ -99,3 +99,17 @@ def test_the_command_line_runs_compare_once_it_is_wired(scenarios):
         pytest.skip("`compare` is not registered in tierflow/cli.py yet")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["scenarios"][0]["scenario"] == "plain"
+
+
+def test_every_scenario_is_checked_before_any_runs_and_errors_name_it(scenarios, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr("tierflow.sim.commands.run_with_progress", lambda *a, **k: ran.append(a) or None)
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(SMALL_TOML.replace("capacity_experts = 100", "capacity_experts = 1"))
+    with pytest.raises(TierflowError, match=f"scenario {tiny}: .*working set"):
+        invoke("--scenario", scenarios[0], "--scenario", str(tiny), "--quiet")
+    with pytest.raises(TierflowError, match="scenario no_such_scenario: unknown scenario"):
+        invoke("--scenario", scenarios[0], "--scenario", "no_such_scenario", "--quiet")
+    with pytest.raises(TierflowError, match="must be a finite number"):
+        invoke("--scenario", scenarios[0], "--set", "energy.gpu_static_w=inf", "--json", "--quiet")
+    assert ran == []

@@ -217,3 +217,25 @@ def test_an_interrupted_run_resumes_from_the_saved_cells(tmp_path, monkeypatch):
     resumed = paper.run_cells(cells, workers=1, cache_dir=tmp_path)
     assert calls == cells[3:]  # only the unfinished cells ran again
     assert resumed == paper.run_cells(cells, workers=1)  # and the table is the same as a run from scratch
+
+
+def test_a_corrupt_saved_cell_is_run_again(tmp_path, monkeypatch):
+    cells = paper.paper_cells()[:3]
+    calls = []
+    monkeypatch.setattr(paper, "run_cell", lambda cell: calls.append(cell) or {"model": cell.model, "total_j": 1.0})
+    rows = paper.run_cells(cells, workers=1, cache_dir=tmp_path)
+    assert calls == cells
+    broken = tmp_path / f"{paper.cell_id(cells[1])}.json"
+    broken.write_text('{"model": "half')
+    (tmp_path / f"{paper.cell_id(cells[2])}.json").write_text("[1, 2]")
+    calls.clear()
+    assert paper.run_cells(cells, workers=1, cache_dir=tmp_path) == rows
+    assert calls == cells[1:]
+    assert paper.load_cached_row(broken) == rows[1]
+
+
+def test_paper_json_is_valid_json_even_with_non_finite_figures():
+    from tierflow.paper_commands import finite_or_null
+
+    text = json.dumps(finite_or_null({"a": {"b": float("nan"), "c": [float("inf"), 1.5]}}), allow_nan=False)
+    assert json.loads(text) == {"a": {"b": None, "c": [None, 1.5]}}

@@ -18,6 +18,15 @@ pytest.importorskip("matplotlib")
 EXPECTED_PIXELS = (round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI))
 
 
+def failing_sweep(capacities):
+    """A sweep over capacity whose last point fails at run time (its prefetcher's training trace is missing)."""
+    n = len(capacities)
+    return small_sweep(grid={}, zips=[{
+        "cache.capacity_experts": capacities,
+        "prefetch.policy": ["none"] * (n - 1) + ["expert_map"],
+        "prefetch.params": [{}] * (n - 1) + [{"train_trace": "/nonexistent/train.h5"}]}])
+
+
 def png_size(path) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk; fails unless the file is a PNG."""
     data = path.read_bytes()
@@ -33,7 +42,7 @@ def swept(tmp_path_factory):
     document = small_sweep(grid={"placement": ["ddr", "ssd"], "workload.batch_size": [1, 2],
                                  "cache.capacity_experts": [64, 160]}, seed=1)
     run_sweep(parse_sweep(document), out, workers=2)
-    run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [10**6]})), out / "failing", workers=1)
+    run_sweep(parse_sweep(failing_sweep([64])), out / "failing", workers=1)
     return out
 
 
@@ -67,12 +76,12 @@ def test_hit_rate_curves_only_when_capacity_varies(swept, tmp_path):
 
 
 def test_failed_points_are_listed_and_a_sweep_without_results_is_an_error(swept, tmp_path):
-    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 10**6]}))
+    sweep = parse_sweep(failing_sweep([64, 96]))
     run_sweep(sweep, tmp_path / "sweep", workers=1)
     build_report(tmp_path / "sweep", tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "2 points: 1 ok, 1 failed" in text
-    assert f"| `{sweep.points[1].point_id}` | capacity 1000000 | cache of 1000000 experts per GPU needs" in text
+    assert f"| `{sweep.points[1].point_id}` | capacity 96, " in text and "/nonexistent/train.h5" in text
     with pytest.raises(TierflowError, match="no point finished without error"):
         build_report(swept / "failing", tmp_path / "none")
 
@@ -89,3 +98,21 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both():
     stall = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
     energy = np.array([5.0, 3.0, 1.0, 6.0, 0.5])
     assert pareto_front(stall, energy) == [0, 1, 2, 4]
+
+
+def test_garbage_results_or_point_files_are_one_error_naming_the_file(swept, tmp_path):
+    import shutil
+
+    table_broken = tmp_path / "table"
+    shutil.copytree(swept, table_broken, ignore=shutil.ignore_patterns("failing"))
+    (table_broken / "results.h5").write_bytes(b"not hdf5 at all")
+    assert_one_line_error(run_tierflow("report", table_broken, "--out", tmp_path / "r1"),
+                          str(table_broken / "results.h5"), "not a readable results table")
+    point_broken = tmp_path / "point"
+    shutil.copytree(swept, point_broken, ignore=shutil.ignore_patterns("failing"))
+    victim = sorted((point_broken / "points").glob("*.h5"))[0]
+    victim.write_bytes(b"garbage")
+    assert_one_line_error(run_tierflow("report", point_broken, "--out", tmp_path / "r2"),
+                          str(victim), "redoes the point")
+    (point_broken / "sweep.json").write_text("{not json")
+    assert_one_line_error(run_tierflow("report", point_broken, "--out", tmp_path / "r3"), "sweep.json")

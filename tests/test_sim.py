@@ -403,6 +403,15 @@ BAD_SCENARIOS = {
     "too big": (["--set", "cache.capacity_experts=99999"], "HBM is free"),
     "too small": (["--set", "cache.capacity_experts=8"], "working set"),
     "unknown scenario": (["--scenario", "nope"], "ssd_prefetch"),
+    "nan energy": (["--set", "energy.hbm_read_pj_per_bit=nan", "--json"], "must be a finite number, got nan"),
+    "inf energy": (["--set", "energy.gpu_static_w=inf"], "must be a finite number, got inf"),
+    "nan plugin parameter": (["--set", "prefetch.params.accuracy=nan"], "prefetch.params.accuracy"),
+    "negative seed": (["--set", "seed=-1"], "seed must be >= 0"),
+    "negative prefetcher seed": (["--set", "prefetch.policy=oracle", "--set", "prefetch.params.seed=-1"],
+                                 "prefetcher 'oracle': seed must be >= 0"),
+    "too many sequences": (["--set", "workload.synthetic_sequences=1000000000"],
+                           "workload.synthetic_sequences = 1000000000 exceeds"),
+    "directory": (["--scenario", "."], "is a directory"),
 }
 
 

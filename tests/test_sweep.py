@@ -226,13 +226,16 @@ def test_an_interrupted_parallel_run_keeps_what_finished(serial_run, tmp_path):
 
 
 def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path):
-    # 100000 experts cannot fit in HBM: that point fails when it plans capacity, at run time.
-    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 100000, 128]}))
+    # A prefetcher whose training trace is missing fails when it is built, at run time.
+    sweep = parse_sweep(small_sweep(grid={}, zips=[{
+        "cache.capacity_experts": [64, 96, 128],
+        "prefetch.policy": ["none", "expert_map", "none"],
+        "prefetch.params": [{}, {"train_trace": str(tmp_path / "missing.h5")}, {}]}]))
     outcome = run_sweep(sweep, tmp_path, workers=2)
     assert (outcome.ran, outcome.errors) == (3, 1)
     table = read_table(tmp_path / "results.h5")
     assert list(table["status"]) == ["ok", "error", "ok"]
-    assert "needs" in table["error"][1] and "HBM" in table["error"][1] and "\n" not in table["error"][1]
+    assert "missing.h5" in table["error"][1] and "\n" not in table["error"][1]
     assert list(table["error"][[0, 2]]) == ["", ""]
     assert (table["energy_j_per_token.total"][[0, 2]] > 0).all()
     import numpy as np
@@ -266,3 +269,53 @@ placement = ["ddr", "ssd"]
     assert "2 finished before, 0 run now" in again.stdout and again.stderr == ""
     assert_one_line_error(run_tierflow("sweep", sweep_file, "--out", tmp_path / "o", "--engine", "local",
                                        "--scheduler", "tcp://127.0.0.1:1"), "--scheduler needs --engine dask")
+
+
+@pytest.mark.parametrize("grid, fragments", [
+    ({"cache.policy": ["lru", "bogus"]}, ["cache.policy='bogus'", "unknown cache policy 'bogus'"]),
+    ({"cache.params.foo": [1]}, ["cache.params.foo=1", "unknown parameter(s) foo"]),
+    ({"workload.trace": ["/nonexistent/trace.h5"]}, ["/nonexistent/trace.h5", "no such file"]),
+    ({"workload.trace": ["TEXT"]}, ["not an HDF5 file"]),
+    ({"cache.capacity_experts": [128, 1]}, ["cache.capacity_experts=1", "working set"]),
+    ({"cache.capacity_experts": [128, 100000]}, ["cache.capacity_experts=100000", "HBM"]),
+    ({"prefetch.policy": ["oracle"], "prefetch.params.seed": [-1]}, ["seed must be >= 0"]),
+])
+def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(tmp_path, grid, fragments):
+    text = tmp_path / "text.h5"
+    text.write_text("not a trace")
+    grid = {k: [str(text) if v == "TEXT" else v for v in values] for k, values in grid.items()}
+    sweep = parse_sweep(small_sweep(grid=grid))
+    with pytest.raises(TierflowError) as caught:
+        run_sweep(sweep, tmp_path / "out", workers=1)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value) and "point " in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("document, fragments", [
+    (small_sweep(grid={"energy.hbm_read_pj_per_bit": [float("nan"), 1.0]}), ["must be a finite number, got nan"]),
+    (small_sweep(grid={"energy.gpu_static_w": [float("inf")]}), ["must be a finite number, got inf"]),
+    (small_sweep(grid={"cache.params.half_life": [float("nan")]}), ["cache.params.half_life", "finite"]),
+    (small_sweep(seed=-1), ["seed must be >= 0"]),
+])
+def test_non_finite_values_and_negative_seeds_are_rejected_when_loading(document, fragments):
+    with pytest.raises(TierflowError) as caught:
+        parse_sweep(document)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_nan_in_a_sweep_file_is_one_error(tmp_path):
+    bad = write_sweep(tmp_path / "nan.toml", 'scenario = "ssd_offload"\n[grid]\n"energy.hbm_read_pj_per_bit" = [nan, 1.0]\n')
+    assert_one_line_error(run_tierflow("sweep", bad, "--out", tmp_path / "out"), "finite number")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_garbage_point_output_is_redone_on_resume(tmp_path):
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]}, seed=1))
+    run_sweep(sweep, tmp_path, workers=1)
+    first = sweep.points[0].point_id
+    (points_dir(tmp_path) / f"{first}.h5").write_bytes(b"garbage")
+    rerun = run_sweep(sweep, tmp_path, workers=1)
+    assert (rerun.ran, rerun.skipped, rerun.errors) == (1, 1, 0)

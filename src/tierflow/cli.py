@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error))
     except click.exceptions.Abort:
         _fail("aborted", status=130)
+    except click.exceptions.NoArgsIsHelpError as error:
+        # A group named without a subcommand (`tierflow`, `tierflow trace`): its help, as `--help` prints it.
+        click.echo(error.ctx.get_help())
+        sys.exit(0)
     except click.ClickException as error:
         _fail(error.format_message())
     except BrokenPipeError:

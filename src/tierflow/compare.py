@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from tierflow.energy import COMPONENTS
+from tierflow.errors import TierflowError
 
 
 def register(group: click.Group) -> None:
@@ -73,12 +74,32 @@ def format_comparison(summaries: list[dict]) -> str:
 
 
 def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = True) -> list[dict]:
-    """Simulate each scenario (with the same overrides) and return their summaries in order."""
+    """Simulate each scenario (with the same overrides) and return their summaries in order.
+
+    Every scenario is loaded and checked (:func:`tierflow.sweep.check_point`) before any runs; an error names
+    the scenario it comes from."""
+    import attrs
+
     from tierflow.config import load_scenario
     from tierflow.sim.commands import run_with_progress
+    from tierflow.sweep import check_point
 
-    scenarios = [load_scenario(name, overrides) for name in names]  # every one validated before any runs
-    return [run_with_progress(scenario, trace, quiet).summary for scenario in scenarios]
+    scenarios = []
+    for name in names:
+        try:
+            scenario = load_scenario(name, overrides)
+            check_point(attrs.evolve(scenario, workload=attrs.evolve(scenario.workload, trace=trace))
+                        if trace else scenario)
+        except TierflowError as error:
+            raise TierflowError(f"scenario {name}: {error}") from None
+        scenarios.append(scenario)
+    summaries = []
+    for name, scenario in zip(names, scenarios, strict=True):
+        try:
+            summaries.append(run_with_progress(scenario, trace, quiet).summary)
+        except TierflowError as error:
+            raise TierflowError(f"scenario {name}: {error}") from None
+    return summaries
 
 
 @click.command()

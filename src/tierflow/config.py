@@ -7,6 +7,7 @@ free; every problem is a :class:`TierflowError` of one line that lists the valid
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -65,6 +66,15 @@ class WorkloadConfig:
     routing: str = attrs.field(default="trace", validator=_one_of(ROUTINGS),
                                metadata=_help("trace: the trace's (or the built-in generator's) routing; uniform: "
                                               "every token picks top-k experts uniformly at random"))
+
+    def __attrs_post_init__(self):
+        # The built-in trace has 3 x batch_size x (decode_tokens + skip_tokens) tokens (see synthetic_workload),
+        # and every sequence needs at least one of them.
+        tokens = 3 * self.batch_size * (self.decode_tokens + self.skip_tokens)
+        if not self.trace and self.routing == "trace" and self.synthetic_sequences > tokens:
+            raise ValueError(
+                f"synthetic_sequences = {self.synthetic_sequences} exceeds the {tokens} tokens of the built-in trace "
+                f"(3 x workload.batch_size x (workload.decode_tokens + workload.skip_tokens))")
 
 
 @attrs.frozen
@@ -149,7 +159,8 @@ class Scenario:
     hardware: str = attrs.field(default="h100-pcie5", metadata=_help("hardware profile (`tierflow catalog hardware`)"))
     placement: str = attrs.field(default="ssd", validator=_one_of(PLACEMENTS),
                                  metadata=_help("where the full expert set lives"))
-    seed: int = attrs.field(default=0, metadata=_help("seed of the built-in trace and of random policies"))
+    seed: int = attrs.field(default=0, validator=_non_negative,
+                            metadata=_help("seed of the built-in trace and of random policies"))
     gpus: int = attrs.field(default=1, validator=_positive,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
     attention_tp: int | None = attrs.field(
@@ -187,7 +198,20 @@ def valid_keys() -> list[str]:
     return keys
 
 
+def _check_finite(key: str, value: Any) -> None:
+    """NaN and infinity are no setting: reject them anywhere, plugin parameter tables included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TierflowError(f"scenario key {key}: must be a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for inner_key, inner in value.items():
+            _check_finite(f"{key}.{inner_key}", inner)
+    elif isinstance(value, list):
+        for inner in value:
+            _check_finite(key, inner)
+
+
 def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
+    _check_finite(key, value)
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     kind = kind.replace(" ", "")
     optional = "None" in kind
@@ -270,6 +294,8 @@ def resolve_scenario_path(name_or_path: str) -> Path:
     """A shipped scenario's file by name, or a TOML file by path."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise TierflowError(f"scenario file {path}: is a directory, not a .toml file")
         if not path.is_file():
             raise TierflowError(f"scenario file {path}: no such file")
         return path

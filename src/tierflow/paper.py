@@ -184,6 +184,15 @@ def cell_id(cell: Cell) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
+def load_cached_row(path: Path) -> dict | None:
+    """A cell's saved row, or None when there is none or it is unreadable (then the cell runs again)."""
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) and "model" in row and "total_j" in row else None
+
+
 def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[[int], None] | None = None,
               cache_dir: Path | None = None) -> list[dict]:
     """Rows for ``cells`` in order; cells run in ``workers`` processes (default: the cores). With
@@ -191,8 +200,8 @@ def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[
     rows: list[dict | None] = [None] * len(cells)
     paths = [None if cache_dir is None else Path(cache_dir) / f"{cell_id(cell)}.json" for cell in cells]
     for i, path in enumerate(paths):
-        if path is not None and path.is_file():
-            rows[i] = json.loads(path.read_text())
+        if path is not None and (row := load_cached_row(path)) is not None:
+            rows[i] = row
             if progress:
                 progress(1)
     todo = [i for i, row in enumerate(rows) if row is None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from tierflow import paper
 
 def register(group: click.Group) -> None:
     group.add_command(paper_command)
+
+
+def finite_or_null(value):
+    """``value`` with NaN and infinities as None (JSON null), so ``--json`` always prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(inner) for inner in value]
+    return value
 
 
 @click.command("paper")
@@ -37,7 +49,7 @@ def paper_command(out, workers, beyond, as_json, quiet):
     written = paper.write_outputs(paper_rows, beyond_rows, out)
     figures = paper.headline(paper_rows)
     if as_json:
-        click.echo(json.dumps(figures, indent=2))
+        click.echo(json.dumps(finite_or_null(figures), indent=2, allow_nan=False))
         return
     for model, f in figures.items():
         scales = ", ".join(f"batch {b}: {paper._fmt(s)}" for b, s in f["ssd_scale_matching_ddr"].items())

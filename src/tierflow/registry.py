@@ -8,6 +8,7 @@ fills its registry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -19,20 +20,65 @@ T = TypeVar("T")
 
 
 # Validators for plugin parameters (``attrs.field(validator=...)``); a failure becomes the one-line error of
-# ``Registry.params``.
+# ``Registry.params``. A bool is not a number here, and no bound admits NaN or infinity.
+def _number(attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{attribute.name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite number, got {value}")
+
+
 def positive(instance, attribute, value):
+    _number(attribute, value)
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
 def non_negative(instance, attribute, value):
+    _number(attribute, value)
     if value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
 def fraction(instance, attribute, value):
+    _number(attribute, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+def _declared_kind(field: attrs.Attribute) -> str:
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    return kind.replace(" ", "")
+
+
+def check_value(field: attrs.Attribute, value: Any) -> Any:
+    """A parameter value checked against the field's declared type (bool, int, float or str), before any
+    converter sees it: a bool is not a number, an int must be integral, numbers are finite. An integral float
+    given for an int becomes that int. Other declared types pass unchanged."""
+    kind, name = _declared_kind(field), field.name
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif kind == "int":
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r} (quote it)")
+    return value
+
+
+def _message(error: Exception) -> str:
+    """One line from a validator's error (attrs' own validators raise with a tuple of details)."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return " ".join(text.split())
 
 
 @attrs.frozen
@@ -75,9 +121,10 @@ class Registry(Generic[T]):
             valid = ", ".join(fields) or "none"
             raise TierflowError(f"{self.family} {name!r}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
         try:
+            values = {key: check_value(fields[key], value) for key, value in values.items()}
             return params_cls(**values)
         except (TypeError, ValueError) as error:
-            raise TierflowError(f"{self.family} {name!r}: {error}") from None
+            raise TierflowError(f"{self.family} {name!r}: {_message(error)}") from None
 
     def describe(self) -> list[dict]:
         """Every plugin with its parameters, defaults and help, for ``tierflow plugins``."""

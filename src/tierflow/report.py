@@ -46,6 +46,10 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _reason(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class SweepTable:
     """The ok rows of a sweep's table, with the axes that vary among them."""
 
@@ -56,8 +60,19 @@ class SweepTable:
         if not table_path.is_file() or not meta_path.is_file():
             raise TierflowError(f"{self.sweep_dir}: not a sweep folder (no results.h5 / sweep.json); "
                                 "run `tierflow sweep SWEEP.toml --out DIR` first")
-        self.meta = json.loads(meta_path.read_text())
-        self.all = read_table(table_path)
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            if not isinstance(self.meta, dict) or not isinstance(self.meta.get("axes"), list):
+                raise ValueError("no list of axes")
+            self.meta.setdefault("name", self.sweep_dir.name)
+        except (OSError, ValueError) as error:
+            raise TierflowError(f"{meta_path}: not a sweep description ({_reason(error)}); rerun `tierflow sweep "
+                                f"SWEEP.toml --out {self.sweep_dir}` to rebuild it") from None
+        try:
+            self.all = read_table(table_path)
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise TierflowError(f"{table_path}: not a readable results table ({_reason(error)}); rerun `tierflow "
+                                f"sweep SWEEP.toml --out {self.sweep_dir}` to rebuild it") from None
         ok = np.array([s == STATUS_OK for s in self.all["status"]], dtype=bool)
         axes = [k for k in self.meta["axes"] if k in self.all]
         self.errors = [(self.all["point_id"][i], ", ".join(f"{_short(k)} {_cell(self.all[k][i])}" for k in axes),
@@ -194,8 +209,13 @@ def latency_cdf(table: SweepTable, path: Path) -> Path:
 
     palette = colormaps["tab20" if table.count > 10 else "tab10"]
     for number, i in enumerate(table.order(tuple(table.varying))):
-        with h5py.File(points_dir(table.sweep_dir) / f"{table.rows['point_id'][i]}.h5", "r") as f:
-            latency_ms = np.sort(1e3 * f["steps/latency_s"][()])
+        point_path = points_dir(table.sweep_dir) / f"{table.rows['point_id'][i]}.h5"
+        try:
+            with h5py.File(point_path, "r") as f:
+                latency_ms = np.sort(1e3 * f["steps/latency_s"][()])
+        except (OSError, KeyError, ValueError) as error:
+            raise TierflowError(f"{point_path}: not a readable point output ({_reason(error)}); rerunning "
+                                f"`tierflow sweep SWEEP.toml --out {table.sweep_dir}` redoes the point") from None
         share = np.arange(1, len(latency_ms) + 1) / max(len(latency_ms), 1)
         axes.step(latency_ms, share, where="post", linewidth=1.2, color=palette(number % palette.N),
                   label=table.label(i) if number < _MAX_LEGEND else None)

@@ -19,7 +19,9 @@ A sweep file (TOML) names a base scenario and the axes to vary::
     description = ["1x", "0.5x"]
 
 Keys are dotted scenario keys (quoted, or as nested TOML tables). Every point is validated before anything
-runs, so a bad key or value is one :class:`TierflowError` line. A point's id is a hash of its full scenario
+runs, so a bad key or value is one :class:`TierflowError` line: loading checks each point's scenario, and
+:func:`run_sweep` checks, for each point still to run, what the simulator would reject before simulating
+(names, plugin parameters, the trace file, capacities; see :func:`check_point`). A point's id is a hash of its full scenario
 (name and description aside), so resuming into the same folder reruns exactly the points whose settings
 changed. Output folder::
 
@@ -217,6 +219,69 @@ def load_sweep(path) -> Sweep:
     return parse_sweep(document, path.parent, f"sweep file {path}")
 
 
+# ---------------------------------------------------------------------------------------------- checking
+
+
+@attrs.frozen
+class _Step:
+    experts: list  # per layer: the experts routed at this step
+
+
+@attrs.frozen
+class _BoundWorkload:
+    """Stands in for a workload in capacity planning without generating or reading one: ``steps`` has the run's
+    length and one layer's working set is the least any real step can need (top-k distinct experts of one
+    token), so every capacity it rejects the real run rejects too."""
+
+    steps: list
+
+
+def check_point(scenario) -> None:
+    """What a run would reject before simulating, checked cheaply: model and hardware names, the trace file
+    (exists, opens as a trace, matches the model), capacities, cache policies and prefetcher with their
+    parameters. Raises :class:`TierflowError`."""
+    from tierflow.cache import POLICIES
+    from tierflow.catalog import get_model, get_profile
+    from tierflow.prefetch import PREFETCHERS
+    from tierflow.sim.engine import compute_hbm_bandwidth, energy_model, plan_capacity
+    from tierflow.trace.format import open_trace
+
+    spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
+    workload = scenario.workload
+    steps = workload.decode_tokens
+    if workload.trace:
+        if workload.routing == "uniform":
+            raise TierflowError("workload.routing = 'uniform' draws its own routing; drop the trace or set "
+                                "workload.routing = 'trace'")
+        with open_trace(workload.trace) as reader:
+            meta = reader.meta
+        if (meta.num_layers, meta.num_experts) != (spec.num_moe_layers, spec.num_routed_experts):
+            raise TierflowError(
+                f"{workload.trace}: trace has {meta.num_layers} MoE layers x {meta.num_experts} experts but model "
+                f"{spec.name!r} has {spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match")
+        steps = 1  # a trace may hold fewer steps than asked for: plan for the least KV cache
+    step = _Step([np.arange(spec.top_k)] * spec.num_moe_layers)
+    plan = plan_capacity(scenario, spec, hardware, _BoundWorkload([step] * steps))
+    POLICIES.get(scenario.cache.policy)
+    if plan.hbm_cache_experts is not None:
+        POLICIES.params(scenario.cache.policy, scenario.cache.params)
+    if plan.ddr_cache_experts is not None:
+        POLICIES.params(scenario.ddr_cache.policy, scenario.ddr_cache.params)
+    PREFETCHERS.params(scenario.prefetch.policy, scenario.prefetch.params)
+    energy_model(scenario, hardware, plan.gpus)
+    compute_hbm_bandwidth(scenario, hardware)
+
+
+def check_points(sweep: Sweep, points: Iterable[Point] | None = None) -> None:
+    """:func:`check_point` for each point (default: all); the first failure names its point."""
+    for point in sweep.points if points is None else points:
+        try:
+            check_point(scenario_from_table(point.scenario_table))
+        except TierflowError as error:
+            shown = ", ".join(f"{k}={v!r}" for k, v in point.axes.items())
+            raise TierflowError(f"sweep {sweep.name}: point {point.point_id} ({shown}): {error}") from None
+
+
 # ---------------------------------------------------------------------------------------------- one point
 
 
@@ -284,8 +349,17 @@ def load_record(out: Path, identity: str) -> dict | None:
 
 
 def is_finished(out: Path, identity: str) -> bool:
+    """The point's record says ok and its HDF5 output is there and is an HDF5 file (a garbage one is redone)."""
+    import h5py
+
     record = load_record(out, identity)
-    return record is not None and record["status"] == STATUS_OK and (points_dir(out) / f"{identity}.h5").is_file()
+    if record is None or record.get("status") != STATUS_OK:
+        return False
+    path = points_dir(out) / f"{identity}.h5"
+    try:
+        return path.is_file() and h5py.is_hdf5(path)
+    except OSError:
+        return False
 
 
 def _flat_columns(prefix: str, value: Any, row: dict) -> None:
@@ -470,11 +544,12 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     if workers < 1:
         raise TierflowError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
+    todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
+    check_points(sweep, todo)  # before anything runs or is written
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "sweep.json", json.dumps(
         {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
          "points": [p.point_id for p in sweep.points]}, indent=1))
-    todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
     by_id = {p.point_id: p for p in todo}
     if todo:
         outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"

@@ -14,7 +14,7 @@ import numpy as np
 
 from tierflow.errors import TierflowError
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
-from tierflow.registry import fraction
+from tierflow.registry import fraction, non_negative
 
 
 @PREFETCHERS.register
@@ -28,7 +28,7 @@ class Oracle(Prefetcher):
         accuracy: float = attrs.field(default=1.0, converter=float, validator=fraction,
                                       metadata={"help": "share of each layer's true experts proposed; the rest "
                                                         "are replaced by wrong ones"})
-        seed: int = attrs.field(default=0, metadata={"help": "seed of the wrong guesses"})
+        seed: int = attrs.field(default=0, validator=non_negative, metadata={"help": "seed of the wrong guesses"})
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)

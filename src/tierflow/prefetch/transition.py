@@ -16,6 +16,7 @@ import attrs
 import numpy as np
 
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
+from tierflow.registry import non_negative
 
 
 @PREFETCHERS.register
@@ -26,7 +27,7 @@ class Transition(Prefetcher):
 
     @attrs.frozen
     class Params:
-        min_observations: int = attrs.field(default=8, metadata={"help": "steps seen before proposing"})
+        min_observations: int = attrs.field(default=8, validator=non_negative, metadata={"help": "steps seen before proposing"})
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
