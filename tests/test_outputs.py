@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import assert_one_line_error
 
 from tierflow.atomic import OutputError, check_writable, output_dir, replaced_atomically
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -39,9 +43,12 @@ def test_missing_folders_are_created_and_nothing_is_left(tmp_path):
 @pytest.mark.parametrize("command", [
     ["simulate", "--scenario", "hbm_only", "--set", "workload.decode_tokens=2", "--out"],
     ["trace", "gen", "--model", "mixtral-8x7b", "--tokens", "4", "--out"],
+    ["sweep", "sweeps/hit_rate_vs_capacity.toml", "--out"],
+    ["paper", "--quiet", "--out"],
 ])
 def test_commands_refuse_an_unwritable_output(cli, a_file, command):
-    assert_one_line_error(cli(*command, a_file / "out.h5"), "cannot write", "is a file, not a folder")
+    result = cli(*command, a_file / "out", cwd=ROOT)
+    assert_one_line_error(result, "cannot write", "is a file, not a folder")
 
 
 def test_train_policy_checks_its_output_first(cli, a_file, tmp_path):

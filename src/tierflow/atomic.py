@@ -25,9 +25,12 @@ class OutputError(TierflowError):
     """An output that cannot be written where the user asked."""
 
     def __init__(self, path, error: OSError):
-        if isinstance(error, FileExistsError):  # a folder on the way is a file
-            error = NotADirectoryError(20, f"{error.filename} is a file, not a folder")
-        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        problem = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):  # a folder on the way is a file
+            on_the_way = next((p for p in Path(path).parents if p.exists()), None)
+            if on_the_way is not None and not on_the_way.is_dir():
+                problem = f"{on_the_way} is a file, not a folder"
+        super().__init__(f"cannot write {path}: {problem}")
 
 
 def output_dir(path) -> Path:

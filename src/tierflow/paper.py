@@ -35,7 +35,7 @@ from pathlib import Path
 
 import attrs
 
-from tierflow.atomic import atomic_write
+from tierflow.atomic import atomic_write, output_dir
 from tierflow.config import load_scenario
 from tierflow.energy import ledger_energy_j
 
@@ -206,7 +206,7 @@ def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[
                 progress(1)
     todo = [i for i, row in enumerate(rows) if row is None]
     if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        output_dir(cache_dir)
 
     def finished(i: int, row: dict) -> None:
         rows[i] = row
@@ -339,7 +339,7 @@ def _write(path: Path, text: str) -> Path:
 def write_outputs(paper_rows: list[dict], beyond_rows: list[dict], out: Path) -> list[Path]:
     from tierflow import paper_figures
 
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     paper_rows = with_ratios(paper_rows)
     scaling = scaling_rows(paper_rows)
     written = []

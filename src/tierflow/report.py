@@ -20,7 +20,7 @@ import numpy as np
 
 from tierflow.energy import COMPONENTS
 from tierflow.errors import TierflowError
-from tierflow.atomic import atomic_write
+from tierflow.atomic import atomic_write, output_dir
 from tierflow.sweep import STATUS_OK, _write_text, points_dir, read_table
 
 FIGURE_SIZE_IN = (10.0, 6.0)
@@ -269,8 +269,7 @@ def build_report(sweep_dir, out) -> list[Path]:
     table = SweepTable(Path(sweep_dir))
     if table.count == 0:
         raise TierflowError(f"{sweep_dir}: no point finished without error; nothing to plot")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     figures = [energy_bars(table, out / "energy_per_token.png")]
     if "cache.capacity_experts" in table.varying:
         figures.append(hit_rate_curves(table, out / "hit_rate_vs_capacity.png"))

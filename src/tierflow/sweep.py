@@ -52,7 +52,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from tierflow.atomic import atomic_write
+from tierflow.atomic import atomic_write, output_dir
 from tierflow.config import load_table, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
 
@@ -546,7 +546,7 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     out = Path(out)
     todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
     check_points(sweep, todo)  # before anything runs or is written
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     _write_text(out / "sweep.json", json.dumps(
         {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
          "points": [p.point_id for p in sweep.points]}, indent=1))

@@ -35,9 +35,13 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
         raise TierflowError(f"--workers must be >= 1, got {workers}")
     engine = engine or ("dask" if scheduler else "local")
     spec = load_sweep(sweep_file)
-    from tierflow.sweep import is_finished
+    from tierflow.atomic import output_dir
+    from tierflow.sweep import check_points, is_finished
 
-    to_run = sum(not is_finished(out, p.point_id) for p in spec.points)
+    todo = [p for p in spec.points if not is_finished(out, p.point_id)]
+    check_points(spec, todo)  # bad points and an unwritable folder are errors before the progress bar starts
+    output_dir(out)
+    to_run = len(todo)
     label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
     with click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
                            show_pos=True, hidden=quiet or to_run == 0) as bar:
