@@ -148,3 +148,11 @@ def test_trace_values_are_checked_by_every_command(tmp_path, command):
     if command[0] == "train-policy":
         args += ["--out", tmp_path / "w.npz"]
     assert_one_line_error(run_cli(*args), str(path), "expert repeated within token 1, layer 0: [3, 3]")
+
+
+def test_no_requests_has_no_hit_rate(tmp_path):
+    path = tmp_path / "empty.h5"
+    write_trace(path, np.zeros((0, NUM_LAYERS, TOP_K), dtype=int), np.zeros(0, dtype=int), model="test",
+                num_experts=NUM_EXPERTS, source="test")
+    [row] = replay_json(path, "--capacity", "4")
+    assert row["requests"] == 0 and row["hit_rate"] is None

@@ -137,3 +137,11 @@ def test_predicted_experts_round_trip_and_bad_ids_are_one_line(tmp_path):
     write_trace(bad, experts, [0, 0], model="m", num_experts=4, source="t",
                 predicted_experts=np.where(experts == 3, 9, experts))
     assert_one_line_error(run_cli("trace", "info", bad), "predicted_experts id 9 outside [0, 4)")
+
+
+def test_info_of_an_empty_trace_has_zero_not_negative_zero_entropy(tmp_path):
+    path = tmp_path / "empty.h5"
+    write_trace(path, np.zeros((0, 2, 2), dtype=int), np.zeros(0, dtype=int), model="m", num_experts=4, source="s")
+    text = run_cli("trace", "info", path, "--json", check_status=0).stdout
+    assert "-0.0" not in text
+    assert json.loads(text)["per_layer_popularity_entropy"] == [0.0, 0.0]
