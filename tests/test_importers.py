@@ -482,3 +482,13 @@ def test_cli_malformed_input_is_one_error_line_and_status_2(tmp_path):
     assert done.stderr.startswith(f"tierflow: error: {path}: line 2: invalid JSON")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "t.h5").exists()
+
+
+def test_out_that_is_an_input_is_refused_and_left_alone(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(PER_STEP.read_bytes())
+    result = run_cli("trace", "import", "--format", "per-step", log, "--out", log, "--num-experts", "8")
+    assert_one_line_error(result, "is also an input file")
+    assert log.read_bytes() == PER_STEP.read_bytes()

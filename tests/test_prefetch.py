@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import deque
 
 import attrs
+import h5py
 import numpy as np
 import pytest
 
@@ -606,3 +607,21 @@ def test_prefetches_refused_for_a_full_queue_wait_and_start_when_it_drains():
     assert any(later for _, _, later in started)  # some started later, when a queue drained
     p = results.summary["prefetch"]
     assert p["wasted_bytes"] == (p["issued"] - p["useful"]) * sim.spec.expert_bytes
+
+
+@pytest.mark.parametrize("name", ["speculative_gate", "expert_map"])
+def test_training_trace_values_are_checked_and_errors_name_the_file_once(tmp_path, name):
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="tierflow-trace", version=1, model="m", num_layers=4, num_experts=16, top_k=2,
+                       source="fake")
+        f["experts"] = np.tile(np.array([0, 16]), (6, 4, 1)).astype(np.uint8)  # id 16 is out of range
+        f["sequence_id"] = np.zeros(6, dtype=np.int64)
+    context = _context(_Workload([]))
+    with pytest.raises(TierflowError) as error:
+        make_prefetcher(name, {"train_trace": str(path)}, context)
+    assert f"train_trace {path}: expert id 16 outside [0, 16)" in str(error.value)
+    missing = tmp_path / "absent.h5"
+    with pytest.raises(TierflowError) as error:
+        make_prefetcher(name, {"train_trace": str(missing)}, context)
+    assert str(error.value) == f"prefetcher {name!r}: train_trace {missing}: no such file"

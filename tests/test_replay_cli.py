@@ -126,3 +126,33 @@ def test_train_policy_bad_fractions(trace, tmp_path):
     path, _ = trace
     assert_one_line_error(run_cli("train-policy", path, "--out", tmp_path / "w.npz", "--fractions", "0.1,2"),
                           "each must be in (0, 1)")
+
+
+def _bad_values_trace(path):
+    """A trace whose token 1 names expert 3 twice at layer 0: `replay` counted it as a hit before."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="tierflow-trace", version=1, model="test", num_layers=1, num_experts=4, top_k=2,
+                       source="test")
+        f["experts"] = np.array([[[0, 1]], [[3, 3]]], dtype=np.uint8)
+        f["sequence_id"] = np.zeros(2, dtype=np.int64)
+    return path
+
+
+@pytest.mark.parametrize("command", [["replay", "--capacity", "3"], ["replay", "--capacity", "3", "--json"],
+                                     ["train-policy", "--epochs", "1"]])
+def test_trace_values_are_checked_by_every_command(tmp_path, command):
+    path = _bad_values_trace(tmp_path / "bad.h5")
+    args = [command[0], path, *command[1:]]
+    if command[0] == "train-policy":
+        args += ["--out", tmp_path / "w.npz"]
+    assert_one_line_error(run_cli(*args), str(path), "expert repeated within token 1, layer 0: [3, 3]")
+
+
+def test_no_requests_has_no_hit_rate(tmp_path):
+    path = tmp_path / "empty.h5"
+    write_trace(path, np.zeros((0, NUM_LAYERS, TOP_K), dtype=int), np.zeros(0, dtype=int), model="test",
+                num_experts=NUM_EXPERTS, source="test")
+    [row] = replay_json(path, "--capacity", "4")
+    assert row["requests"] == 0 and row["hit_rate"] is None

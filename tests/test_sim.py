@@ -488,3 +488,20 @@ def test_belady_in_the_simulator_bounds_the_online_policies():
              for policy in ("lru", "lfu", "fifo", "belady")}
     assert rates["belady"] >= max(rates["lru"], rates["lfu"], rates["fifo"])
     assert rates["belady"] > rates["lru"]
+
+
+@pytest.mark.parametrize("policy", ["none", "speculative_gate", "expert_map"])
+def test_simulate_checks_the_values_of_its_trace(tmp_path, policy):
+    import h5py
+
+    from tierflow.trace.synth import generate
+
+    path = tmp_path / "t.h5"
+    generate("olmoe-1b-7b", 40, path, seed=1, workers=1)
+    with h5py.File(path, "r+") as f:
+        experts = f["experts"][()]
+        experts[0, 0, 0] = 70  # OLMoE has 64 experts
+        f["experts"][...] = experts
+    result = run_cli("simulate", "--trace", path, "--set", "model=olmoe-1b-7b", "--set", "cache.capacity_experts=512",
+                     "--set", "workload.decode_tokens=2", "--set", f"prefetch.policy={policy}", "--quiet")
+    assert_one_line_error(result, str(path), "expert id 70 outside [0, 64) at token 0, layer 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,10 +58,47 @@ def test_gen_overrides_are_applied_and_recorded(tmp_path):
     (["--model", "olmoe-1b-7b", "--tokens", "0"], "--tokens"),
     (["--model", "olmoe-1b-7b", "--tokens", "10", "--sequences", "11"], "exceeds"),
     (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "bogus=1"], "valid: num_topics"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--seed", "-1"], "seed must be >= 0"),
+    (["--model", "mixtral-8x7b", "--tokens", "4", "--set", "gate_temperature=1e-300"], "gate_temperature=1e-300"),
 ])
 def test_gen_bad_input(tmp_path, args, fragment):
     assert_one_line_error(run_cli("trace", "gen", *args, "--out", tmp_path / "t.h5"), fragment)
     assert not (tmp_path / "t.h5").exists()
+    assert not list(tmp_path.iterdir())  # no temporary file either
+
+
+def test_gen_help_names_the_generator_parameters():
+    text = run_cli("trace", "gen", "--help", check_status=0).stdout
+    assert "trace params" not in text
+    assert "gate_temperature" in " ".join(text.split())
+
+
+def test_gen_stopped_by_sigterm_leaves_no_file_and_no_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "big.h5"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    gen = subprocess.Popen([sys.executable, "-m", "tierflow", "trace", "gen", "--model", "olmoe-1b-7b", "--tokens",
+                            "400000", "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("big.h5.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the worker processes are routing by now
+    children = Path(f"/proc/{gen.pid}/task/{gen.pid}/children")
+    workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+    gen.send_signal(signal.SIGTERM)
+    _, stderr = gen.communicate(timeout=60)
+    assert gen.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert not list(tmp_path.iterdir())
+    time.sleep(0.5)
+    for pid in workers:
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "State:\tZ" in status.read_text(), f"worker {pid} still running"
 
 
 def test_info_statistics_match_a_hand_computed_trace(tmp_path):
@@ -99,3 +137,11 @@ def test_predicted_experts_round_trip_and_bad_ids_are_one_line(tmp_path):
     write_trace(bad, experts, [0, 0], model="m", num_experts=4, source="t",
                 predicted_experts=np.where(experts == 3, 9, experts))
     assert_one_line_error(run_cli("trace", "info", bad), "predicted_experts id 9 outside [0, 4)")
+
+
+def test_info_of_an_empty_trace_has_zero_not_negative_zero_entropy(tmp_path):
+    path = tmp_path / "empty.h5"
+    write_trace(path, np.zeros((0, 2, 2), dtype=int), np.zeros(0, dtype=int), model="m", num_experts=4, source="s")
+    text = run_cli("trace", "info", path, "--json", check_status=0).stdout
+    assert "-0.0" not in text
+    assert json.loads(text)["per_layer_popularity_entropy"] == [0.0, 0.0]

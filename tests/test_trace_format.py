@@ -168,7 +168,59 @@ BAD_FILES = {
     "nan gate": (lambda p: _valid(p, gate_scores=np.full((2, 2, 2), np.nan)), "NaN"),
     "embedding rows": (lambda p: _valid(p, sequence_id=np.array([0, 3]), token_index=None,
                                         embedding=np.zeros((2, 4))), "embedding"),
+    "negative phase": (lambda p: _edit(_valid(p), lambda f: f.create_dataset("phase", data=np.array([0, -1], np.int8))),
+                       "phase values must be 0 (prefill) or 1 (decode), found -1 at token 1"),
+    "negative sequence": (lambda p: _edit(_valid(p), _replace("sequence_id", np.array([0, -2]))),
+                          "negative sequence_id -2 at token 1"),
+    "experts group": (lambda p: _edit(_valid(p), lambda f: (f.__delitem__("experts"), f.create_group("experts"))),
+                      "'experts' must be a dataset, found a group"),
+    "experts 1-D": (lambda p: _edit(_valid(p), _replace("experts", np.zeros(4, int))),
+                    "dataset 'experts' has shape (4,), expected (tokens, 2, 2)"),
+    "corrupt chunk": (lambda p: _corrupt(_valid(p)), "cannot read dataset 'experts'"),
 }
+
+
+def _corrupt(path):
+    """Overwrite the compressed bytes of the first chunk of 'experts', as a damaged disk would."""
+    with h5py.File(path, "r") as f:
+        info = f["experts"].id.get_chunk_info(0)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset)
+        raw.write(b"\xff" * info.size)
+    return path
+
+
+# Bad values that every reader of a trace must refuse, not only `trace info`.
+BAD_VALUES = ["id too large", "negative id", "repeat", "out of order", "bad phase", "negative phase",
+              "negative sequence", "corrupt chunk"]
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_streaming_reader_checks_values(tmp_path, case):
+    make, fragment = BAD_FILES[case]
+    with open_trace(make(tmp_path / "t.h5")) as reader, pytest.raises(TraceError) as error:
+        for _ in reader.chunks():
+            pass
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["nan gate", "embedding rows"])
+def test_streaming_reader_checks_the_fields_it_reads(tmp_path, case):
+    make, fragment = BAD_FILES[case]
+    with open_trace(make(tmp_path / "t.h5")) as reader, pytest.raises(TraceError) as error:
+        for _ in reader.chunks(gate_scores=True):
+            pass
+        reader.embedding()
+    assert fragment in str(error.value)
+
+
+def test_checks_leave_valid_chunks_as_they_were(tmp_path):
+    path = _valid(tmp_path / "t.h5", phase=np.array([0, 1], dtype=np.uint8))
+    with open_trace(path) as reader:
+        chunk = next(reader.chunks())
+    # phase and token_index are read for the checks but handed out only when asked for.
+    assert chunk.phase is None and chunk.token_index is None
+    assert chunk.experts.tolist() == [[[0, 1], [2, 3]], [[1, 2], [3, 0]]]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from tierflow.errors import TierflowError
+from tierflow.errors import TierflowError, TraceError
 from tierflow.trace.format import open_trace
 
 
@@ -44,18 +44,20 @@ def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSp
     """The last ``tokens`` decode tokens of the trace at ``path``, checked against the context's shape and
     workload (no shared sequence)."""
     try:
-        reader = open_trace(path)
-    except (OSError, TierflowError) as error:
-        raise TierflowError(f"prefetcher {who!r}: train_trace {path}: {error}") from None
-    with reader:
-        meta = reader.meta
-        if (meta.num_layers, meta.num_experts) != (context.num_layers, context.num_experts):
-            raise TierflowError(
-                f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x {meta.num_experts} experts, "
-                f"the simulated model {context.num_layers} x {context.num_experts}")
-        start = max(0, meta.num_tokens - tokens)
-        parts = list(reader.chunks(start=start, gate_scores=True, phase=True))
-        embeddings = reader.embedding()
+        with open_trace(path) as reader:
+            meta = reader.meta
+            if (meta.num_layers, meta.num_experts) != (context.num_layers, context.num_experts):
+                raise TierflowError(
+                    f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x {meta.num_experts} "
+                    f"experts, the simulated model {context.num_layers} x {context.num_experts}")
+            start = max(0, meta.num_tokens - tokens)
+            parts = list(reader.chunks(start=start, gate_scores=True, phase=True))
+            embeddings = reader.embedding()
+    except TraceError as error:
+        # The error names the file already.
+        raise TierflowError(f"prefetcher {who!r}: train_trace {error}") from None
+    if not parts:
+        raise TierflowError(f"prefetcher {who!r}: train_trace {path} has no tokens")
 
     def cat(name):
         return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])

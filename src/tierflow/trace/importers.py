@@ -522,6 +522,9 @@ def import_trace(
     inputs = [Path(path) for path in inputs]
     importer = _importer(fmt, _describe(inputs))
     inputs = _expand_folders(inputs)
+    for path in inputs:
+        if Path(out).resolve() == path.resolve():
+            raise TierflowError(f"--out {out} is also an input file: it would be overwritten; choose another name")
     spec = _catalog_model(model)
     expert_limit = _expert_limit(spec, model, num_experts)
     log = importer(inputs, expert_limit, warn)

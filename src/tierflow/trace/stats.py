@@ -20,7 +20,7 @@ def entropy_bits(counts: np.ndarray) -> np.ndarray:
     totals = counts.sum(axis=-1, keepdims=True)
     p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     logs = np.log2(p, out=np.zeros_like(p), where=p > 0)
-    return -(p * logs).sum(axis=-1)
+    return -(p * logs).sum(axis=-1) + 0.0  # + 0.0: an empty row is 0.0, not -0.0
 
 
 def top_share(counts: np.ndarray, fraction: float = 0.1) -> np.ndarray:

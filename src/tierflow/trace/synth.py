@@ -29,9 +29,12 @@ Mixtral counts in ``traces/olmoe-routing-stats`` (see the README for the statist
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Iterable
 
 import attrs
@@ -409,12 +412,18 @@ class RoutingModel:
         gumbel = -np.log(-np.log(rng.random(rows.shape, dtype=np.float32) + np.float32(1e-12)))
         num_experts = tables.log_p.shape[1]
         log_p = tables.log_p.ravel()[block[:, None] * num_experts + rows]
-        logits = (log_p + gumbel) / np.float32(self.params.gate_temperature)
-        k = rows.shape[1]
-        order = np.argsort(-logits, axis=1) + (np.arange(len(rows)) * k)[:, None]
-        logits = logits.ravel()[order]
-        weights = np.exp(logits - logits[:, :1])
-        return rows.ravel()[order], weights / weights.sum(axis=1, keepdims=True)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            logits = (log_p + gumbel) / np.float32(self.params.gate_temperature)
+            k = rows.shape[1]
+            order = np.argsort(-logits, axis=1) + (np.arange(len(rows)) * k)[:, None]
+            logits = logits.ravel()[order]
+            weights = np.exp(logits - logits[:, :1])
+            weights /= weights.sum(axis=1, keepdims=True)
+        if not np.isfinite(weights).all():
+            # A temperature so small that the logits overflow single precision: refuse before a file appears.
+            raise TierflowError(f"generator parameter gate_temperature={self.params.gate_temperature} is too small: "
+                                f"the gate scores overflow (use a larger value)")
+        return rows.ravel()[order], weights
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -477,6 +486,49 @@ _FORKED: tuple[RoutingModel, _BlockPlan] | None = None  # what a worker process 
 def _adopt(model: RoutingModel, plan: _BlockPlan) -> None:
     global _FORKED
     _FORKED = (model, plan)
+    # A worker ends on SIGTERM (not the parent's clean-up handler it was forked with), and when its parent dies.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """End this process when its parent does: PR_SET_PDEATHSIG on Linux, else a thread watching the parent id."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While generating, SIGTERM unwinds like Ctrl-C does: the temporary file is removed and the workers are
+    stopped (the default action would kill this process and leave both behind). Exit status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _route_block_in_worker(block: int):
@@ -519,15 +571,24 @@ class _BlockRouter:
             else:
                 yield futures.pop(block).result()
 
-    def close(self):
-        if self._pool is not None:
+    def close(self, abort: bool = False):
+        """Stop the workers: after the blocks they are routing, or at once when ``abort`` (an error or a
+        signal: nothing more will be read)."""
+        if self._pool is None:
+            return
+        if abort:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            for process in processes:
+                process.terminate()
+            self._pool.shutdown(cancel_futures=True)
+        else:
             self._pool.shutdown(cancel_futures=True)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(abort=exc_type is not None)
 
 
 # ----------------------------------------------------------------------------------------------- entry points
@@ -581,7 +642,7 @@ def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = N
     # The worker processes are forked before the writer thread starts. Compression runs in that thread
     # (h5py releases the GIL while HDF5 compresses), overlapping the routing of the next chunk; at most one
     # chunk waits, so memory stays bounded.
-    with _BlockRouter(model, plan, workers or os.cpu_count() or 1) as router, \
+    with _sigterm_unwinds(), _BlockRouter(model, plan, workers or os.cpu_count() or 1) as router, \
             TraceWriter(out, model=spec.name, num_layers=spec.num_moe_layers, num_experts=spec.num_routed_experts,
                         top_k=spec.top_k, source=source, with_gate_scores=True, with_token_index=True) as writer, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_thread:
