@@ -156,3 +156,5 @@ def test_no_requests_has_no_hit_rate(tmp_path):
                 num_experts=NUM_EXPERTS, source="test")
     [row] = replay_json(path, "--capacity", "4")
     assert row["requests"] == 0 and row["hit_rate"] is None
+    table = run_cli("replay", path, "--capacity", "4", check_status=0).stdout
+    assert table.splitlines()[1].split()[-1] == "n/a"

@@ -168,6 +168,8 @@ BAD_FILES = {
     "nan gate": (lambda p: _valid(p, gate_scores=np.full((2, 2, 2), np.nan)), "NaN"),
     "embedding rows": (lambda p: _valid(p, sequence_id=np.array([0, 3]), token_index=None,
                                         embedding=np.zeros((2, 4))), "embedding"),
+    "nan embedding": (lambda p: _valid(p, embedding=np.array([[0.0, 1.0], [np.nan, 0.0]])),
+                      "/sequences/embedding has NaN or infinite values in row 1"),
     "negative phase": (lambda p: _edit(_valid(p), lambda f: f.create_dataset("phase", data=np.array([0, -1], np.int8))),
                        "phase values must be 0 (prefill) or 1 (decode), found -1 at token 1"),
     "negative sequence": (lambda p: _edit(_valid(p), _replace("sequence_id", np.array([0, -2]))),
@@ -204,7 +206,7 @@ def test_streaming_reader_checks_values(tmp_path, case):
     assert fragment in str(error.value)
 
 
-@pytest.mark.parametrize("case", ["nan gate", "embedding rows"])
+@pytest.mark.parametrize("case", ["nan gate", "embedding rows", "nan embedding"])
 def test_streaming_reader_checks_the_fields_it_reads(tmp_path, case):
     make, fragment = BAD_FILES[case]
     with open_trace(make(tmp_path / "t.h5")) as reader, pytest.raises(TraceError) as error:

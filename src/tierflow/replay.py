@@ -291,15 +291,15 @@ class ReplayResult:
         return self.requests - self.hits
 
     @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
+    def hit_rate(self) -> float | None:
+        """None when there were no requests (no rate), as in ``simulate --json``."""
+        return self.hits / self.requests if self.requests else None
 
     def to_json(self) -> dict:
-        """The row of ``replay --json``: ``hit_rate`` is null when there were no requests (no rate), as in
-        ``simulate --json``."""
+        """The row of ``replay --json``."""
         capacity = list(self.capacity) if isinstance(self.capacity, tuple) else self.capacity
         return {"policy": self.policy, "capacity": capacity, "scope": self.scope, "requests": self.requests,
-                "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate if self.requests else None}
+                "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate}
 
 
 def check_capacity(capacity, requests: Requests, scope: str) -> int | tuple[int, ...]:

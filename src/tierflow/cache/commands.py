@@ -97,7 +97,8 @@ def replay(trace_path, policy, capacity_text, scope, param_items, tokens, mrc, a
 def format_results(results) -> str:
     """A plain-text table of replay results."""
     header = ("policy", "scope", "capacity", "requests", "hits", "misses", "hit_rate")
-    rows = [(r.policy, r.scope, str(r.capacity), str(r.requests), str(r.hits), str(r.misses), f"{r.hit_rate:.4f}")
+    rows = [(r.policy, r.scope, str(r.capacity), str(r.requests), str(r.hits), str(r.misses),
+             "n/a" if r.hit_rate is None else f"{r.hit_rate:.4f}")
             for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -438,6 +438,10 @@ class TraceReader:
                 self.meta.path,
                 f"/sequences/embedding has {embedding.shape[0]} rows but sequence ids reach {self._max_sequence}",
             )
+        finite = np.isfinite(embedding).all(axis=1)
+        if not finite.all():
+            raise TraceError(self.meta.path, f"/sequences/embedding has NaN or infinite values in row "
+                                             f"{int(np.argmin(finite))}")
         return embedding
 
     def close(self) -> None:
