@@ -7,7 +7,12 @@ layers x 8 experts = 464 expert accesses per token) in the given scenario. Goal 
 ratio of accesses per second to raw events per second is at least 0.5, and 2,000 decode tokens finish in
 under 30 s.
 
-    python benchmarks/bench_sim.py [--scenario NAME] [--tokens N] [--repeat N]
+    python benchmarks/bench_sim.py [--scenario NAME] [--tokens N] [--repeat N] [--costs]
+
+``--costs`` also splits the run time of ``ssd_offload`` into a cost per expert access and a cost per miss: it
+runs the scenario with three HBM cache sizes (so three miss counts) and fits ``run time = a * accesses + b *
+misses`` by least squares. ``a`` includes a layer's compute model and SimPy events spread over its accesses;
+``b`` is everything a miss adds (admission, eviction, the transfer's hops on the calendar, the wait).
 """
 
 from __future__ import annotations
@@ -51,11 +56,37 @@ def measure(name: str, tokens: int) -> dict:
             "calendar_events": sim.calendar.events_run, "hit_rate": results.summary["hit_rate"]["hbm"]}
 
 
+def cost_split(tokens: int) -> str:
+    """Seconds per access and per miss of ``ssd_offload`` from runs at three cache sizes (see the docstring)."""
+    import numpy as np
+
+    rows = []
+    for capacity in (1856, 3712, 14848):  # an eighth, a quarter and all of DeepSeek-R1's 58 x 256 experts
+        scenario = load_scenario("ssd_offload", [f"workload.decode_tokens={tokens}",
+                                                 f"cache.capacity_experts={capacity}"])
+        sim = Simulation(scenario)
+        start = time.perf_counter()
+        results = sim.run()
+        run_s = time.perf_counter() - start
+        accesses = sum(len(e) for step in sim.workload.steps for e in step.experts)
+        rows.append((accesses, int(results.step_misses.sum()), run_s))
+    design = np.array([[a, m] for a, m, _ in rows], dtype=float)
+    (per_access, per_miss), *_ = np.linalg.lstsq(design, np.array([r[2] for r in rows]), rcond=None)
+    raw = raw_event_rate()
+    lines = [f"  capacity run: {a:,} accesses, {m:,} misses, {t:.2f} s" for a, m, t in rows]
+    return "\n".join([
+        f"ssd_offload cost split ({tokens} tokens, three cache sizes):", *lines,
+        f"  per access {per_access * 1e6:.2f} us, per miss {per_miss * 1e6:.2f} us; SimPy raw event "
+        f"{1e6 / raw:.2f} us; a ratio of 0.5 allows {2e6 / raw:.2f} us per access, misses included",
+    ])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", default=None)
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; the best ratio is shown")
+    parser.add_argument("--costs", action="store_true", help="also split ssd_offload's time per access and miss")
     args = parser.parse_args()
     for name in args.scenario or ["ssd_prefetch", "ssd_offload", "hbm_only"]:
         runs = [measure(name, args.tokens) for _ in range(args.repeat)]
@@ -68,6 +99,8 @@ def main():
         if args.repeat > 1:
             print(f"  run s over {args.repeat} runs: " + ", ".join(f"{r['run_s']:.2f}" for r in runs)
                   + "; ratios: " + ", ".join(f"{r['rate'] / r['raw']:.2f}" for r in runs))
+    if args.costs:
+        print(cost_split(min(args.tokens, 500)))
 
 
 if __name__ == "__main__":
