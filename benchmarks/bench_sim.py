@@ -76,8 +76,8 @@ def cost_split(tokens: int) -> str:
     lines = [f"  capacity run: {a:,} accesses, {m:,} misses, {t:.2f} s" for a, m, t in rows]
     return "\n".join([
         f"ssd_offload cost split ({tokens} tokens, three cache sizes):", *lines,
-        f"  per access {per_access * 1e6:.2f} us, per miss {per_miss * 1e6:.2f} us; SimPy raw event "
-        f"{1e6 / raw:.2f} us; a ratio of 0.5 allows {2e6 / raw:.2f} us per access, misses included",
+        (f"  per access {per_access * 1e6:.2f} us, per miss {per_miss * 1e6:.2f} us; SimPy raw event "
+         f"{1e6 / raw:.2f} us; a ratio of 0.5 allows {2e6 / raw:.2f} us per access, misses included"),
     ])
 
 
