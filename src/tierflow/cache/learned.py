@@ -36,6 +36,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from tierflow.atomic import atomic_write
 from tierflow.cache.base import POLICIES, Policy
 from tierflow.errors import TierflowError
 from tierflow.registry import non_negative
@@ -115,8 +116,15 @@ class Scorer:
         return self.hidden(features) @ w + b
 
     def save(self, path, **metadata) -> None:
+        """Write the weights to ``path`` (an .npz file), atomically."""
         arrays = {name: getattr(self, name) for name in _ARRAYS}
-        np.savez(path, **arrays, features=np.array(FEATURES), **{k: np.asarray(v) for k, v in metadata.items()})
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as file:  # a file object: np.savez would add ".npz" to a temporary's name
+                np.savez(file, **arrays, features=np.array(FEATURES),
+                         **{k: np.asarray(v) for k, v in metadata.items()})
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path) -> Scorer:
