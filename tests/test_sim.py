@@ -20,6 +20,7 @@ from tierflow.sim.calendar import Calendar, timeout_towards
 from tierflow.sim.channel import Channel
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.engine import Simulation
+from tierflow.sim.gpu import ComputeModel
 from tierflow.sim.ssd import sustained_read_bytes_per_s
 from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
 
@@ -436,6 +437,18 @@ def test_model_shapes_feed_the_roofline():
     expected = max(4 * spec.expert_flops_per_token / sim.hardware.gpu.peak_flops,
                    2 * spec.expert_bytes / sim.hardware.gpu.hbm.read_bandwidth_bytes_per_s)
     assert phase.seconds == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+def test_only_data_parallel_groups_with_sequences_read_their_weights(batch):
+    """8 GPUs as 8 groups of 1 (attention_tp 1) against one group of 8: the weights are read once per group that
+    has a sequence to decode, so with fewer sequences than groups the idle ones read nothing."""
+    spec, hardware = get_model("deepseek-r1"), get_profile("h200-pcie5")
+    split = ComputeModel(spec, hardware, 8, batch, attention_tp=8).attention(1024, 0)
+    replicated = ComputeModel(spec, hardware, 8, batch, attention_tp=1).attention(1024, 0)
+    weights = spec.non_expert_bytes_per_moe_layer
+    assert replicated.hbm_read_bytes - split.hbm_read_bytes == pytest.approx((min(batch, 8) - 1) * weights)
+    assert replicated.flops == split.flops
 
 
 def test_wasted_prefetch_bytes_are_charged_to_energy():

@@ -114,12 +114,14 @@ class ComputeModel:
     def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, bytes_per_token: float,
                          collective_s: float) -> Phase:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
-        busiest group sets the time, and every group reads its own replica of the weights."""
+        busiest group sets the time, and every group with a sequence to decode reads its own replica of the
+        weights (with fewer sequences than groups, the others sit idle and read nothing)."""
         tp, group = self.tp, self.group_batch
         seconds = self._roofline(group * flops_per_token / tp, (weight_bytes + group * bytes_per_token) / tp)
         per_token = self.batch * bytes_per_token
-        return Phase(seconds + collective_s, self.batch * flops_per_token, self.dp * weight_bytes + per_token,
-                     self.dp * weight_bytes * l1_passes(group) + per_token)
+        replicas = min(self.dp, self.batch) * weight_bytes
+        return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
+                     replicas * l1_passes(group) + per_token)
 
     def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float,
                    all_reduces: int) -> Phase:
