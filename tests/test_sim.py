@@ -451,6 +451,29 @@ def test_only_data_parallel_groups_with_sequences_read_their_weights(batch):
     assert replicated.flops == split.flops
 
 
+def test_an_energy_that_overflows_is_an_error_not_infinity(cli):
+    result = cli("simulate", "--scenario", "ssd_offload", "--set", "workload.decode_tokens=2", "--quiet", "--json",
+                 "--set", "energy.ssd_read_pj_per_bit=1e300")
+    assert_one_line_error(result, "energy overflows", "ssd")
+    assert result.stdout == ""
+
+
+def test_lookahead_stops_at_the_last_layer():
+    far = Simulation(load_scenario("ssd_prefetch", ["workload.decode_tokens=3", "prefetch.lookahead=100000"]))
+    last = Simulation(load_scenario("ssd_prefetch", ["workload.decode_tokens=3", "prefetch.lookahead=57"]))
+    assert far.prefetcher.context.lookahead == far.stream.lookahead == 57
+    assert far.run().summary == last.run().summary
+
+
+def test_belady_in_the_ddr_cache_reads_the_future():
+    def ddr_hit_rate(policy):
+        scenario = load_scenario("three_tier", ["workload.decode_tokens=8", "cache.capacity_experts=800",
+                                                "ddr_cache.capacity_experts=800", f"ddr_cache.policy={policy}"])
+        return Simulation(scenario).run().summary["hit_rate"]["ddr"]
+
+    assert ddr_hit_rate("belady") > ddr_hit_rate("lru") + 0.005
+
+
 def test_wasted_prefetch_bytes_are_charged_to_energy():
     """Wasted bytes carry the route's per-bit cost; prefetched bytes are part of the ledger's total."""
     sim, results = run(small(placement="ssd", **{"cache.capacity_experts": 120, "prefetch.policy": "previous_token",

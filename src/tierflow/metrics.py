@@ -8,6 +8,7 @@ token is the step's energy divided by the tokens it produced.
 from __future__ import annotations
 
 import json
+import math
 
 import attrs
 import h5py
@@ -15,6 +16,7 @@ import numpy as np
 
 from tierflow.atomic import atomic_write
 from tierflow.energy import COMPONENTS, ledger_energy_j, route_energy_j
+from tierflow.errors import TierflowError
 
 
 @attrs.frozen
@@ -45,6 +47,9 @@ def collect_results(sim) -> Results:
     tokens = sim.workload.tokens
     elapsed = sim.elapsed_s
     joules = ledger_energy_j(sim.energy, sim.ledger, elapsed)
+    if not all(math.isfinite(value) for value in joules.values()):
+        raise TierflowError(f"the energy overflows ({', '.join(k for k, v in joules.items() if not math.isfinite(v))}"
+                            f" not finite): the energy.* settings are too large")
     memories = sim.memories
     hbm_caches = [m.hbm for m in memories if m.hbm is not None]
     ddr_caches = [m.ddr for m in memories if m.ddr is not None]

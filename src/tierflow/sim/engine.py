@@ -225,15 +225,18 @@ class Simulation:
             experts = self.workload.num_experts
             for memory in self.memories:
                 memory.eviction_listeners.append(lambda key: self.prefetcher.on_eviction(key // experts, key % experts))
-        policy_cls = POLICIES.get(scenario.cache.policy)
+        # Offline policies (Belady) in either cache read each access's next use from the workload.
+        offline = [getattr(POLICIES.get(cache.policy), "needs_future", False) and capacity is not None
+                   for cache, capacity in ((scenario.cache, self.plan.hbm_cache_experts),
+                                           (scenario.ddr_cache, self.plan.ddr_cache_experts))]
         future = None
-        if getattr(policy_cls, "needs_future", False) and self.plan.hbm_cache_experts is not None:
+        if any(offline):
             future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts)
         self.compute = ComputeModel(self.spec, self.hardware, self.plan.gpus, scenario.workload.batch_size,
                                     compute_hbm_bandwidth(scenario, self.hardware), scenario.attention_tp)
         self.stream = GpuStream(
             self.env, self.workload, self.memories, self.compute, self.prefetcher, self.ledger,
-            scenario.workload.context_length, scenario.prefetch.lookahead, scenario.prefetch.budget_experts,
+            scenario.workload.context_length, self._lookahead(), scenario.prefetch.budget_experts,
             scenario.prefetch.max_queued, future, progress, copies_ahead=scenario.timing.expert_copies == "ahead",
         )
 
@@ -279,9 +282,14 @@ class Simulation:
             return None
         return make_prefetcher(prefetch.policy, prefetch.params, self._prefetch_context())
 
+    def _lookahead(self) -> int:
+        """Layers ahead a prefetch may target: as set, but no further than the last layer (a larger value
+        changes nothing and would only size prefetchers' tables for layers that do not exist)."""
+        return min(self.scenario.prefetch.lookahead, max(1, self.workload.num_layers - 1))
+
     def _prefetch_context(self) -> PrefetchContext:
         w, p = self.workload, self.scenario.prefetch
-        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, p.lookahead, p.budget_experts, w)
+        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, self._lookahead(), p.budget_experts, w)
 
     @property
     def channels(self) -> list:
