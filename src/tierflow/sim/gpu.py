@@ -356,6 +356,8 @@ class GpuStream:
                 continue
             key = target_layer * num_experts + expert
             memory = memories[expert % gpus]
+            if key in memory.resident:  # most proposals: skipped without spending budget
+                continue
             blocker = memory.prefetch_blocker(key, max_queued)
             if blocker is None:
                 self._start_prefetch(memory, key, target_layer, step.index, layer, time)

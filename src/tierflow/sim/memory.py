@@ -66,12 +66,14 @@ class ExpertMemory:
         self.peak_cache_bytes = 0
         self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
         # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
+        # ``resident`` answers "is this key resident or in flight" (``key in memory.resident``), cheaply: the
+        # GPU stream asks it of every proposal before anything else.
         parts = getattr(hbm, "caches", [hbm]) if hbm is not None else []
         if len(parts) > 1:
-            self._cache_of, self._resident = hbm.cache_of, hbm
+            self._cache_of, self.resident = hbm.cache_of, hbm
         else:  # one cache: its own table answers "is this key resident", asked for every proposal
             only = parts[0] if parts else None
-            self._cache_of, self._resident = (lambda key: only), (only.sizes if parts else ())
+            self._cache_of, self.resident = (lambda key: only), (only.sizes if parts else ())
         for part in parts:
             part.eviction_listeners.append(self._on_hbm_eviction)
 
@@ -129,7 +131,7 @@ class ExpertMemory:
         evicting pinned experts)."""
         if self.hbm is None:
             return "no cache"
-        if key in self._resident:
+        if key in self.resident:
             return "resident"
         if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
             return "room"
