@@ -23,6 +23,7 @@ from tierflow.sim.engine import Simulation
 from tierflow.sim.gpu import ComputeModel
 from tierflow.sim.ssd import sustained_read_bytes_per_s
 from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
+from tierflow.trace.format import write_trace
 
 SMALL = {
     "name": "small",
@@ -413,6 +414,15 @@ BAD_SCENARIOS = {
     "too many sequences": (["--set", "workload.synthetic_sequences=1000000000"],
                            "workload.synthetic_sequences = 1000000000 exceeds"),
     "directory": (["--scenario", "."], "is a directory"),
+    "skip with uniform routing": (["--set", "workload.routing=uniform", "--set", "workload.skip_tokens=3"],
+                                  "workload.skip_tokens = 3 has no effect"),
+    "prefetcher with copies ahead and no cache": (
+        ["--scenario", "ssd_prefetch", "--set", "timing.expert_copies=ahead", "--set", "cache.enabled=false"],
+        "prefetch.policy = 'transition' has no effect"),
+    "staging buffer beyond DDR": (["--set", "hardware=desktop-5070ti", "--set", "gpus=1", "--set",
+                                   "model=mixtral-8x7b", "--set", "cache.capacity_experts=16"],
+                                  "staged through a 2 GiB buffer in DDR per GPU, but its DDR share per GPU is 1.0 GB"),
+    "huge decode": (["--set", "workload.skip_tokens=1000000000000"], "workload.skip_tokens: the built-in trace"),
 }
 
 
@@ -423,6 +433,43 @@ def test_bad_scenario_is_one_error_line_with_status_2(case):
         args = ["--scenario", "ssd_offload", *args]
     result = run_cli("simulate", *args, "--set", "workload.decode_tokens=2", "--quiet")
     assert_one_line_error(result, fragment)
+
+
+def test_kv_cache_check_runs_before_the_workload_is_built(monkeypatch):
+    def no_workload(*args, **kwargs):
+        raise AssertionError("the workload was built before the HBM check")
+
+    monkeypatch.setattr("tierflow.sim.engine.load_scenario_workload", no_workload)
+    for extra in ([], ["workload.routing=uniform"]):
+        scenario = load_scenario("ssd_offload", ["workload.batch_size=1000000000", *extra])
+        with pytest.raises(TierflowError, match="HBM too small"):
+            Simulation(scenario)
+
+
+def test_a_trace_with_another_top_k_than_the_model_is_rejected(tmp_path):
+    spec = get_model("deepseek-r1")
+    path = tmp_path / "top2.h5"
+    experts = np.tile(np.arange(2), (4, spec.num_moe_layers, 1))
+    write_trace(path, experts, [0] * 4, model=spec.name, num_experts=spec.num_routed_experts, source="test")
+    with pytest.raises(TierflowError, match="trace top_k 2 differs from deepseek-r1's 8"):
+        Simulation(load_scenario("ssd_offload", ["workload.decode_tokens=2"]), trace=str(path))
+
+
+def test_a_capacity_override_replaces_the_other_capacity_key_of_the_file():
+    scenario = load_scenario("three_tier", ["cache.capacity_bytes=100000000000", "ddr_cache.capacity_bytes=10"])
+    assert (scenario.cache.capacity_experts, scenario.cache.capacity_bytes) == (None, 100000000000)
+    assert (scenario.ddr_cache.capacity_experts, scenario.ddr_cache.capacity_bytes) == (None, 10)
+    unset = load_scenario("ssd_offload", ["cache.capacity_experts=", "prefetch.lookahead=2"])
+    assert unset.cache.capacity_experts is None
+    assert load_scenario("ssd_offload", ["cache.capacity_experts=none"]).cache.capacity_experts is None
+    both = load_scenario("ssd_offload", ["cache.capacity_bytes=1", "cache.capacity_experts=2"])
+    assert (both.cache.capacity_experts, both.cache.capacity_bytes) == (2, 1)
+
+
+def test_a_ddr_cache_too_small_for_an_expert_names_the_figures():
+    scenario = load_scenario("three_tier", ["ddr_cache.capacity_bytes=8000", "workload.decode_tokens=1"])
+    with pytest.raises(TierflowError, match=r"at least one expert of 0\.\d+ GB; ddr_cache.capacity_bytes = 8000"):
+        Simulation(scenario)
 
 
 def test_impossible_hbm_placement_on_one_gpu_is_an_error():

@@ -7,7 +7,7 @@ import pytest
 
 from tierflow.errors import TierflowError
 from tierflow.trace.format import write_trace
-from tierflow.workload import build_steps, load_workload
+from tierflow.workload import build_steps, load_workload, synthetic_workload, uniform_workload
 
 
 def _sequences(lengths, layers=2, k=2, experts=8):
@@ -47,3 +47,18 @@ def test_a_trace_with_nothing_to_decode_is_an_error(tmp_path):
     write_trace(path, [[[0, 1]]], [0], model="m", num_experts=4, source="s", phase=np.array([0], dtype=np.uint8))
     with pytest.raises(TierflowError):
         load_workload(path, batch_size=1, num_steps=5)
+
+
+def test_a_workload_larger_than_memory_fails_before_allocating():
+    with pytest.raises(TierflowError, match="workload.decode_tokens.*more than this machine's"):
+        synthetic_workload("deepseek-r1", 1, 10**12, 0, 0)
+    with pytest.raises(TierflowError, match="workload.decode_tokens.*more than this machine's"):
+        uniform_workload("deepseek-r1", 1, 10**12, 0)
+
+
+def test_a_trace_with_fewer_sequences_than_the_batch_is_rejected(tmp_path):
+    path = tmp_path / "t.h5"
+    write_trace(path, np.array([[[0, 1]], [[1, 2]], [[2, 3]]]), [0, 0, 0], model="m", num_experts=4, source="s")
+    assert len(load_workload(path, batch_size=1, num_steps=2).steps) == 2
+    with pytest.raises(TierflowError, match="workload.batch_size = 4 but the trace has only 1 sequence"):
+        load_workload(path, batch_size=4, num_steps=2)

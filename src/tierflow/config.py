@@ -70,6 +70,9 @@ class WorkloadConfig:
     def __attrs_post_init__(self):
         # The built-in trace has 3 x batch_size x (decode_tokens + skip_tokens) tokens (see synthetic_workload),
         # and every sequence needs at least one of them.
+        if self.routing == "uniform" and self.skip_tokens:
+            raise ValueError(f"skip_tokens = {self.skip_tokens} has no effect with workload.routing = 'uniform' "
+                             "(its tokens are independent draws); set workload.skip_tokens = 0")
         tokens = 3 * self.batch_size * (self.decode_tokens + self.skip_tokens)
         if not self.trace and self.routing == "trace" and self.synthetic_sequences > tokens:
             raise ValueError(
@@ -174,6 +177,13 @@ class Scenario:
     timing: TimingConfig = attrs.field(factory=TimingConfig)
     energy: EnergyConfig = attrs.field(factory=EnergyConfig)
 
+    def __attrs_post_init__(self):
+        # With every copy streamed ahead and no cache there is nothing for a prefetcher to fill.
+        if self.timing.expert_copies == "ahead" and not self.cache.enabled and self.prefetch.policy != "none":
+            raise ValueError(f"prefetch.policy = {self.prefetch.policy!r} has no effect with timing.expert_copies = "
+                             "'ahead' and cache.enabled = false (every expert is copied ahead, nothing is cached); "
+                             "set prefetch.policy = 'none'")
+
 
 _SECTIONS = {
     "workload": WorkloadConfig,
@@ -183,6 +193,8 @@ _SECTIONS = {
     "timing": TimingConfig,
     "energy": EnergyConfig,
 }
+# The two ways to size a cache (cache, ddr_cache); setting one with --set unsets the other.
+_CAPACITY_KEYS = {"capacity_experts": "capacity_bytes", "capacity_bytes": "capacity_experts"}
 # Tables whose keys are free-form (plugin parameters, checked by the plugin's registry).
 _FREE_TABLES = {"params"}
 
@@ -215,8 +227,8 @@ def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     kind = kind.replace(" ", "")
     optional = "None" in kind
-    if value is None and optional:
-        return None
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))):
+        return None  # an optional number left empty or "none": unset
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -269,6 +281,8 @@ def parse_value(raw: str) -> Any:
 def apply_overrides(table: dict, overrides: Iterable[str]) -> dict:
     """Merge ``dotted.key=value`` strings into a nested scenario table (a new dict)."""
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in table.items()}
+    overrides = list(overrides)
+    given = {item.partition("=")[0].strip() for item in overrides}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -282,6 +296,11 @@ def apply_overrides(table: dict, overrides: Iterable[str]) -> dict:
                 raise TierflowError(f"--set {key}: {part!r} is not a table; valid keys: {', '.join(valid_keys())}")
             node = child
         node[parts[-1]] = parse_value(raw.strip())
+        # A cache's size is one of two keys: an override of either replaces the other from the file.
+        if len(parts) == 2 and parts[1] in _CAPACITY_KEYS:
+            other = _CAPACITY_KEYS[parts[1]]
+            if f"{parts[0]}.{other}" not in given:
+                node.pop(other, None)
     return merged
 
 

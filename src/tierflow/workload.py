@@ -6,11 +6,13 @@ its slot (continuous batching). Prefill tokens (``phase == 0``) are skipped: the
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import numpy as np
 
 from tierflow.errors import TierflowError
-from tierflow.trace.format import open_trace
+from tierflow.trace.format import expert_dtype, open_trace
 
 
 @attrs.frozen
@@ -91,6 +93,22 @@ def _unions(rows: np.ndarray, scores: np.ndarray | None):
     return unions
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_memory(nbytes: int, what: str, keys: str) -> None:
+    """Fail before allocating routing arrays larger than the machine's physical memory."""
+    memory = physical_memory_bytes()
+    if memory and nbytes > memory:
+        raise TierflowError(f"{keys}: {what} would need {nbytes / 2**30:,.1f} GiB, more than this machine's "
+                            f"{memory / 2**30:,.1f} GiB of memory")
+
+
 def build_steps(sequences: dict[int, tuple], batch_size: int, num_steps: int, skip_tokens: int = 0) -> list[DecodeStep]:
     """Continuous batching over the sequences (dict in admission order; values ``(experts, scores or None[,
     predicted or None])``) for up to ``num_steps`` steps."""
@@ -160,6 +178,13 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
     steps = build_steps(sequences, batch_size, num_steps, skip_tokens)
     if not steps:
         raise TierflowError(f"{path}: no decode tokens after skipping {skip_tokens} per sequence")
+    if len(steps[0].sequence_ids) < batch_size:
+        # Fewer sequences than batch slots: the batch would run short while compute and the KV cache are
+        # modelled for the full batch.
+        available = sum(len(value[0]) > skip_tokens for value in sequences.values())
+        skipped = f" after skipping {skip_tokens} tokens each" if skip_tokens else ""
+        raise TierflowError(f"{path}: workload.batch_size = {batch_size} but the trace has only {available} "
+                            f"sequence(s) with decode tokens{skipped}; lower workload.batch_size")
     return Workload(steps, meta.num_layers, meta.num_experts, meta.top_k, meta.model, meta.source, embeddings,
                     list(sequences))
 
@@ -177,6 +202,11 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
     spec = get_model(model_name)
     sequences = max(sequences, 3 * batch_size)
     tokens = 3 * batch_size * (num_steps + skip_tokens)
+    per_token = spec.num_moe_layers * spec.top_k * (expert_dtype(spec.num_routed_experts).itemsize + 4)  # + gates
+    _check_fits_memory(tokens * per_token,
+                       f"the built-in trace's {tokens:,} tokens (3 x batch x (decode + skip)) x {spec.num_moe_layers} "
+                       f"layers x top-{spec.top_k}",
+                       "workload.batch_size, workload.decode_tokens, workload.skip_tokens")
     data = generate_arrays(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, tokens,
                            num_sequences=sequences, seed=seed, params=SynthParams.for_model(spec.name), workers=1)
     by_sequence = _sequences_from_arrays(data["experts"], data["sequence_id"], data["gate_scores"], None)
@@ -195,6 +225,9 @@ def uniform_workload(model_name: str, batch_size: int, num_steps: int, seed: int
     layers, num_experts, k = spec.num_moe_layers, spec.num_routed_experts, spec.top_k
     rng = np.random.default_rng(seed)
     tokens = batch_size * num_steps
+    _check_fits_memory(tokens * layers * k * np.dtype(np.int16).itemsize,
+                       f"uniform routing for {tokens:,} tokens (batch x decode) x {layers} layers x top-{k}",
+                       "workload.batch_size, workload.decode_tokens")
     rows = np.empty((tokens, layers, k), dtype=np.int16)
     chunk = max(1, 2**22 // (layers * num_experts))  # about 32 MB of random keys at a time
     for start in range(0, tokens, chunk):

@@ -66,6 +66,9 @@ def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | Non
                 f"{path}: trace has {workload.num_layers} MoE layers x {workload.num_experts} experts but model "
                 f"{spec.name!r} has {spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match"
             )
+        if workload.top_k != spec.top_k:
+            raise TierflowError(f"{path}: trace top_k {workload.top_k} differs from {spec.name}'s {spec.top_k}; "
+                                f"set `model` to match")
         return workload
     return synthetic_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens,
                               workload_cfg.synthetic_sequences, scenario.seed, workload_cfg.skip_tokens)
@@ -77,12 +80,12 @@ def _working_set(workload: Workload, gpus: int) -> int:
                for step in workload.steps for experts in step.experts)
 
 
-def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload) -> Plan:
+def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, steps: int) -> tuple[int, int, int]:
+    """Per GPU: the KV cache of the batch over ``steps`` decode steps, the non-expert weights, and the HBM left
+    for experts. Needs no workload, so it can run before one is built."""
     gpus = scenario.gpus
     if gpus > 1 and hardware.nvlink is None:
         raise TierflowError(f"gpus = {gpus} needs GPU-to-GPU links, and profile {hardware.name!r} has none")
-    expert_bytes = spec.expert_bytes
-    steps = len(workload.steps)
     context = scenario.workload.context_length + steps
     # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights and the
     # KV cache of its share of the batch, both split over its tp GPUs.
@@ -96,6 +99,20 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             f"HBM too small: {hbm_bytes / 1e9:.1f} GB per GPU cannot hold {non_expert_per_gpu / 1e9:.1f} GB of "
             f"non-expert weights and a {kv_per_gpu / 1e9:.1f} GB KV cache; use more gpus or a smaller batch"
         )
+    return kv_per_gpu, non_expert_per_gpu, free
+
+
+def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) -> None:
+    """The HBM check of :func:`plan_capacity` for the least KV cache any workload needs (one decode step), run
+    before the workload is built: a batch whose KV cache cannot fit fails at once, whatever it would cost to
+    build its steps."""
+    _hbm_budget(scenario, spec, hardware, 1)
+
+
+def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload) -> Plan:
+    gpus = scenario.gpus
+    expert_bytes = spec.expert_bytes
+    kv_per_gpu, non_expert_per_gpu, free = _hbm_budget(scenario, spec, hardware, len(workload.steps))
     working_set = _working_set(workload, gpus)
     experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
     hbm_cache = ddr_cache = None
@@ -134,12 +151,26 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         if scenario.placement != "ssd":
             raise TierflowError("ddr_cache.enabled needs placement = 'ssd' (a DDR cache in front of the SSD)")
         ddr = scenario.ddr_cache
+        ddr_free = int(hardware.ddr.capacity_bytes - STAGING_BYTES_PER_GPU)
         ddr_cache = _cache_experts("ddr_cache", ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
-                                   int(hardware.ddr.capacity_bytes - STAGING_BYTES_PER_GPU) // expert_bytes)
+                                   ddr_free // expert_bytes)
         if ddr_cache * expert_bytes > hardware.ddr.capacity_bytes:
             raise TierflowError(f"ddr_cache of {ddr_cache} experts per GPU exceeds the DDR share per GPU")
         if ddr_cache < 1:
-            raise TierflowError("ddr_cache capacity must hold at least one expert")
+            if ddr.capacity_experts is not None:
+                given = f"ddr_cache.capacity_experts = {ddr.capacity_experts} over {gpus} GPU(s)"
+            elif ddr.capacity_bytes is not None:
+                given = f"ddr_cache.capacity_bytes = {ddr.capacity_bytes} over {gpus} GPU(s)"
+            else:
+                given = (f"{max(ddr_free, 0) / 1e9:.3f} GB of DDR per GPU (a {hardware.ddr.capacity_bytes / 1e9:.3f} "
+                         f"GB share less the {STAGING_BYTES_PER_GPU / 2**30:.0f} GiB staging buffer)")
+            raise TierflowError(f"ddr_cache capacity must hold at least one expert of {expert_bytes / 1e9:.3f} GB; "
+                                f"{given} holds none")
+    elif (scenario.placement == "ssd" and ssd_reads_staged(scenario, hardware)
+          and STAGING_BYTES_PER_GPU > hardware.ddr.capacity_bytes):
+        raise TierflowError(
+            f"SSD reads of {hardware.name!r} are staged through a {STAGING_BYTES_PER_GPU / 2**30:.0f} GiB buffer "
+            f"in DDR per GPU, but its DDR share per GPU is {hardware.ddr.capacity_bytes / 1e9:.1f} GB")
     return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set)
 
 
@@ -213,6 +244,7 @@ class Simulation:
         self.scenario = scenario
         self.spec = get_model(scenario.model)
         self.hardware = get_profile(scenario.hardware)
+        check_hbm(scenario, self.spec, self.hardware)  # before the workload: a batch that cannot fit fails fast
         self.workload = load_scenario_workload(scenario, self.spec, trace)
         self.plan = plan_capacity(scenario, self.spec, self.hardware, self.workload)
         self.env = simpy.Environment()
