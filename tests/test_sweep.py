@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
 from tierflow.errors import TierflowError
 from tierflow.sweep import derived_seed, load_sweep, parse_sweep, points_dir, read_table, run_sweep
+from tierflow.trace.format import write_trace
 
 # Small points: OLMoE on one H100, 8 decode steps; a whole sweep of these takes a second or two.
 SMALL = {
@@ -276,6 +278,7 @@ placement = ["ddr", "ssd"]
     ({"cache.params.foo": [1]}, ["cache.params.foo=1", "unknown parameter(s) foo"]),
     ({"workload.trace": ["/nonexistent/trace.h5"]}, ["/nonexistent/trace.h5", "no such file"]),
     ({"workload.trace": ["TEXT"]}, ["not an HDF5 file"]),
+    ({"workload.trace": ["TOP2"]}, ["trace top_k 2 differs from olmoe-1b-7b's 8"]),
     ({"cache.capacity_experts": [128, 1]}, ["cache.capacity_experts=1", "working set"]),
     ({"cache.capacity_experts": [128, 100000]}, ["cache.capacity_experts=100000", "HBM"]),
     ({"prefetch.policy": ["oracle"], "prefetch.params.seed": [-1]}, ["seed must be >= 0"]),
@@ -283,7 +286,11 @@ placement = ["ddr", "ssd"]
 def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(tmp_path, grid, fragments):
     text = tmp_path / "text.h5"
     text.write_text("not a trace")
-    grid = {k: [str(text) if v == "TEXT" else v for v in values] for k, values in grid.items()}
+    top2 = tmp_path / "top2.h5"  # OLMoE's 16 layers x 64 experts, but two experts a token
+    write_trace(top2, np.tile(np.arange(2), (4, 16, 1)), np.zeros(4, dtype=int), model="olmoe-1b-7b",
+                num_experts=64, source="test")
+    files = {"TEXT": str(text), "TOP2": str(top2)}
+    grid = {k: [files.get(v, v) if isinstance(v, str) else v for v in values] for k, values in grid.items()}
     sweep = parse_sweep(small_sweep(grid=grid))
     with pytest.raises(TierflowError) as caught:
         run_sweep(sweep, tmp_path / "out", workers=1)

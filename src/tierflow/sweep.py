@@ -243,7 +243,7 @@ def check_point(scenario) -> None:
     from tierflow.cache import POLICIES
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
-    from tierflow.sim.engine import compute_hbm_bandwidth, energy_model, plan_capacity
+    from tierflow.sim.engine import check_trace_shape, compute_hbm_bandwidth, energy_model, plan_capacity
     from tierflow.trace.format import open_trace
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
@@ -255,10 +255,7 @@ def check_point(scenario) -> None:
                                 "workload.routing = 'trace'")
         with open_trace(workload.trace) as reader:
             meta = reader.meta
-        if (meta.num_layers, meta.num_experts) != (spec.num_moe_layers, spec.num_routed_experts):
-            raise TierflowError(
-                f"{workload.trace}: trace has {meta.num_layers} MoE layers x {meta.num_experts} experts but model "
-                f"{spec.name!r} has {spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match")
+        check_trace_shape(workload.trace, (meta.num_layers, meta.num_experts, meta.top_k), spec)
         steps = 1  # a trace may hold fewer steps than asked for: plan for the least KV cache
     step = _Step([np.arange(spec.top_k)] * spec.num_moe_layers)
     plan = plan_capacity(scenario, spec, hardware, _BoundWorkload([step] * steps))

@@ -51,6 +51,16 @@ class Plan:
     working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
 
 
+def check_trace_shape(path, shape: tuple[int, int, int], spec: ModelSpec) -> None:
+    """A trace's (MoE layers, experts, top_k) must be the scenario model's."""
+    layers, experts, top_k = shape
+    if (layers, experts) != (spec.num_moe_layers, spec.num_routed_experts):
+        raise TierflowError(f"{path}: trace has {layers} MoE layers x {experts} experts but model {spec.name!r} has "
+                            f"{spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match")
+    if top_k != spec.top_k:
+        raise TierflowError(f"{path}: trace top_k {top_k} differs from {spec.name}'s {spec.top_k}; set `model` to match")
+
+
 def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | None = None) -> Workload:
     workload_cfg = scenario.workload
     path = trace or workload_cfg.trace
@@ -61,14 +71,7 @@ def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | Non
         return uniform_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens, scenario.seed)
     if path:
         workload = load_workload(path, workload_cfg.batch_size, workload_cfg.decode_tokens, workload_cfg.skip_tokens)
-        if (workload.num_layers, workload.num_experts) != (spec.num_moe_layers, spec.num_routed_experts):
-            raise TierflowError(
-                f"{path}: trace has {workload.num_layers} MoE layers x {workload.num_experts} experts but model "
-                f"{spec.name!r} has {spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match"
-            )
-        if workload.top_k != spec.top_k:
-            raise TierflowError(f"{path}: trace top_k {workload.top_k} differs from {spec.name}'s {spec.top_k}; "
-                                f"set `model` to match")
+        check_trace_shape(path, (workload.num_layers, workload.num_experts, workload.top_k), spec)
         return workload
     return synthetic_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens,
                               workload_cfg.synthetic_sequences, scenario.seed, workload_cfg.skip_tokens)
