@@ -62,3 +62,14 @@ def test_a_trace_with_fewer_sequences_than_the_batch_is_rejected(tmp_path):
     assert len(load_workload(path, batch_size=1, num_steps=2).steps) == 2
     with pytest.raises(TierflowError, match="workload.batch_size = 4 but the trace has only 1 sequence"):
         load_workload(path, batch_size=4, num_steps=2)
+
+
+def test_a_long_first_request_does_not_hide_the_others(tmp_path):
+    """Reading stops once enough tokens are read, but not before the batch's sequences have begun."""
+    path = tmp_path / "t.h5"
+    long, short = 200_000, 5
+    sequence_ids = np.repeat([0, 1, 2], [long, short, short])
+    experts = np.tile(np.array([[[0, 1]], [[2, 3]]]), (len(sequence_ids) // 2 + 1, 1, 1))[: len(sequence_ids)]
+    write_trace(path, experts, sequence_ids, model="m", num_experts=4, source="s")
+    workload = load_workload(path, batch_size=3, num_steps=2)
+    assert sorted(workload.steps[0].sequence_ids.tolist()) == [0, 1, 2]

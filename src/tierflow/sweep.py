@@ -243,22 +243,21 @@ def check_point(scenario) -> None:
     from tierflow.cache import POLICIES
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
-    from tierflow.sim.engine import check_trace_shape, compute_hbm_bandwidth, energy_model, plan_capacity
+    from tierflow.sim.engine import (
+        check_routing_source, check_trace_shape, compute_hbm_bandwidth, energy_model, plan_capacity)
     from tierflow.trace.format import open_trace
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
     workload = scenario.workload
     steps = workload.decode_tokens
+    check_routing_source(workload.routing, workload.trace)
     if workload.trace:
-        if workload.routing == "uniform":
-            raise TierflowError("workload.routing = 'uniform' draws its own routing; drop the trace or set "
-                                "workload.routing = 'trace'")
         with open_trace(workload.trace) as reader:
             meta = reader.meta
         check_trace_shape(workload.trace, (meta.num_layers, meta.num_experts, meta.top_k), spec)
         steps = 1  # a trace may hold fewer steps than asked for: plan for the least KV cache
-    step = _Step([np.arange(spec.top_k)] * spec.num_moe_layers)
-    plan = plan_capacity(scenario, spec, hardware, _BoundWorkload([step] * steps))
+    step = _Step([np.arange(spec.top_k)] * spec.num_moe_layers)  # the least working set any step has
+    plan = plan_capacity(scenario, spec, hardware, _BoundWorkload([step]), steps=steps)
     POLICIES.get(scenario.cache.policy)
     if plan.hbm_cache_experts is not None:
         POLICIES.params(scenario.cache.policy, scenario.cache.params)
@@ -529,11 +528,11 @@ class SweepOutcome:
 
 
 def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "local", scheduler: str | None = None,
-              client=None, progress: Callable[[int], None] | None = None) -> SweepOutcome:
+              client=None, progress: Callable[[int], None] | None = None, checked: bool = False) -> SweepOutcome:
     """Run the points not finished yet, saving each as it arrives, then rebuild the table from the records.
 
     ``client``: an existing ``dask.distributed.Client`` (engine ``dask``); ``progress(n)`` is called as
-    points finish.
+    points finish; ``checked``: the caller has already run :func:`check_points` on the points to run.
     """
     if engine not in ENGINES:
         raise TierflowError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
@@ -542,7 +541,8 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
         raise TierflowError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
-    check_points(sweep, todo)  # before anything runs or is written
+    if not checked:
+        check_points(sweep, todo)  # before anything runs or is written
     output_dir(out)
     _write_text(out / "sweep.json", json.dumps(
         {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),

@@ -160,14 +160,18 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
     with open_trace(path) as reader:
         meta = reader.meta
         # Continuous batching needs at most batch_size * num_steps tokens past the skipped ones; read in
-        # chunks until enough sequences are complete or the file ends.
+        # chunks until enough sequences are complete, and at least batch_size sequences have begun (a long
+        # first request must not hide the others), or the file ends.
         budget = batch_size * (num_steps + skip_tokens)
         parts = []
         read = 0
+        seen: set[int] = set()
         for chunk in reader.chunks(gate_scores=True, phase=True, predicted_experts=True):
             parts.append(chunk)
             read += len(chunk)
-            if read >= 2 * budget + 65536:
+            if len(seen) < batch_size:
+                seen.update(np.unique(chunk.sequence_id).tolist())
+            if read >= 2 * budget + 65536 and len(seen) >= batch_size:
                 break
         embeddings = reader.embedding()
     if not parts or read == 0:

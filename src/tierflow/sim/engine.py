@@ -51,6 +51,13 @@ class Plan:
     working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
 
 
+def check_routing_source(routing: str, trace) -> None:
+    """Uniform routing draws its own experts: it takes no trace."""
+    if routing == "uniform" and trace:
+        raise TierflowError("workload.routing = 'uniform' draws its own routing; drop the trace or set "
+                            "workload.routing = 'trace'")
+
+
 def check_trace_shape(path, shape: tuple[int, int, int], spec: ModelSpec) -> None:
     """A trace's (MoE layers, experts, top_k) must be the scenario model's."""
     layers, experts, top_k = shape
@@ -64,10 +71,8 @@ def check_trace_shape(path, shape: tuple[int, int, int], spec: ModelSpec) -> Non
 def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | None = None) -> Workload:
     workload_cfg = scenario.workload
     path = trace or workload_cfg.trace
+    check_routing_source(workload_cfg.routing, path)
     if workload_cfg.routing == "uniform":
-        if path:
-            raise TierflowError("workload.routing = 'uniform' draws its own routing; drop the trace or set "
-                                "workload.routing = 'trace'")
         return uniform_workload(spec.name, workload_cfg.batch_size, workload_cfg.decode_tokens, scenario.seed)
     if path:
         workload = load_workload(path, workload_cfg.batch_size, workload_cfg.decode_tokens, workload_cfg.skip_tokens)
@@ -112,10 +117,14 @@ def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) ->
     _hbm_budget(scenario, spec, hardware, 1)
 
 
-def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload) -> Plan:
+def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload,
+                  steps: int | None = None) -> Plan:
+    """Bytes per GPU for weights, KV cache and expert caches. The KV cache is sized for ``steps`` decode steps
+    (default: the workload's), the caches' least size by the workload's largest layer working set."""
     gpus = scenario.gpus
     expert_bytes = spec.expert_bytes
-    kv_per_gpu, non_expert_per_gpu, free = _hbm_budget(scenario, spec, hardware, len(workload.steps))
+    steps = len(workload.steps) if steps is None else steps
+    kv_per_gpu, non_expert_per_gpu, free = _hbm_budget(scenario, spec, hardware, steps)
     working_set = _working_set(workload, gpus)
     experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
     hbm_cache = ddr_cache = None
