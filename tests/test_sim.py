@@ -104,8 +104,13 @@ def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
         reads = drive["bytes"] // expert
         assert drive["busy_s"] == pytest.approx(reads * (ssd.read_latency_s + expert / rate), rel=1e-9)
         assert 0 < drive["busy_share"] <= 1 and drive["preemptions"] == 0
+    horizon = drives[0]["busy_s"] / drives[0]["busy_share"]
+    for channel in drives + links:  # bandwidth used: bytes at the channel's rate over the run
+        rate_of = rate if channel in drives else sim.hardware.host_link.bandwidth_bytes_per_s
+        assert channel["utilization"] == pytest.approx(channel["bytes"] / rate_of / horizon, rel=1e-9)
+    assert links[0]["busy_share"] < links[0]["utilization"]  # the link overlaps the drive's reads
     text = metrics.format_table(results.summary, results)
-    assert "hit rate by layer" in text and f"{ssd.name} " in text
+    assert "hit rate by layer" in text and "utilization" in text and f"{ssd.name} " in text
 
 
 def test_stall_is_the_wait_beyond_compute():

@@ -94,10 +94,14 @@ def collect_results(sim) -> Results:
 
 
 def channel_figures(channels, horizon_s: float) -> list[dict]:
-    """Each link's or drive's busy time, its share of the run (until the last transfer landed, which may be
-    after the last token), the bytes it carried and how often a demand miss took it over from a prefetch."""
-    return [{"name": c.name, "busy_s": c.busy_s, "busy_share": c.busy_s / horizon_s if horizon_s > 0 else 0.0,
-             "bytes": c.bytes_carried, "preemptions": c.preemptions} for c in channels]
+    """Per link or drive, over the run (until the last transfer landed, which may be after the last token):
+    ``busy_s`` and ``busy_share``, the time it held a transfer so that others queued (a link fed by a drive
+    holds a transfer only for the part that does not overlap the drive's read); ``utilization``, the share of
+    its bandwidth its bytes used; the bytes; and how often a demand miss took it over from a prefetch."""
+    share = (lambda seconds: seconds / horizon_s) if horizon_s > 0 else (lambda seconds: 0.0)
+    return [{"name": c.name, "busy_s": c.busy_s, "busy_share": share(c.busy_s),
+             "utilization": share(c.bytes_carried / c.bandwidth_bytes_per_s), "bytes": c.bytes_carried,
+             "preemptions": c.preemptions} for c in channels]
 
 
 def layer_hit_rates(layers: dict) -> np.ndarray:
@@ -168,15 +172,16 @@ def format_table(summary: dict, results: Results | None = None) -> str:
             lines.insert(5, f"hit rate by layer lowest {100 * rates[low]:.1f}% (MoE layer {low})   highest "
                             f"{100 * rates[high]:.1f}% (MoE layer {high})")
     if results is not None and results.channels and any(c["bytes"] for c in results.channels):
-        lines.append("busy              " + _busy_line(results.channels))
+        lines.append("utilization       " + _utilization_line(results.channels))
     return "\n".join(lines)
 
 
-def _busy_line(channels: list[dict]) -> str:
-    """Busy share by kind of channel (the name without its GPU number): mean over the GPUs, and the busiest."""
+def _utilization_line(channels: list[dict]) -> str:
+    """Bandwidth used, by kind of channel (the name without its GPU number): mean over the GPUs, and the
+    highest."""
     kinds: dict[str, list[float]] = {}
     for channel in channels:
-        kinds.setdefault(channel["name"].split(" #")[0], []).append(channel["busy_share"])
+        kinds.setdefault(channel["name"].split(" #")[0], []).append(channel["utilization"])
     return "   ".join(f"{kind} {100 * sum(v) / len(v):.1f}% (max {100 * max(v):.1f}%)" for kind, v in kinds.items())
 
 
@@ -208,7 +213,7 @@ def write_results_h5(results: Results, path) -> None:
             if results.channels:
                 channels = f.create_group("channels")
                 channels["name"] = [c["name"] for c in results.channels]
-                for field in ("busy_s", "busy_share", "bytes", "preemptions"):
+                for field in ("busy_s", "busy_share", "utilization", "bytes", "preemptions"):
                     channels[field] = np.array([c[field] for c in results.channels])
 
     atomic_write(path, write)
