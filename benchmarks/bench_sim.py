@@ -69,11 +69,11 @@ def cost_split(tokens: int) -> str:
         results = sim.run()
         run_s = time.perf_counter() - start
         accesses = sum(len(e) for step in sim.workload.steps for e in step.experts)
-        rows.append((accesses, int(results.step_misses.sum()), run_s))
-    design = np.array([[a, m] for a, m, _ in rows], dtype=float)
-    (per_access, per_miss), *_ = np.linalg.lstsq(design, np.array([r[2] for r in rows]), rcond=None)
+        rows.append((capacity, accesses, int(results.step_misses.sum()), run_s))
+    design = np.array([[a, m] for _, a, m, _ in rows], dtype=float)
+    (per_access, per_miss), *_ = np.linalg.lstsq(design, np.array([r[3] for r in rows]), rcond=None)
     raw = raw_event_rate()
-    lines = [f"  capacity run: {a:,} accesses, {m:,} misses, {t:.2f} s" for a, m, t in rows]
+    lines = [f"  {c:,} experts cached: {a:,} accesses, {m:,} misses, {t:.2f} s" for c, a, m, t in rows]
     return "\n".join([
         f"ssd_offload cost split ({tokens} tokens, three cache sizes):", *lines,
         (f"  per access {per_access * 1e6:.2f} us, per miss {per_miss * 1e6:.2f} us; SimPy raw event "

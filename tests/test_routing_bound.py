@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 
 from tierflow.catalog import get_model
 from tierflow.errors import TierflowError
 from tierflow.prefetch.base import PrefetchContext, RoutingEvent
-from tierflow.trace.format import open_trace
+from tierflow.trace.format import open_trace, write_trace
 from tierflow.trace.synth import SynthParams, generate, generate_arrays
 
 _PATH = Path(__file__).resolve().parent.parent / "scripts" / "routing_bound.py"
@@ -56,18 +57,23 @@ def oracle(deepseek):
     return lambda threshold: bound.PatternOracle(bound.PatternOracle.Params(threshold), context)
 
 
-def test_rebuild_refuses_a_trace_it_did_not_generate(deepseek, tmp_path):
-    spec = get_model("deepseek-r1")
-    other = tmp_path / "other.h5"
-    generate("deepseek-r1", 50, other, seed=SEED, workers=1)
-    with open_trace(other) as reader:
-        assert reader.meta.num_tokens == 50
-    bound.rebuild_generator(str(other))  # same seed and shape: the same tables
+def test_rebuild_refuses_a_trace_it_did_not_generate(tmp_path):
+    same = tmp_path / "same.h5"
+    generate("deepseek-r1", 50, same, seed=SEED, workers=1)
+    assert bound.rebuild_generator(str(same))["top_k"] == 8  # a generated trace: its tables are rebuilt
     mixtral = tmp_path / "mixtral.h5"
     generate("mixtral-8x7b", 50, mixtral, seed=SEED, workers=1)
-    with pytest.raises(TierflowError):  # another model's trace: its embeddings are not DeepSeek-R1's
+    with pytest.raises(TierflowError, match="does not reproduce"):  # another model's routing
         bound.rebuild_generator(str(mixtral))
-    assert spec.top_k == deepseek[2]["top_k"]
+    with h5py.File(same, "r+") as f:  # its source names another seed than the one that generated it
+        f.attrs["source"] = f.attrs["source"].replace(f"seed={SEED}", f"seed={SEED + 1}")
+    with pytest.raises(TierflowError, match="does not reproduce"):
+        bound.rebuild_generator(str(same))
+    imported = tmp_path / "imported.h5"
+    write_trace(imported, np.zeros((2, 58, 8), dtype=int) + np.arange(8), np.zeros(2, dtype=int),
+                model="deepseek-r1", num_experts=256, source="imported from a serving log")
+    with pytest.raises(TierflowError, match="not a tierflow synthetic trace"):
+        bound.rebuild_generator(str(imported))
 
 
 def test_each_tokens_pattern_is_recovered(deepseek, oracle):

@@ -278,7 +278,7 @@ placement = ["ddr", "ssd"]
     ({"cache.params.foo": [1]}, ["cache.params.foo=1", "unknown parameter(s) foo"]),
     ({"workload.trace": ["/nonexistent/trace.h5"]}, ["/nonexistent/trace.h5", "no such file"]),
     ({"workload.trace": ["TEXT"]}, ["not an HDF5 file"]),
-    ({"workload.trace": ["TOP2"]}, ["trace top_k 2 differs from olmoe-1b-7b's 8"]),
+    ({"workload.trace": ["TOP2"]}, ["trace has top_k 2 but model 'olmoe-1b-7b' has top_k 8"]),
     ({"cache.capacity_experts": [128, 1]}, ["cache.capacity_experts=1", "working set"]),
     ({"cache.capacity_experts": [128, 100000]}, ["cache.capacity_experts=100000", "HBM"]),
     ({"prefetch.policy": ["oracle"], "prefetch.params.seed": [-1]}, ["seed must be >= 0"]),

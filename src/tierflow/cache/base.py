@@ -326,6 +326,8 @@ class TierCache:
     def pin(self, key, times: int = 1) -> None:
         """Protect a resident key from eviction (``times`` pins at once, at least one); pins nest and each
         needs an ``unpin``."""
+        if times < 1:
+            raise ValueError(f"{self.name}: pin {key!r} at least once, not {times} times")
         count = self.pins.get(key, 0)
         if not count:
             size = self.sizes.get(key)

@@ -195,29 +195,29 @@ def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driv
     each trace's first ``later_tokens`` tokens (all when None)."""
     features, targets, decisions = [], [], 0
     scorer, loss = None, float("nan")
-    work = tempfile.TemporaryDirectory(prefix="tierflow-train-")  # each round's weights, for the next round
-    for round_index in range(rounds):
-        if round_index == 0:
-            drivers = ((driver, None),)
-        else:
-            previous = Path(work.name) / f"round{round_index}.npz"
-            scorer.save(previous)
-            drivers = (("learned", {"weights": str(previous)}),)
-        for i, requests in enumerate(requests_list):
-            if round_index and later_tokens:
-                requests = _first_tokens(requests, later_tokens)
-            f, t, g = collect_examples(requests, capacity_fractions, seed=seed + 1000 * round_index + i,
-                                       drivers=drivers)
-            features.append(f)
-            targets.append(t)
-            decisions += int(g.max()) + 1 if len(g) else 0
-        if not sum(len(f) for f in features):
-            work.cleanup()
-            raise TierflowError("no eviction decisions to learn from: the traces end before a cache of the "
-                                "smallest --fractions size fills (use longer traces or larger fractions)")
-        scorer, loss = fit_scorer(np.concatenate(features), np.concatenate(targets), hidden=hidden,
-                                  epochs=epochs, seed=seed)
-    work.cleanup()
+    with tempfile.TemporaryDirectory(prefix="tierflow-train-") as work:  # each round's weights, for the next
+        for round_index in range(rounds):
+            if round_index == 0:
+                drivers = ((driver, None),)
+            else:
+                previous = Path(work) / f"round{round_index}.npz"
+                scorer.save(previous)
+                drivers = (("learned", {"weights": str(previous)}),)
+            for i, requests in enumerate(requests_list):
+                if round_index and later_tokens:
+                    requests = _first_tokens(requests, later_tokens)
+                f, t, g = collect_examples(requests, capacity_fractions, seed=seed + 1000 * round_index + i,
+                                           drivers=drivers)
+                features.append(f)
+                targets.append(t)
+                decisions += int(g.max()) + 1 if len(g) else 0
+            if round_index:
+                _forget(previous)
+            if not sum(len(f) for f in features):
+                raise TierflowError("no eviction decisions to learn from: the traces end before a cache of the "
+                                    "smallest --fractions size fills (use longer traces or larger fractions)")
+            scorer, loss = fit_scorer(np.concatenate(features), np.concatenate(targets), hidden=hidden,
+                                      epochs=epochs, seed=seed)
     scorer.save(out, sources=np.array(list(sources) or ["unnamed"]), seed=seed, driver=driver, rounds=rounds,
                 capacity_fractions=np.array(capacity_fractions))
     _forget(out)

@@ -65,7 +65,8 @@ def check_trace_shape(path, shape: tuple[int, int, int], spec: ModelSpec) -> Non
         raise TierflowError(f"{path}: trace has {layers} MoE layers x {experts} experts but model {spec.name!r} has "
                             f"{spec.num_moe_layers} x {spec.num_routed_experts}; set `model` to match")
     if top_k != spec.top_k:
-        raise TierflowError(f"{path}: trace top_k {top_k} differs from {spec.name}'s {spec.top_k}; set `model` to match")
+        raise TierflowError(f"{path}: trace has top_k {top_k} but model {spec.name!r} has top_k {spec.top_k}; set "
+                            f"`model` to match")
 
 
 def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | None = None) -> Workload:
@@ -316,8 +317,7 @@ class Simulation:
             for channel in path.hops:
                 channel.preemptive = scenario.prefetch.preempt
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
-                            reserve_bytes=plan.working_set_experts * plan.expert_bytes,
-                            num_layers=self.workload.num_layers)
+                            self.workload.num_layers, reserve_bytes=plan.working_set_experts * plan.expert_bytes)
 
     def _prefetcher(self):
         prefetch = self.scenario.prefetch

@@ -42,7 +42,7 @@ class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
     def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
-                 placement: str, expert_bytes: int, ledger: Ledger, reserve_bytes: int = 0, num_layers: int = 1):
+                 placement: str, expert_bytes: int, ledger: Ledger, num_layers: int, reserve_bytes: int = 0):
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM

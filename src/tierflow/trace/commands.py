@@ -16,18 +16,12 @@ def register(group: click.Group) -> None:
     group.add_command(import_)
 
 
-def _non_negative_seed(ctx, param, value):
-    if value < 0:
-        raise click.BadParameter(f"seed must be >= 0, got {value}")
-    return value
-
-
 @click.command()
 @click.option("--model", "model_name", required=True, help="Catalog model name (see `tierflow catalog models`).")
 @click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens to generate.")
 @click.option("--sequences", type=click.IntRange(min=1), default=None,
               help="Number of sequences (requests); default: one per 512 tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, callback=_non_negative_seed,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed (>= 0); same seed, same file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a generator parameter: " + ", ".join(attrs.fields_dict(synth.SynthParams))
