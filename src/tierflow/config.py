@@ -68,16 +68,15 @@ class WorkloadConfig:
                                               "every token picks top-k experts uniformly at random"))
 
     def __attrs_post_init__(self):
-        # The built-in trace has 3 x batch_size x (decode_tokens + skip_tokens) tokens (see synthetic_workload),
-        # and every sequence needs at least one of them.
+        from tierflow.workload import SYNTHETIC_TOKENS_RULE, synthetic_token_count
+
         if self.routing == "uniform" and self.skip_tokens:
             raise ValueError(f"skip_tokens = {self.skip_tokens} has no effect with workload.routing = 'uniform' "
                              "(its tokens are independent draws); set workload.skip_tokens = 0")
-        tokens = 3 * self.batch_size * (self.decode_tokens + self.skip_tokens)
-        if not self.trace and self.routing == "trace" and self.synthetic_sequences > tokens:
-            raise ValueError(
-                f"synthetic_sequences = {self.synthetic_sequences} exceeds the {tokens} tokens of the built-in trace "
-                f"(3 x workload.batch_size x (workload.decode_tokens + workload.skip_tokens))")
+        tokens = synthetic_token_count(self.batch_size, self.decode_tokens, self.skip_tokens)
+        if not self.trace and self.routing == "trace" and self.synthetic_sequences > tokens:  # each needs a token
+            raise ValueError(f"synthetic_sequences = {self.synthetic_sequences} exceeds the {tokens} tokens of the "
+                             f"built-in trace ({SYNTHETIC_TOKENS_RULE})")
 
 
 @attrs.frozen

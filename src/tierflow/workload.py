@@ -193,6 +193,15 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
                     list(sequences))
 
 
+SYNTHETIC_TOKENS_RULE = "3 x workload.batch_size x (workload.decode_tokens + workload.skip_tokens)"
+
+
+def synthetic_token_count(batch_size: int, decode_tokens: int, skip_tokens: int = 0) -> int:
+    """Tokens of the built-in trace (:data:`SYNTHETIC_TOKENS_RULE`): sequence lengths vary, so three times the
+    tokens the steps need keep the batch full to the last step."""
+    return 3 * batch_size * (decode_tokens + skip_tokens)
+
+
 def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequences: int, seed: int,
                        skip_tokens: int = 0) -> Workload:
     """Decode steps from the built-in synthetic generator (no file).
@@ -205,10 +214,10 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
 
     spec = get_model(model_name)
     sequences = max(sequences, 3 * batch_size)
-    tokens = 3 * batch_size * (num_steps + skip_tokens)
+    tokens = synthetic_token_count(batch_size, num_steps, skip_tokens)
     per_token = spec.num_moe_layers * spec.top_k * (expert_dtype(spec.num_routed_experts).itemsize + 4)  # + gates
     _check_fits_memory(tokens * per_token,
-                       f"the built-in trace's {tokens:,} tokens (3 x batch x (decode + skip)) x {spec.num_moe_layers} "
+                       f"the built-in trace's {tokens:,} tokens ({SYNTHETIC_TOKENS_RULE}) x {spec.num_moe_layers} "
                        f"layers x top-{spec.top_k}",
                        "workload.batch_size, workload.decode_tokens, workload.skip_tokens")
     data = generate_arrays(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, tokens,
