@@ -66,7 +66,7 @@ def test_table_has_one_column_per_scenario_and_the_main_figures(scenarios):
     labels = {line[:26].strip() for line in lines[2:]}
     for label in ("latency/token mean (ms)", "stall/token (ms)", "HBM hit rate", "DDR hit rate",
                   "bytes moved/token (GB)", "energy/token total (J)", "compute (J)", "ssd (J)", "static (J)",
-                  "wasted prefetches (J)", "prefetch accuracy"):
+                  "wasted prefetches (J)", "prefetch accuracy", "SSD utilization", "link utilization"):
         assert label in labels, label
     stall = next(line for line in lines if line.startswith("stall/token")).split()[-2:]
     assert float(stall[1]) < float(stall[0])  # the oracle hides some of the plain run's stall
@@ -77,6 +77,15 @@ def test_format_comparison_matches_the_summaries():
     table = compare_module.format_comparison(summaries)
     stall_ms = summaries[0]["stall_s_per_token"] * 1e3
     assert f"{stall_ms:.2f}" in next(line for line in table.splitlines() if line.startswith("stall/token"))
+
+
+def test_utilization_rows_are_the_mean_over_each_kind_of_channel():
+    runs = [Simulation(load_scenario(name, ["workload.decode_tokens=2"])).run() for name in ("hbm_only", "ssd_offload")]
+    table = compare_module.format_comparison([r.summary for r in runs], [r.channels for r in runs])
+    drives = [c["utilization"] for c in runs[1].channels if c["kind"] == "ssd"]
+    assert len(drives) == 8 and all(c["kind"] == "link" for c in runs[0].channels)
+    row = next(line for line in table.splitlines() if line.startswith("SSD utilization")).split()
+    assert row[-2:] == ["—", f"{100 * sum(drives) / len(drives):.1f}%"]  # hbm_only moves nothing
 
 
 def test_a_bad_scenario_fails_before_anything_runs(scenarios):

@@ -58,11 +58,21 @@ FIGURES = [
 ]
 
 
-def format_comparison(summaries: list[dict]) -> str:
-    """One row per figure, one column per scenario (the figures of :data:`FIGURES`)."""
+def _utilization(channels: list[dict] | None, kind: str) -> str:
+    """Mean bandwidth used by the channels of a kind (over GPUs); "—" when the run has none that carried bytes."""
+    used = [c["utilization"] for c in channels or () if c["kind"] == kind]
+    return _rate(sum(used) / len(used)) if used and any(c["bytes"] for c in channels) else "—"
+
+
+def format_comparison(summaries: list[dict], channels: list[list[dict] | None] | None = None) -> str:
+    """One row per figure, one column per scenario (the figures of :data:`FIGURES`), and with ``channels`` (each
+    run's :func:`~tierflow.metrics.channel_figures`) the mean utilization of its drives and links."""
     header = ["", *[s["scenario"] for s in summaries]]
     rows = [header, ["model / batch", *[f"{s['model']} / {s['batch_size']}" for s in summaries]]]
     rows += [[label, *[read(s) for s in summaries]] for label, read in FIGURES]
+    if channels is not None:
+        rows += [[label, *[_utilization(c, kind) for c in channels]]
+                 for label, kind in (("SSD utilization", "ssd"), ("link utilization", "link"))]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
@@ -73,8 +83,9 @@ def format_comparison(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = True) -> list[dict]:
-    """Simulate each scenario (with the same overrides) and return their summaries in order.
+def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = True) -> list:
+    """Simulate each scenario (with the same overrides) and return their :class:`~tierflow.metrics.Results` in
+    order.
 
     Every scenario is loaded and checked (:func:`tierflow.sweep.check_point`) before any runs; an error names
     the scenario it comes from."""
@@ -93,13 +104,13 @@ def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = T
         except TierflowError as error:
             raise TierflowError(f"scenario {name}: {error}") from None
         scenarios.append(scenario)
-    summaries = []
+    results = []
     for name, scenario in zip(names, scenarios, strict=True):
         try:
-            summaries.append(run_with_progress(scenario, trace, quiet).summary)
+            results.append(run_with_progress(scenario, trace, quiet))
         except TierflowError as error:
             raise TierflowError(f"scenario {name}: {error}") from None
-    return summaries
+    return results
 
 
 @click.command()
@@ -113,10 +124,10 @@ def run_scenarios(names, overrides=(), trace: str | None = None, quiet: bool = T
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare(scenario_names, trace, overrides, as_json, quiet):
     """Simulate several scenarios and print latency, stall, hit rates, bytes and energy side by side."""
-    summaries = run_scenarios(scenario_names, overrides, str(trace) if trace else None, quiet)
+    results = run_scenarios(scenario_names, overrides, str(trace) if trace else None, quiet)
     if as_json:
         from tierflow.cli import echo_json
 
-        echo_json({"scenarios": summaries})
+        echo_json({"scenarios": [r.summary for r in results]})
     else:
-        click.echo(format_comparison(summaries))
+        click.echo(format_comparison([r.summary for r in results], [r.channels for r in results]))

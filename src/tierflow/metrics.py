@@ -97,9 +97,10 @@ def channel_figures(channels, horizon_s: float) -> list[dict]:
     """Per link or drive, over the run (until the last transfer landed, which may be after the last token):
     ``busy_s`` and ``busy_share``, the time it held a transfer so that others queued (a link fed by a drive
     holds a transfer only for the part that does not overlap the drive's read); ``utilization``, the share of
-    its bandwidth its bytes used; the bytes; and how often a demand miss took it over from a prefetch."""
+    its bandwidth its bytes used; the bytes; and how often a demand miss took it over from a prefetch. ``kind``
+    is ``"ssd"`` for a drive, ``"link"`` for a link."""
     share = (lambda seconds: seconds / horizon_s) if horizon_s > 0 else (lambda seconds: 0.0)
-    return [{"name": c.name, "busy_s": c.busy_s, "busy_share": share(c.busy_s),
+    return [{"name": c.name, "kind": c.kind, "busy_s": c.busy_s, "busy_share": share(c.busy_s),
              "utilization": share(c.bytes_carried / c.bandwidth_bytes_per_s), "bytes": c.bytes_carried,
              "preemptions": c.preemptions} for c in channels]
 

@@ -22,6 +22,8 @@ from tierflow.sim.transfer import DEMAND, PREFETCH
 class Channel:
     """Serves :class:`~tierflow.sim.transfer.Transfer` objects; subclasses define the service time."""
 
+    kind = "link"  # what results call it: "link" or "ssd"
+
     def __init__(self, calendar, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
         if bandwidth_bytes_per_s <= 0:
             raise ValueError(f"{name}: bandwidth must be > 0")

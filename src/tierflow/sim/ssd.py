@@ -31,6 +31,8 @@ def sustained_read_bytes_per_s(ssd: MemoryTier, link: Link | None = None) -> flo
 class SsdChannel(Channel):
     """An NVMe drive serving expert reads from its submission queue."""
 
+    kind = "ssd"
+
     def __init__(self, calendar, ssd: MemoryTier, link: Link | None, chunk_bytes: int, name: str | None = None):
         super().__init__(calendar, name or ssd.name, sustained_read_bytes_per_s(ssd, link), ssd.read_latency_s,
                          chunk_bytes)
