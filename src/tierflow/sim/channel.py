@@ -79,12 +79,10 @@ class Channel:
         if upstream_done_at is None:
             return full, first_chunk
         # Bytes this channel could have moved while upstream was still producing them, had it been idle.
-        idle_since, ready = self._idle_since, transfer.data_ready_at
-        overlap = upstream_done_at - (idle_since if idle_since > ready else ready)
+        overlap = upstream_done_at - max(self._idle_since, transfer.data_ready_at)
         if overlap <= 0:
             return full, first_chunk
-        duration = full - overlap
-        return (duration if duration > first_chunk else first_chunk), first_chunk
+        return max(first_chunk, full - overlap), first_chunk
 
     def _start(self, transfer) -> None:
         self._busy = True
