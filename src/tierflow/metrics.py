@@ -29,7 +29,8 @@ class Results:
     scenario_table: dict
     # Per MoE layer, demand lookups summed over GPUs: {"hits", "in_flight", "misses"} -> (layers,) arrays.
     layers: dict | None = None
-    # Per link or drive: {"name", "busy_s", "busy_share", "bytes", "preemptions"} (see channel_figures).
+    # Per link or drive: {"name", "kind", "busy_s", "busy_share", "utilization", "bytes", "preemptions"} (see
+    # channel_figures).
     channels: list | None = None
 
 

@@ -65,10 +65,7 @@ def check_value(field: attrs.Attribute, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
+        _number(field, value)
     elif kind == "str":
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r} (quote it)")

@@ -229,9 +229,9 @@ class _Step:
 
 @attrs.frozen
 class _BoundWorkload:
-    """Stands in for a workload in capacity planning without generating or reading one: ``steps`` has the run's
-    length and one layer's working set is the least any real step can need (top-k distinct experts of one
-    token), so every capacity it rejects the real run rejects too."""
+    """Stands in for a workload in capacity planning without generating or reading one: ``steps`` holds one step
+    whose layers each need the least working set any real step can (top-k distinct experts of one token), so
+    every capacity it rejects the real run rejects too (the run's length goes to ``plan_capacity`` apart)."""
 
     steps: list
 
