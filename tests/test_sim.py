@@ -111,6 +111,8 @@ def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
     assert links[0]["busy_share"] < links[0]["utilization"]  # the link overlaps the drive's reads
     text = metrics.format_table(results.summary, results)
     assert "hit rate by layer" in text and "utilization" in text and f"{ssd.name} " in text
+    moved, tokens = results.summary["bytes_moved"]["ssd->hbm"], results.summary["tokens"]
+    assert f"ssd->hbm {moved / tokens / 1e9:.2f} GB/token ({moved / 1e9:.2f} GB in all)" in text
 
 
 def test_stall_is_the_wait_beyond_compute():

@@ -162,7 +162,7 @@ def format_table(summary: dict, results: Results | None = None) -> str:
         f"throughput        {s['tokens_per_s']:.1f} tokens/s",
         f"stall/token       {s['stall_s_per_token'] * 1e3:.3f} ms",
         f"hit rate          HBM {rate(s['hit_rate']['hbm'])}   DDR {rate(s['hit_rate']['ddr'])}",
-        "bytes moved       " + ("   ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["bytes_moved"].items()) or "none"),
+        "bytes moved       " + _bytes_line(s["bytes_moved"], s["tokens"]),
         "energy/token      " + "   ".join(f"{k} {v:.3f} J" for k, v in s["energy_j_per_token"].items()),
         "prefetch          " + _prefetch_line(s["prefetch"]),
         f"peak HBM          {s['peak_hbm_bytes'] / 1e9:.2f} GB per GPU",
@@ -176,6 +176,15 @@ def format_table(summary: dict, results: Results | None = None) -> str:
     if results is not None and results.channels and any(c["bytes"] for c in results.channels):
         lines.append("utilization       " + _utilization_line(results.channels))
     return "\n".join(lines)
+
+
+def _bytes_line(moved: dict, tokens: int) -> str:
+    """Each route's bytes per token, as the other lines, and over the whole run."""
+    if not moved:
+        return "none"
+    if not tokens:
+        return "   ".join(f"{k} {v / 1e9:.2f} GB" for k, v in moved.items())
+    return "   ".join(f"{k} {v / tokens / 1e9:.2f} GB/token ({v / 1e9:.2f} GB in all)" for k, v in moved.items())
 
 
 def _utilization_line(channels: list[dict]) -> str:
