@@ -605,3 +605,68 @@ def test_simulate_checks_the_values_of_its_trace(tmp_path, policy):
     result = run_cli("simulate", "--trace", path, "--set", "model=olmoe-1b-7b", "--set", "cache.capacity_experts=512",
                      "--set", "workload.decode_tokens=2", "--set", f"prefetch.policy={policy}", "--quiet")
     assert_one_line_error(result, str(path), "expert id 70 outside [0, 64) at token 0, layer 0")
+
+
+def _step_compute_s(compute, step, context):
+    """A step's compute alone (no stall): dense layers, each MoE layer's attention and experts, the LM head."""
+    seconds = compute.dense_prefix(context).seconds + compute.lm_head().seconds
+    for layer, experts in enumerate(step.experts):
+        seconds += compute.attention(context, layer).seconds
+        seconds += compute.experts(experts.tolist(), step.tokens_per_expert[layer].tolist()).seconds
+    return seconds
+
+
+def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path):
+    """Three sequences at batch 2: once the third has taken a finished slot and the other has ended, steps
+    decode one sequence, and compute (time and ledger) is that of batch 1."""
+    spec = get_model("olmoe-1b-7b")
+    rng = np.random.default_rng(3)
+    lengths = [4, 10, 3]
+    experts = np.stack([[rng.choice(spec.num_routed_experts, spec.top_k, replace=False)
+                         for _ in range(spec.num_moe_layers)] for _ in range(sum(lengths))])
+    path = tmp_path / "three.h5"
+    write_trace(path, experts, np.repeat([0, 1, 2], lengths), model=spec.name,
+                num_experts=spec.num_routed_experts, source="test")
+    sim = Simulation(small(**{"placement": "hbm", "gpus": 1, "workload.decode_tokens": 20}), trace=str(path))
+    results = sim.run()
+    batches = [len(step.sequence_ids) for step in sim.workload.steps]
+    assert batches == [2] * 7 + [1] * 3 and results.summary["tokens"] == sum(lengths)
+    context = SMALL["workload"]["context_length"]
+    for step, latency in zip(sim.workload.steps, results.step_latency_s, strict=True):
+        model = sim.compute_models.get(len(step.sequence_ids))
+        assert latency == pytest.approx(_step_compute_s(model, step, context + step.index), rel=1e-12)
+    one = sim.compute_models.get(1)
+    last = sim.workload.steps[-1]
+    assert one.batch == 1 and one is not sim.compute
+    assert one.attention(context, 0).flops == pytest.approx(sim.compute.attention(context, 0).flops / 2)
+    assert _step_compute_s(one, last, context) < _step_compute_s(sim.compute, last, context)
+
+
+def test_the_lm_head_is_read_unquantized():
+    """FP8 releases keep the LM head in BF16: its bytes are the catalog's, not the FP8 weights'."""
+    spec = get_model("deepseek-r1")
+    head = ComputeModel(spec, get_profile("h200-pcie5"), 8, 1).lm_head()
+    assert spec.non_expert_bytes_per_param < spec.unquantized_bytes_per_param == 2
+    assert head.hbm_read_bytes == pytest.approx(spec.vocab_size * spec.hidden_size * 2)
+
+
+def test_offload_copies_take_hbm_bandwidth_only_while_they_run():
+    """``timing.offload_takes_hbm_bandwidth`` with copies on demand: a layer computes after its misses land, so
+    without prefetching no compute overlaps a copy and the flag changes nothing; with prefetches in flight
+    some phases run at the reduced bandwidth."""
+    base = ["placement=ddr", "timing.expert_copies=on_demand", "workload.decode_tokens=3", "workload.batch_size=1",
+            "cache.enabled=true",
+            "cache.capacity_experts=64"]
+
+    def latency(*extra):
+        sim = Simulation(load_scenario("kyung_mixtral", [*base, *extra]))
+        return sim, sim.run().summary["latency_s_per_token"]["mean"]
+
+    full = get_profile("kyung2025").gpu.hbm.read_bandwidth_bytes_per_s
+    sim, on = latency()
+    assert sim.compute.hbm_bw == full and set(sim.compute_models._models) == {(1, False)}
+    assert on == latency("timing.offload_takes_hbm_bandwidth=false")[1]
+    sim, prefetching = latency("prefetch.policy=oracle")
+    assert (1, True) in sim.compute_models._models
+    assert sim.compute_models.get(1, True).hbm_bw == pytest.approx(full - 900e9)
+    assert prefetching > latency("prefetch.policy=oracle", "timing.offload_takes_hbm_bandwidth=false")[1]

@@ -183,8 +183,9 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
     if not steps:
         raise TierflowError(f"{path}: no decode tokens after skipping {skip_tokens} per sequence")
     if len(steps[0].sequence_ids) < batch_size:
-        # Fewer sequences than batch slots: the batch would run short while compute and the KV cache are
-        # modelled for the full batch.
+        # Fewer sequences than batch slots: the run would never decode the batch it is asked for (its HBM plan
+        # holds the full batch's KV cache). Later steps may run short when the trace runs out of sequences;
+        # each is charged for the sequences it decodes.
         available = sum(len(value[0]) > skip_tokens for value in sequences.values())
         skipped = f" after skipping {skip_tokens} tokens each" if skip_tokens else ""
         raise TierflowError(f"{path}: workload.batch_size = {batch_size} but the trace has only {available} "

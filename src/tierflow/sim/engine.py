@@ -25,7 +25,7 @@ from tierflow.metrics import Results, collect_results
 from tierflow.prefetch import PrefetchContext, make_prefetcher
 from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
-from tierflow.sim.gpu import ComputeModel, FutureIndex, GpuStream, attention_groups
+from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups
 from tierflow.sim.link import LinkChannel
 from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
@@ -250,6 +250,15 @@ def compute_hbm_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> floa
     return left
 
 
+def _contention(scenario: Scenario, hardware: HardwareProfile) -> tuple[float, str]:
+    """The HBM bandwidth compute keeps while offload copies run, and when copies run beside compute (see
+    :class:`ComputeModels`)."""
+    left = compute_hbm_bandwidth(scenario, hardware)
+    if left == hardware.gpu.hbm.read_bandwidth_bytes_per_s:
+        return left, "never"
+    return left, "always" if scenario.timing.expert_copies == "ahead" else "in_flight"
+
+
 class Simulation:
     """One scenario wired into a SimPy environment; :meth:`run` returns :class:`Results`."""
 
@@ -277,10 +286,11 @@ class Simulation:
         future = None
         if any(offline):
             future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts)
-        self.compute = ComputeModel(self.spec, self.hardware, self.plan.gpus, scenario.workload.batch_size,
-                                    compute_hbm_bandwidth(scenario, self.hardware), scenario.attention_tp)
+        self.compute_models = ComputeModels(self.spec, self.hardware, self.plan.gpus, scenario.attention_tp,
+                                            *_contention(scenario, self.hardware))
+        self.compute = self.compute_models.get(scenario.workload.batch_size)  # the full batch's, outside copies
         self.stream = GpuStream(
-            self.env, self.workload, self.memories, self.compute, self.prefetcher, self.ledger,
+            self.env, self.workload, self.memories, self.compute_models, self.prefetcher, self.ledger,
             scenario.workload.context_length, self._lookahead(), scenario.prefetch.budget_experts,
             scenario.prefetch.max_queued, future, progress, copies_ahead=scenario.timing.expert_copies == "ahead",
         )

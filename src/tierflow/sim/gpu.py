@@ -172,8 +172,36 @@ class ComputeModel:
 
     def lm_head(self) -> Phase:
         spec = self.spec
+        # The LM head stays unquantized (BF16) in the FP8 and MXFP4 releases, as the catalog's embedding bytes.
         return self._tensor_parallel(spec.lm_head_flops_per_token,
-                                     spec.lm_head_flops_per_token / 2 * spec.non_expert_bytes_per_param, 0.0, 0.0)
+                                     spec.lm_head_flops_per_token / 2 * spec.unquantized_bytes_per_param, 0.0, 0.0)
+
+
+class ComputeModels:
+    """The compute model for each (batch size, HBM bandwidth) a run needs, built on first use.
+
+    The batch shrinks when a trace runs out of sequences to take the slots of those that ended, and each step
+    is charged for the sequences it decodes. With ``timing.offload_takes_hbm_bandwidth``, compute gets the HBM
+    bandwidth the offload copies leave (``contended_bw``) while copies run beside it: in every phase when copies
+    are queued ahead (``contention = "always"``), else in the phases that start while a copy is in flight
+    (``"in_flight"``; a layer that waits for its demand misses computes after they land, so only prefetches
+    overlap compute). ``"never"``: the full bandwidth throughout."""
+
+    def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, attention_tp: int | None,
+                 contended_bw: float, contention: str):
+        self.spec, self.hardware, self.gpus, self.attention_tp = spec, hardware, gpus, attention_tp
+        self.full_bw = hardware.gpu.hbm.read_bandwidth_bytes_per_s
+        self.contended_bw, self.contention = contended_bw, contention
+        self._models: dict[tuple[int, bool], ComputeModel] = {}
+
+    def get(self, batch: int, contended: bool = False) -> ComputeModel:
+        contended = self.contention == "always" or (contended and self.contention == "in_flight")
+        model = self._models.get((batch, contended))
+        if model is None:
+            model = self._models[batch, contended] = ComputeModel(
+                self.spec, self.hardware, self.gpus, batch, self.contended_bw if contended else self.full_bw,
+                self.attention_tp)
+        return model
 
 
 @attrs.define
@@ -209,7 +237,7 @@ class FutureIndex:
 class GpuStream:
     """The SimPy process that runs the decode steps on all GPUs in lockstep."""
 
-    def __init__(self, env, workload, memories, compute: ComputeModel, prefetcher, ledger: Ledger,
+    def __init__(self, env, workload, memories, compute: ComputeModels, prefetcher, ledger: Ledger,
                  context_length: int, lookahead: int, budget_experts: int, max_queued: int,
                  future: FutureIndex | None, progress=None, copies_ahead: bool = False):
         self.env, self.workload, self.memories = env, workload, memories
@@ -252,9 +280,15 @@ class GpuStream:
         self.wake = self.calendar.run_until(Arrival(self.calendar, transfers))
         return timeout_towards(self.env, self.wake[0])
 
+    def _compute(self, batch: int) -> ComputeModel:
+        """The compute model for a phase starting now: the step's batch, and whether copies are in flight."""
+        models = self.compute
+        if models.contention != "in_flight":
+            return models.get(batch)
+        return models.get(batch, any(memory.in_flight for memory in self.memories))
+
     def _run(self):
         env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
-        compute = self.compute
         num_layers = workload.num_layers
         looks_up = not all(memory.all_resident for memory in memories)
         for step in workload.steps:
@@ -263,6 +297,8 @@ class GpuStream:
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             context = self.context_length + step.index
+            batch = len(step.sequence_ids)
+            compute = self._compute(batch)
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back, and nothing is admitted to a cache between them.
             pending = compute.dense_prefix(context)
@@ -291,6 +327,7 @@ class GpuStream:
                         yield timeout_towards(env, self.wake[0])
                     calendar.advance(self.wake)
                     stall += env.now - waited_from
+                compute = self._compute(batch)  # for this layer's experts and the next layer's attention
                 pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
