@@ -106,10 +106,11 @@ def test_prefetching_changes_timing_and_bytes_never_what_layers_compute_with(nam
     sim, results, computed, _ = run_recorded(scenario)
     expected = [experts.tolist() for step in sim.workload.steps for experts in step.experts]
     assert computed == expected
-    # Every demand is a hit, a miss, or a hit on a prefetch still in flight (late, not in the step counts).
+    # Every demand is a hit, a miss, or a hit on a prefetch still in flight (late).
     demanded = sum(len(e) for e in expected)
     late = results.summary["prefetch"]["late"]
     assert int(results.step_hits.sum() + results.step_misses.sum()) + late == demanded
+    assert int(results.step_in_flight.sum()) == late
     assert results.summary["tokens"] == batch * len(sim.workload.steps)
 
 

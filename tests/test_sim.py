@@ -86,6 +86,9 @@ def test_layer_lookups_add_up_and_match_the_caches_hit_rate():
     np.testing.assert_array_equal(layers["hits"] + layers["in_flight"] + layers["misses"], requests)
     assert layers["hits"].sum() == results.step_hits.sum() and layers["misses"].sum() == results.step_misses.sum()
     assert layers["in_flight"].sum() > 0  # prefetches still on their way when their layer looked
+    assert layers["in_flight"].sum() == results.step_in_flight.sum() == results.summary["prefetch"]["late"]
+    step_lookups = results.step_hits + results.step_in_flight + results.step_misses
+    np.testing.assert_array_equal(step_lookups, [sum(map(len, step.experts)) for step in sim.workload.steps])
     rates = metrics.layer_hit_rates(layers)
     assert float(np.average(rates, weights=requests)) == pytest.approx(results.summary["hit_rate"]["hbm"])
 
@@ -390,6 +393,9 @@ def test_simulate_json_has_exactly_the_documented_keys(tmp_path):
         assert json.loads(f.attrs["summary_json"]) == summary
         assert len(f["steps/latency_s"]) == 3
         assert f["layers/misses"][:].sum() == f["steps/misses"][:].sum()
+        lookups = sum(f[f"steps/{name}"][:].sum() for name in ("hits", "in_flight", "misses"))
+        hits = f["steps/hits"][:].sum() + f["steps/in_flight"][:].sum()
+        assert hits / lookups == pytest.approx(summary["hit_rate"]["hbm"])
         assert len(f["channels/name"]) == len(f["channels/busy_s"]) == 2 * 8  # a drive and a link per GPU
     assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -150,7 +151,9 @@ def test_serial_run_writes_a_row_per_point_with_parameters_and_figures(serial_ru
     record = json.loads((points_dir(out) / f"{table['point_id'][0]}.json").read_text())
     flat = _flatten_keys(record["summary"]) - {"scenario", "model"}
     assert flat <= set(table)
-    assert (points_dir(out) / f"{table['point_id'][0]}.h5").is_file()
+    with h5py.File(points_dir(out) / f"{table['point_id'][0]}.h5") as f:  # the per-step series of `simulate --out`
+        assert set(f["steps"]) == {"latency_s", "stall_s", "hits", "misses", "in_flight"}
+        assert len(f["steps/in_flight"]) == 8
     header = _csv(out).splitlines()[0].split(",")
     assert header == list(table)
 

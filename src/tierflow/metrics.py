@@ -32,6 +32,9 @@ class Results:
     # Per link or drive: {"name", "kind", "busy_s", "busy_share", "utilization", "bytes", "preemptions"} (see
     # channel_figures).
     channels: list | None = None
+    # Per step, demand lookups that found their expert in flight (a prefetch not yet landed): the summary's hit
+    # rate counts them as hits, ``step_hits`` only counts experts already resident.
+    step_in_flight: np.ndarray | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -91,6 +94,7 @@ def collect_results(sim) -> Results:
             name: np.sum([getattr(m, f"{name}_by_layer") for m in memories], axis=0, dtype=np.int64)
             for name in ("hits", "in_flight", "misses")},
         channels=channel_figures(sim.channels, max(elapsed, sim.calendar.now)),
+        step_in_flight=np.array([r.in_flight for r in records]),
     )
 
 
@@ -217,6 +221,8 @@ def write_results_h5(results: Results, path) -> None:
             steps["stall_s"] = results.step_stall_s
             steps["hits"] = results.step_hits
             steps["misses"] = results.step_misses
+            if results.step_in_flight is not None:
+                steps["in_flight"] = results.step_in_flight
             if results.layers is not None:
                 layers = f.create_group("layers")
                 for name, counts in results.layers.items():

@@ -206,10 +206,13 @@ class ComputeModels:
 
 @attrs.define
 class StepRecord:
+    """One step's time and its demand lookups (summed over GPUs): resident, on their way, missing."""
+
     latency_s: float
     stall_s: float
     hits: int
     misses: int
+    in_flight: int = 0
 
 
 class FutureIndex:
@@ -296,6 +299,7 @@ class GpuStream:
             stall = 0.0
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
+            in_flight_before = sum(m.demand_in_flight for m in memories)
             context = self.context_length + step.index
             batch = len(step.sequence_ids)
             compute = self._compute(batch)
@@ -337,6 +341,7 @@ class GpuStream:
                 env.now - start, stall,
                 sum(m.demand_hits for m in memories) - hits_before,
                 sum(m.demand_misses for m in memories) - misses_before,
+                sum(m.demand_in_flight for m in memories) - in_flight_before,
             ))
             if self.progress is not None:
                 self.progress(1)

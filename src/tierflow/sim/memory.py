@@ -59,6 +59,7 @@ class ExpertMemory:
         self._unused_prefetch: dict[int, Transfer] = {}  # prefetched keys not yet used by a layer
         self.demand_misses = 0
         self.demand_hits = 0
+        self.demand_in_flight = 0  # lookups that found their expert on its way (a prefetch not yet landed)
         # Per MoE layer, the demand lookups that found the expert resident, on its way, or missing.
         self.hits_by_layer = [0] * num_layers
         self.in_flight_by_layer = [0] * num_layers
@@ -99,6 +100,7 @@ class ExpertMemory:
                 self.demand_hits += 1
                 self.hits_by_layer[access.layer] += 1
             else:
+                self.demand_in_flight += 1
                 self.in_flight_by_layer[access.layer] += 1
             return transfer
         self.demand_misses += 1
