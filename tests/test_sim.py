@@ -21,7 +21,7 @@ from tierflow.sim.channel import Channel
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.engine import Simulation
 from tierflow.sim.gpu import ComputeModel
-from tierflow.sim.ssd import sustained_read_bytes_per_s
+from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
 from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
 from tierflow.trace.format import write_trace
 
@@ -94,10 +94,12 @@ def test_layer_lookups_add_up_and_match_the_caches_hit_rate():
 
 
 def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
-    """Without prefetching every SSD read is a whole expert at the drive's sustained rate (a drive has no
-    upstream hop to overlap with): busy time = reads x (latency + expert bytes / rate)."""
-    sim, results = run(small(**{"placement": "ssd", "cache.capacity_experts": 100}))
+    """Without a cache or prefetching every SSD read is a whole expert at the drive's sustained rate (a drive has
+    no upstream hop to overlap with), and each layer's reads queue at once on an idle drive, which pays its
+    latency once for them: busy time = reads x expert bytes / rate + (steps x layers) x latency."""
+    sim, results = run(small(**{"placement": "ssd", "cache.enabled": False}))
     expert, ssd = sim.spec.expert_bytes, sim.hardware.ssd
+    busy_periods = len(sim.workload.steps) * sim.workload.num_layers
     rate = sustained_read_bytes_per_s(ssd, sim.hardware.ssd_link)
     drives = [c for c in results.channels if c["name"].startswith(ssd.name)]
     links = [c for c in results.channels if c["name"].startswith(sim.hardware.host_link.name)]
@@ -105,7 +107,8 @@ def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
     assert sum(c["bytes"] for c in drives) == sum(c["bytes"] for c in links) == results.summary["bytes_moved"]["ssd->hbm"]
     for drive in drives:
         reads = drive["bytes"] // expert
-        assert drive["busy_s"] == pytest.approx(reads * (ssd.read_latency_s + expert / rate), rel=1e-9)
+        assert reads > busy_periods
+        assert drive["busy_s"] == pytest.approx(reads * expert / rate + busy_periods * ssd.read_latency_s, rel=1e-9)
         assert 0 < drive["busy_share"] <= 1 and drive["preemptions"] == 0
     horizon = drives[0]["busy_s"] / drives[0]["busy_share"]
     for channel in drives + links:  # bandwidth used: bytes at the channel's rate over the run
@@ -139,6 +142,32 @@ def _channel_pair(calendar, bw1, bw2, chunk):
     first = Channel(calendar, "a", bw1, 1e-6, chunk)
     second = Channel(calendar, "b", bw2, 2e-6, chunk)
     return first, second
+
+
+def test_a_drive_pays_its_latency_once_per_busy_period():
+    """Reads queued behind another stream at the drive's rate (their requests are already under way); a read
+    that finds the drive idle pays the latency again. A link pays its latency for every transfer."""
+    calendar = Calendar()
+    profile = get_profile("h100-pcie5")
+    drive = SsdChannel(calendar, profile.ssd, profile.ssd_link, 1 << 20)
+    link = Channel(calendar, "link", drive.bandwidth_bytes_per_s, drive.latency_s, 1 << 20)
+    size, latency = 10_000_000, drive.latency_s
+    stream = size / drive.bandwidth_bytes_per_s
+    for channel, per_queued in ((drive, stream), (link, latency + stream)):
+        start = calendar.now
+        reads = [Transfer(calendar, key, size, "ssd", "hbm", [channel], DEMAND) for key in range(3)]
+        for read in reads:
+            read.start()
+        calendar.run()
+        arrived = [read.arrived_at - start for read in reads]
+        assert arrived == pytest.approx([latency + stream + i * per_queued for i in range(3)], rel=1e-12)
+        assert channel.busy_s == pytest.approx(arrived[-1], rel=1e-12)
+    gap = calendar.now + 1e-3
+    calendar.run(until=gap)
+    late = Transfer(calendar, 9, size, "ssd", "hbm", [drive], DEMAND)
+    late.start()
+    calendar.run()
+    assert late.arrived_at - gap == pytest.approx(latency + stream, rel=1e-12)
 
 
 def test_cut_through_costs_the_slow_hop_plus_one_chunk_on_the_fast_one():
@@ -194,13 +223,32 @@ def test_a_demand_transfer_takes_over_from_a_prefetch_at_its_next_chunk():
     calendar.run(until=2.5e-3)
     demand.start()
     calendar.run()
-    whole = latency + 10e-3
-    boundary = whole * 3 / 10
+    boundary = latency + 3e-3  # chunks flow at 1 ms each once the latency is over
     assert demand.arrived_at == pytest.approx(boundary + latency + 2e-3)
     assert prefetch.arrived_at == pytest.approx(demand.arrived_at + latency + 7e-3)
     assert channel.preemptions == 1
     assert channel.bytes_carried == 12_000_000
     assert channel.busy_s == pytest.approx(prefetch.arrived_at)  # never idle, and no time counted twice
+
+
+def test_a_prefetch_still_in_its_latency_yields_at_once_and_resumes_whole():
+    """On a drive, a demand that arrives before the prefetch's bytes flow takes over at once and pays the
+    latency itself; the prefetch then streams all its bytes right behind it, its requests already queued."""
+    calendar = Calendar()
+    profile = get_profile("h100-pcie5")
+    drive = SsdChannel(calendar, profile.ssd, profile.ssd_link, 1 << 20)
+    drive.preemptive = True
+    rate, latency = drive.bandwidth_bytes_per_s, drive.latency_s
+    prefetch = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", [drive], PREFETCH)
+    demand = Transfer(calendar, 1, 2_000_000, "ssd", "hbm", [drive], DEMAND)
+    prefetch.start()
+    calendar.run(until=latency / 2)
+    demand.start()
+    calendar.run()
+    assert demand.arrived_at == pytest.approx(latency / 2 + latency + 2_000_000 / rate, rel=1e-12)
+    assert prefetch.arrived_at == pytest.approx(demand.arrived_at + 10_000_000 / rate, rel=1e-12)
+    assert drive.preemptions == 1 and drive.bytes_carried == 12_000_000
+    assert drive.busy_s == pytest.approx(prefetch.arrived_at, rel=1e-12)
 
 
 def test_a_prefetch_in_its_last_chunk_finishes_first_and_a_plain_channel_never_yields():
@@ -676,3 +724,20 @@ def test_offload_copies_take_hbm_bandwidth_only_while_they_run():
     assert (1, True) in sim.compute_models._models
     assert sim.compute_models.get(1, True).hbm_bw == pytest.approx(full - 900e9)
     assert prefetching > latency("prefetch.policy=oracle", "timing.offload_takes_hbm_bandwidth=false")[1]
+
+
+def test_the_learned_policy_reads_decode_steps_in_the_simulator_as_in_replay():
+    """Its clock is in decode steps (what its default weights were trained on): layer l of step s is at
+    s + l / layers, and a replay of the same token reaches the same reading at that layer's first request."""
+    sim = Simulation(small(**{"cache.policy": "learned", "cache.capacity_experts": 100, "workload.batch_size": 1,
+                              "workload.decode_tokens": 6}))
+    policy = sim.memories[0].hbm.policy
+    seen, clock = [], policy.clock
+    policy.clock = lambda access: seen.append((access.step, access.layer, clock(access))) or seen[-1][2]
+    sim.run()
+    layers, top_k = sim.workload.num_layers, sim.workload.top_k
+    assert {step for step, _, _ in seen} == set(range(6))
+    for step, layer, reading in seen:
+        assert reading == pytest.approx(step + layer / layers, rel=1e-12)
+        replayed = Access(0, (step * layers + layer) * top_k, layer, step=step)  # replay's position of it
+        assert clock(replayed) == pytest.approx(reading, rel=1e-12)

@@ -30,7 +30,8 @@ class CacheFullError(TierflowError):
 class Access:
     """What is known about one access (or insertion) of a key.
 
-    ``time`` increases with every access (the replay position or the simulator's access counter);
+    ``time`` increases with every access (the replay position; the simulator's lookups of one layer share the
+    position a one-token-per-step replay would be at, :func:`tierflow.sim.gpu.access_time`);
     ``layer`` is the MoE layer the key belongs to; ``score`` the router's weight for it (0 when unknown);
     ``next_use`` the ``time`` of the key's next access (``NEVER`` if none; only offline drivers know it);
     ``prefetch`` is true when the insertion is speculative rather than demanded; ``current_layer`` is the

@@ -23,6 +23,9 @@ class Channel:
     """Serves :class:`~tierflow.sim.transfer.Transfer` objects; subclasses define the service time."""
 
     kind = "link"  # what results call it: "link" or "ssd"
+    # Whether a transfer that starts the moment the previous one ends skips the latency: a drive keeps its
+    # request queue full, so the next read's requests are already under way (see :mod:`tierflow.sim.ssd`).
+    hides_latency_when_busy = False
 
     def __init__(self, calendar, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
         if bandwidth_bytes_per_s <= 0:
@@ -37,7 +40,7 @@ class Channel:
         self._order = itertools.count()
         self._busy = False
         self._idle_since = 0.0
-        self._serving = None  # (transfer, duration, first chunk time, start time) while busy
+        self._serving = None  # (transfer, duration, first chunk time, start time, latency paid) while busy
         self._serial = 0  # counts services started: an end event of an earlier one is stale
         self._yield_chunks = None  # while the prefetch in service is to stop: its chunks carried by then
         self.preemptive = False
@@ -51,7 +54,7 @@ class Channel:
             if self.preemptive and transfer.priority == DEMAND and self._serving[0].priority == PREFETCH:
                 self._preempt()
         else:  # an idle channel has an empty queue
-            self._start(transfer)
+            self._start(transfer, False)
 
     @property
     def queued(self) -> int:
@@ -84,12 +87,16 @@ class Channel:
             return full, first_chunk
         return max(first_chunk, full - overlap), first_chunk
 
-    def _start(self, transfer) -> None:
+    def _start(self, transfer, back_to_back: bool) -> None:
+        """Serve ``transfer`` from now; ``back_to_back``: the channel was busy until now (it comes off the queue)."""
         self._busy = True
         now = self.calendar.now
         duration, first_chunk_s = self.service_time(transfer)
+        latency = self.latency_s
+        if back_to_back and self.hides_latency_when_busy:
+            duration, first_chunk_s, latency = duration - latency, max(first_chunk_s - latency, 0.0), 0.0
         first_chunk_at = now + first_chunk_s if transfer.hop_bytes == transfer.size_bytes else transfer.first_chunk_at
-        self._serving = transfer, duration, first_chunk_at, now
+        self._serving = transfer, duration, first_chunk_at, now, latency
         self._serial += 1
         self._yield_chunks = None
         self.calendar.schedule(duration, self._finish, self._serial)
@@ -97,14 +104,14 @@ class Channel:
     def _finish(self, serial) -> None:
         if serial != self._serial:  # the service was preempted and this end is void
             return
-        transfer, duration, first_chunk_at, _ = self._serving
+        transfer, duration, first_chunk_at, _, _ = self._serving
         now = self.calendar.now
         self.busy_s += duration
         self.bytes_carried += transfer.hop_bytes
         self._idle_since = now
         dequeued = bool(self._queue)
         if dequeued:
-            self._start(heapq.heappop(self._queue)[2])
+            self._start(heapq.heappop(self._queue)[2], True)
         else:
             self._busy = False
         transfer.hop_finished(now, first_chunk_at)
@@ -113,24 +120,28 @@ class Channel:
                 listener(self)
 
     def _preempt(self) -> None:
-        """A demand transfer waits behind the prefetch in service: end that service at its next chunk boundary,
-        unless it is in its last chunk (or already stopping)."""
+        """A demand transfer waits behind the prefetch in service: end that service at its next chunk boundary
+        (at once if its bytes have not begun to flow: it is still in its latency), unless it is in its last
+        chunk (or already stopping). Chunks flow evenly over the service after its latency."""
         if self._yield_chunks is not None:
             return
-        transfer, duration, _, started = self._serving
+        transfer, duration, _, started, latency = self._serving
         chunks = math.ceil(transfer.hop_bytes / self.chunk_bytes)
-        done = math.ceil((self.calendar.now - started) / duration * chunks)  # chunks under way or finished
+        streaming = duration - latency
+        now = self.calendar.now
+        done = max(0, math.ceil((now - started - latency) / streaming * chunks))  # chunks under way or finished
         if done >= chunks:
             return
         self._yield_chunks = done
-        self.calendar.schedule(started + duration * done / chunks - self.calendar.now, self._yield, self._serial)
+        at = started + latency + streaming * done / chunks if done else now
+        self.calendar.schedule(at - now, self._yield, self._serial)
 
     def _yield(self, serial) -> None:
         """The prefetch in service stops at a chunk boundary: it keeps its place at the head of the prefetch queue
         with the bytes it has left (all of them if it had only just started), and the waiting demand starts."""
         if serial != self._serial:
             return
-        transfer, _, first_chunk_at, started = self._serving
+        transfer, _, first_chunk_at, started, _ = self._serving
         now = self.calendar.now
         moved = self._yield_chunks * self.chunk_bytes
         self.busy_s += now - started
@@ -139,4 +150,4 @@ class Channel:
         transfer.hop_bytes -= moved
         transfer.first_chunk_at = first_chunk_at
         heapq.heappush(self._queue, (transfer.priority, -next(self._order), transfer))  # ahead of later prefetches
-        self._start(heapq.heappop(self._queue)[2])
+        self._start(heapq.heappop(self._queue)[2], back_to_back=moved > 0)

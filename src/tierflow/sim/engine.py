@@ -285,7 +285,8 @@ class Simulation:
                                            (scenario.ddr_cache, self.plan.ddr_cache_experts))]
         future = None
         if any(offline):
-            future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts)
+            future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts,
+                                 self.workload.top_k)
         self.compute_models = ComputeModels(self.spec, self.hardware, self.plan.gpus, scenario.attention_tp,
                                             *_contention(scenario, self.hardware))
         self.compute = self.compute_models.get(scenario.workload.batch_size)  # the full batch's, outside copies

@@ -215,16 +215,24 @@ class StepRecord:
     in_flight: int = 0
 
 
-class FutureIndex:
-    """For offline policies: when each key is used next, from the workload's own future."""
+def access_time(step: int, layer: int, num_layers: int, top_k: int) -> int:
+    """``Access.time`` of a layer's lookups: where a replay of one token per step would be at the layer's first
+    request, so that policies timing accesses in these units (``time / (num_layers * top_k)`` steps) read the
+    same clock in the simulator as in replay. A layer's lookups share it."""
+    return (step * num_layers + layer) * top_k
 
-    def __init__(self, steps, num_layers: int, num_experts: int):
+
+class FutureIndex:
+    """For offline policies: when each key is used next (in :func:`access_time` units), from the workload's own
+    future."""
+
+    def __init__(self, steps, num_layers: int, num_experts: int, top_k: int):
         self._uses: dict[int, list[int]] = {}
         for step in steps:
-            base = step.index * num_layers
             for layer, experts in enumerate(step.experts):
+                time = access_time(step.index, layer, num_layers, top_k)
                 for expert in experts.tolist():
-                    self._uses.setdefault(layer * num_experts + expert, []).append(base + layer)
+                    self._uses.setdefault(layer * num_experts + expert, []).append(time)
         self._next: dict[int, int] = dict.fromkeys(self._uses, 0)
 
     def next_use_after(self, key: int, time: int) -> float:
@@ -318,7 +326,7 @@ class GpuStream:
                 calendar.advance(self.wake)
                 self.position = step.index, layer
                 experts = step.experts[layer].tolist()
-                time = step.index * num_layers + layer
+                time = access_time(step.index, layer, num_layers, workload.top_k)
                 if ahead is not None:
                     waits, used = ahead[layer]
                 else:
@@ -351,7 +359,7 @@ class GpuStream:
         (memory, key) pairs to release after the layer's expert compute."""
         memories, future, access = self.memories, self.future, self._access
         num_experts, gpus = self.workload.num_experts, len(memories)
-        time = step.index * self.workload.num_layers + layer
+        time = access_time(step.index, layer, self.workload.num_layers, self.workload.top_k)
         access.time, access.layer, access.current_layer, access.step = time, layer, layer, step.index
         # A step that decodes one request serves that request; a batch serves several (no one sequence).
         access.sequence = int(step.sequence_ids[0]) if len(step.sequence_ids) == 1 else None
@@ -436,4 +444,5 @@ class GpuStream:
                 return
             deferred.popleft()
             if blocker is None:
-                self._start_prefetch(memory, key, target_layer, step, layer, step * self.workload.num_layers + layer)
+                self._start_prefetch(memory, key, target_layer, step, layer,
+                                     access_time(step, layer, self.workload.num_layers, self.workload.top_k))

@@ -3,8 +3,10 @@
 An expert of ``B`` bytes becomes ``ceil(B / request_bytes)`` read requests. The drive serves at most
 ``min(queue_depth, internal_parallelism)`` of them at once, each taking ``read_latency`` before its data
 streams out, and the whole drive delivers at most its sequential bandwidth and its IOPS. So its sustained
-rate is ``min(bandwidth, IOPS * request_bytes, concurrent * request_bytes / latency)`` and a read costs one
-request latency (the pipeline fills) plus the bytes at that rate. The drive's own link (e.g. PCIe Gen5 x4)
+rate is ``min(bandwidth, IOPS * request_bytes, concurrent * request_bytes / latency)``. A read that finds the
+drive idle costs one request latency (the pipeline fills) plus its bytes at that rate; a read queued behind
+another costs only its bytes, since its requests enter the drive as the one before drains (the host keeps the
+queue full), so a busy drive pays the latency once per busy period. The drive's own link (e.g. PCIe Gen5 x4)
 caps the rate too. Reads queue in the drive's submission queue, demand before prefetch.
 """
 
@@ -32,6 +34,7 @@ class SsdChannel(Channel):
     """An NVMe drive serving expert reads from its submission queue."""
 
     kind = "ssd"
+    hides_latency_when_busy = True
 
     def __init__(self, calendar, ssd: MemoryTier, link: Link | None, chunk_bytes: int, name: str | None = None):
         super().__init__(calendar, name or ssd.name, sustained_read_bytes_per_s(ssd, link), ssd.read_latency_s,
