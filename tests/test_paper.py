@@ -239,3 +239,19 @@ def test_paper_json_is_valid_json_even_with_non_finite_figures():
 
     text = json.dumps(finite_or_null({"a": {"b": float("nan"), "c": [float("inf"), 1.5]}}), allow_nan=False)
     assert json.loads(text) == {"a": {"b": None, "c": [None, 1.5]}}
+
+
+def test_a_drive_on_the_offload_link_sends_its_bits_over_it_once():
+    """kyung2025-pcie5: the SSD sits on the GPU's one PCIe link, so an SSD bit pays that link's energy once, as a
+    DDR bit does (it used to pay it twice)."""
+    profile = get_profile("kyung2025-pcie5")
+    assert profile.ssd_link == profile.host_link and profile.host_link.pj_per_bit > 0
+    link_pj = {}
+    for placement in ("ddr", "ssd"):
+        sim, results = simulate("kyung_mixtral", f"placement={placement}", "hardware=kyung2025-pcie5",
+                                "workload.batch_size=1")
+        bits = 8 * sum(results.summary["bytes_moved"].values())
+        link_pj[placement] = results.summary["energy_j_per_token"]["link"] * results.summary["tokens"] / bits / PJ
+        assert sim.memories[0].paths[placement].route.via is None
+    assert link_pj["ssd"] == pytest.approx(profile.host_link.pj_per_bit, rel=1e-9)
+    assert link_pj["ddr"] == pytest.approx(link_pj["ssd"], rel=1e-9)

@@ -317,7 +317,9 @@ class Simulation:
         paths = {"ddr": FetchPath([host_link], Route("ddr", "hbm", (hw.host_link.name,)))}
         if scenario.placement == "ssd":
             ssd = SsdChannel(calendar, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
-            links = (hw.ssd_link.name, hw.host_link.name)
+            # A drive that sits on the GPU's own offload link (the seed paper's profiles) sends its bits over that
+            # link once: the drive's channel is capped at the link's rate and the link channel carries them.
+            links = (hw.host_link.name,) if hw.ssd_link == hw.host_link else (hw.ssd_link.name, hw.host_link.name)
             staged = ssd_reads_staged(scenario, hw)
             staging = StagingBuffer(calendar, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
             if staging is not None and not staging.fits(plan.expert_bytes):
