@@ -33,8 +33,14 @@ from tierflow.workload import Workload, load_workload, synthetic_workload, unifo
 
 # Transfers are pipelined between hops in chunks of this size (a typical pinned staging buffer slice).
 TRANSFER_CHUNK_BYTES = 4 * 2**20
-# Pinned host memory set aside per GPU for staging SSD reads when GPUDirect Storage is off.
+# Pinned host memory set aside per GPU for staging SSD reads when GPUDirect Storage is off (at most the DDR share).
 STAGING_BYTES_PER_GPU = 2 * 2**30
+
+
+def staging_bytes(hardware: HardwareProfile) -> int:
+    """The staging buffer of one GPU: :data:`STAGING_BYTES_PER_GPU`, or all of a smaller DDR share (a desktop with
+    about 1 GB of free DRAM stages its reads there)."""
+    return int(min(STAGING_BYTES_PER_GPU, hardware.ddr.capacity_bytes))
 
 
 @attrs.frozen
@@ -180,10 +186,10 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             raise TierflowError(f"ddr_cache capacity must hold at least one expert of {expert_bytes / 1e9:.3f} GB; "
                                 f"{given} holds none")
     elif (scenario.placement == "ssd" and ssd_reads_staged(scenario, hardware)
-          and STAGING_BYTES_PER_GPU > hardware.ddr.capacity_bytes):
+          and expert_bytes > staging_bytes(hardware)):
         raise TierflowError(
-            f"SSD reads of {hardware.name!r} are staged through a {STAGING_BYTES_PER_GPU / 2**30:.0f} GiB buffer "
-            f"in DDR per GPU, but its DDR share per GPU is {hardware.ddr.capacity_bytes / 1e9:.1f} GB")
+            f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
+            f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
     return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set)
 
 
@@ -321,9 +327,7 @@ class Simulation:
             # link once: the drive's channel is capped at the link's rate and the link channel carries them.
             links = (hw.host_link.name,) if hw.ssd_link == hw.host_link else (hw.ssd_link.name, hw.host_link.name)
             staged = ssd_reads_staged(scenario, hw)
-            staging = StagingBuffer(calendar, STAGING_BYTES_PER_GPU) if staged and ddr is None else None
-            if staging is not None and not staging.fits(plan.expert_bytes):
-                raise TierflowError(f"an expert of {plan.expert_bytes / 1e9:.2f} GB cannot fit the staging buffer")
+            staging = StagingBuffer(calendar, staging_bytes(hw)) if staged and ddr is None else None
             paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
                                      staging)
         for path in paths.values():
