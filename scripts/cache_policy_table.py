@@ -108,7 +108,7 @@ def markdown(traces: dict[str, Path], rates: dict, seconds: dict) -> str:
         lines.append("| learned: share of LRU's gap to Belady closed | " + " | ".join(closed) + " |")
         lines.append("")
     total = sum(seconds.values())
-    lines.append(f"Hit rate (gap to Belady in percentage points). Replay time {total:.0f} s in all.")
+    lines.append(f"Hit rate (gap to Belady in percentage points). Replay time {total:.0f} s summed over the worker processes.")
     return "\n".join(lines)
 
 

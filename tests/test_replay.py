@@ -1,4 +1,4 @@
-"""Cache-only replay: the request order of DESIGN.md, next-use links, stack distances against a naive LRU
+"""Cache-only replay: the request order of the README, next-use links, stack distances against a naive LRU
 stack, the LRU fast path and the miss-ratio curve against the access-by-access reference path, both scopes."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Cache-only replay: hit counts of a policy on a trace, with no timing, and one-pass LRU miss-ratio curves.
 
-Replay order is the one DESIGN.md defines: tokens in file order, then layers ascending, then each token's
-``top_k`` experts in stored order; the object id of expert ``e`` at layer ``l`` is ``l * num_experts + e`` and
+Replay order is the README's ("Cache-only replay order"): tokens in file order, then layers ascending, then each
+token's ``top_k`` experts in stored order; the object id of expert ``e`` at layer ``l`` is ``l * num_experts + e`` and
 every expert is one unit of capacity. Every miss is admitted (the cache evicts in the policy's order to make
 room); nothing is pinned, so this is the plain request stream a cache simulator such as libCacheSim sees.
 

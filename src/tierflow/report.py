@@ -150,7 +150,7 @@ def hit_rate_curves(table: SweepTable, path: Path) -> Path:
     capacity = table.column("cache.capacity_experts")
     hit_rate = 100 * table.column("hit_rate.hbm")
     figure, axes = _figure(f"{table.meta['name']}: HBM expert-cache hit rate vs capacity",
-                           "HBM cache capacity (experts per GPU)", "HBM hit rate (%)")
+                           "HBM cache capacity (experts, all GPUs)", "HBM hit rate (%)")
     for label, rows in _groups(table, ("cache.capacity_experts",)).items():
         rows = sorted(rows, key=lambda i: capacity[i])
         belady = "belady" in label

@@ -52,7 +52,8 @@ class ExpertMap(Prefetcher):
         semantic_weight: float = attrs.field(default=1.0, converter=float, validator=non_negative, metadata={
             "help": "weight of the embedding match against the layers seen so far (0: trajectory only)"})
         min_probability: float = attrs.field(default=0.3, converter=float, validator=fraction, metadata={
-            "help": "propose experts the batch needs with at least this estimated probability"})
+            "help": "propose an expert when some token of the batch needs it with at least this estimated "
+                    "probability"})
         train_trace: str = attrs.field(default="", metadata={
             "help": "trace file whose last train_tokens decode tokens fill the store first; empty: start empty"})
         train_tokens: int = attrs.field(default=4096, validator=positive,

@@ -27,7 +27,8 @@ class Transition(Prefetcher):
 
     @attrs.frozen
     class Params:
-        min_observations: int = attrs.field(default=8, validator=non_negative, metadata={"help": "steps seen before proposing"})
+        min_observations: int = attrs.field(default=8, validator=non_negative, metadata={
+            "help": "decode steps observed before it proposes anything"})
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)

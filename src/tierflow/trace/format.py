@@ -1,6 +1,6 @@
 """tierflow-trace v1: the HDF5 schema for expert-activation traces, its writer, streaming reader and validator.
 
-Layout (see DESIGN.md):
+Layout (the README's "Traces" section):
 
 - root attributes ``format="tierflow-trace"``, ``version=1``, ``model``, ``num_layers`` (MoE layers in the
   file), ``num_experts``, ``top_k``, ``source`` (what produced the file);
