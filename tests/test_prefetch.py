@@ -16,6 +16,8 @@ from conftest import scenario_with
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierflow.cache import Access
+from tierflow.config import load_scenario
 from tierflow.errors import TierflowError
 from tierflow.prefetch import PREFETCHERS, PrefetchContext, RoutingEvent, make_prefetcher
 from tierflow.prefetch.expert_map import ExpertMap
@@ -626,3 +628,20 @@ def test_training_trace_values_are_checked_and_errors_name_the_file_once(tmp_pat
     with pytest.raises(TierflowError) as error:
         make_prefetcher(name, {"train_trace": str(missing)}, context)
     assert str(error.value) == f"prefetcher {name!r}: train_trace {missing}: no such file"
+
+
+def test_a_prefetch_from_the_ddr_cache_waits_for_the_host_link_not_the_drive():
+    """Three tiers: an expert the DDR cache holds would be read over the host link, so a busy drive queue does not
+    hold its prefetch back; one that must come from the SSD waits for the drive."""
+    sim = Simulation(load_scenario("three_tier", ["workload.decode_tokens=1", "prefetch.policy=oracle"]))
+    memory = sim.memories[0]
+    gpus, experts = sim.plan.gpus, sim.workload.num_experts
+    in_ddr, on_ssd = [key for key in range(0, 10 * experts, gpus) if key not in memory.resident][:2]
+    memory.ddr.admit(in_ddr, sim.spec.expert_bytes, Access(in_ddr, 0))
+    drive, link = memory.paths["ssd"].hops[0], memory.paths["ddr"].hops[0]
+    drive._queue.append((0, 0, None))  # the drive has a read waiting
+    assert memory.prefetch_source is drive and drive.queued == 1 and link.queued == 0
+    assert memory.prefetch_blocker(in_ddr, 1) is None
+    assert memory.prefetch_blocker(on_ssd, 1) == "queue"
+    link._queue.append((0, 0, None))
+    assert memory.prefetch_blocker(in_ddr, 1) == "queue"

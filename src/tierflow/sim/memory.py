@@ -129,7 +129,8 @@ class ExpertMemory:
     def prefetch_blocker(self, key: int, max_queued: int) -> str | None:
         """Why a prefetch of ``key`` would not start now, or None if it would: ``"resident"`` (resident or in
         flight already), ``"queue"`` (the source's queue holds ``max_queued`` transfers: prefetches use spare
-        bandwidth, they do not pile up in front of demand misses) or ``"room"`` (room cannot be made without
+        bandwidth, they do not pile up in front of demand misses; the queue of the hop the expert would be read
+        through first: the host link for an expert in the DDR cache) or ``"room"`` (room cannot be made without
         evicting pinned experts)."""
         if self.hbm is None:
             return "no cache"
@@ -137,7 +138,10 @@ class ExpertMemory:
             return "resident"
         if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
             return "room"
-        if self.prefetch_source.queued >= max_queued:
+        source = self.prefetch_source
+        if self.ddr is not None and key in self.ddr:  # three tiers: it would come from the DDR cache
+            source = self.paths["ddr"].hops[0]
+        if source.queued >= max_queued:
             return "queue"
         return None
 
