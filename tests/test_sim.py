@@ -481,6 +481,7 @@ BAD_SCENARIOS = {
         ["--scenario", "ssd_prefetch", "--set", "timing.expert_copies=ahead", "--set", "cache.enabled=false"],
         "prefetch.policy = 'transition' has no effect"),
     "huge decode": (["--set", "workload.skip_tokens=1000000000000"], "workload.skip_tokens: the built-in trace"),
+    "a billion GPUs": (["--set", "gpus=1000000000"], "gpus must be between 1 and 65536"),
 }
 
 

@@ -46,6 +46,16 @@ def _one_of(choices):
     return check
 
 
+# Every GPU is simulated with its own caches, drive and link: a bound that keeps a typo from building a billion.
+MAX_GPUS = 65536
+
+
+def _gpu_count(instance, attribute, value):
+    if not 1 <= value <= MAX_GPUS:
+        raise ValueError(f"gpus must be between 1 and {MAX_GPUS} (each GPU is simulated with its own caches, "
+                         f"drive and link); got {value}")
+
+
 def _divides_gpus(scenario, tp: int | None) -> None:
     if tp is not None and scenario.gpus % tp:
         raise ValueError(f"attention_tp must divide gpus = {scenario.gpus}; got {tp}")
@@ -163,7 +173,7 @@ class Scenario:
                                  metadata=_help("where the full expert set lives"))
     seed: int = attrs.field(default=0, validator=_non_negative,
                             metadata=_help("seed of the built-in trace and of random policies"))
-    gpus: int = attrs.field(default=1, validator=_positive,
+    gpus: int = attrs.field(default=1, validator=_gpu_count,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
     attention_tp: int | None = attrs.field(
         default=None, validator=[_positive, lambda scenario, attribute, value: _divides_gpus(scenario, value)],
