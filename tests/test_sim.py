@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import h5py
 import numpy as np
 import pytest
@@ -550,8 +551,8 @@ def test_only_data_parallel_groups_with_sequences_read_their_weights(batch):
     """8 GPUs as 8 groups of 1 (attention_tp 1) against one group of 8: the weights are read once per group that
     has a sequence to decode, so with fewer sequences than groups the idle ones read nothing."""
     spec, hardware = get_model("deepseek-r1"), get_profile("h200-pcie5")
-    split = ComputeModel(spec, hardware, 8, batch, attention_tp=8).attention(1024, 0)
-    replicated = ComputeModel(spec, hardware, 8, batch, attention_tp=1).attention(1024, 0)
+    split = ComputeModel(spec, hardware, 8, batch, attention_tp=8, kv_split="even").attention(1024, 0)
+    replicated = ComputeModel(spec, hardware, 8, batch, attention_tp=1, kv_split="even").attention(1024, 0)
     weights = spec.non_expert_bytes_per_moe_layer
     assert replicated.hbm_read_bytes - split.hbm_read_bytes == pytest.approx((min(batch, 8) - 1) * weights)
     assert replicated.flops == split.flops
@@ -755,3 +756,28 @@ def test_a_desktop_without_gpudirect_stages_ssd_reads_in_its_little_dram():
     bits = 8 * results.summary["bytes_moved"]["ssd->hbm"]
     ddr_j = results.summary["energy_j_per_token"]["ddr"] * results.summary["tokens"]
     assert ddr_j == pytest.approx(bits * (ddr.read_pj_per_bit + ddr.write_pj_per_bit) * 1e-12, rel=1e-9)
+
+
+@pytest.mark.parametrize("model, tp, ways", [("deepseek-r1", 8, 1), ("mixtral-8x7b", 8, 8), ("mixtral-8x7b", 4, 4),
+                                             ("qwen3-30b-a3b", 8, 4)])
+def test_a_tensor_parallel_group_splits_its_kv_cache_at_most_by_its_kv_heads(model, tp, ways):
+    """Each GPU of a TP group keeps the KV heads it attends with: MLA's one latent is on every GPU, GQA heads are
+    replicated when the group has more GPUs than KV heads. Capacity and attention reads follow; "even" splits
+    the cache over the whole group (the paper reproduction's assumption)."""
+    spec, hardware, batch, context = get_model(model), get_profile("h200-pcie5"), 16, 1024
+    assert spec.attention.kv_heads == (1 if spec.attention.kind == "mla" else spec.attention.num_kv_heads)
+    heads = ComputeModel(spec, hardware, tp, batch, attention_tp=tp)
+    even = ComputeModel(spec, hardware, tp, batch, attention_tp=tp, kv_split="even")
+    assert (heads.kv_ways, even.kv_ways) == (ways, tp)
+    kv_read = batch * context * spec.kv_bytes_per_token_per_layer  # the group's KV bytes of one layer
+    a, b = heads.attention(context, 0), even.attention(context, 0)
+    assert a.hbm_read_bytes - b.hbm_read_bytes == pytest.approx(kv_read * (tp / ways - 1), rel=1e-12)
+    weights = spec.non_expert_bytes_per_moe_layer
+    per_gpu = max(a.flops / tp / hardware.gpu.peak_flops,
+                  (weights / tp + kv_read / ways) / hardware.gpu.hbm.read_bandwidth_bytes_per_s)
+    assert a.seconds == pytest.approx(per_gpu + heads._allreduce_s, rel=1e-9)
+    scenario = load_scenario("hbm_only", [f"model={model}", f"gpus={tp}", "workload.decode_tokens=1",
+                                          f"workload.batch_size={batch}", f"workload.context_length={context - 1}"])
+    for split, expected_ways in (("heads", ways), ("even", tp)):
+        sim = Simulation(attrs.evolve(scenario, kv_split=split))
+        assert sim.plan.kv_bytes_per_gpu == -(-spec.kv_bytes(context, batch) // expected_ways)

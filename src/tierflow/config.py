@@ -20,6 +20,7 @@ from tierflow.resources import scenarios_dir, traces_dir
 
 PLACEMENTS = ("hbm", "ddr", "ssd")
 SCOPES = ("global", "per-layer")
+KV_SPLITS = ("heads", "even")  # how a tensor-parallel group splits its KV cache (sim.gpu.kv_ways)
 ROUTINGS = ("trace", "uniform")
 EXPERT_COPIES = ("on_demand", "ahead")
 
@@ -179,6 +180,10 @@ class Scenario:
         default=None, validator=[_positive, lambda scenario, attribute, value: _divides_gpus(scenario, value)],
         metadata=_help("GPUs per tensor-parallel group of attention and dense layers; gpus / attention_tp groups "
                        "split the batch (data parallel); unset: all gpus"))
+    kv_split: str = attrs.field(
+        default="heads", validator=_one_of(KV_SPLITS),
+        metadata=_help("how a tensor-parallel group splits its KV cache: by KV heads (heads fewer than the group's "
+                       "GPUs, and MLA's one latent, are replicated) or evenly (the seed paper's reproduction)"))
     workload: WorkloadConfig = attrs.field(factory=WorkloadConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     ddr_cache: DdrCacheConfig = attrs.field(factory=DdrCacheConfig)

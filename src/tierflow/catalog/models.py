@@ -51,6 +51,11 @@ class GqaAttention:
         """Cached values per token per layer: one key and one value vector per KV head."""
         return 2 * self.num_kv_heads * self.head_dim
 
+    @property
+    def kv_heads(self) -> int:
+        """Heads of the KV cache: a tensor-parallel group splits the cache at most this many ways."""
+        return self.num_kv_heads
+
     def context_flops_per_token(self, attended_tokens: int) -> float:
         """FLOPs of one new token's scores (q.k) and weighted value sum over ``attended_tokens`` cached tokens."""
         return 2.0 * self.num_heads * self.head_dim * attended_tokens * 2
@@ -79,6 +84,12 @@ class MlaAttention:
         kv_b = self.kv_lora_rank * self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
         o = self.num_heads * self.v_head_dim * hidden_size
         return q + kv_a + kv_b + o
+
+    @property
+    def kv_heads(self) -> int:
+        """The latent is one head that every query head reads: each GPU of a tensor-parallel group keeps all of
+        it (why serving systems run MLA attention data-parallel)."""
+        return 1
 
     def kv_elements_per_token(self) -> int:
         """Cached values per token per layer: the KV latent plus the shared RoPE key."""

@@ -25,7 +25,7 @@ from tierflow.metrics import Results, collect_results
 from tierflow.prefetch import PrefetchContext, make_prefetcher
 from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
-from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups
+from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups, kv_ways
 from tierflow.sim.link import LinkChannel
 from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
@@ -102,10 +102,10 @@ def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, 
     if gpus > 1 and hardware.nvlink is None:
         raise TierflowError(f"gpus = {gpus} needs GPU-to-GPU links, and profile {hardware.name!r} has none")
     context = scenario.workload.context_length + steps
-    # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights and the
-    # KV cache of its share of the batch, both split over its tp GPUs.
+    # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights, split over
+    # its tp GPUs, and the KV cache of its share of the batch, split as far as its heads allow (kv_ways).
     tp, _, group_batch = attention_groups(gpus, scenario.attention_tp, scenario.workload.batch_size)
-    kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) / tp)
+    kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) / kv_ways(spec, tp, scenario.kv_split))
     non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / tp)
     hbm_bytes = int(hardware.gpu.hbm.capacity_bytes)
     free = hbm_bytes - kv_per_gpu - non_expert_per_gpu
@@ -294,7 +294,7 @@ class Simulation:
             future = FutureIndex(self.workload.steps, self.workload.num_layers, self.workload.num_experts,
                                  self.workload.top_k)
         self.compute_models = ComputeModels(self.spec, self.hardware, self.plan.gpus, scenario.attention_tp,
-                                            *_contention(scenario, self.hardware))
+                                            *_contention(scenario, self.hardware), kv_split=scenario.kv_split)
         self.compute = self.compute_models.get(scenario.workload.batch_size)  # the full batch's, outside copies
         self.stream = GpuStream(
             self.env, self.workload, self.memories, self.compute_models, self.prefetcher, self.ledger,

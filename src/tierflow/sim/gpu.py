@@ -36,6 +36,14 @@ def l1_passes(tokens: int) -> int:
     return max(1, -(-tokens // L1_TILE_TOKENS))
 
 
+def kv_ways(spec: ModelSpec, tp: int, kv_split: str = "heads") -> int:
+    """How many ways a tensor-parallel group of ``tp`` GPUs splits its KV cache: by KV heads (``"heads"``: a GPU
+    keeps the heads it attends with, so with fewer KV heads than GPUs the heads are replicated, and MLA's one
+    latent is on every GPU), or evenly over the group (``"even"``, the assumption that reproduces the seed
+    paper's figures)."""
+    return tp if kv_split == "even" else min(tp, spec.attention.kv_heads)
+
+
 def attention_groups(gpus: int, attention_tp: int | None, batch_size: int) -> tuple[int, int, int]:
     """``(tp, dp, group_batch)``: GPUs per tensor-parallel attention group (all, unless set), the number of
     data-parallel groups, and the sequences of the busiest group."""
@@ -66,9 +74,11 @@ class ComputeModel:
     """
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
-                 hbm_bandwidth_bytes_per_s: float | None = None, attention_tp: int | None = None):
+                 hbm_bandwidth_bytes_per_s: float | None = None, attention_tp: int | None = None,
+                 kv_split: str = "heads"):
         self.spec, self.gpus, self.batch = spec, gpus, batch_size
         self.tp, self.dp, self.group_batch = attention_groups(gpus, attention_tp, batch_size)
+        self.kv_ways = kv_ways(spec, self.tp, kv_split)
         self.peak_flops = hardware.gpu.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
@@ -111,14 +121,16 @@ class ComputeModel:
                 times.append(peers * link.latency_s + bytes_per_gpu * peers / n / link.bandwidth_bytes_per_s)
         return max(times, default=0.0)
 
-    def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, bytes_per_token: float,
+    def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, kv_bytes_per_token: float,
                          collective_s: float) -> Phase:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
         busiest group sets the time, and every group with a sequence to decode reads its own replica of the
-        weights (with fewer sequences than groups, the others sit idle and read nothing)."""
+        weights (with fewer sequences than groups, the others sit idle and read nothing). Each GPU reads the
+        KV cache it holds: the group's split ``kv_ways`` ways (see :func:`kv_ways`)."""
         tp, group = self.tp, self.group_batch
-        seconds = self._roofline(group * flops_per_token / tp, (weight_bytes + group * bytes_per_token) / tp)
-        per_token = self.batch * bytes_per_token
+        seconds = self._roofline(group * flops_per_token / tp,
+                                 weight_bytes / tp + group * kv_bytes_per_token / self.kv_ways)
+        per_token = self.batch * kv_bytes_per_token * (tp / self.kv_ways)  # replicated KV is read on every GPU
         replicas = min(self.dp, self.batch) * weight_bytes
         return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
                      replicas * l1_passes(group) + per_token)
@@ -188,8 +200,9 @@ class ComputeModels:
     overlap compute). ``"never"``: the full bandwidth throughout."""
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, attention_tp: int | None,
-                 contended_bw: float, contention: str):
+                 contended_bw: float, contention: str, kv_split: str = "heads"):
         self.spec, self.hardware, self.gpus, self.attention_tp = spec, hardware, gpus, attention_tp
+        self.kv_split = kv_split
         self.full_bw = hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.contended_bw, self.contention = contended_bw, contention
         self._models: dict[tuple[int, bool], ComputeModel] = {}
@@ -200,7 +213,7 @@ class ComputeModels:
         if model is None:
             model = self._models[batch, contended] = ComputeModel(
                 self.spec, self.hardware, self.gpus, batch, self.contended_bw if contended else self.full_bw,
-                self.attention_tp)
+                self.attention_tp, self.kv_split)
         return model
 
 
