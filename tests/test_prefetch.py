@@ -645,3 +645,21 @@ def test_a_prefetch_from_the_ddr_cache_waits_for_the_host_link_not_the_drive():
     assert memory.prefetch_blocker(on_ssd, 1) == "queue"
     link._queue.append((0, 0, None))
     assert memory.prefetch_blocker(in_ddr, 1) == "queue"
+
+
+def test_deferred_prefetches_from_the_ddr_cache_go_when_the_host_link_drains():
+    """Three tiers: a deferred proposal whose expert the DDR cache holds starts when the host link's queue drains,
+    even behind one still waiting for the drive (which keeps its place)."""
+    sim = Simulation(load_scenario("three_tier", ["workload.decode_tokens=1", "prefetch.policy=oracle",
+                                                  "prefetch.max_queued=1"]))
+    stream, memory = sim.stream, sim.memories[0]
+    gpus, experts = sim.plan.gpus, sim.workload.num_experts
+    on_ssd, in_ddr = [key for key in range(0, 10 * experts, gpus) if key not in memory.resident][:2]
+    memory.ddr.admit(in_ddr, sim.spec.expert_bytes, Access(in_ddr, 0))
+    drive, link = memory.prefetch_source, memory.ddr_source
+    assert link is not drive and link.dequeue_listeners  # the link re-offers deferred proposals too
+    drive._queue.append((0, 0, None))  # the drive stays busy
+    stream.deferred[0].extend([(on_ssd, 0, 3), (in_ddr, 0, 4)])
+    stream._offer_deferred(0)
+    assert in_ddr in memory.resident and on_ssd not in memory.resident
+    assert list(stream.deferred[0]) == [(on_ssd, 0, 3)]

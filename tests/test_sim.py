@@ -169,6 +169,16 @@ def test_a_drive_pays_its_latency_once_per_busy_period():
     late.start()
     calendar.run()
     assert late.arrived_at - gap == pytest.approx(latency + stream, rel=1e-12)
+    # A read that queues just before the drive frees up has waited only a little: it pays the rest of the latency,
+    # so it never lands sooner than on an idle drive.
+    first = Transfer(calendar, 10, size, "ssd", "hbm", [drive], DEMAND)
+    first.start()
+    start = calendar.now
+    calendar.run(until=start + latency + stream - 1e-6)
+    just_before = Transfer(calendar, 11, size, "ssd", "hbm", [drive], DEMAND)
+    just_before.start()
+    calendar.run()
+    assert just_before.arrived_at - (start + latency + stream) == pytest.approx(latency - 1e-6 + stream, rel=1e-9)
 
 
 def test_cut_through_costs_the_slow_hop_plus_one_chunk_on_the_fast_one():

@@ -23,8 +23,9 @@ class Channel:
     """Serves :class:`~tierflow.sim.transfer.Transfer` objects; subclasses define the service time."""
 
     kind = "link"  # what results call it: "link" or "ssd"
-    # Whether a transfer that starts the moment the previous one ends skips the latency: a drive keeps its
-    # request queue full, so the next read's requests are already under way (see :mod:`tierflow.sim.ssd`).
+    # Whether a transfer that starts the moment the previous one ends has its latency hidden by the time it
+    # waited: a drive keeps its request queue full, so a queued read's requests are already under way (see
+    # :mod:`tierflow.sim.ssd`).
     hides_latency_when_busy = False
 
     def __init__(self, calendar, name: str, bandwidth_bytes_per_s: float, latency_s: float, chunk_bytes: int):
@@ -49,6 +50,7 @@ class Channel:
         self.dequeue_listeners: list = []  # told (with the channel) when a queued transfer starts: the queue shrank
 
     def submit(self, transfer) -> None:
+        transfer.queued_at = self.calendar.now
         if self._busy:
             heapq.heappush(self._queue, (transfer.priority, next(self._order), transfer))
             if self.preemptive and transfer.priority == DEMAND and self._serving[0].priority == PREFETCH:
@@ -88,13 +90,16 @@ class Channel:
         return max(first_chunk, full - overlap), first_chunk
 
     def _start(self, transfer, back_to_back: bool) -> None:
-        """Serve ``transfer`` from now; ``back_to_back``: the channel was busy until now (it comes off the queue)."""
+        """Serve ``transfer`` from now; ``back_to_back``: the channel was busy until now (it comes off the queue).
+        On a channel that hides latency when busy, the time it waited in the queue (at most the latency) is
+        taken off: its requests were already in flight."""
         self._busy = True
         now = self.calendar.now
         duration, first_chunk_s = self.service_time(transfer)
         latency = self.latency_s
         if back_to_back and self.hides_latency_when_busy:
-            duration, first_chunk_s, latency = duration - latency, max(first_chunk_s - latency, 0.0), 0.0
+            hidden = min(latency, now - transfer.queued_at)
+            duration, first_chunk_s, latency = duration - hidden, max(first_chunk_s - hidden, 0.0), latency - hidden
         first_chunk_at = now + first_chunk_s if transfer.hop_bytes == transfer.size_bytes else transfer.first_chunk_at
         self._serving = transfer, duration, first_chunk_at, now, latency
         self._serial += 1

@@ -286,8 +286,11 @@ class GpuStream:
         if prefetcher is not None and budget_experts > 0:
             self.deferred = [deque(maxlen=budget_experts) for _ in memories]
             for gpu, memory in enumerate(memories):
-                if memory.prefetch_source is not None:
-                    memory.prefetch_source.dequeue_listeners.append(lambda _channel, gpu=gpu: self._offer_deferred(gpu))
+                # The drive (or link) prefetches read through first; with a DDR cache, also the host link that
+                # the experts it holds are read over.
+                sources = {id(s): s for s in (memory.prefetch_source, memory.ddr_source) if s is not None}
+                for source in sources.values():
+                    source.dequeue_listeners.append(lambda _channel, gpu=gpu: self._offer_deferred(gpu))
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -443,10 +446,13 @@ class GpuStream:
 
     def _offer_deferred(self, gpu: int) -> None:
         """A transfer left GPU ``gpu``'s source queue: start the deferred proposals that now fit, in order, and
-        drop those whose layer has already been reached or that can no longer start for another reason."""
+        drop those whose layer has already been reached or that can no longer start for another reason. With one
+        source every proposal waits for the same queue, so the first one still refused ends the round; with a DDR
+        cache those waiting for another queue than the one that drained stay in order and the rest go on."""
         deferred = self.deferred[gpu]
         memory = self.memories[gpu]
         step, layer = self.position
+        waiting = []
         while deferred:
             key, target_step, target_layer = deferred[0]
             if (target_step, target_layer) <= (step, layer):
@@ -454,8 +460,12 @@ class GpuStream:
                 continue
             blocker = memory.prefetch_blocker(key, self.max_queued)
             if blocker == "queue":
-                return
+                if memory.ddr_source is None:
+                    break
+                waiting.append(deferred.popleft())
+                continue
             deferred.popleft()
             if blocker is None:
                 self._start_prefetch(memory, key, target_layer, step, layer,
                                      access_time(step, layer, self.workload.num_layers, self.workload.top_k))
+        deferred.extendleft(reversed(waiting))

@@ -48,6 +48,8 @@ class ExpertMemory:
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
         # The channel prefetches are read through first (their queue limit applies there).
         self.prefetch_source = paths[placement].hops[0] if placement in paths else None
+        # With a DDR cache, the experts it holds are read over this channel instead.
+        self.ddr_source = paths["ddr"].hops[0] if ddr is not None else None
         self.placement = placement
         self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
@@ -140,7 +142,7 @@ class ExpertMemory:
             return "room"
         source = self.prefetch_source
         if self.ddr is not None and key in self.ddr:  # three tiers: it would come from the DDR cache
-            source = self.paths["ddr"].hops[0]
+            source = self.ddr_source
         if source.queued >= max_queued:
             return "queue"
         return None

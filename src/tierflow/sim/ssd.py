@@ -5,8 +5,9 @@ An expert of ``B`` bytes becomes ``ceil(B / request_bytes)`` read requests. The 
 streams out, and the whole drive delivers at most its sequential bandwidth and its IOPS. So its sustained
 rate is ``min(bandwidth, IOPS * request_bytes, concurrent * request_bytes / latency)``. A read that finds the
 drive idle costs one request latency (the pipeline fills) plus its bytes at that rate; a read queued behind
-another costs only its bytes, since its requests enter the drive as the one before drains (the host keeps the
-queue full), so a busy drive pays the latency once per busy period. The drive's own link (e.g. PCIe Gen5 x4)
+another has its requests in the drive while it waits (the host keeps the queue full), so the time it waited,
+up to the whole latency, is taken off: a drive kept busy pays the latency once per busy period, and a read
+that arrives just before the drive frees up pays nearly all of it. The drive's own link (e.g. PCIe Gen5 x4)
 caps the rate too. Reads queue in the drive's submission queue, demand before prefetch.
 """
 

@@ -16,7 +16,7 @@ class Transfer:
     __slots__ = (
         "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "waiters", "issued_at",
         "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes", "hop_bytes",
-        "first_chunk_at",
+        "first_chunk_at", "queued_at",
     )
 
     def __init__(self, calendar, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
@@ -31,6 +31,7 @@ class Transfer:
         self.staged_bytes = 0
         self.hop_bytes = size_bytes  # left to carry on the current hop (less after a preemption)
         self.first_chunk_at = None  # on a preempted hop: when its first chunk went through
+        self.queued_at = None  # when it was submitted to the current hop
 
     @property
     def is_prefetch(self) -> bool:
