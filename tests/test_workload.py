@@ -73,3 +73,19 @@ def test_a_long_first_request_does_not_hide_the_others(tmp_path):
     write_trace(path, experts, sequence_ids, model="m", num_experts=4, source="s")
     workload = load_workload(path, batch_size=3, num_steps=2)
     assert sorted(workload.steps[0].sequence_ids.tolist()) == [0, 1, 2]
+
+
+def test_long_prompts_do_not_cut_the_read_short(tmp_path):
+    """The reader stops once it holds enough decode tokens; prefill tokens do not count toward that, so requests
+    with long prompts still fill the batch (it used to stop after the first few requests)."""
+    path = tmp_path / "prompts.h5"
+    sequences, prefill, decode = 12, 35_000, 20
+    per = prefill + decode
+    rng = np.random.default_rng(1)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(sequences * per)]).reshape(-1, 1, 2)
+    phase = np.tile(np.r_[np.zeros(prefill), np.ones(decode)].astype(np.uint8), sequences)
+    write_trace(path, experts, np.repeat(np.arange(sequences), per), model="m", num_experts=8, source="s",
+                phase=phase)
+    workload = load_workload(path, batch_size=4, num_steps=50)
+    assert [len(step.sequence_ids) for step in workload.steps] == [4] * 50
+    assert workload.tokens == 200
