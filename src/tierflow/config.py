@@ -124,8 +124,9 @@ class PrefetchConfig:
                                   metadata=_help("hold a prefetch back while its source already has this many queued; "
                                                  "it is offered again when the queue drains"))
     preempt: bool = attrs.field(default=True, metadata=_help(
-        "a demand miss takes a link or drive over from a prefetch in service at its next 4 MiB chunk (the "
-        "prefetch resumes after); false: a transfer in service always finishes first"))
+        "a demand miss takes a link or drive over from a prefetch in service at its next 4 MiB chunk, or at once "
+        "while the prefetch's bytes have not begun to flow (the prefetch resumes after); false: a transfer in "
+        "service always finishes first"))
     params: dict = attrs.field(factory=dict, metadata=_help("prefetcher parameters"))
 
 
@@ -142,8 +143,10 @@ class TimingConfig:
                        "cache.enabled = false)"))
     offload_takes_hbm_bandwidth: bool = attrs.field(
         default=False,
-        metadata=_help("true: compute sees the HBM bandwidth minus the offload link's bandwidth whenever experts "
-                       "live off the GPU (the copies' writes into HBM compete with compute's reads)"))
+        metadata=_help("true: compute sees the HBM bandwidth minus the offload link's bandwidth while copies run "
+                       "beside it (their writes into HBM compete with compute's reads): in every phase with "
+                       "expert_copies = 'ahead' (the paper's continuous stream), else in phases that start while a "
+                       "copy is in flight"))
 
 
 @attrs.frozen

@@ -170,7 +170,9 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         if scenario.placement != "ssd":
             raise TierflowError("ddr_cache.enabled needs placement = 'ssd' (a DDR cache in front of the SSD)")
         ddr = scenario.ddr_cache
-        ddr_free = int(hardware.ddr.capacity_bytes - STAGING_BYTES_PER_GPU)
+        # SSD reads pass through the DDR cache itself (no staging buffer is set aside): by default it is the
+        # whole DDR share.
+        ddr_free = int(hardware.ddr.capacity_bytes)
         ddr_cache = _cache_experts("ddr_cache", ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
                                    ddr_free // expert_bytes)
         if ddr_cache * expert_bytes > hardware.ddr.capacity_bytes:
@@ -181,8 +183,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             elif ddr.capacity_bytes is not None:
                 given = f"ddr_cache.capacity_bytes = {ddr.capacity_bytes} over {gpus} GPU(s)"
             else:
-                given = (f"{max(ddr_free, 0) / 1e9:.3f} GB of DDR per GPU (a {hardware.ddr.capacity_bytes / 1e9:.3f} "
-                         f"GB share less the {STAGING_BYTES_PER_GPU / 2**30:.0f} GiB staging buffer)")
+                given = f"the {ddr_free / 1e9:.3f} GB DDR share per GPU"
             raise TierflowError(f"ddr_cache capacity must hold at least one expert of {expert_bytes / 1e9:.3f} GB; "
                                 f"{given} holds none")
     elif (scenario.placement == "ssd" and ssd_reads_staged(scenario, hardware)

@@ -195,7 +195,8 @@ class ComputeModels:
     The batch shrinks when a trace runs out of sequences to take the slots of those that ended, and each step
     is charged for the sequences it decodes. With ``timing.offload_takes_hbm_bandwidth``, compute gets the HBM
     bandwidth the offload copies leave (``contended_bw``) while copies run beside it: in every phase when copies
-    are queued ahead (``contention = "always"``), else in the phases that start while a copy is in flight
+    are queued ahead (``contention = "always"``: the seed paper's continuous stream of copies, kept as its
+    reproduction assumes it, dense layers and LM head included), else in the phases that start while a copy is in flight
     (``"in_flight"``; a layer that waits for its demand misses computes after they land, so only prefetches
     overlap compute). ``"never"``: the full bandwidth throughout."""
 
