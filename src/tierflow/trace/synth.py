@@ -488,7 +488,27 @@ def _adopt(model: RoutingModel, plan: _BlockPlan) -> None:
     _FORKED = (model, plan)
     # A worker ends on SIGTERM (not the parent's clean-up handler it was forked with), and when its parent dies.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # held by the parent while it forked
     _die_with_parent()
+
+
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block ends. The pool forks its workers at its first submit, and a signal
+    whose handler raises during a fork is lost (Python ignores an exception raised in its at-fork callbacks),
+    leaving a half-started pool to wait on forever; held, it is delivered once the workers exist."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _die_with_parent() -> None:
@@ -564,6 +584,8 @@ class _BlockRouter:
             while len(futures) < 2 * self.workers and (block := next(queued, None)) is not None:
                 futures[block] = self._pool.submit(_route_block_in_worker, block)
 
+        with _signals_held():  # the first submit forks the workers
+            top_up()
         for block in range(self.plan.num_blocks):
             top_up()
             if self.plan.routed_inline(block):
@@ -580,6 +602,18 @@ class _BlockRouter:
             processes = list((getattr(self._pool, "_processes", None) or {}).values())
             for process in processes:
                 process.terminate()
+            for process in processes:
+                process.join(5.0)
+                if process.is_alive():  # stuck before its SIGTERM handler was in place
+                    process.kill()
+                    process.join()
+            # A worker stopped while sending a result leaves half a message in the result pipe, and the pool's
+            # manager thread would wait for the rest forever (shutdown, and the interpreter's exit, join it).
+            # With every worker gone, closing this process's copy of the pipe's write end lets it read
+            # end-of-file instead, take the pool as broken and end.
+            writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)
+            if writer is not None:
+                writer.close()
             self._pool.shutdown(cancel_futures=True)
         else:
             self._pool.shutdown(cancel_futures=True)
