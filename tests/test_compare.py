@@ -77,6 +77,10 @@ def test_format_comparison_matches_the_summaries():
     table = compare_module.format_comparison(summaries)
     stall_ms = summaries[0]["stall_s_per_token"] * 1e3
     assert f"{stall_ms:.2f}" in next(line for line in table.splitlines() if line.startswith("stall/token"))
+    energy = summaries[0]["energy_j_per_token"]
+    moved = energy["total"] - energy["compute"] - energy["static"]  # everything but compute and background power
+    line = next(line for line in table.splitlines() if line.strip().startswith("data movement (J)"))
+    assert line.split()[-1] == f"{moved:.2f}" and moved > 0
 
 
 def test_utilization_rows_are_the_mean_over_each_kind_of_channel():
