@@ -493,6 +493,8 @@ BAD_SCENARIOS = {
         "prefetch.policy = 'transition' has no effect"),
     "huge decode": (["--set", "workload.skip_tokens=1000000000000"], "workload.skip_tokens: the built-in trace"),
     "a billion GPUs": (["--set", "gpus=1000000000"], "gpus must be between 1 and 65536"),
+    "prefetcher without a cache": (["--scenario", "ssd_prefetch", "--set", "cache.enabled=false"],
+                                   "prefetch.policy = 'transition' has no effect with cache.enabled = false"),
 }
 
 

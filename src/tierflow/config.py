@@ -200,6 +200,11 @@ class Scenario:
             raise ValueError(f"prefetch.policy = {self.prefetch.policy!r} has no effect with timing.expert_copies = "
                              "'ahead' and cache.enabled = false (every expert is copied ahead, nothing is cached); "
                              "set prefetch.policy = 'none'")
+        # Prefetches land in the HBM expert cache; without one (experts off the GPU) they would be dropped.
+        if not self.cache.enabled and self.prefetch.policy != "none" and self.placement != "hbm":
+            raise ValueError(f"prefetch.policy = {self.prefetch.policy!r} has no effect with cache.enabled = false "
+                             "(prefetched experts land in the HBM expert cache); set cache.enabled = true or "
+                             "prefetch.policy = 'none'")
 
 
 _SECTIONS = {
