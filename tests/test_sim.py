@@ -816,3 +816,18 @@ def test_a_ddr_cache_without_a_capacity_takes_the_whole_ddr_share():
         ddr = sim.hardware.ddr.capacity_bytes
         assert sim.plan.ddr_cache_experts == int(ddr) // sim.spec.expert_bytes > 0
         assert sim.memories[0].paths["ssd"].staging is None
+
+
+def test_collectives_send_their_bytes_over_nvlink_and_pay_its_energy():
+    """hbm_only, DeepSeek-R1 on 8 GPUs, batch 1: a ring all-reduce of a token's activations (H x 2 bytes) sends
+    2 x 7 of them; the experts' dispatch and combine send each GPU's 8 / 8 copies to its 7 peers, twice. Three
+    dense layers all-reduce twice, each MoE layer once plus its all-to-all. Nothing else crosses a link, so the
+    link energy is those bits at NVLink's pJ/bit."""
+    sim, results = run(load_scenario("hbm_only", ["workload.decode_tokens=2"]))
+    spec, nvlink = sim.spec, sim.hardware.nvlink
+    h2 = spec.hidden_size * 2
+    all_reduce, all_to_all = 2 * 7 * h2, 2 * (spec.top_k * h2 / 8) * 7
+    per_step = 2 * spec.num_dense_layers * all_reduce + spec.num_moe_layers * (all_reduce + all_to_all)
+    assert dict(sim.ledger.collective_bytes) == pytest.approx({nvlink.name: 2 * per_step}, rel=1e-12)
+    link_j = results.summary["energy_j_per_token"]["link"] * results.summary["tokens"]
+    assert link_j == pytest.approx(8 * 2 * per_step * nvlink.pj_per_bit * 1e-12, rel=1e-12) and link_j > 0

@@ -5,6 +5,8 @@
 * Compute costs FLOPs x pJ/FLOP plus its on-chip traffic (every byte read from HBM crosses L2 once; the L1
   traffic is the ledger's) at the L1 and L2 pJ/bit; the bytes compute reads from HBM cost the HBM read
   energy (component ``hbm``).
+* The bytes compute's collectives (all-reduces, the experts' all-to-all) send between GPUs cost each link's
+  pJ/bit (component ``link``).
 * Static energy is each device's background power x simulated time.
 
 Components: ``compute`` (arithmetic), ``hbm`` (compute's HBM reads and writes into HBM), ``ddr``, ``ssd``,
@@ -55,6 +57,7 @@ def ledger_energy_j(model: EnergyModel, ledger: Ledger, elapsed_s: float) -> dic
     parts["compute"] += ledger.flops * model.pj_per_flop * PJ
     parts["compute"] += 8.0 * (ledger.l1_bytes * model.l1_pj_per_bit + ledger.hbm_read_bytes * model.l2_pj_per_bit) * PJ
     parts["hbm"] += 8.0 * ledger.hbm_read_bytes * model.read_pj_per_bit["hbm"] * PJ
+    parts["link"] += sum(8.0 * size * model.link_pj_per_bit[link] * PJ for link, size in ledger.collective_bytes.items())
     parts["static"] += sum(model.static_w.values()) * elapsed_s
     parts["total"] = sum(parts[name] for name in COMPONENTS)
     return parts

@@ -31,14 +31,18 @@ class Ledger:
         self.flops = 0.0
         self.hbm_read_bytes = 0.0  # weights and KV cache read by compute (each crosses L2 once)
         self.l1_bytes = 0.0  # on-chip L1 traffic of compute
+        self.collective_bytes: dict[str, float] = defaultdict(float)  # link name -> bytes all-reduces etc. send
 
     def record_transfer(self, route: Route, size_bytes: int, prefetch: bool) -> None:
         (self.prefetch_bytes if prefetch else self.demand_bytes)[route] += size_bytes
 
-    def record_compute(self, flops: float, hbm_read_bytes: float, l1_bytes: float = 0.0) -> None:
+    def record_compute(self, flops: float, hbm_read_bytes: float, l1_bytes: float = 0.0,
+                       collective_bytes: tuple = ()) -> None:
         self.flops += flops
         self.hbm_read_bytes += hbm_read_bytes
         self.l1_bytes += l1_bytes
+        for link, size in collective_bytes:
+            self.collective_bytes[link] += size
 
     def bytes_by_route(self) -> dict[Route, int]:
         total: dict[Route, int] = defaultdict(int)

@@ -212,6 +212,10 @@ def energy_model(scenario: Scenario, hardware: HardwareProfile, gpus: int) -> En
 
     links = {hardware.host_link.name: pick(e.link_pj_per_bit, hardware.host_link.pj_per_bit),
              hardware.ssd_link.name: pick(e.link_pj_per_bit, hardware.ssd_link.pj_per_bit)}
+    # The GPU-to-GPU links of compute's collectives keep their own figures (link_pj_per_bit is the offload links').
+    for link in (hardware.nvlink, hardware.internode):
+        if link is not None and link.name not in links:
+            links[link.name] = link.pj_per_bit
     hbm, ddr, ssd = hardware.gpu.hbm, hardware.ddr, hardware.ssd
     return EnergyModel(
         read_pj_per_bit={"hbm": pick(e.hbm_read_pj_per_bit, hbm.read_pj_per_bit),

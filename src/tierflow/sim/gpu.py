@@ -57,12 +57,14 @@ class Phase:
     """One roofline phase: its duration and what it reads and computes (summed over GPUs).
 
     On-chip traffic: every byte read from HBM crosses L2 once; ``l1_bytes`` is what crosses L1 (weights once
-    per tile of tokens, the KV cache once)."""
+    per tile of tokens, the KV cache once). ``collective_bytes``: ``(link name, bytes)`` pairs that the phase's
+    all-reduces and all-to-alls send between GPUs, summed over the senders."""
 
     seconds: float
     flops: float
     hbm_read_bytes: float
     l1_bytes: float = 0.0
+    collective_bytes: tuple = ()
 
 
 class ComputeModel:
@@ -95,10 +97,12 @@ class ComputeModel:
         self._moe_layer_bytes = spec.non_expert_bytes_per_moe_layer
         self._attention_memo: dict[tuple, Phase] = {}
         self._allreduce_s = self._all_reduce_s(self.group_batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
+        self._allreduce_bytes = self._all_reduce_bytes(self.batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
         # Dispatch and combine: each GPU holds 1/N of the batch's token-to-expert copies and sends them to
         # the experts' GPUs, then gets the results back.
         copies_per_gpu = self.batch * spec.top_k * spec.hidden_size * ACTIVATION_BYTES / gpus
         self._dispatch_s = 2 * self._all_to_all_s(copies_per_gpu)
+        self._dispatch_bytes = tuple((name, 2 * sent) for name, sent in self._all_to_all_bytes(copies_per_gpu))
 
     def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float) -> float:
         return max(flops_per_gpu / self.peak_flops, bytes_per_gpu / self.hbm_bw)
@@ -111,6 +115,21 @@ class ComputeModel:
             return 0.0
         return 2 * (n - 1) * (link.latency_s + bytes_per_gpu / n / link.bandwidth_bytes_per_s)
 
+    def _all_reduce_bytes(self, bytes_all_groups: float, n: int) -> tuple:
+        """What ring all-reduces send, summed over the groups: each GPU of a group sends 2 (n-1)/n of the
+        group's vector, so a group sends 2 (n-1) vectors; ``bytes_all_groups`` is the vectors' sum."""
+        link = self.nvlink if n <= self.gpus_per_node else self.internode
+        if n == 1 or link is None:
+            return ()
+        return ((link.name, 2 * (n - 1) * bytes_all_groups),)
+
+    def _all_to_all_bytes(self, bytes_per_gpu: float) -> tuple:
+        """What an all-to-all sends over each kind of link, summed over the N GPUs (as :meth:`_all_to_all_s`)."""
+        n, local = self.gpus, self.gpus_per_node
+        return tuple((link.name, bytes_per_gpu * peers) for link, peers in
+                     ((self.nvlink, min(n, local) - 1), (self.internode, n - min(n, local)))
+                     if peers and link is not None)
+
     def _all_to_all_s(self, bytes_per_gpu: float) -> float:
         """All-to-all among all GPUs, each sending ``bytes_per_gpu`` spread evenly over the GPUs: the share
         bound for the GPU's own node goes over NVLink, the rest over its network link, both at once."""
@@ -122,7 +141,7 @@ class ComputeModel:
         return max(times, default=0.0)
 
     def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, kv_bytes_per_token: float,
-                         collective_s: float) -> Phase:
+                         collective_s: float, collective_bytes: tuple = ()) -> Phase:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
         busiest group sets the time, and every group with a sequence to decode reads its own replica of the
         weights (with fewer sequences than groups, the others sit idle and read nothing). Each GPU reads the
@@ -133,13 +152,14 @@ class ComputeModel:
         per_token = self.batch * kv_bytes_per_token * (tp / self.kv_ways)  # replicated KV is read on every GPU
         replicas = min(self.dp, self.batch) * weight_bytes
         return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
-                     replicas * l1_passes(group) + per_token)
+                     replicas * l1_passes(group) + per_token, collective_bytes)
 
     def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float,
                    all_reduces: int) -> Phase:
         attended = min(context, self._window[layer]) if layer in self._window else context
         return self._tensor_parallel(fixed_flops + self._flops_per_attended * attended, weight_bytes,
-                                     attended * self._kv_per_token, all_reduces * self._allreduce_s)
+                                     attended * self._kv_per_token, all_reduces * self._allreduce_s,
+                                     tuple((name, all_reduces * sent) for name, sent in self._allreduce_bytes))
 
     def dense_prefix(self, context: int) -> Phase:
         """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
@@ -147,8 +167,12 @@ class ComputeModel:
         # Two all-reduces a dense layer: after attention and after the FFN.
         phases = [self._attention(context, layer, self._dense_fixed_flops, spec.non_expert_bytes_per_dense_layer, 2)
                   for layer in range(spec.num_dense_layers)]
+        collectives: dict[str, float] = {}
+        for phase in phases:
+            for name, sent in phase.collective_bytes:
+                collectives[name] = collectives.get(name, 0.0) + sent
         return Phase(sum(p.seconds for p in phases), sum(p.flops for p in phases),
-                     sum(p.hbm_read_bytes for p in phases), sum(p.l1_bytes for p in phases))
+                     sum(p.hbm_read_bytes for p in phases), sum(p.l1_bytes for p in phases), tuple(collectives.items()))
 
     def attention(self, context: int, moe_layer: int) -> Phase:
         """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce: the shared
@@ -180,7 +204,7 @@ class ComputeModel:
             count[gpu] += 1
         # The busiest GPU's roofline: the max over GPUs of max(compute, memory) is the larger of the two maxima.
         busiest = self._roofline(max(tokens) * self.expert_flops, max(count) * size)
-        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1)
+        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1, self._dispatch_bytes)
 
     def lm_head(self) -> Phase:
         spec = self.spec
@@ -298,7 +322,7 @@ class GpuStream:
         """One timeout for phases that run back to back; their work goes to the ledger."""
         seconds = 0.0
         for phase in phases:
-            self.ledger.record_compute(phase.flops, phase.hbm_read_bytes, phase.l1_bytes)
+            self.ledger.record_compute(phase.flops, phase.hbm_read_bytes, phase.l1_bytes, phase.collective_bytes)
             seconds += phase.seconds
         self.wake = self.calendar.mark(self.env.now + seconds)  # SimPy's own sum, so the times agree exactly
         return self.env.timeout(seconds)
