@@ -780,29 +780,41 @@ def test_a_desktop_without_gpudirect_stages_ssd_reads_in_its_little_dram():
     assert ddr_j == pytest.approx(bits * (ddr.read_pj_per_bit + ddr.write_pj_per_bit) * 1e-12, rel=1e-9)
 
 
-@pytest.mark.parametrize("model, tp, ways", [("deepseek-r1", 8, 1), ("mixtral-8x7b", 8, 8), ("mixtral-8x7b", 4, 4),
-                                             ("qwen3-30b-a3b", 8, 4)])
-def test_a_tensor_parallel_group_splits_its_kv_cache_at_most_by_its_kv_heads(model, tp, ways):
-    """Each GPU of a TP group keeps the KV heads it attends with: MLA's one latent is on every GPU, GQA heads are
-    replicated when the group has more GPUs than KV heads. Capacity and attention reads follow; "even" splits
-    the cache over the whole group (the paper reproduction's assumption)."""
-    spec, hardware, batch, context = get_model(model), get_profile("h200-pcie5"), 16, 1024
+@pytest.mark.parametrize("model, tp, share, copies", [
+    ("deepseek-r1", 8, 1, 8),  # MLA: one latent head, on every GPU
+    ("mixtral-8x7b", 8, 1 / 8, 1), ("mixtral-8x7b", 4, 1 / 4, 1),  # 8 KV heads: one or two a GPU
+    ("mixtral-8x7b", 6, 2 / 8, 1),  # 8 heads on 6 GPUs: the fullest holds 2
+    ("qwen3-30b-a3b", 8, 1 / 4, 2),  # 4 KV heads on 8 GPUs: each head on two
+])
+def test_a_tensor_parallel_group_keeps_the_kv_heads_each_gpu_attends_with(model, tp, share, copies):
+    """Each GPU of a TP group keeps the KV heads it attends with: MLA's one latent is on every GPU, GQA heads
+    are replicated when the group has more GPUs than KV heads, and heads the GPUs do not divide leave the
+    fullest GPU one more. Capacity and attention reads follow; "even" splits the cache over the whole group
+    (the paper reproduction's assumption)."""
+    spec, hardware, batch, context = get_model(model), get_profile("h200-pcie5"), 12, 1024
     assert spec.attention.kv_heads == (1 if spec.attention.kind == "mla" else spec.attention.num_kv_heads)
     heads = ComputeModel(spec, hardware, tp, batch, attention_tp=tp)
     even = ComputeModel(spec, hardware, tp, batch, attention_tp=tp, kv_split="even")
-    assert (heads.kv_ways, even.kv_ways) == (ways, tp)
+    assert (heads.kv_share, heads.kv_copies) == pytest.approx((share, copies))
+    assert (even.kv_share, even.kv_copies) == pytest.approx((1 / tp, 1))
     kv_read = batch * context * spec.kv_bytes_per_token_per_layer  # the group's KV bytes of one layer
     a, b = heads.attention(context, 0), even.attention(context, 0)
-    assert a.hbm_read_bytes - b.hbm_read_bytes == pytest.approx(kv_read * (tp / ways - 1), rel=1e-12)
+    assert a.hbm_read_bytes - b.hbm_read_bytes == pytest.approx(kv_read * (copies - 1), rel=1e-12, abs=1e-3)
     weights = spec.non_expert_bytes_per_moe_layer
     per_gpu = max(a.flops / tp / hardware.gpu.peak_flops,
-                  (weights / tp + kv_read / ways) / hardware.gpu.hbm.read_bandwidth_bytes_per_s)
+                  (weights / tp + kv_read * share) / hardware.gpu.hbm.read_bandwidth_bytes_per_s)
     assert a.seconds == pytest.approx(per_gpu + heads._allreduce_s, rel=1e-9)
     scenario = load_scenario("hbm_only", [f"model={model}", f"gpus={tp}", "workload.decode_tokens=1",
                                           f"workload.batch_size={batch}", f"workload.context_length={context - 1}"])
-    for split, expected_ways in (("heads", ways), ("even", tp)):
+    for split, expected in (("heads", share), ("even", 1 / tp)):
         sim = Simulation(attrs.evolve(scenario, kv_split=split))
-        assert sim.plan.kv_bytes_per_gpu == -(-spec.kv_bytes(context, batch) // expected_ways)
+        assert sim.plan.kv_bytes_per_gpu == pytest.approx(spec.kv_bytes(context, batch) * expected, abs=1)
+
+
+def test_hbm_too_small_for_a_replicated_kv_cache_points_at_attention_tp():
+    with pytest.raises(TierflowError, match="smaller attention_tp"):
+        Simulation(load_scenario("hbm_only", ["workload.batch_size=2048", "workload.decode_tokens=1"]))
+    Simulation(load_scenario("hbm_only", ["workload.batch_size=2048", "workload.decode_tokens=1", "attention_tp=1"]))
 
 
 def test_a_ddr_cache_without_a_capacity_takes_the_whole_ddr_share():

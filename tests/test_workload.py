@@ -89,3 +89,17 @@ def test_long_prompts_do_not_cut_the_read_short(tmp_path):
     workload = load_workload(path, batch_size=4, num_steps=50)
     assert [len(step.sequence_ids) for step in workload.steps] == [4] * 50
     assert workload.tokens == 200
+
+
+def test_requests_count_as_begun_only_once_they_decode(tmp_path):
+    """Two prompts first, then one long answer, then the other: the reader must not take the second request as
+    begun from its prompt and stop before its answer (it refused the batch of two)."""
+    path = tmp_path / "answers.h5"
+    layout = [(0, 0, 10), (1, 0, 10), (0, 1, 140_000), (1, 1, 20)]  # (request, phase, rows) in file order
+    rng = np.random.default_rng(2)
+    rows = sum(n for _, _, n in layout)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(rows)]).reshape(-1, 1, 2)
+    write_trace(path, experts, np.concatenate([[seq] * n for seq, _, n in layout]), model="m", num_experts=8,
+                source="s", phase=np.concatenate([[phase] * n for _, phase, n in layout]).astype(np.uint8))
+    workload = load_workload(path, batch_size=2, num_steps=5)
+    assert [sorted(step.sequence_ids.tolist()) for step in workload.steps] == [[0, 1]] * 5

@@ -20,7 +20,7 @@ from tierflow.resources import scenarios_dir, traces_dir
 
 PLACEMENTS = ("hbm", "ddr", "ssd")
 SCOPES = ("global", "per-layer")
-KV_SPLITS = ("heads", "even")  # how a tensor-parallel group splits its KV cache (sim.gpu.kv_ways)
+KV_SPLITS = ("heads", "even")  # how a tensor-parallel group splits its KV cache (sim.gpu.kv_layout)
 ROUTINGS = ("trace", "uniform")
 EXPERT_COPIES = ("on_demand", "ahead")
 

@@ -155,27 +155,39 @@ def build_steps(sequences: dict[int, tuple], batch_size: int, num_steps: int, sk
     return steps
 
 
+def _decode_rows(chunk):
+    """The chunk without its prefill rows (``phase == 0``)."""
+    if chunk.phase is None or chunk.phase.all():
+        return chunk
+    keep = chunk.phase != 0
+    return attrs.evolve(chunk, **{name: None if getattr(chunk, name) is None else getattr(chunk, name)[keep]
+                                  for name in ("experts", "sequence_id", "gate_scores", "phase", "token_index",
+                                               "predicted_experts")})
+
+
 def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -> Workload:
     """Decode steps from a trace file. Reads only as many tokens as the steps can use (plus whole sequences)."""
     with open_trace(path) as reader:
         meta = reader.meta
         # Continuous batching needs at most batch_size * num_steps decode tokens past the skipped ones; read in
         # chunks until enough sequences are complete, and at least batch_size sequences have begun (a long
-        # first request must not hide the others), or the file ends. Prefill tokens do not count: a trace of
-        # long prompts would otherwise stop the read after a few requests.
+        # first request must not hide the others), or the file ends. Only decode tokens are kept and counted:
+        # a trace of long prompts would otherwise fill memory with prefill rows, or stop after a few requests.
         budget = batch_size * (num_steps + skip_tokens)
         parts = []
-        read = 0  # decode tokens
-        seen: set[int] = set()
+        read = rows = 0  # decode tokens kept, rows read
+        seen: set[int] = set()  # requests with decode tokens
         for chunk in reader.chunks(gate_scores=True, phase=True, predicted_experts=True):
+            rows += len(chunk)
+            chunk = _decode_rows(chunk)
             parts.append(chunk)
-            read += len(chunk) if chunk.phase is None else int(np.count_nonzero(chunk.phase))
+            read += len(chunk)
             if len(seen) < batch_size:
                 seen.update(np.unique(chunk.sequence_id).tolist())
             if read >= 2 * budget + 65536 and len(seen) >= batch_size:
                 break
         embeddings = reader.embedding()
-    if not parts or not sum(len(part) for part in parts):
+    if not rows:
         raise TierflowError(f"{path}: the trace has no tokens")
     cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"), cat("phase"),

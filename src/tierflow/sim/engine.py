@@ -25,7 +25,7 @@ from tierflow.metrics import Results, collect_results
 from tierflow.prefetch import PrefetchContext, make_prefetcher
 from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
-from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups, kv_ways
+from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups, kv_layout
 from tierflow.sim.link import LinkChannel
 from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
@@ -103,17 +103,20 @@ def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, 
         raise TierflowError(f"gpus = {gpus} needs GPU-to-GPU links, and profile {hardware.name!r} has none")
     context = scenario.workload.context_length + steps
     # Attention runs in gpus / tp data-parallel groups: each holds a replica of the non-expert weights, split over
-    # its tp GPUs, and the KV cache of its share of the batch, split as far as its heads allow (kv_ways).
+    # its tp GPUs, and the KV cache of its share of the batch, split as far as its heads allow (kv_layout).
     tp, _, group_batch = attention_groups(gpus, scenario.attention_tp, scenario.workload.batch_size)
-    kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) / kv_ways(spec, tp, scenario.kv_split))
+    kv_share, kv_copies = kv_layout(spec, tp, scenario.kv_split)
+    kv_per_gpu = math.ceil(spec.kv_bytes(context, group_batch) * kv_share)
     non_expert_per_gpu = math.ceil(spec.total_non_expert_bytes / tp)
     hbm_bytes = int(hardware.gpu.hbm.capacity_bytes)
     free = hbm_bytes - kv_per_gpu - non_expert_per_gpu
     if free < 0:
         raise TierflowError(
             f"HBM too small: {hbm_bytes / 1e9:.1f} GB per GPU cannot hold {non_expert_per_gpu / 1e9:.1f} GB of "
-            f"non-expert weights and a {kv_per_gpu / 1e9:.1f} GB KV cache; use more gpus or a smaller batch"
-        )
+            f"non-expert weights and a {kv_per_gpu / 1e9:.1f} GB KV cache; "
+            + ("use a smaller batch or a smaller attention_tp (a group's GPUs each keep the KV heads they attend "
+               "with, so more, smaller groups hold fewer sequences each)" if kv_copies > 1 else
+               "use more gpus or a smaller batch"))
     return kv_per_gpu, non_expert_per_gpu, free
 
 

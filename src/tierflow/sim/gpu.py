@@ -36,12 +36,18 @@ def l1_passes(tokens: int) -> int:
     return max(1, -(-tokens // L1_TILE_TOKENS))
 
 
-def kv_ways(spec: ModelSpec, tp: int, kv_split: str = "heads") -> int:
-    """How many ways a tensor-parallel group of ``tp`` GPUs splits its KV cache: by KV heads (``"heads"``: a GPU
-    keeps the heads it attends with, so with fewer KV heads than GPUs the heads are replicated, and MLA's one
-    latent is on every GPU), or evenly over the group (``"even"``, the assumption that reproduces the seed
-    paper's figures)."""
-    return tp if kv_split == "even" else min(tp, spec.attention.kv_heads)
+def kv_layout(spec: ModelSpec, tp: int, kv_split: str = "heads") -> tuple[float, float]:
+    """How a tensor-parallel group of ``tp`` GPUs holds its KV cache: ``(share, copies)``, the fraction of the
+    group's cache on its fullest GPU and how many copies of it the group holds in all.
+
+    ``"heads"``: a GPU keeps the KV heads it attends with, ``ceil(heads / tp)`` of them, so with fewer heads than
+    GPUs every GPU holds one (replicas), MLA's one latent is on every GPU, and heads that the GPUs do not
+    divide leave some GPUs one more. ``"even"``: the cache divided evenly over the group, one copy (the
+    assumption that reproduces the seed paper's figures)."""
+    if kv_split == "even":
+        return 1.0 / tp, 1.0
+    heads = spec.attention.kv_heads
+    return -(-heads // tp) / heads, max(heads, tp) / heads
 
 
 def attention_groups(gpus: int, attention_tp: int | None, batch_size: int) -> tuple[int, int, int]:
@@ -80,7 +86,7 @@ class ComputeModel:
                  kv_split: str = "heads"):
         self.spec, self.gpus, self.batch = spec, gpus, batch_size
         self.tp, self.dp, self.group_batch = attention_groups(gpus, attention_tp, batch_size)
-        self.kv_ways = kv_ways(spec, self.tp, kv_split)
+        self.kv_share, self.kv_copies = kv_layout(spec, self.tp, kv_split)
         self.peak_flops = hardware.gpu.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
@@ -145,11 +151,12 @@ class ComputeModel:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
         busiest group sets the time, and every group with a sequence to decode reads its own replica of the
         weights (with fewer sequences than groups, the others sit idle and read nothing). Each GPU reads the
-        KV cache it holds: the group's split ``kv_ways`` ways (see :func:`kv_ways`)."""
+        KV cache it holds: the fullest ``kv_share`` of the group's, ``kv_copies`` copies in all (see
+        :func:`kv_layout`)."""
         tp, group = self.tp, self.group_batch
         seconds = self._roofline(group * flops_per_token / tp,
-                                 weight_bytes / tp + group * kv_bytes_per_token / self.kv_ways)
-        per_token = self.batch * kv_bytes_per_token * (tp / self.kv_ways)  # replicated KV is read on every GPU
+                                 weight_bytes / tp + group * kv_bytes_per_token * self.kv_share)
+        per_token = self.batch * kv_bytes_per_token * self.kv_copies  # a replicated head is read by every holder
         replicas = min(self.dp, self.batch) * weight_bytes
         return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
                      replicas * l1_passes(group) + per_token, collective_bytes)

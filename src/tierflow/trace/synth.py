@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 
 import attrs
@@ -599,24 +600,29 @@ class _BlockRouter:
         if self._pool is None:
             return
         if abort:
-            processes = list((getattr(self._pool, "_processes", None) or {}).values())
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.join(5.0)
-                if process.is_alive():  # stuck before its SIGTERM handler was in place
-                    process.kill()
-                    process.join()
-            # A worker stopped while sending a result leaves half a message in the result pipe, and the pool's
-            # manager thread would wait for the rest forever (shutdown, and the interpreter's exit, join it).
-            # With every worker gone, closing this process's copy of the pipe's write end lets it read
-            # end-of-file instead, take the pool as broken and end.
-            writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)
-            if writer is not None:
-                writer.close()
-            self._pool.shutdown(cancel_futures=True)
+            with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+                self._abort()
         else:
             self._pool.shutdown(cancel_futures=True)
+
+    def _abort(self) -> None:
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        for process in processes:
+            process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():  # stuck before its SIGTERM handler was in place
+                process.kill()
+                process.join()
+        # A worker stopped while sending a result leaves half a message in the result pipe, and the pool's
+        # manager thread would wait for the rest forever (shutdown, and the interpreter's exit, join it). With
+        # every worker gone, closing this process's copy of the pipe's write end lets it read end-of-file
+        # instead, take the pool as broken and end.
+        writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
+        self._pool.shutdown(cancel_futures=True)
 
     def __enter__(self):
         return self
