@@ -843,3 +843,17 @@ def test_collectives_send_their_bytes_over_nvlink_and_pay_its_energy():
     assert dict(sim.ledger.collective_bytes) == pytest.approx({nvlink.name: 2 * per_step}, rel=1e-12)
     link_j = results.summary["energy_j_per_token"]["link"] * results.summary["tokens"]
     assert link_j == pytest.approx(8 * 2 * per_step * nvlink.pj_per_bit * 1e-12, rel=1e-12) and link_j > 0
+
+
+def test_collectives_across_nodes_split_their_bytes_between_nvlink_and_the_network():
+    """12 GPUs in nodes of 8 (the last node holds 4): the all-to-all's GPU pairs are 8 x 7 + 4 x 3 = 68 within a
+    node and 64 across; a ring all-reduce over the 12 crosses the network on 2 of its 12 hops."""
+    spec, hardware = get_model("deepseek-r1-bf16"), get_profile("kyung2025")
+    model = ComputeModel(spec, hardware, 12, 24, attention_tp=12)
+    nvlink, network = hardware.nvlink.name, hardware.internode.name
+    copies = 24 * spec.top_k * spec.hidden_size * 2 / 12  # each GPU's share of the batch's token copies
+    phase = model.experts([0, 1, 2], [8, 8, 8])
+    assert dict(phase.collective_bytes) == pytest.approx({nvlink: 2 * copies / 12 * 68, network: 2 * copies / 12 * 64})
+    ring = dict(model.attention(1024, 0).collective_bytes)
+    sent = 2 * 11 * 24 * spec.hidden_size * 2
+    assert ring == pytest.approx({nvlink: sent * 10 / 12, network: sent * 2 / 12})

@@ -51,8 +51,9 @@ FIGURES = [
     ("  of which wasted (GB)", lambda s: _gb(s["prefetch"]["wasted_bytes"] / max(s["tokens"], 1))),
     ("energy/token total (J)", lambda s: _j(s["energy_j_per_token"]["total"])),
     *[(f"  {name} (J)", lambda s, name=name: _j(s["energy_j_per_token"][name])) for name in COMPONENTS],
-    # What moving experts costs, apart from compute and the background power over the run's length: the part
-    # prefetching cannot save (it may shorten the run, and with it the static energy).
+    # Every byte read, carried and written (experts' copies, compute's HBM reads, collectives), apart from
+    # arithmetic and the background power over the run's length: the part prefetching cannot save (it may
+    # shorten the run, and with it the static energy).
     ("  data movement (J)", lambda s: _j(sum(s["energy_j_per_token"][name] for name in DATA_MOVEMENT))),
     ("  prefetched bytes (J)", lambda s: _j(s["prefetch"]["energy_j_per_token"])),
     ("  wasted prefetches (J)", lambda s: _j(s["prefetch"]["wasted_energy_j_per_token"])),

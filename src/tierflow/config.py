@@ -200,7 +200,9 @@ class Scenario:
             raise ValueError(f"prefetch.policy = {self.prefetch.policy!r} has no effect with timing.expert_copies = "
                              "'ahead' and cache.enabled = false (every expert is copied ahead, nothing is cached); "
                              "set prefetch.policy = 'none'")
-        # Prefetches land in the HBM expert cache; without one (experts off the GPU) they would be dropped.
+        # Prefetches land in the HBM expert cache; without one (experts off the GPU) they would be dropped. With
+        # placement = 'hbm' every expert is resident and a prefetcher is simply left out, so a sweep over
+        # placements can set one for all its points.
         if not self.cache.enabled and self.prefetch.policy != "none" and self.placement != "hbm":
             raise ValueError(f"prefetch.policy = {self.prefetch.policy!r} has no effect with cache.enabled = false "
                              "(prefetched experts land in the HBM expert cache); set cache.enabled = true or "

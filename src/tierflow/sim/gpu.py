@@ -123,18 +123,27 @@ class ComputeModel:
 
     def _all_reduce_bytes(self, bytes_all_groups: float, n: int) -> tuple:
         """What ring all-reduces send, summed over the groups: each GPU of a group sends 2 (n-1)/n of the
-        group's vector, so a group sends 2 (n-1) vectors; ``bytes_all_groups`` is the vectors' sum."""
-        link = self.nvlink if n <= self.gpus_per_node else self.internode
-        if n == 1 or link is None:
+        group's vector, so a group sends 2 (n-1) vectors (``bytes_all_groups`` is the vectors' sum), evenly over
+        the ring's n hops; a ring over k nodes crosses the network on k of them, NVLink on the rest."""
+        if n == 1:
             return ()
-        return ((link.name, 2 * (n - 1) * bytes_all_groups),)
+        sent = 2 * (n - 1) * bytes_all_groups
+        if n <= self.gpus_per_node:
+            return () if self.nvlink is None else ((self.nvlink.name, sent),)
+        nodes = -(-n // self.gpus_per_node)
+        return tuple((link.name, sent * hops / n) for link, hops in ((self.nvlink, n - nodes), (self.internode, nodes))
+                     if link is not None and hops)
 
     def _all_to_all_bytes(self, bytes_per_gpu: float) -> tuple:
-        """What an all-to-all sends over each kind of link, summed over the N GPUs (as :meth:`_all_to_all_s`)."""
+        """What an all-to-all sends over each kind of link, summed over the N GPUs: each GPU sends 1/N of its
+        ``bytes_per_gpu`` to every peer, over NVLink to the peers in its node (nodes of ``gpus_per_node``, the
+        last one partial) and over the network to the others."""
         n, local = self.gpus, self.gpus_per_node
-        return tuple((link.name, bytes_per_gpu * peers) for link, peers in
-                     ((self.nvlink, min(n, local) - 1), (self.internode, n - min(n, local)))
-                     if peers and link is not None)
+        sizes = [local] * (n // local) + ([n % local] if n % local else [])
+        local_pairs = sum(size * (size - 1) for size in sizes)
+        return tuple((link.name, bytes_per_gpu / n * pairs) for link, pairs in
+                     ((self.nvlink, local_pairs), (self.internode, n * (n - 1) - local_pairs))
+                     if pairs and link is not None)
 
     def _all_to_all_s(self, bytes_per_gpu: float) -> float:
         """All-to-all among all GPUs, each sending ``bytes_per_gpu`` spread evenly over the GPUs: the share
