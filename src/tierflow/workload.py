@@ -54,12 +54,9 @@ class Workload:
         return sum(len(step.sequence_ids) for step in self.steps)
 
 
-def _sequences_from_arrays(experts, sequence_id, gate_scores, phase, predicted=None) -> dict[int, tuple]:
-    """Per sequence id, in order of first appearance: (experts, scores or None, predicted or None)."""
-    keep = np.ones(len(sequence_id), dtype=bool) if phase is None else phase != 0
-    experts, sequence_id = experts[keep], sequence_id[keep]
-    scores = None if gate_scores is None else gate_scores[keep]
-    predicted = None if predicted is None else predicted[keep]
+def _sequences_from_arrays(experts, sequence_id, scores, predicted=None) -> dict[int, tuple]:
+    """Per sequence id, in order of first appearance: (experts, scores or None, predicted or None), of decode
+    rows (callers drop prefill rows first)."""
     order = np.argsort(sequence_id, kind="stable")
     ids, starts = np.unique(sequence_id[order], return_index=True)
     first_seen = np.argsort([order[s] for s in starts], kind="stable")
@@ -190,7 +187,7 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
     if not rows:
         raise TierflowError(f"{path}: the trace has no tokens")
     cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-    sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"), cat("phase"),
+    sequences = _sequences_from_arrays(cat("experts"), cat("sequence_id"), cat("gate_scores"),
                                        cat("predicted_experts"))
     steps = build_steps(sequences, batch_size, num_steps, skip_tokens)
     if not steps:
@@ -236,7 +233,7 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
                        "workload.batch_size, workload.decode_tokens, workload.skip_tokens")
     data = generate_arrays(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, tokens,
                            num_sequences=sequences, seed=seed, params=SynthParams.for_model(spec.name), workers=1)
-    by_sequence = _sequences_from_arrays(data["experts"], data["sequence_id"], data["gate_scores"], None)
+    by_sequence = _sequences_from_arrays(data["experts"], data["sequence_id"], data["gate_scores"])
     steps = build_steps(by_sequence, batch_size, num_steps, skip_tokens)
     return Workload(steps, spec.num_moe_layers, spec.num_routed_experts, spec.top_k, spec.name,
                     f"built-in synthetic (seed={seed})", data["embedding"], list(by_sequence))

@@ -20,9 +20,6 @@ class StagingBuffer:
         self.peak_bytes = 0
         self._waiting: deque = deque()  # (size_bytes, then) in arrival order
 
-    def fits(self, size_bytes: int) -> bool:
-        return size_bytes <= self.capacity_bytes
-
     def acquire(self, size_bytes: int, then) -> None:
         """Reserve ``size_bytes``, then call ``then()`` (at the same time, once the caller's turn is over)."""
         self._waiting.append((size_bytes, then))

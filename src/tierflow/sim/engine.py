@@ -175,10 +175,10 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         ddr = scenario.ddr_cache
         # SSD reads pass through the DDR cache itself (no staging buffer is set aside): by default it is the
         # whole DDR share.
-        ddr_free = int(hardware.ddr.capacity_bytes)
+        ddr_share = int(hardware.ddr.capacity_bytes)
         ddr_cache = _cache_experts("ddr_cache", ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
-                                   ddr_free // expert_bytes)
-        if ddr_cache * expert_bytes > hardware.ddr.capacity_bytes:
+                                   ddr_share // expert_bytes)
+        if ddr_cache * expert_bytes > ddr_share:
             raise TierflowError(f"ddr_cache of {ddr_cache} experts per GPU exceeds the DDR share per GPU")
         if ddr_cache < 1:
             if ddr.capacity_experts is not None:
@@ -186,7 +186,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             elif ddr.capacity_bytes is not None:
                 given = f"ddr_cache.capacity_bytes = {ddr.capacity_bytes} over {gpus} GPU(s)"
             else:
-                given = f"the {ddr_free / 1e9:.3f} GB DDR share per GPU"
+                given = f"the {ddr_share / 1e9:.3f} GB DDR share per GPU"
             raise TierflowError(f"ddr_cache capacity must hold at least one expert of {expert_bytes / 1e9:.3f} GB; "
                                 f"{given} holds none")
     elif (scenario.placement == "ssd" and ssd_reads_staged(scenario, hardware)

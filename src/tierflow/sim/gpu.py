@@ -236,9 +236,9 @@ class ComputeModels:
     is charged for the sequences it decodes. With ``timing.offload_takes_hbm_bandwidth``, compute gets the HBM
     bandwidth the offload copies leave (``contended_bw``) while copies run beside it: in every phase when copies
     are queued ahead (``contention = "always"``: the seed paper's continuous stream of copies, kept as its
-    reproduction assumes it, dense layers and LM head included), else in the phases that start while a copy is in flight
-    (``"in_flight"``; a layer that waits for its demand misses computes after they land, so only prefetches
-    overlap compute). ``"never"``: the full bandwidth throughout."""
+    reproduction assumes it, dense layers and LM head included), else in the phases that start while a copy is
+    in flight (``"in_flight"``; a layer that waits for its demand misses computes after they land, so only
+    prefetches overlap compute). ``"never"``: the full bandwidth throughout."""
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, attention_tp: int | None,
                  contended_bw: float, contention: str, kv_split: str = "heads"):
@@ -359,6 +359,7 @@ class GpuStream:
         env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
         num_layers = workload.num_layers
         looks_up = not all(memory.all_resident for memory in memories)
+        repick = self.compute.contention == "in_flight"  # the bandwidth may change between a step's phases
         for step in workload.steps:
             start = env.now
             stall = 0.0
@@ -396,7 +397,8 @@ class GpuStream:
                         yield timeout_towards(env, self.wake[0])
                     calendar.advance(self.wake)
                     stall += env.now - waited_from
-                compute = self._compute(batch)  # for this layer's experts and the next layer's attention
+                if repick:  # for this layer's experts and the next layer's attention
+                    compute = self._compute(batch)
                 pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
                 for memory, key in used:
                     memory.release(key)
