@@ -329,3 +329,114 @@ def test_a_garbage_point_output_is_redone_on_resume(tmp_path):
     (points_dir(tmp_path) / f"{first}.h5").write_bytes(b"garbage")
     rerun = run_sweep(sweep, tmp_path, workers=1)
     assert (rerun.ran, rerun.skipped, rerun.errors) == (1, 1, 0)
+
+
+def test_a_truncated_point_output_or_a_record_of_the_wrong_shape_is_redone(tmp_path):
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 96, 128]}, seed=1))
+    run_sweep(sweep, tmp_path, workers=1)
+    reference = _csv(tmp_path)
+    first, second, _ = (p.point_id for p in sweep.points)
+    h5 = points_dir(tmp_path) / f"{first}.h5"
+    data = h5.read_bytes()
+    h5.write_bytes(data[: len(data) // 2])  # the HDF5 signature survives: only reading it in full tells
+    assert h5py.is_hdf5(h5)
+    for shape in ("null", "[1]", json.dumps({"point_id": second}), json.dumps({"point_id": second, "status": "ok",
+                                                                                "error": ""})):
+        (points_dir(tmp_path) / f"{second}.json").write_text(shape)
+        assert run_sweep(sweep, tmp_path, workers=1).ran == 2
+        run_sweep(sweep, tmp_path, workers=1)  # nothing to redo: the rows are back
+        assert _csv(tmp_path) == reference
+        h5.write_bytes(data[: len(data) // 2])
+
+
+def test_points_made_by_other_tierflow_files_are_run_again(tmp_path):
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]}, seed=1))
+    run_sweep(sweep, tmp_path, workers=1)
+    record_path = points_dir(tmp_path) / f"{sweep.points[1].point_id}.json"
+    record = json.loads(record_path.read_text())
+    assert len(record["code"]) == 64
+    record_path.write_text(json.dumps({**record, "code": "0" * 64}))
+    from tierflow.sweep import STALE, point_state
+
+    assert point_state(tmp_path, sweep.points[1].point_id) == STALE
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(f'name = "s"\nscenario = "ssd_offload"\nseed = 1\n[set]\nmodel = "olmoe-1b-7b"\n'
+                          f'hardware = "h100-pcie5"\ngpus = 1\n"workload.decode_tokens" = 8\n'
+                          f'[grid]\n"cache.capacity_experts" = [64, 128]\n')
+    result = run_tierflow("sweep", sweep_file, "--out", tmp_path, "--workers", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "1 finished point(s)" in result.stderr and "another version of tierflow" in result.stderr
+    assert "(1 finished before, 1 run now" in result.stdout
+    assert json.loads(record_path.read_text())["code"] == record["code"]
+
+
+def test_the_trace_enters_a_points_id_by_its_bytes_not_its_path(tmp_path):
+    def trace(path, seed):
+        rng = np.random.default_rng(seed)
+        experts = np.stack([np.stack([rng.choice(64, 8, replace=False) for _ in range(16)]) for _ in range(40)])
+        write_trace(path, experts=experts, sequence_id=np.repeat(np.arange(4), 10), model="olmoe-1b-7b",
+                    num_experts=64, source="test")
+        return path
+
+    one = trace(tmp_path / "a" / "t.h5", 1)
+    copy = tmp_path / "b" / "t.h5"
+    copy.parent.mkdir()
+    copy.write_bytes(one.read_bytes())
+    ids = [parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}, set={**SMALL, "workload": {
+        "decode_tokens": 8, "trace": str(path)}})).points[0].point_id for path in (one, copy)]
+    assert ids[0] == ids[1]
+    trace(one, 2)  # rewritten with other routing: another point
+    changed = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}, set={**SMALL, "workload": {
+        "decode_tokens": 8, "trace": str(one)}})).points[0].point_id
+    assert changed != ids[0]
+
+
+def test_catalog_names_in_any_case_are_the_same_point():
+    lower = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}))
+    upper = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]},
+                                    set={**SMALL, "model": "OLMoE-1B-7B", "hardware": "H100-PCIe5"}))
+    assert lower.points[0].point_id == upper.points[0].point_id
+
+
+def test_a_base_scenarios_relative_trace_is_found_next_to_it(tmp_path):
+    experts = np.tile(np.arange(8), (16, 16, 1))
+    write_trace(tmp_path / "t.h5", experts=experts, sequence_id=np.repeat(np.arange(2), 8),
+                model="olmoe-1b-7b", num_experts=64, source="test")
+    (tmp_path / "base.toml").write_text('model = "olmoe-1b-7b"\nhardware = "h100-pcie5"\ngpus = 1\n'
+                                        'placement = "ddr"\n[workload]\ntrace = "t.h5"\ndecode_tokens = 4\n')
+    sweep = load_sweep(write_sweep(tmp_path / "s.toml", 'scenario = "base.toml"\n[grid]\n'
+                                                        '"cache.capacity_experts" = [16, 32]\n'))
+    assert {p.scenario_table["workload"]["trace"] for p in sweep.points} == {str(tmp_path / "t.h5")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-m", "tierflow", "sweep", tmp_path / "s.toml", "--out",
+                             tmp_path / "out", "--workers", "1", "--quiet"], capture_output=True, text=True,
+                            cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "0 with errors" in result.stdout
+
+
+def test_sweep_json_is_written_with_the_table_and_report_refuses_a_table_of_another_sweep(tmp_path):
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]}, seed=1))
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path, workers=1, progress=interrupt)
+    assert not (tmp_path / "sweep.json").exists()  # nothing describes a table that does not exist yet
+    run_sweep(sweep, tmp_path, workers=1)
+    listed = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert listed == [p.point_id for p in sweep.points]
+    other = parse_sweep(small_sweep(grid={"cache.capacity_experts": [96]}, seed=1))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "other", "axes": ["cache.capacity_experts"],
+                                                     "points": [p.point_id for p in other.points]}))
+    assert_one_line_error(run_tierflow("report", tmp_path, "--out", tmp_path / "r"), "does not list",
+                          "rerun `tierflow sweep")
+
+
+def test_report_on_a_table_without_columns_is_one_error(tmp_path):
+    run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}, seed=1)), tmp_path, workers=1)
+    with h5py.File(tmp_path / "results.h5", "w") as f:
+        f.create_group("points").attrs["columns"] = "[]"
+    assert_one_line_error(run_tierflow("report", tmp_path, "--out", tmp_path / "r"), "no point_id column")

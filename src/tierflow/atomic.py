@@ -64,13 +64,27 @@ def check_writable(path) -> None:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` ordinary permissions and rename it over ``path``."""
+    """Give ``tmp`` ordinary permissions, flush it to the disk and rename it over ``path`` (then flush the
+    folder): after a crash of the machine the file is the old one or the whole new one, never a short one."""
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
+        _sync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except OSError as error:
         discard(tmp)
         raise OutputError(path, error) from None
+    try:
+        _sync(Path(path).parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        pass  # a folder that cannot be opened or synced (not every system allows it): the rename stands
+
+
+def _sync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def discard(tmp: Path) -> None:

@@ -358,6 +358,20 @@ def load_table(name_or_path: str) -> dict:
         raise TierflowError(f"scenario file {path}: not a text file") from None
 
 
+def load_scenario_table(name_or_path: str) -> dict:
+    """A scenario file's table, with a relative ``workload.trace`` found next to the file, else in the shipped
+    traces (else left as written: relative to the working directory)."""
+    path = resolve_scenario_path(name_or_path)
+    table = load_table(name_or_path)
+    trace = table.get("workload", {}).get("trace") if isinstance(table.get("workload"), Mapping) else None
+    if isinstance(trace, str) and trace and not Path(trace).is_absolute():
+        for base in (path.parent, traces_dir()):
+            if (base / trace).is_file():
+                table["workload"]["trace"] = str(base / trace)
+                break
+    return table
+
+
 def scenario_from_table(table: Mapping[str, Any]) -> Scenario:
     return _build(Scenario, table, "")
 
@@ -368,15 +382,7 @@ def load_scenario(name_or_path: str, overrides: Iterable[str] = ()) -> Scenario:
     A relative ``workload.trace`` in the file is found next to the scenario file, else in the shipped
     traces; one given with ``--set`` is relative to the working directory.
     """
-    path = resolve_scenario_path(name_or_path)
-    table = load_table(name_or_path)
-    trace = table.get("workload", {}).get("trace") if isinstance(table.get("workload"), Mapping) else None
-    if isinstance(trace, str) and trace and not Path(trace).is_absolute():
-        for base in (path.parent, traces_dir()):
-            if (base / trace).is_file():
-                table["workload"]["trace"] = str(base / trace)
-                break
-    table = apply_overrides(table, overrides)
+    table = apply_overrides(load_scenario_table(name_or_path), overrides)
     table.setdefault("name", Path(name_or_path).stem)
     return scenario_from_table(table)
 

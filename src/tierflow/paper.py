@@ -24,13 +24,11 @@ ledger again at every scale, which is what rerunning the cell with ``energy.ssd_
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import attrs
@@ -38,6 +36,9 @@ import attrs
 from tierflow.atomic import atomic_write, output_dir
 from tierflow.config import load_scenario
 from tierflow.energy import ledger_energy_j
+from tierflow.errors import TierflowError
+from tierflow.resources import code_fingerprint
+from tierflow.workers import WorkerDied, run_parallel
 
 MODELS = {  # scenario -> (label, batch sizes the paper runs)
     "kyung_mixtral": ("Mixtral-8x7B", (1, 4, 16, 64, 256, 1024)),
@@ -167,18 +168,6 @@ def run_cell(cell: Cell) -> dict:
     return row
 
 
-@functools.cache
-def code_fingerprint() -> str:
-    """A hash of tierflow's installed files (code, scenarios, catalogs, default weights)."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".toml", ".npz", ".json"):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def cell_id(cell: Cell) -> str:
     identity = json.dumps([cell.scenario, cell.variant, cell.settings(), code_fingerprint()])
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
@@ -219,10 +208,13 @@ def run_cells(cells: list[Cell], workers: int | None = None, progress: Callable[
     if workers == 1 or len(todo) <= 1:
         for i in todo:
             finished(i, run_cell(cells[i]))
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for i, row in zip(todo, pool.map(run_cell, [cells[i] for i in todo]), strict=True):
-                finished(i, row)
+    else:  # saved as each finishes: an interruption loses only the cells running then
+        for n, row, error in run_parallel(run_cell, [cells[i] for i in todo], workers):
+            if error is not None:
+                if isinstance(error, WorkerDied):
+                    raise TierflowError(f"cell `{cells[todo[n]].command()}`: {error}")
+                raise error
+            finished(todo[n], row)
     return rows
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from tierflow import paper
+from tierflow.workers import sigterm_unwinds
 
 
 def register(group: click.Group) -> None:
@@ -42,8 +43,8 @@ def paper_command(out, workers, beyond, as_json, quiet):
     Finished cells are kept in OUT/cells, so rerunning after an interruption resumes."""
     cells = paper.paper_cells()
     extra = paper.beyond_cells() if beyond else []
-    with click.progressbar(length=len(cells) + len(extra), label="cells", file=sys.stderr,
-                           hidden=quiet) as bar:
+    with sigterm_unwinds(), click.progressbar(length=len(cells) + len(extra), label="cells", file=sys.stderr,
+                                              hidden=quiet) as bar:
         rows = paper.run_cells(cells + extra, workers, bar.update, cache_dir=out / "cells")
     paper_rows, beyond_rows = rows[: len(cells)], rows[len(cells):]
     written = paper.write_outputs(paper_rows, beyond_rows, out)

@@ -68,11 +68,18 @@ class SweepTable:
         except (OSError, ValueError) as error:
             raise TierflowError(f"{meta_path}: not a sweep description ({_reason(error)}); rerun `tierflow sweep "
                                 f"SWEEP.toml --out {self.sweep_dir}` to rebuild it") from None
+        rebuild = f"rerun `tierflow sweep SWEEP.toml --out {self.sweep_dir}` to rebuild it"
         try:
             self.all = read_table(table_path)
+            for column in ("point_id", "status", "error"):
+                if column not in self.all:
+                    raise KeyError(f"no {column} column")
         except (OSError, KeyError, ValueError, TypeError) as error:
-            raise TierflowError(f"{table_path}: not a readable results table ({_reason(error)}); rerun `tierflow "
-                                f"sweep SWEEP.toml --out {self.sweep_dir}` to rebuild it") from None
+            raise TierflowError(f"{table_path}: not a readable results table ({_reason(error)}); {rebuild}") from None
+        listed = self.meta.get("points")
+        if isinstance(listed, list) and not set(self.all["point_id"].tolist()) <= set(listed):
+            raise TierflowError(f"{table_path} holds points that {meta_path} does not list (an interrupted run of "
+                                f"another sweep?); {rebuild}")
         ok = np.array([s == STATUS_OK for s in self.all["status"]], dtype=bool)
         axes = [k for k in self.meta["axes"] if k in self.all]
         self.errors = [(self.all["point_id"][i], ", ".join(f"{_short(k)} {_cell(self.all[k][i])}" for k in axes),

@@ -36,6 +36,7 @@ and leaves no half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -53,8 +54,10 @@ import attrs
 import numpy as np
 
 from tierflow.atomic import atomic_write, output_dir
-from tierflow.config import load_table, scenario_from_table, scenario_to_table, valid_keys
+from tierflow.config import load_scenario_table, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
+from tierflow.resources import code_fingerprint, file_digest
+from tierflow.workers import run_parallel
 
 ENGINES = ("local", "dask")
 STATUS_OK, STATUS_ERROR = "ok", "error"
@@ -67,7 +70,7 @@ _LABEL_KEYS = ("name", "description")
 class Point:
     """One scenario of a sweep."""
 
-    point_id: str  # 12 hex digits of sha256 over the canonical JSON of the scenario (labels aside)
+    point_id: str  # 12 hex digits of sha256 over the canonical JSON of what it simulates (see _identity_table)
     axes: dict  # dotted key -> value, the values this point takes on the sweep's axes
     scenario_table: dict  # the full nested scenario table, seed included
 
@@ -125,6 +128,29 @@ def point_id(scenario_table: Mapping) -> str:
     return hashlib.sha256(_canonical(content).encode()).hexdigest()[:12]
 
 
+def _identity_table(table: Mapping, digests: dict[str, str]) -> dict:
+    """What a point simulates, for its id: the scenario with the trace file replaced by the sha256 of its bytes
+    (the same trace anywhere has one id; a rewritten file makes new points) and catalog names in the catalog's
+    spelling (they are looked up case-insensitively). ``digests`` caches the files' digests by path."""
+    from tierflow.catalog import get_model, get_profile
+
+    identity = json.loads(json.dumps(table))
+    for key, get in (("model", get_model), ("hardware", get_profile)):
+        try:
+            identity[key] = get(identity[key]).name
+        except (KeyError, TierflowError):
+            pass  # check_points reports it
+    trace = identity.get("workload", {}).get("trace")
+    if trace:
+        if trace not in digests:
+            try:
+                digests[trace] = "sha256:" + file_digest(trace)
+            except OSError:
+                digests[trace] = trace  # check_points reports it
+        identity["workload"]["trace"] = digests[trace]
+    return identity
+
+
 def derived_seed(identity: str) -> int:
     """A deterministic seed from a point id (31 bits, so any RNG accepts it)."""
     return int(hashlib.sha256(f"seed:{identity}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
@@ -158,7 +184,7 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
         raise TierflowError(f"{where}: missing `scenario` (a shipped scenario name or a .toml path)")
     base_name = str(document["scenario"])
     relative = base_dir / base_name
-    base_table = load_table(str(relative) if relative.suffix == ".toml" and relative.is_file() else base_name)
+    base_table = load_scenario_table(str(relative) if relative.suffix == ".toml" and relative.is_file() else base_name)
     base_table.setdefault("name", Path(base_name).stem)
 
     for section in ("set", "grid"):
@@ -181,10 +207,12 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
             raise TierflowError(f"{where}: key 'seed' is set in more than one place")
         fixed["seed"] = document["seed"]
 
-    points, seen = [], set()
+    points, seen, digests = [], set(), {}
     for axes in _axis_combinations(grid, zips, where):
         table = json.loads(json.dumps(base_table))  # a deep copy of plain TOML data
         for key, value in {**fixed, **axes}.items():
+            if key == "workload.trace" and isinstance(value, str) and value and (base_dir / value).is_file():
+                value = str(base_dir / value)  # relative to the sweep file when it is there
             _set_dotted(table, key, value)
         seeded = "seed" in fixed or "seed" in axes
         if not seeded:
@@ -196,8 +224,9 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
             raise TierflowError(f"{where}: point {shown}: {error}") from None
         full = scenario_to_table(scenario)
         if not seeded:
-            full["seed"] = derived_seed(point_id({k: v for k, v in full.items() if k != "seed"}))
-        identity = point_id(full)
+            full["seed"] = derived_seed(point_id(_identity_table({k: v for k, v in full.items() if k != "seed"},
+                                                                 digests)))
+        identity = point_id(_identity_table(full, digests))
         if identity in seen:
             raise TierflowError(f"{where}: two points are the same scenario ({_canonical(axes)}); remove the repeat")
         seen.add(identity)
@@ -298,7 +327,8 @@ def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
     """Simulate one point. Never raises: a failure comes back as a record with status ``error``."""
     from tierflow.sim.engine import Simulation
 
-    record = {"point_id": point_id_, "status": STATUS_OK, "error": "", "scenario": scenario_table}
+    record = {"point_id": point_id_, "status": STATUS_OK, "error": "", "scenario": scenario_table,
+              "code": code_fingerprint()}
     started = time.perf_counter()
     try:
         results = Simulation(scenario_from_table(scenario_table)).run()
@@ -336,27 +366,46 @@ def save_point(out: Path, point: Point, output: PointOutput) -> None:
 
 
 def load_record(out: Path, identity: str) -> dict | None:
-    """A finished point's record, or None when it has not run (or its file is unreadable)."""
+    """A point's record, or None when it has not run (or its file is unreadable or not a record)."""
     path = points_dir(out) / f"{identity}.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("point_id") == identity else None
+    if not isinstance(record, dict) or record.get("point_id") != identity:
+        return None
+    if not isinstance(record.get("status"), str) or not isinstance(record.get("error"), str):
+        return None
+    if record["status"] == STATUS_OK and not isinstance(record.get("summary"), dict):
+        return None
+    return record
 
 
-def is_finished(out: Path, identity: str) -> bool:
-    """The point's record says ok and its HDF5 output is there and is an HDF5 file (a garbage one is redone)."""
+FINISHED, STALE, TO_RUN = "finished", "stale", "to run"
+
+
+def point_state(out: Path, identity: str) -> str:
+    """``FINISHED``: the record says ok, was made by these tierflow files, and the HDF5 output reads in full;
+    ``STALE``: an ok record made by other tierflow files (another version: its figures may differ);
+    ``TO_RUN``: anything else (no record, a failed point, an unreadable or truncated output)."""
     import h5py
 
     record = load_record(out, identity)
-    if record is None or record.get("status") != STATUS_OK:
-        return False
-    path = points_dir(out) / f"{identity}.h5"
+    if record is None or record["status"] != STATUS_OK:
+        return TO_RUN
     try:
-        return path.is_file() and h5py.is_hdf5(path)
-    except OSError:
-        return False
+        with h5py.File(points_dir(out) / f"{identity}.h5", "r") as f:
+            json.loads(f.attrs["summary_json"])
+            for name in f["steps"]:
+                f["steps"][name][()]  # reading every series finds a file cut short
+    except Exception:  # noqa: BLE001 - whatever h5py raises for a damaged file: run the point again
+        return TO_RUN
+    return FINISHED if record.get("code") == code_fingerprint() else STALE
+
+
+def is_finished(out: Path, identity: str) -> bool:
+    """See :func:`point_state`."""
+    return point_state(out, identity) == FINISHED
 
 
 def _flat_columns(prefix: str, value: Any, row: dict) -> None:
@@ -459,29 +508,32 @@ def read_table(path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- executors
 
 
+def _run_point(point: Point) -> PointOutput:
+    return run_point(point.point_id, point.scenario_table)
+
+
 def _run_local(todo: list[Point], workers: int) -> Iterable[PointOutput]:
+    """Outputs as points finish. On several workers (see :func:`tierflow.workers.run_parallel`) an interruption
+    stops the points running at once (they are not saved), and a point whose worker dies is recorded as an
+    error only if it kills its worker again when it runs alone."""
     if workers == 1:
         for point in todo:
-            yield run_point(point.point_id, point.scenario_table)
+            yield _run_point(point)
         return
-    import concurrent.futures
+    for index, output, error in run_parallel(_run_point, todo, workers):
+        yield output if error is None else _error_output(todo[index], error)
 
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers)
-    try:
-        futures = {pool.submit(run_point, p.point_id, p.scenario_table): p for p in todo}
-        for future in concurrent.futures.as_completed(futures):
-            yield _result_or_error(future, futures[future])
-    finally:
-        # Interrupted: drop the queued points at once; the ones running finish in their worker, unsaved.
-        pool.shutdown(wait=True, cancel_futures=True)
+
+def _error_output(point: Point, error: BaseException) -> PointOutput:
+    return PointOutput({"point_id": point.point_id, "status": STATUS_ERROR, "error": _one_line(error),
+                        "scenario": point.scenario_table, "code": code_fingerprint(), "wall_s": 0.0}, None)
 
 
 def _result_or_error(future, point: Point) -> PointOutput:
     try:
         return future.result()
     except Exception as error:  # noqa: BLE001 - the worker died (killed, out of memory): record it
-        return PointOutput({"point_id": point.point_id, "status": STATUS_ERROR, "error": _one_line(error),
-                            "scenario": point.scenario_table, "wall_s": 0.0}, None)
+        return _error_output(point, error)
 
 
 def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=None) -> Iterable[PointOutput]:
@@ -497,8 +549,7 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
             except (OSError, TimeoutError) as error:
                 raise TierflowError(f"--scheduler {scheduler}: cannot connect: {_one_line(error)}") from None
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=50)  # logging.CRITICAL: no shutdown noise
+            cluster = _local_cluster(LocalCluster, workers)
             client = Client(cluster)
         owned = client
     else:
@@ -516,6 +567,26 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
             owned.close()
         if cluster is not None:
             cluster.close()
+
+
+def _local_cluster(local_cluster, workers: int):
+    """A dask LocalCluster whose processes ignore SIGINT: the disposition is inherited, and Python installs its
+    KeyboardInterrupt handler only where SIGINT is not ignored. Ctrl-C then stops this process alone, which
+    closes the cluster, instead of printing a traceback from every worker."""
+    import signal
+    import threading
+
+    def start():
+        return local_cluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                             silence_logs=50)  # logging.CRITICAL: no shutdown noise
+
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @attrs.frozen
@@ -545,18 +616,20 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     if not checked:
         check_points(sweep, todo)  # before anything runs or is written
     output_dir(out)
-    _write_text(out / "sweep.json", json.dumps(
-        {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
-         "points": [p.point_id for p in sweep.points]}, indent=1))
     by_id = {p.point_id: p for p in todo}
     if todo:
         outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"
                    else _run_local(todo, min(workers, len(todo))))
-        for output in outputs:
-            save_point(out, by_id[output.record["point_id"]], output)
-            if progress is not None:
-                progress(1)
+        with contextlib.closing(outputs):  # stops the workers at once if saving is interrupted
+            for output in outputs:
+                save_point(out, by_id[output.record["point_id"]], output)
+                if progress is not None:
+                    progress(1)
     rows = table_rows(sweep, out)
     h5_path, csv_path = write_table(rows, out)
+    # Last, beside the table it describes: an interrupted run of a changed sweep leaves the old pair.
+    _write_text(out / "sweep.json", json.dumps(
+        {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
+         "points": [p.point_id for p in sweep.points]}, indent=1))
     errors = sum(row["status"] == STATUS_ERROR for row in rows)
     return SweepOutcome(len(sweep.points), len(sweep.points) - len(todo), len(todo), errors, h5_path, csv_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tierflow.errors import TierflowError
+from tierflow.workers import sigterm_unwinds
 
 
 def register(group: click.Group) -> None:
@@ -36,15 +37,19 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
     engine = engine or ("dask" if scheduler else "local")
     spec = load_sweep(sweep_file)
     from tierflow.atomic import output_dir
-    from tierflow.sweep import check_points, is_finished
+    from tierflow.sweep import FINISHED, STALE, check_points, point_state
 
-    todo = [p for p in spec.points if not is_finished(out, p.point_id)]
+    states = [point_state(out, p.point_id) for p in spec.points]
+    todo = [p for p, state in zip(spec.points, states, strict=True) if state != FINISHED]
     check_points(spec, todo)  # bad points and an unwritable folder are errors before the progress bar starts
     output_dir(out)
+    if STALE in states:
+        click.echo(f"tierflow: note: {states.count(STALE)} finished point(s) in {out} were simulated by another "
+                   "version of tierflow; running them again", err=True)
     to_run = len(todo)
     label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
-    with click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
-                           show_pos=True, hidden=quiet or to_run == 0) as bar:
+    with sigterm_unwinds(), click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
+                                              show_pos=True, hidden=quiet or to_run == 0) as bar:
         outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update, checked=True)
     click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "
                f"{outcome.errors} with errors): {outcome.table_h5}, {outcome.table_csv}")

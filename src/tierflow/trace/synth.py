@@ -29,13 +29,9 @@ Mixtral counts in ``traces/olmoe-routing-stats`` (see the README for the statist
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import math
 import multiprocessing
 import os
-import signal
-import threading
-import time
 from collections.abc import Iterable
 
 import attrs
@@ -43,6 +39,7 @@ import numpy as np
 
 from tierflow.errors import TierflowError
 from tierflow.trace.format import TraceWriter, expert_dtype
+from tierflow.workers import new_pool, signals_held, sigterm_unwinds, terminate_pool
 
 # Each (topic, state) block's distribution is also kept as an urn of this many expert ids (largest-
 # remainder rounding, probabilities exact to 1/_URN_SIZE) for cheap i.i.d. draws; exact draws use the cdf.
@@ -487,69 +484,6 @@ _FORKED: tuple[RoutingModel, _BlockPlan] | None = None  # what a worker process 
 def _adopt(model: RoutingModel, plan: _BlockPlan) -> None:
     global _FORKED
     _FORKED = (model, plan)
-    # A worker ends on SIGTERM (not the parent's clean-up handler it was forked with), and when its parent dies.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # held by the parent while it forked
-    _die_with_parent()
-
-
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM until the block ends. The pool forks its workers at its first submit, and a signal
-    whose handler raises during a fork is lost (Python ignores an exception raised in its at-fork callbacks),
-    leaving a half-started pool to wait on forever; held, it is delivered once the workers exist."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _die_with_parent() -> None:
-    """End this process when its parent does: PR_SET_PDEATHSIG on Linux, else a thread watching the parent id."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before the call
-                os._exit(1)
-            return
-    except (OSError, AttributeError):
-        pass
-
-    def watch():
-        while os.getppid() == parent:
-            threading.Event().wait(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """While generating, SIGTERM unwinds like Ctrl-C does: the temporary file is removed and the workers are
-    stopped (the default action would kill this process and leave both behind). Exit status 143."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _route_block_in_worker(block: int):
@@ -568,10 +502,7 @@ class _BlockRouter:
         self._pool = None
         if self.workers > 1:
             # Forked workers inherit the model's tables (initargs are not pickled under fork).
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("fork"), initializer=_adopt,
-                initargs=(model, plan),
-            )
+            self._pool = new_pool(self.workers, _adopt, (model, plan), multiprocessing.get_context("fork"))
 
     def __iter__(self):
         if self._pool is None:
@@ -585,7 +516,7 @@ class _BlockRouter:
             while len(futures) < 2 * self.workers and (block := next(queued, None)) is not None:
                 futures[block] = self._pool.submit(_route_block_in_worker, block)
 
-        with _signals_held():  # the first submit forks the workers
+        with signals_held():  # the first submit forks the workers
             top_up()
         for block in range(self.plan.num_blocks):
             top_up()
@@ -600,29 +531,9 @@ class _BlockRouter:
         if self._pool is None:
             return
         if abort:
-            with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
-                self._abort()
+            terminate_pool(self._pool)
         else:
             self._pool.shutdown(cancel_futures=True)
-
-    def _abort(self) -> None:
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        for process in processes:
-            process.terminate()
-        deadline = time.monotonic() + 5.0
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():  # stuck before its SIGTERM handler was in place
-                process.kill()
-                process.join()
-        # A worker stopped while sending a result leaves half a message in the result pipe, and the pool's
-        # manager thread would wait for the rest forever (shutdown, and the interpreter's exit, join it). With
-        # every worker gone, closing this process's copy of the pipe's write end lets it read end-of-file
-        # instead, take the pool as broken and end.
-        writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)
-        if writer is not None:
-            writer.close()
-        self._pool.shutdown(cancel_futures=True)
 
     def __enter__(self):
         return self
@@ -682,7 +593,7 @@ def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = N
     # The worker processes are forked before the writer thread starts. Compression runs in that thread
     # (h5py releases the GIL while HDF5 compresses), overlapping the routing of the next chunk; at most one
     # chunk waits, so memory stays bounded.
-    with _sigterm_unwinds(), _BlockRouter(model, plan, workers or os.cpu_count() or 1) as router, \
+    with sigterm_unwinds(), _BlockRouter(model, plan, workers or os.cpu_count() or 1) as router, \
             TraceWriter(out, model=spec.name, num_layers=spec.num_moe_layers, num_experts=spec.num_routed_experts,
                         top_k=spec.top_k, source=source, with_gate_scores=True, with_token_index=True) as writer, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_thread:
