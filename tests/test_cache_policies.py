@@ -149,6 +149,38 @@ def test_finemoe_evicts_lowest_probability_times_visits_and_protects_prefetched(
     assert set(cache.keys()) == {"a", "c", "e"}
 
 
+def test_finemoe_a_prefetch_is_not_a_routing():
+    # b comes by prefetch (no router weight), then is demanded once at 0.03; a is demanded once at 0.03 later.
+    # Both are one visit at 0.03: the tie goes to the least recently used, b.
+    policy = make_policy("finemoe", None, CacheContext(2))
+    cache = TierCache(policy, 2)
+    cache.admit("b", 1, Access("b", 0, prefetch=True))
+    assert cache.lookup("b", Access("b", 1, score=0.03))
+    cache.admit("a", 1, Access("a", 2, score=0.03))
+    assert cache.admit("c", 1, Access("c", 3, score=0.03)) == ["b"]
+    # A prefetch that finds its key resident (a read served by a DDR cache) adds no visit and keeps protection.
+    policy = make_policy("finemoe", None, CacheContext(3))
+    cache = TierCache(policy, 3)
+    cache.admit("a", 1, Access("a", 0, score=0.1))
+    cache.admit("b", 1, Access("b", 1, prefetch=True))
+    assert cache.lookup("b", Access("b", 2, prefetch=True)) and cache.lookup("a", Access("a", 3, prefetch=True))
+    assert (policy._visits, policy._probability, policy._protected) == ({"a": 1}, {"a": 0.1}, {"b"})
+
+
+def test_finemoe_reads_a_router_weight_of_zero_as_zero():
+    # Half-precision router weights can round to 0: such a visit is worth nothing, not the most.
+    cache = TierCache(make_policy("finemoe", None, CacheContext(2)), 2)
+    cache.admit(0, 1, Access(0, 0, score=0.0))
+    cache.admit(1, 1, Access(1, 1, score=0.5))
+    assert cache.admit(2, 1, Access(2, 2, score=0.3)) == [0]
+    # Without router weights in the trace every visit weighs 1 (LFU with history): the key seen once goes.
+    cache = TierCache(make_policy("finemoe", None, CacheContext(2, router_scores=False)), 2)
+    for time, key in enumerate([0, 0, 1, 2]):
+        if not cache.lookup(key, Access(key, time)):
+            evicted = cache.admit(key, 1, Access(key, time))
+    assert evicted == [1] and set(cache.keys()) == {0, 2}
+
+
 def test_learned_policy_loads_the_shipped_weights():
     scorer = load_scorer()
     assert scorer.w1.shape == (len(FEATURES), scorer.b1.shape[0])

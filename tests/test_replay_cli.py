@@ -158,3 +158,16 @@ def test_no_requests_has_no_hit_rate(tmp_path):
     assert row["requests"] == 0 and row["hit_rate"] is None
     table = run_cli("replay", path, "--capacity", "4", check_status=0).stdout
     assert table.splitlines()[1].split()[-1] == "n/a"
+
+
+def test_decode_only_replays_the_rows_the_simulator_replays(tmp_path):
+    # Prefill row [0, 1], then decode rows [2, 3] and [0, 1]: every row gives 6 requests with 2 hits (a cache of
+    # 4 holds all four experts); the decode rows alone give 4 requests and none hits.
+    experts = np.array([[[0, 1]], [[2, 3]], [[0, 1]]])
+    path = tmp_path / "phase.h5"
+    write_trace(path, experts, np.zeros(3, dtype=int), model="test", num_experts=4, source="test",
+                phase=np.array([0, 1, 1], dtype=np.uint8))
+    every = replay_json(path, "--capacity", "4")[0]
+    decode = replay_json(path, "--capacity", "4", "--decode-only")[0]
+    assert (every["requests"], every["hits"]) == (6, 2)
+    assert (decode["requests"], decode["hits"]) == (4, 0)

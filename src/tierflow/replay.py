@@ -81,14 +81,22 @@ class Requests:
         return cls(keys, np.arange(len(keys), dtype=np.int64), num_layers, num_experts, 1)
 
 
-def read_requests(path, max_tokens: int | None = None) -> Requests:
-    """Every access of a trace file (or of its first ``max_tokens`` tokens), streamed chunk by chunk."""
+def read_requests(path, max_tokens: int | None = None, decode_only: bool = False) -> Requests:
+    """Every access of a trace file (or of its first ``max_tokens`` rows), streamed chunk by chunk; with
+    ``decode_only``, only the decode tokens' (the rows the simulator replays: a trace's ``phase`` marks
+    prefill rows 0), numbered as steps in order."""
     with open_trace(path) as reader:
         meta = reader.meta
         keys, steps, scores, sequences = [], [], [], []
-        for chunk in reader.chunks(stop=max_tokens, gate_scores=True):
-            part = Requests.from_experts(chunk.experts, meta.num_experts, chunk.gate_scores, chunk.start,
-                                         chunk.sequence_id)
+        kept = 0
+        for chunk in reader.chunks(stop=max_tokens, gate_scores=True, phase=decode_only):
+            experts, gates, sequence_id = chunk.experts, chunk.gate_scores, chunk.sequence_id
+            if decode_only and chunk.phase is not None:
+                rows = chunk.phase != 0
+                experts, sequence_id = experts[rows], sequence_id[rows]
+                gates = None if gates is None else gates[rows]
+            part = Requests.from_experts(experts, meta.num_experts, gates, kept, sequence_id)
+            kept += len(experts)
             keys.append(part.keys)
             steps.append(part.steps)
             scores.append(part.scores)
@@ -325,7 +333,8 @@ def replay_reference(requests: Requests, policy: str, capacity, scope: str = "gl
                      params: dict | None = None) -> int:
     """Hits of ``policy`` through the cache mechanism, one access at a time (every policy; the reference)."""
     cache = make_expert_cache(policy, scope, capacity, num_layers=requests.num_layers,
-                              num_experts=requests.num_experts, top_k=requests.top_k, params=params)
+                              num_experts=requests.num_experts, top_k=requests.top_k, params=params,
+                              router_scores=requests.scores is not None)
     drive(cache, requests)
     return cache.stats.hits
 

@@ -53,6 +53,11 @@ class Workload:
     def tokens(self) -> int:
         return sum(len(step.sequence_ids) for step in self.steps)
 
+    @property
+    def has_scores(self) -> bool:
+        """Whether the steps carry the trace's router weights (else their ``scores`` are 0)."""
+        return bool(self.steps) and self.steps[0].row_scores is not None
+
 
 def _sequences_from_arrays(experts, sequence_id, scores, predicted=None) -> dict[int, tuple]:
     """Per sequence id, in order of first appearance: (experts, scores or None, predicted or None), of decode

@@ -63,6 +63,8 @@ class CacheContext:
     # MoE layers whose experts share this cache: num_layers for a global pool, 1 for a per-layer cache
     # (0: all num_layers). A cache serves pool_layers * top_k requests per decode step.
     pool_layers: int = 0
+    # Whether accesses carry the trace's router weights (Access.score); False: the trace has none (scores 0).
+    router_scores: bool = True
 
     @property
     def requests_per_step(self) -> int:

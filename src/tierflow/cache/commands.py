@@ -56,14 +56,16 @@ def parse_params(items) -> dict:
               help="Capacities to replay: experts in the pool (global) or slots per layer (per-layer).")
 @click.option("--scope", default="global", show_default=True, help="global (one pool) or per-layer (fixed slots).")
 @click.option("--param", "param_items", multiple=True, metavar="KEY=VALUE", help="A policy parameter.")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Replay only the first N tokens.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Replay only the file's first N rows.")
+@click.option("--decode-only", is_flag=True,
+              help="Skip prefill rows (phase 0), as the simulator does; without it every row is replayed.")
 @click.option("--mrc", is_flag=True, help="LRU's hit rate at every capacity, from one stack-distance pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per capacity.")
-def replay(trace_path, policy, capacity_text, scope, param_items, tokens, mrc, as_json):
+def replay(trace_path, policy, capacity_text, scope, param_items, tokens, decode_only, mrc, as_json):
     """Replay a trace through one cache (no timing) and count hits and misses.
 
-    Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts);
-    every miss is admitted.
+    Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts),
+    prefill rows included unless --decode-only; every miss is admitted.
     """
     from tierflow import replay as replay_module
     from tierflow.cache import POLICIES
@@ -79,7 +81,7 @@ def replay(trace_path, policy, capacity_text, scope, param_items, tokens, mrc, a
             raise TierflowError("--mrc reports every capacity: leave out --capacity")
     elif capacity_text is None:
         raise TierflowError("--capacity is required (or ask for --mrc)")
-    requests = replay_module.read_requests(trace_path, max_tokens=tokens)
+    requests = replay_module.read_requests(trace_path, max_tokens=tokens, decode_only=decode_only)
     if mrc:
         capacities, hits = replay_module.lru_mrc(requests, scope)
         results = [replay_module.ReplayResult("lru", int(c), scope, len(requests), int(h))
@@ -148,7 +150,8 @@ def plugins(as_json):
 @click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Weights file to write (.npz), for `--param weights=FILE` of the learned policy.")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Use only each trace's first N tokens.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Use only each trace's first N rows.")
+@click.option("--decode-only", is_flag=True, help="Skip prefill rows (phase 0), as the simulator does.")
 @click.option("--fractions", default="0.05,0.1,0.25,0.5", show_default=True,
               help="Cache sizes to imitate Belady at, as fractions of the pool's experts.")
 @click.option("--driver", default="lru", show_default=True,
@@ -159,7 +162,7 @@ def plugins(as_json):
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Hidden units.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Same seed and inputs, same weights.")
-def train_policy(traces, out, tokens, fractions, driver, rounds, epochs, hidden, seed):
+def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, epochs, hidden, seed):
     """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
     from tierflow.cache import POLICIES, training
     from tierflow.replay import read_requests
@@ -175,7 +178,7 @@ def train_policy(traces, out, tokens, fractions, driver, rounds, epochs, hidden,
     if not all(0.0 < f < 1.0 for f in capacity_fractions):
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
     report = training.train(
-        [read_requests(path, max_tokens=tokens) for path in traces], out,
+        [read_requests(path, max_tokens=tokens, decode_only=decode_only) for path in traces], out,
         capacity_fractions=capacity_fractions, driver=driver, rounds=rounds, epochs=epochs, hidden=hidden, seed=seed,
         sources=[Path(path).name for path in traces],
     )

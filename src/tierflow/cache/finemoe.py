@@ -5,7 +5,8 @@ A key's value is ``visits * probability``: how often it was routed to (kept acro
 is small) times its router weight, smoothed over its visits (``Access.score``; traces without router weights
 give every visit the weight 1, which reduces the rule to LFU with history). A key inserted by a prefetch
 (``Access.prefetch``) is protected until its first demand hit: protected keys are evicted only when no
-unprotected key is evictable. Ties go to the least recently used key.
+unprotected key is evictable. A prefetch is not a routing: it adds no visit and no weight, and one that finds
+its key resident changes nothing. Ties go to the least recently used key.
 """
 
 from __future__ import annotations
@@ -40,17 +41,18 @@ class FineMoE(PriorityPolicy):
         self._protected: set = set()
 
     def priority(self, key, access, hit):
-        probability = access.score if access.score > 0 else 1.0
+        if access.prefetch:
+            if not hit:
+                self._protected.add(key)
+            return (key in self._protected, self._visits.get(key, 0) * self._probability.get(key, 1.0))
+        probability = access.score if self.context.router_scores else 1.0
         old = self._probability.get(key)
         alpha = self.params.smoothing
         probability = self._probability[key] = probability if old is None else old + alpha * (probability - old)
-        if access.prefetch and not hit:
-            self._protected.add(key)
-        else:
-            self._visits[key] = self._visits.get(key, 0) + 1
-            if hit:
-                self._protected.discard(key)
-        return (key in self._protected, self._visits.get(key, 0) * probability)
+        self._visits[key] = self._visits.get(key, 0) + 1
+        if hit:
+            self._protected.discard(key)
+        return (key in self._protected, self._visits[key] * probability)
 
     def on_remove(self, key):
         super().on_remove(key)

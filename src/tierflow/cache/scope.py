@@ -104,20 +104,21 @@ def layer_budgets(capacity: int | Sequence[int], num_layers: int) -> list[int]:
 
 def make_expert_cache(policy: str, scope: str, capacity: int | Sequence[int], *, num_layers: int,
                       num_experts: int, top_k: int = 1, expert_bytes: int = 1, params: dict | None = None,
-                      name: str = "cache") -> TierCache | LayeredCache:
+                      name: str = "cache", router_scores: bool = True) -> TierCache | LayeredCache:
     """An expert cache of the given scope, holding ``capacity`` experts of ``expert_bytes`` each.
 
     ``capacity`` counts experts: the whole pool for ``global``; slots per layer for ``per-layer``, either one
-    number for every layer or a list with one budget per layer. ``params`` are the policy's parameters.
+    number for every layer or a list with one budget per layer. ``params`` are the policy's parameters;
+    ``router_scores``: whether accesses will carry router weights (False: the trace has none).
     """
     check_scope(scope)
     if scope == "global":
         if not isinstance(capacity, int):
             raise TierflowError("a global cache takes one capacity, not per-layer budgets")
-        context = CacheContext(capacity, num_layers, num_experts, top_k)
+        context = CacheContext(capacity, num_layers, num_experts, top_k, router_scores=router_scores)
         return TierCache(make_policy(policy, params, context), capacity * expert_bytes, name)
     caches = []
     for layer, budget in enumerate(layer_budgets(capacity, num_layers)):
-        context = CacheContext(budget, num_layers, num_experts, top_k, pool_layers=1)
+        context = CacheContext(budget, num_layers, num_experts, top_k, pool_layers=1, router_scores=router_scores)
         caches.append(TierCache(make_policy(policy, params, context), budget * expert_bytes, f"{name}[layer {layer}]"))
     return LayeredCache(caches, num_experts)

@@ -121,7 +121,8 @@ def _recording_cache(requests, scope, capacity, driver, rng, sample_rate, max_ca
 
     def recorded(budget):
         context = CacheContext(budget, requests.num_layers, requests.num_experts, requests.top_k,
-                               pool_layers=requests.num_layers if scope == "global" else 1)
+                               pool_layers=requests.num_layers if scope == "global" else 1,
+                               router_scores=requests.scores is not None)
         policy = _Recorder(make_policy(name, params, context), rng, sample_rate, max_candidates, sink)
         return TierCache(policy, budget)
 

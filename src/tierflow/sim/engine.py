@@ -315,7 +315,8 @@ class Simulation:
         w = self.workload
         capacity = capacity_experts if scope == "global" else capacity_experts // w.num_layers
         return make_expert_cache(policy, scope, capacity, num_layers=w.num_layers, num_experts=w.num_experts,
-                                 top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name)
+                                 top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name,
+                                 router_scores=w.has_scores)
 
     def _memory(self, gpu: int) -> ExpertMemory:
         scenario, hw, calendar = self.scenario, self.hardware, self.calendar
