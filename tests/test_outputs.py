@@ -56,3 +56,54 @@ def test_train_policy_checks_its_output_first(cli, a_file, tmp_path):
     # The output is checked before the trace is read (here it is not a trace at all).
     assert_one_line_error(cli("train-policy", a_file, "--out", a_file / "w.npz"), "cannot write")
     assert_one_line_error(cli("train-policy", a_file, "--out", tmp_path / "w.npz", "--seed", "-1"), "--seed")
+
+
+def _with_file_size_limit(limit_bytes: int, *args, cwd=None):
+    """``python -m tierflow ARGS`` allowed to write files of at most ``limit_bytes`` (writes beyond fail with
+    EFBIG, as a full disk fails with ENOSPC)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "tierflow", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("command", [
+    ["trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "20000", "--out"],
+    ["simulate", "--quiet", "--set", "model=olmoe-1b-7b", "--set", "hardware=h100-pcie5", "--set", "gpus=1",
+     "--set", "workload.decode_tokens=3000", "--out"],
+])
+def test_a_write_that_runs_out_of_room_is_one_line_and_leaves_nothing(tmp_path, command):
+    result = _with_file_size_limit(20_000, *command, tmp_path / "out.h5")
+    assert_one_line_error(result, "cannot write", "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symbolic_link_is_written_through_and_a_device_is_refused(cli, tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "trace.h5"
+    target.write_text("old")
+    (tmp_path / "link.h5").symlink_to("real/trace.h5")
+    cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "10", "--out", tmp_path / "link.h5", check_status=0)
+    assert (tmp_path / "link.h5").is_symlink() and target.read_bytes().startswith(b"\x89HDF")
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["trace.h5"]
+    result = cli("simulate", "--quiet", "--set", "workload.decode_tokens=2", "--out", "/dev/null")
+    assert_one_line_error(result, "/dev/null", "not a regular file")
+    assert Path("/dev/null").is_char_device()
+
+
+def test_simulate_will_not_write_over_its_own_trace(cli, tmp_path):
+    trace = tmp_path / "t.h5"
+    cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "20", "--out", trace, check_status=0)
+    before = trace.read_bytes()
+    result = cli("simulate", "--set", "model=olmoe-1b-7b", "--set", "hardware=h100-pcie5", "--set", "gpus=1",
+                 "--set", "workload.decode_tokens=2", "--trace", trace, "--out", trace)
+    assert_one_line_error(result, "is the trace being simulated")
+    assert trace.read_bytes() == before

@@ -45,8 +45,22 @@ def output_dir(path) -> Path:
     return path
 
 
+def destination(path) -> Path:
+    """Where writing ``path`` lands: a symbolic link's target (written through, not replaced). A device, FIFO or
+    socket is refused: renaming over it would replace it (``--out /dev/null`` run as root would remove
+    /dev/null)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(path, OSError(0, "not a regular file (outputs are written to a new file and renamed "
+                                           "over the old one)"))
+    return path
+
+
 def new_temporary(path: Path) -> Path:
-    """An empty temporary file in ``path``'s folder (created if needed)."""
+    """An empty temporary file in the folder of ``path``'s :func:`destination` (created if needed)."""
+    path = destination(path)
     if path.is_dir():
         raise OutputError(path, IsADirectoryError(21, "Is a directory"))
     try:
@@ -65,7 +79,9 @@ def check_writable(path) -> None:
 
 def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` ordinary permissions, flush it to the disk and rename it over ``path`` (then flush the
-    folder): after a crash of the machine the file is the old one or the whole new one, never a short one."""
+    folder): after a crash of the machine the file is the old one or the whole new one, never a short one. A
+    symbolic link is written through (see :func:`destination`)."""
+    path = destination(path)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         _sync(tmp, os.O_RDONLY)
@@ -108,3 +124,78 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     """Call ``write(temporary_path)`` and publish the result as ``path``."""
     with replaced_atomically(path) as tmp:
         write(str(tmp))
+
+
+class H5Output:
+    """An HDF5 file written to ``tmp`` through a Python file object, so that a failed write (a full disk) is a
+    plain ``OSError``: the first one is kept and raised by :meth:`check` and :meth:`close`, and later writes are
+    dropped (the file is discarded anyway). Written by HDF5 itself, a failed file is flushed again and again,
+    each time with a traceback, and once more at exit, where it crashes the interpreter."""
+
+    def __init__(self, tmp):
+        import h5py
+
+        self._raw = open(tmp, "w+b")  # noqa: SIM115 - closed in close()
+        self.error: OSError | None = None
+        try:
+            self.file = h5py.File(self, "w")
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            try:
+                self._guarded(self._raw.close)
+            finally:
+                self.check()
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except OSError:
+            pass
+        if self.error is not None and exc is not self.error:
+            raise self.error from None  # the cause of the error being handled (HDF5 misses the dropped bytes)
+
+    def _guarded(self, operation, *args, default=None):
+        if self.error is None:
+            try:
+                return operation(*args)
+            except OSError as error:
+                self.error = error
+        return default
+
+    # The file-object protocol h5py uses.
+    def write(self, data) -> int:
+        return self._guarded(self._raw.write, data, default=len(data))
+
+    def truncate(self, size=None):
+        return self._guarded(self._raw.truncate, size, default=size)
+
+    def flush(self) -> None:
+        self._guarded(self._raw.flush)
+
+    def read(self, size=-1):
+        return self._raw.read(size)
+
+    def readinto(self, buffer):
+        return self._raw.readinto(buffer)
+
+    def seek(self, offset, whence=0):
+        return self._raw.seek(offset, whence)
+
+    def tell(self):
+        return self._raw.tell()

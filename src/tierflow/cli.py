@@ -6,7 +6,9 @@ click usage error); :func:`main` turns either into one line on stderr and exit s
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import click
@@ -65,7 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(0)
+    except OSError as error:
+        if error.errno not in _STORAGE_ERRORS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"cannot write an output: {where}{os.strerror(error.errno)} (the output was not written)")
     sys.exit(status if isinstance(status, int) else 0)
+
+
+# A write that fails for want of room or permission on the storage, not because of tierflow: one line.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _fail(message: str, status: int = 2) -> None:

@@ -11,10 +11,9 @@ import json
 import math
 
 import attrs
-import h5py
 import numpy as np
 
-from tierflow.atomic import atomic_write
+from tierflow.atomic import H5Output, atomic_write
 from tierflow.energy import COMPONENTS, ledger_energy_j, route_energy_j
 from tierflow.errors import TierflowError
 
@@ -213,7 +212,7 @@ def write_results_h5(results: Results, path) -> None:
     per-channel figures, written atomically."""
 
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
+        with H5Output(tmp) as f:
             f.attrs["summary_json"] = json.dumps(results.summary)
             f.attrs["scenario_json"] = json.dumps(results.scenario_table)
             steps = f.create_group("steps")

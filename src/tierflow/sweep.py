@@ -53,7 +53,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from tierflow.atomic import atomic_write, output_dir
+from tierflow.atomic import H5Output, atomic_write, output_dir
 from tierflow.config import load_scenario_table, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
 from tierflow.resources import code_fingerprint, file_digest
@@ -464,7 +464,7 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
     columns = _columns(rows)
 
     def write_h5(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
+        with H5Output(tmp) as f:
             group = f.create_group("points")
             group.attrs["columns"] = json.dumps(columns)
             for column in columns:

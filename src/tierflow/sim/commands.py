@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from tierflow.atomic import check_writable
+from tierflow.atomic import check_writable, destination
 from tierflow.config import load_scenario
+from tierflow.errors import TierflowError
 from tierflow.metrics import format_table, write_results_h5
 
 
@@ -41,6 +42,10 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     """Simulate MoE decode over GPU HBM, host DDR and NVMe SSD for one scenario."""
     scenario = load_scenario(scenario_name, overrides)
     if out is not None:
+        source = trace or (Path(scenario.workload.trace) if scenario.workload.trace else None)
+        if source is not None and source.exists() and destination(out).resolve() == source.resolve():
+            raise TierflowError(f"--out {out} is the trace being simulated: it would be overwritten; choose "
+                                "another name")
         check_writable(out)
     results = run_with_progress(scenario, str(trace) if trace else None, quiet)
     if out is not None:

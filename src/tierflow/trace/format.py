@@ -28,7 +28,7 @@ import attrs
 import h5py
 import numpy as np
 
-from tierflow.atomic import discard, new_temporary, publish
+from tierflow.atomic import H5Output, discard, new_temporary, publish
 from tierflow.errors import TraceError
 
 FORMAT_NAME = "tierflow-trace"
@@ -124,7 +124,12 @@ class TraceWriter:
         self.num_tokens = 0
         self._validate = validate
         self._tmp = new_temporary(self.path)
-        self._file = h5py.File(self._tmp, "w")
+        try:
+            self._output = H5Output(self._tmp)  # a full disk is a plain OSError, raised once
+        except BaseException:  # a full disk, an interrupt: no temporary file is left behind
+            discard(self._tmp)
+            raise
+        self._file = self._output.file
         self._file.attrs.update(
             format=FORMAT_NAME,
             version=FORMAT_VERSION,
@@ -191,6 +196,7 @@ class TraceWriter:
             dataset.resize(self.num_tokens + n, axis=0)
             dataset[self.num_tokens :] = values
         self.num_tokens += n
+        self._output.check()  # a write failed (a full disk): stop now
 
     def set_embeddings(self, embedding) -> None:
         """Store one row per sequence id for semantic-hint prefetchers."""
@@ -200,7 +206,11 @@ class TraceWriter:
         self._file.create_dataset("sequences/embedding", data=embedding, **_COMPRESSION)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._output.close()  # flushes: a full disk shows here
+        except BaseException:
+            discard(self._tmp)
+            raise
         if self._validate:
             try:
                 validate_trace(self._tmp)
@@ -210,8 +220,12 @@ class TraceWriter:
         publish(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        discard(self._tmp)
+        try:
+            self._output.close()
+        except OSError:  # the error being handled may be the reason (a full disk): the file goes anyway
+            pass
+        finally:
+            discard(self._tmp)
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -219,8 +233,10 @@ class TraceWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if self._output.error is not None and exc is not self._output.error:
+            raise self._output.error from None  # a failed write (a full disk) caused the error being handled
 
 
 def write_trace(
