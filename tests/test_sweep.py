@@ -121,6 +121,9 @@ def test_invalid_sweep_file_on_the_command_line(tmp_path):
     assert_one_line_error(run_tierflow("sweep", mismatched, "--out", tmp_path / "out"), "different lengths")
     assert_one_line_error(run_tierflow("sweep", tmp_path / "missing.toml", "--out", tmp_path / "out"),
                           "no such file")
+    good = write_sweep(tmp_path / "good.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.capacity_experts" = [1856]\n')
+    assert_one_line_error(run_tierflow("sweep", good, "--out", tmp_path / "out2", "--scheduler", "garbage", "--quiet"),
+                          "--scheduler garbage: cannot connect")
     assert not (tmp_path / "out").exists()
 
 
@@ -308,6 +311,9 @@ def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(t
     (small_sweep(grid={"energy.gpu_static_w": [float("inf")]}), ["must be a finite number, got inf"]),
     (small_sweep(grid={"cache.params.half_life": [float("nan")]}), ["cache.params.half_life", "finite"]),
     (small_sweep(seed=-1), ["seed must be >= 0"]),
+    (small_sweep(grid={"seed": [1, 2**64]}), ["seed' must be <= 9223372036854775807"]),
+    ({**small_sweep(grid={"prefetch.params.x": [1, 2]}), "set": {**SMALL, "prefetch.params": 5}},
+     ["'prefetch.params.x': 'prefetch.params' is set to 5, not a table"]),
 ])
 def test_non_finite_values_and_negative_seeds_are_rejected_when_loading(document, fragments):
     with pytest.raises(TierflowError) as caught:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -179,7 +181,23 @@ BAD_FILES = {
     "experts 1-D": (lambda p: _edit(_valid(p), _replace("experts", np.zeros(4, int))),
                     "dataset 'experts' has shape (4,), expected (tokens, 2, 2)"),
     "corrupt chunk": (lambda p: _corrupt(_valid(p)), "cannot read dataset 'experts'"),
+    "dangling link": (lambda p: _edit(_valid(p), lambda f: (f.__delitem__("experts"),
+                                                            f.__setitem__("experts", h5py.SoftLink("/nowhere")))),
+                      "'experts' cannot be opened (a link to nothing)"),
+    "external link": (lambda p: _edit(_valid(p), lambda f: f.__setitem__("phase", h5py.ExternalLink("missing.h5",
+                                                                                                    "/x"))),
+                      "'phase' cannot be opened"),
+    "scalar sequences": (lambda p: _edit(_valid(p), lambda f: f.create_dataset("sequences", data=1)),
+                         "'/sequences' must be a group"),
+    "truncated": (lambda p: _truncated(_valid(p)), "cut short"),
+    "fifo": (lambda p: (os.mkfifo(p), p)[1], "not a regular file"),
 }
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def _corrupt(path):

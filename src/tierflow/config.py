@@ -175,7 +175,7 @@ class Scenario:
     hardware: str = attrs.field(default="h100-pcie5", metadata=_help("hardware profile (`tierflow catalog hardware`)"))
     placement: str = attrs.field(default="ssd", validator=_one_of(PLACEMENTS),
                                  metadata=_help("where the full expert set lives"))
-    seed: int = attrs.field(default=0, validator=_non_negative,
+    seed: int = attrs.field(default=0, validator=[_non_negative, attrs.validators.le(2**63 - 1)],
                             metadata=_help("seed of the built-in trace and of random policies"))
     gpus: int = attrs.field(default=1, validator=_gpu_count,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
@@ -356,6 +356,8 @@ def load_table(name_or_path: str) -> dict:
         raise TierflowError(f"scenario file {path}: invalid TOML: {error}") from None
     except UnicodeDecodeError:
         raise TierflowError(f"scenario file {path}: not a text file") from None
+    except OSError as error:
+        raise TierflowError(f"scenario file {path}: cannot be read: {error.strerror or error}") from None
 
 
 def load_scenario_table(name_or_path: str) -> dict:

@@ -110,11 +110,14 @@ def _check_key(key: str, where: str) -> None:
     raise TierflowError(f"{where}: unknown scenario key {key!r}; valid keys: {', '.join(keys)}")
 
 
-def _set_dotted(table: dict, key: str, value: Any) -> None:
+def _set_dotted(table: dict, key: str, value: Any, where: str = "sweep") -> None:
     node = table
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TierflowError(f"{where}: {key!r}: {'.'.join(parts[:depth + 1])!r} is set to {node!r}, not a "
+                                "table")
     node[parts[-1]] = value
 
 
@@ -213,7 +216,7 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
         for key, value in {**fixed, **axes}.items():
             if key == "workload.trace" and isinstance(value, str) and value and (base_dir / value).is_file():
                 value = str(base_dir / value)  # relative to the sweep file when it is there
-            _set_dotted(table, key, value)
+            _set_dotted(table, key, value, where)
         seeded = "seed" in fixed or "seed" in axes
         if not seeded:
             table.pop("seed", None)
@@ -546,7 +549,7 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
         if scheduler:
             try:
                 client = Client(scheduler, timeout="20s")
-            except (OSError, TimeoutError) as error:
+            except (OSError, TimeoutError, ValueError) as error:  # ValueError: not an address
                 raise TierflowError(f"--scheduler {scheduler}: cannot connect: {_one_line(error)}") from None
         else:
             cluster = _local_cluster(LocalCluster, workers)

@@ -132,17 +132,26 @@ class Scorer:
             with np.load(path) as data:
                 arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
                 features = tuple(str(f) for f in data["features"]) if "features" in data else None
-        except (OSError, ValueError, KeyError) as error:
-            raise TierflowError(f"{path}: not a learned-policy weights file ({error})") from None
+        except (OSError, ValueError, KeyError, EOFError) as error:  # EOFError: an empty file
+            raise TierflowError(f"{path}: not a learned-policy weights file ({error or 'empty'})") from None
         if features is not None and features != FEATURES:
             raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")
-        horizons = arrays["horizons"].reshape(-1)
-        scorer = cls(**{**arrays, "w2": arrays["w2"].reshape(-1, len(horizons)), "b2": arrays["b2"].reshape(-1),
-                        "horizons": horizons})
-        if (scorer.w1.shape[0] != NUM_FEATURES or scorer.w2.shape[0] != scorer.w1.shape[1]
-                or len(scorer.b2) != len(horizons) or not np.all(np.diff(horizons) > 0)):
-            raise TierflowError(f"{path}: weight shapes {scorer.w1.shape}, {scorer.w2.shape} do not fit")
-        return scorer
+        shapes = ", ".join(f"{name} {arrays[name].shape}" for name in _ARRAYS)
+        w1, horizons = arrays["w1"], arrays["horizons"].reshape(-1)
+        hidden = w1.shape[1] if w1.ndim == 2 else -1
+        if (w1.shape != (NUM_FEATURES, hidden) or hidden < 1 or not len(horizons)
+                or arrays["w2"].size != hidden * len(horizons)
+                or arrays["b1"].reshape(-1).shape != (hidden,) or arrays["b2"].reshape(-1).shape != horizons.shape
+                or arrays["mean"].reshape(-1).shape != (NUM_FEATURES,)
+                or arrays["scale"].reshape(-1).shape != (NUM_FEATURES,)):
+            raise TierflowError(f"{path}: weight shapes do not fit {NUM_FEATURES} features ({shapes})")
+        if not all(np.isfinite(a).all() for a in arrays.values()) or not np.all(arrays["scale"] != 0):
+            raise TierflowError(f"{path}: weights hold NaN, infinite values or a zero scale")
+        if not np.all(np.diff(horizons) > 0):
+            raise TierflowError(f"{path}: horizons must increase, got {horizons.tolist()}")
+        return cls(mean=arrays["mean"].reshape(-1), scale=arrays["scale"].reshape(-1), w1=w1,
+                   b1=arrays["b1"].reshape(-1), w2=arrays["w2"].reshape(hidden, len(horizons)),
+                   b2=arrays["b2"].reshape(-1), horizons=horizons)
 
 
 _SCORERS: dict[str, Scorer] = {}

@@ -297,12 +297,22 @@ def _attr(path, attrs_, name, kind):
     return int(value)
 
 
+def _member(path, group, name):
+    """``group[name]``, None when absent; a link to nothing (soft, or to a missing file) is a TraceError."""
+    if name not in group:
+        return None
+    try:
+        return group[name]
+    except (KeyError, OSError):
+        raise TraceError(path, f"{name!r} cannot be opened (a link to nothing)") from None
+
+
 def _check_dataset(path, file, name, *, kind, shape, required=True):
-    if name not in file:
+    dataset = _member(path, file, name)
+    if dataset is None:
         if required:
             raise TraceError(path, f"missing required dataset {name!r}")
         return None
-    dataset = file[name]
     if not isinstance(dataset, h5py.Dataset):
         raise TraceError(path, f"{name!r} must be a dataset, found a group")
     if not np.issubdtype(dataset.dtype, kind):
@@ -337,11 +347,12 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
             raise TraceError(path, f"attribute {name!r} must be >= 1, got {value}")
     if top_k > num_experts:
         raise TraceError(path, f"top_k {top_k} exceeds num_experts {num_experts}")
-    if "experts" not in file:
+    experts = _member(path, file, "experts")
+    if experts is None:
         raise TraceError(path, "missing required dataset 'experts'")
-    if not isinstance(file["experts"], h5py.Dataset):
+    if not isinstance(experts, h5py.Dataset):
         raise TraceError(path, "'experts' must be a dataset, found a group")
-    num_tokens = file["experts"].shape[0] if file["experts"].ndim == 3 else -1
+    num_tokens = experts.shape[0] if experts.ndim == 3 else -1
     rows = (num_tokens, num_layers, top_k)
     _check_dataset(path, file, "experts", kind=np.integer, shape=rows)
     _check_dataset(path, file, "sequence_id", kind=np.integer, shape=(num_tokens,))
@@ -350,8 +361,11 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
     index = _check_dataset(path, file, "token_index", kind=np.integer, shape=(num_tokens,), required=False)
     predicted = _check_dataset(path, file, "predicted_experts", kind=np.integer, shape=rows, required=False)
     embedding_dim = None
-    if "sequences" in file and "embedding" in file["sequences"]:
-        embedding = file["sequences/embedding"]
+    sequences = _member(path, file, "sequences")
+    if sequences is not None and not isinstance(sequences, h5py.Group):
+        raise TraceError(path, "'/sequences' must be a group (holding 'embedding')")
+    embedding = None if sequences is None else _member(path, sequences, "embedding")
+    if embedding is not None:
         if not isinstance(embedding, h5py.Dataset) or embedding.ndim != 2:
             raise TraceError(path, "'/sequences/embedding' must be a 2-D dataset (num_sequences, d)")
         if not np.issubdtype(embedding.dtype, np.floating):
@@ -388,10 +402,16 @@ class TraceReader:
             raise TraceError(self.path, "no such file")
         if self.path.is_dir():
             raise TraceError(self.path, "is a directory, not a trace file")
+        if not self.path.is_file():  # a FIFO would block the read forever
+            raise TraceError(self.path, "not a regular file")
+        if not os.access(self.path, os.R_OK):
+            raise TraceError(self.path, "cannot be read: permission denied")
         try:
             self._file = h5py.File(self.path, "r")
-        except OSError:
-            raise TraceError(self.path, "not an HDF5 file (tierflow-trace v1 is HDF5)") from None
+        except OSError as error:
+            problem = ("cut short (a truncated HDF5 file)" if "truncated file" in str(error)
+                       else "not an HDF5 file (tierflow-trace v1 is HDF5)")
+            raise TraceError(self.path, problem) from None
         try:
             self.meta = _read_meta(self.path, self._file)
         except BaseException:

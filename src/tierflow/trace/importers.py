@@ -49,6 +49,7 @@ PHASE_CODES = {"prefill": 0, "decode": 1}
 # Ids, layers and positions are stored in 32- and 64-bit arrays; a larger number in a log is a corrupt
 # record, not a real model.
 _MAX_INDEX = 2**31 - 1
+_MAX_LAYER = 2**16 - 1  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
 
 
 @attrs.frozen
@@ -208,7 +209,7 @@ def _phase_code(line: _Line, name: str, value) -> int:
         if not isinstance(value, bool):
             raise line.error(f"'is_prefill' must be true or false, got {_show(value)}")
         return 0 if value else 1
-    if value not in PHASE_CODES:
+    if not isinstance(value, str) or value not in PHASE_CODES:
         raise line.error(f"'phase' must be one of {', '.join(map(repr, PHASE_CODES))}, got {_show(value)}")
     return PHASE_CODES[value]
 
@@ -381,7 +382,10 @@ def layer_from_file_name(path: Path) -> int:
     numbers = re.findall(r"\d+", Path(path).stem)
     if not numbers:
         raise TraceError(path, "no layer number in the file name (expected e.g. layer_3.jsonl)")
-    return int(numbers[-1])
+    layer = int(numbers[-1])
+    if layer > _MAX_LAYER:
+        raise TraceError(path, f"layer {layer} in the file name is beyond {_MAX_LAYER:,}")
+    return layer
 
 
 def _token_rows(line: _Line, record: dict) -> tuple[list, bool]:
