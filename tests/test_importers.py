@@ -357,6 +357,8 @@ MALFORMED_PER_LAYER = {
                         "line 1: 'phase' must be one of 'prefill', 'decode'"),
     "phases of a batch nested": ({"layer_0.jsonl": [{"topk_ids": [[0, 1], [2, 3]], "phase": [["decode"], "decode"]}]},
                                  "line 1: 'phase' must be one of 'prefill', 'decode'"),
+    "expert id too large": ({"layer_0.jsonl": [{"topk_ids": [0, 2**31 - 1]}]},
+                            "line 1: expert id 2147483647 in 'topk_ids' is beyond the 1,048,576 experts"),
     "layer number too large": ({"layer_99999999999999999999999.jsonl": [{"topk_ids": [0, 1]}]},
                                "layer 99999999999999999999999 in the file name is beyond 65,535"),
     "request ids per row": ({"layer_0.jsonl": [{"topk_ids": [[0, 1], [2, 3]], "request_id": [1, 2, 3]}]},

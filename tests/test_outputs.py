@@ -107,3 +107,20 @@ def test_simulate_will_not_write_over_its_own_trace(cli, tmp_path):
                  "--set", "workload.decode_tokens=2", "--trace", trace, "--out", trace)
     assert_one_line_error(result, "is the trace being simulated")
     assert trace.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "100000000000", "--out", "t.h5"],
+     "the generator's tables and plan would need"),
+    (["trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "10", "--set", "num_topics=100000000", "--out", "t.h5"],
+     "the generator's tables and plan would need"),
+    (["simulate", "--set", "model=olmoe-1b-7b", "--set", "hardware=h100-pcie5", "--set", "gpus=1", "--set",
+      "workload.decode_tokens=2", "--set", "prefetch.policy=expert_map", "--set", f"prefetch.params.capacity={10**12}"],
+     "a store of 1,000,000,000,000 expert maps would need"),
+    (["train-policy", "t.h5", "--out", "w.npz", "--hidden", "1000000000"], "--hidden"),
+    (["trace", "import", "--format", "per-step", "x.jsonl", "--num-experts", str(2**40), "--out", "t.h5"],
+     "--num-experts"),
+])
+def test_sizes_beyond_memory_are_refused_before_allocating(cli, tmp_path, args, fragment):
+    assert_one_line_error(cli(*args, cwd=tmp_path), fragment)
+    assert list(tmp_path.iterdir()) == []

@@ -190,6 +190,8 @@ BAD_FILES = {
     "scalar sequences": (lambda p: _edit(_valid(p), lambda f: f.create_dataset("sequences", data=1)),
                          "'/sequences' must be a group"),
     "truncated": (lambda p: _truncated(_valid(p)), "cut short"),
+    "huge num_experts": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("num_experts", 2**40)),
+                         "attribute 'num_experts' is 1,099,511,627,776, beyond the 1,048,576 tierflow handles"),
     "fifo": (lambda p: (os.mkfifo(p), p)[1], "not a regular file"),
 }
 

@@ -103,7 +103,7 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def _check_fits_memory(nbytes: int, what: str, keys: str) -> None:
+def check_fits_memory(nbytes: int, what: str, keys: str) -> None:
     """Fail before allocating routing arrays larger than the machine's physical memory."""
     memory = physical_memory_bytes()
     if memory and nbytes > memory:
@@ -232,7 +232,7 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
     sequences = max(sequences, 3 * batch_size)
     tokens = synthetic_token_count(batch_size, num_steps, skip_tokens)
     per_token = spec.num_moe_layers * spec.top_k * (expert_dtype(spec.num_routed_experts).itemsize + 4)  # + gates
-    _check_fits_memory(tokens * per_token,
+    check_fits_memory(tokens * per_token,
                        f"the built-in trace's {tokens:,} tokens ({SYNTHETIC_TOKENS_RULE}) x {spec.num_moe_layers} "
                        f"layers x top-{spec.top_k}",
                        "workload.batch_size, workload.decode_tokens, workload.skip_tokens")
@@ -254,7 +254,7 @@ def uniform_workload(model_name: str, batch_size: int, num_steps: int, seed: int
     layers, num_experts, k = spec.num_moe_layers, spec.num_routed_experts, spec.top_k
     rng = np.random.default_rng(seed)
     tokens = batch_size * num_steps
-    _check_fits_memory(tokens * layers * k * np.dtype(np.int16).itemsize,
+    check_fits_memory(tokens * layers * k * np.dtype(np.int16).itemsize,
                        f"uniform routing for {tokens:,} tokens (batch x decode) x {layers} layers x top-{k}",
                        "workload.batch_size, workload.decode_tokens")
     rows = np.empty((tokens, layers, k), dtype=np.int16)

@@ -159,7 +159,7 @@ def plugins(as_json):
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Sampling rounds: each after the first is driven by the learned policy of the round before.")
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Hidden units.")
+@click.option("--hidden", type=click.IntRange(min=1, max=4096), default=32, show_default=True, help="Hidden units.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Same seed and inputs, same weights.")
 def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, epochs, hidden, seed):

@@ -63,6 +63,9 @@ class ExpertMap(Prefetcher):
         super().__init__(params, context)
         c, p = self.context, self.params
         L, E, M = c.num_layers, c.num_experts, p.capacity
+        from tierflow.workload import check_fits_memory
+
+        check_fits_memory(L * E * M * 2, f"a store of {M:,} expert maps", "prefetch.params.capacity")
         # [layer, expert, map]: router weight (0: not chosen). float16: a cosine needs no more than three digits,
         # and it halves the store (4096 DeepSeek-R1 maps: 122 MB).
         self._maps = np.zeros((L, E, M), np.float16)

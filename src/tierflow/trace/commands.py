@@ -8,6 +8,7 @@ import attrs
 import click
 
 from tierflow.trace import importers, stats, synth
+from tierflow.trace.format import MAX_EXPERTS
 
 
 def register(group: click.Group) -> None:
@@ -54,7 +55,7 @@ def info(path, as_json):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--model", "model_name", default=None,
               help="Catalog model name; sets num_experts and checks layer count and top-k.")
-@click.option("--num-experts", type=click.IntRange(min=1), default=None,
+@click.option("--num-experts", type=click.IntRange(min=1, max=MAX_EXPERTS), default=None,
               help="Experts per layer when --model is not given (default: largest id seen + 1).")
 def import_(fmt, inputs, out, model_name, num_experts):
     """Convert routing logs written by inference-engine hooks (JSONL) into a tierflow trace."""

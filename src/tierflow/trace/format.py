@@ -33,6 +33,10 @@ from tierflow.errors import TraceError
 
 FORMAT_NAME = "tierflow-trace"
 FORMAT_VERSION = 1
+# Bounds on a trace's shape: far beyond any MoE (DeepSeek-R1: 58 MoE layers of 256 experts), and small enough that
+# per-(layer, expert) statistics fit in memory (a num_experts of 2**40 asked `trace info` for 128 TiB).
+MAX_LAYERS = 2**16
+MAX_EXPERTS = 2**20
 REQUIRED_ATTRS = ("format", "version", "model", "num_layers", "num_experts", "top_k", "source")
 DEFAULT_CHUNK_TOKENS = 16384
 # gzip level 1: readable by any HDF5 tool. Higher levels cost several times more for a few percent. Router weights are near-random half floats that gzip shrinks by a fifth at a high CPU cost;
@@ -114,10 +118,10 @@ class TraceWriter:
         extra_attrs: dict | None = None,
         validate: bool = False,
     ):
-        if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
+        if not (1 <= num_layers <= MAX_LAYERS and 1 <= num_experts <= MAX_EXPERTS and 1 <= top_k <= num_experts):
             raise ValueError(
-                f"need num_layers >= 1, num_experts >= 1 and 1 <= top_k <= num_experts, "
-                f"got {num_layers}, {num_experts}, {top_k}"
+                f"need 1 <= num_layers <= {MAX_LAYERS}, 1 <= num_experts <= {MAX_EXPERTS} and 1 <= top_k <= "
+                f"num_experts, got {num_layers}, {num_experts}, {top_k}"
             )
         self.path = Path(path)
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
@@ -345,6 +349,9 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
     for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
         if value < 1:
             raise TraceError(path, f"attribute {name!r} must be >= 1, got {value}")
+    for name, value, limit in (("num_layers", num_layers, MAX_LAYERS), ("num_experts", num_experts, MAX_EXPERTS)):
+        if value > limit:
+            raise TraceError(path, f"attribute {name!r} is {value:,}, beyond the {limit:,} tierflow handles")
     if top_k > num_experts:
         raise TraceError(path, f"top_k {top_k} exceeds num_experts {num_experts}")
     experts = _member(path, file, "experts")

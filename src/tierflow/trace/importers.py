@@ -38,7 +38,7 @@ import attrs
 import numpy as np
 
 from tierflow.errors import TierflowError, TraceError
-from tierflow.trace.format import TraceMeta, open_trace, write_trace
+from tierflow.trace.format import MAX_EXPERTS, TraceMeta, open_trace, write_trace
 
 Warn = Callable[[str], None]
 
@@ -173,8 +173,11 @@ def _expert_row(line: _Line, name: str, value, expert_limit: int | None) -> list
     if not isinstance(value, list) or not value:
         raise line.error(f"{name!r} must be a non-empty list of expert ids, got {_show(value)}")
     for expert in value:
-        if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert <= _MAX_INDEX:
+        if not isinstance(expert, int) or isinstance(expert, bool) or expert < 0:
             raise line.error(f"{name!r} holds {_show(expert)}, not a non-negative integer expert id")
+        if expert >= MAX_EXPERTS:
+            raise line.error(f"expert id {expert} in {name!r} is beyond the {MAX_EXPERTS:,} experts per layer "
+                             "tierflow handles")
         if expert_limit is not None and expert >= expert_limit:
             raise line.error(f"expert id {expert} in {name!r} is out of range [0, {expert_limit})")
     if len(set(value)) != len(value):

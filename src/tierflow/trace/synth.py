@@ -547,6 +547,13 @@ class _BlockRouter:
 
 def _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params, record_states=False):
     num_sequences = num_sequences or max(1, math.ceil(num_tokens / params.tokens_per_sequence))
+    from tierflow.workload import check_fits_memory
+
+    blocks = params.num_topics * params.num_states
+    check_fits_memory(
+        8 * (num_layers * blocks * (2 * num_experts + _URN_SIZE // 8) + num_tokens * 4  # tables and urns; the plan
+             + (num_sequences + params.num_topics) * params.embedding_dim),
+        "the generator's tables and plan", "--tokens, num_topics, num_states, embedding_dim")
     model = RoutingModel(num_layers, num_experts, top_k, params, seed, record_states)
     lengths, topics = model.sequences(num_tokens, num_sequences)
     return model, _BlockPlan.build(lengths, topics)
