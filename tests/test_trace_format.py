@@ -181,6 +181,8 @@ BAD_FILES = {
     "experts 1-D": (lambda p: _edit(_valid(p), _replace("experts", np.zeros(4, int))),
                     "dataset 'experts' has shape (4,), expected (tokens, 2, 2)"),
     "corrupt chunk": (lambda p: _corrupt(_valid(p)), "cannot read dataset 'experts'"),
+    "flipped gate score": (lambda p: _flip(_valid(p, gate_scores=np.random.default_rng(0).random((2, 2, 2)))),
+                           "cannot read dataset 'gate_scores'"),
     "dangling link": (lambda p: _edit(_valid(p), lambda f: (f.__delitem__("experts"),
                                                             f.__setitem__("experts", h5py.SoftLink("/nowhere")))),
                       "'experts' cannot be opened (a link to nothing)"),
@@ -202,10 +204,22 @@ def _truncated(path):
     return path
 
 
-def _corrupt(path):
-    """Overwrite the compressed bytes of the first chunk of 'experts', as a damaged disk would."""
+def _flip(path, name="gate_scores"):
+    """Flip one byte in the middle of a dataset's first chunk: still valid LZF, so only a checksum tells."""
     with h5py.File(path, "r") as f:
-        info = f["experts"].id.get_chunk_info(0)
+        info = f[name].id.get_chunk_info(0)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + info.size // 2)
+        byte = raw.read(1)
+        raw.seek(-1, 1)
+        raw.write(bytes([byte[0] ^ 0x40]))
+    return path
+
+
+def _corrupt(path, name="experts"):
+    """Overwrite the compressed bytes of the first chunk of a dataset, as a damaged disk would."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
     with open(path, "r+b") as raw:
         raw.seek(info.byte_offset)
         raw.write(b"\xff" * info.size)

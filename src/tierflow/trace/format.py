@@ -41,8 +41,10 @@ REQUIRED_ATTRS = ("format", "version", "model", "num_layers", "num_experts", "to
 DEFAULT_CHUNK_TOKENS = 16384
 # gzip level 1: readable by any HDF5 tool. Higher levels cost several times more for a few percent. Router weights are near-random half floats that gzip shrinks by a fifth at a high CPU cost;
 # they take h5py's LZF filter instead (four times faster, about the same size).
-_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
-_FLOAT_COMPRESSION = {"compression": "lzf", "shuffle": True}
+# Every chunk carries a Fletcher-32 checksum: LZF has none of its own, so damaged router weights read back as
+# wrong numbers instead of an error.
+_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "fletcher32": True}
+_FLOAT_COMPRESSION = {"compression": "lzf", "shuffle": True, "fletcher32": True}
 # Router weights need three significant digits, not seven: half precision halves the file.
 GATE_SCORE_DTYPE = np.float16
 
