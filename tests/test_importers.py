@@ -310,6 +310,8 @@ MALFORMED_PER_STEP = {
     "negative token_idx": ([step(token_idx=-1)], "line 1: 'token_idx' must be a non-negative integer"),
     "experts not a list": ([step(experts="0,1")], "line 1: 'experts' must be a non-empty list"),
     "expert not an integer": ([step(experts=[0, 1.5])], "line 1: 'experts' holds 1.5, not a non-negative"),
+    "weight beyond half precision": ([step(gating_probs=[1e6, 0.5])],
+                                     "line 1: 'gating_probs' holds 1000000.0, beyond the 65504"),
     "problem_id not a scalar": ([step(problem_id=[1])], "line 1: 'problem_id' must be a JSON scalar"),
     "ragged top-k": ([step(), step(layer=1, experts=[0, 1, 2], gating_probs=[0.3, 0.2, 0.1])],
                      "line 2: ragged top-k: 3 experts in a row, but earlier rows have 2"),
@@ -500,3 +502,13 @@ def test_out_that_is_an_input_is_refused_and_left_alone(tmp_path):
     result = run_cli("trace", "import", "--format", "per-step", log, "--out", log, "--num-experts", "8")
     assert_one_line_error(result, "is also an input file")
     assert log.read_bytes() == PER_STEP.read_bytes()
+
+
+def test_an_unwritable_out_is_refused_before_the_log_is_parsed(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("not json\n")  # parsing it would be the error reported
+    (tmp_path / "a_file").write_text("x")
+    result = run_cli("trace", "import", "--format", "per-step", log, "--out", tmp_path / "a_file" / "t.h5")
+    assert_one_line_error(result, "cannot write", "is a file, not a folder")

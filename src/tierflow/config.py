@@ -259,7 +259,7 @@ def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
     elif kind.startswith("int"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # 1e300 is no count
             return int(value)
     elif kind.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -335,6 +335,8 @@ def scenario_names() -> list[str]:
 
 def resolve_scenario_path(name_or_path: str) -> Path:
     """A shipped scenario's file by name, or a TOML file by path."""
+    if not name_or_path.strip():
+        raise TierflowError(f"no scenario named; shipped: {', '.join(scenario_names())} (or a .toml path)")
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if path.is_dir():

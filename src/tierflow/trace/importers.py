@@ -37,6 +37,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from tierflow.atomic import check_writable
 from tierflow.errors import TierflowError, TraceError
 from tierflow.trace.format import MAX_EXPERTS, TraceMeta, open_trace, write_trace
 
@@ -49,7 +50,8 @@ PHASE_CODES = {"prefill": 0, "decode": 1}
 # Ids, layers and positions are stored in 32- and 64-bit arrays; a larger number in a log is a corrupt
 # record, not a real model.
 _MAX_INDEX = 2**31 - 1
-_MAX_LAYER = 2**16 - 1  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
+_MAX_LAYER = 2**16 - 1
+_MAX_SCORE = float(np.finfo(np.float16).max)  # gate_scores are stored in half precision  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
 
 
 @attrs.frozen
@@ -194,6 +196,9 @@ def _score_row(line: _Line, name: str, value, top_k: int) -> list[float]:
     for score in value:
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
             raise line.error(f"{name!r} holds {_show(score)}, not a finite number")
+        if abs(score) > _MAX_SCORE:
+            raise line.error(f"{name!r} holds {_show(score)}, beyond the {_MAX_SCORE:g} a trace stores (half "
+                             "precision); router weights are probabilities")
     return value
 
 
@@ -534,6 +539,7 @@ def import_trace(
             raise TierflowError(f"--out {out} is also an input file: it would be overwritten; choose another name")
     spec = _catalog_model(model)
     expert_limit = _expert_limit(spec, model, num_experts)
+    check_writable(out)  # before parsing a log that may be large
     log = importer(inputs, expert_limit, warn)
     if spec is not None:
         _check_against_model(log, spec, model, _describe(inputs))
