@@ -22,10 +22,11 @@ Keys are dotted scenario keys (quoted, or as nested TOML tables). Every point is
 runs, so a bad key or value is one :class:`TierflowError` line: loading checks each point's scenario, and
 :func:`run_sweep` checks, for each point still to run, what the simulator would reject before simulating
 (names, plugin parameters, the trace file, capacities; see :func:`check_point`). A point's id is a hash of its full scenario
-(name and description aside), so resuming into the same folder reruns exactly the points whose settings
-changed. Output folder::
+(name and description aside; a trace file counted by its bytes, catalog names by their catalog spelling), so
+resuming into the same folder reruns exactly the points whose settings changed, plus those whose output is
+damaged or was simulated by other tierflow files (:func:`point_state`). Output folder::
 
-    DIR/sweep.json          the sweep: axes and the point ids in grid order
+    DIR/sweep.json          the sweep: axes and the point ids in grid order (written after the table)
     DIR/points/ID.h5        one point's summary and per-step series (``write_results_h5``)
     DIR/points/ID.json      one point's record: parameters, status, error, summary; written last = complete
     DIR/results.h5, .csv    the table: one row per point, rebuilt from the point records
