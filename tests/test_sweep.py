@@ -446,3 +446,20 @@ def test_report_on_a_table_without_columns_is_one_error(tmp_path):
     with h5py.File(tmp_path / "results.h5", "w") as f:
         f.create_group("points").attrs["columns"] = "[]"
     assert_one_line_error(run_tierflow("report", tmp_path, "--out", tmp_path / "r"), "no point_id column")
+
+
+def test_one_sweep_writes_a_folder_at_a_time_and_clears_what_a_killed_one_left(tmp_path):
+    import fcntl
+
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}, seed=1))
+    run_sweep(sweep, tmp_path, workers=1)
+    strays = [tmp_path / "results.h5.abcd.tmp", points_dir(tmp_path) / f"{sweep.points[0].point_id}.json.x.tmp"]
+    for stray in strays:
+        stray.write_text("half")
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another sweep is writing here
+        with pytest.raises(TierflowError, match="another tierflow sweep is writing to this folder"):
+            run_sweep(sweep, tmp_path, workers=1)
+        assert all(stray.exists() for stray in strays)  # its temporary files are its own
+    assert run_sweep(sweep, tmp_path, workers=1).skipped == 1
+    assert not any(stray.exists() for stray in strays)

@@ -620,20 +620,42 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     if not checked:
         check_points(sweep, todo)  # before anything runs or is written
     output_dir(out)
-    by_id = {p.point_id: p for p in todo}
-    if todo:
-        outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"
-                   else _run_local(todo, min(workers, len(todo))))
-        with contextlib.closing(outputs):  # stops the workers at once if saving is interrupted
-            for output in outputs:
-                save_point(out, by_id[output.record["point_id"]], output)
-                if progress is not None:
-                    progress(1)
-    rows = table_rows(sweep, out)
-    h5_path, csv_path = write_table(rows, out)
-    # Last, beside the table it describes: an interrupted run of a changed sweep leaves the old pair.
-    _write_text(out / "sweep.json", json.dumps(
-        {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
-         "points": [p.point_id for p in sweep.points]}, indent=1))
+    with _writing(out):
+        todo = [p for p in todo if not is_finished(out, p.point_id)]  # none, unless a run ended meanwhile
+        by_id = {p.point_id: p for p in todo}
+        if todo:
+            outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"
+                       else _run_local(todo, min(workers, len(todo))))
+            with contextlib.closing(outputs):  # stops the workers at once if saving is interrupted
+                for output in outputs:
+                    save_point(out, by_id[output.record["point_id"]], output)
+                    if progress is not None:
+                        progress(1)
+        rows = table_rows(sweep, out)
+        h5_path, csv_path = write_table(rows, out)
+        # Last, beside the table it describes: an interrupted run of a changed sweep leaves the old pair.
+        _write_text(out / "sweep.json", json.dumps(
+            {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axis_keys),
+             "points": [p.point_id for p in sweep.points]}, indent=1))
     errors = sum(row["status"] == STATUS_ERROR for row in rows)
     return SweepOutcome(len(sweep.points), len(sweep.points) - len(todo), len(todo), errors, h5_path, csv_path)
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Hold ``out/.lock`` while this sweep writes ``out``: a second sweep into the same folder is an error
+    (it would redo the same points), and the temporary files a killed run left there can be removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock, and temporary files are left alone
+        yield
+        return
+    with open(out / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TierflowError(f"{out}: another tierflow sweep is writing to this folder; wait for it to end "
+                                "or choose another --out") from None
+        for stray in (*out.glob("*.tmp"), *points_dir(out).glob("*.tmp")):
+            stray.unlink(missing_ok=True)
+        yield
