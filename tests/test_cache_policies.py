@@ -165,6 +165,12 @@ def test_finemoe_a_prefetch_is_not_a_routing():
     cache.admit("b", 1, Access("b", 1, prefetch=True))
     assert cache.lookup("b", Access("b", 2, prefetch=True)) and cache.lookup("a", Access("a", 3, prefetch=True))
     assert (policy._visits, policy._probability, policy._protected) == ({"a": 1}, {"a": 0.1}, {"b"})
+    # ... nor its recency: of two keys seen once at the same weight, the one demanded first still goes first.
+    cache = TierCache(make_policy("finemoe", None, CacheContext(2)), 2)
+    cache.admit("a", 1, Access("a", 0, score=0.5))
+    cache.admit("b", 1, Access("b", 1, score=0.5))
+    assert cache.lookup("a", Access("a", 2, prefetch=True))
+    assert cache.admit("c", 1, Access("c", 3, score=0.5)) == ["a"]
 
 
 def test_finemoe_reads_a_router_weight_of_zero_as_zero():

@@ -124,3 +124,34 @@ def test_simulate_will_not_write_over_its_own_trace(cli, tmp_path):
 def test_sizes_beyond_memory_are_refused_before_allocating(cli, tmp_path, args, fragment):
     assert_one_line_error(cli(*args, cwd=tmp_path), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+H5_FILLER = """
+import sys
+import numpy as np
+from tierflow.atomic import H5Output
+try:
+    with H5Output(sys.argv[1]) as f:
+        for i in range(40):
+            f.create_dataset(f"s{i}", data=np.random.default_rng(i).random(int(sys.argv[2])), compression="gzip")
+except OSError as error:
+    print("OSError", error.errno, error.filename)
+"""
+
+
+@pytest.mark.parametrize("size", [300, 3000, 30000])
+def test_hdf5_written_until_the_room_runs_out_stops_with_one_oserror(tmp_path, size):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    out = tmp_path / "out.h5"
+    result = subprocess.run([sys.executable, "-c", H5_FILLER, out.with_name("out.h5.abcd1234.tmp"), str(size)],
+                            capture_output=True, text=True, preexec_fn=limit)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.split() == ["OSError", "27", str(out)]  # EFBIG, naming the output

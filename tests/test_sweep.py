@@ -463,3 +463,26 @@ def test_one_sweep_writes_a_folder_at_a_time_and_clears_what_a_killed_one_left(t
         assert all(stray.exists() for stray in strays)  # its temporary files are its own
     assert run_sweep(sweep, tmp_path, workers=1).skipped == 1
     assert not any(stray.exists() for stray in strays)
+
+
+def test_the_code_fingerprint_covers_what_makes_figures_and_not_what_presents_them(tmp_path, monkeypatch):
+    import shutil
+
+    from tierflow import resources
+
+    package = tmp_path / "tierflow"
+    shutil.copytree(Path(resources.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def fingerprint():
+        resources.code_fingerprint.cache_clear()
+        monkeypatch.setattr(resources, "_PACKAGE_DIR", package)
+        return resources.code_fingerprint()
+
+    try:
+        before = fingerprint()
+        (package / "report.py").write_text((package / "report.py").read_text() + "\\n# a comment\\n")
+        assert fingerprint() == before  # presentation only
+        (package / "sim" / "engine.py").write_text((package / "sim" / "engine.py").read_text() + "\\n# x\\n")
+        assert fingerprint() != before
+    finally:
+        resources.code_fingerprint.cache_clear()

@@ -100,3 +100,36 @@ def test_a_sweeps_workers_end_with_it(tmp_path, signum, status):
     assert not any(_alive(pid) for pid in workers)
     assert time.monotonic() - start < 10  # not after the points in progress (each takes far longer)
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def _die_later(item):
+    kind, value = item
+    if kind == "die":
+        time.sleep(value)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _call(item)
+
+
+def test_a_worker_dying_between_two_results_costs_only_its_call():
+    # The worker of item 1 dies while the caller is busy with item 0's result: the next submit finds the pool
+    # broken, and the calls go on in a new one.
+    calls = run_parallel(_die_later, [("ok", 0), ("die", 0.3), ("ok", 2), ("ok", 3)], 2)
+    outcomes = {}
+    for index, result, error in calls:
+        outcomes[index] = (result, error)
+        time.sleep(1.0)
+    assert {i: r for i, (r, e) in outcomes.items() if e is None} == {0: 0, 2: 20, 3: 30}
+    assert isinstance(outcomes[1][1], WorkerDied)
+
+
+def _raise_trace_error(item):
+    from tierflow.errors import TraceError
+
+    raise TraceError("/x/trace.h5", "cut short")
+
+
+def test_an_error_a_call_raises_reaches_the_caller_as_itself():
+    from tierflow.errors import TraceError
+
+    (index, result, error), = run_parallel(_raise_trace_error, [1], 2)
+    assert isinstance(error, TraceError) and (error.path, error.problem) == ("/x/trace.h5", "cut short")

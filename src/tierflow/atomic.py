@@ -52,6 +52,8 @@ def destination(path) -> Path:
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
+        if path.is_symlink():  # realpath stops inside a loop of links
+            raise OutputError(path, OSError(0, "a loop of symbolic links"))
     if path.exists() and not path.is_file() and not path.is_dir():
         raise OutputError(path, OSError(0, "not a regular file (outputs are written to a new file and renamed "
                                            "over the old one)"))
@@ -135,7 +137,10 @@ class H5Output:
     def __init__(self, tmp):
         import h5py
 
-        self._raw = open(tmp, "w+b")  # noqa: SIM115 - closed in close()
+        # What the error names: the output (new_temporary names a temporary NAME.XXXXXXXX.tmp beside it).
+        self._destination = str(Path(tmp).with_name(Path(tmp).name.rsplit(".", 2)[0]))
+        # Unbuffered: a failed write fails in write() itself, not later in a seek() that flushes a buffer.
+        self._raw = open(tmp, "w+b", buffering=0)  # noqa: SIM115 - closed in close()
         self.error: OSError | None = None
         try:
             self.file = h5py.File(self, "w")
@@ -175,12 +180,18 @@ class H5Output:
             try:
                 return operation(*args)
             except OSError as error:
+                error.filename = error.filename or self._destination
                 self.error = error
         return default
 
     # The file-object protocol h5py uses.
     def write(self, data) -> int:
-        return self._guarded(self._raw.write, data, default=len(data))
+        self._guarded(self._write_all, memoryview(data).cast("B"))
+        return len(data)
+
+    def _write_all(self, view) -> None:
+        while view:
+            view = view[self._raw.write(view):]
 
     def truncate(self, size=None):
         return self._guarded(self._raw.truncate, size, default=size)
@@ -192,7 +203,12 @@ class H5Output:
         return self._raw.read(size)
 
     def readinto(self, buffer):
-        return self._raw.readinto(buffer)
+        """As a read of HDF5's own file driver: bytes past the end (written by nobody, or dropped after a failed
+        write) read as zeros; h5py takes the whole buffer as read whatever the count."""
+        view = memoryview(buffer).cast("B")
+        count = self._raw.readinto(view) or 0
+        view[count:] = bytes(len(view) - count)
+        return len(view)
 
     def seek(self, offset, whence=0):
         return self._raw.seek(offset, whence)

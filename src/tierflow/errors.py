@@ -8,6 +8,18 @@ bug and keeps its traceback.
 class TierflowError(Exception):
     """Bad input: a malformed trace, an unknown name, an impossible setting. The message is one line."""
 
+    def __reduce__(self):
+        # Subclasses build their message from other arguments than the message; pickled as message and
+        # attributes, an error raised in a worker process reaches the parent as itself.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls, args, attributes):
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
+
 
 class TraceError(TierflowError):
     """A trace file that is missing, unreadable or does not follow tierflow-trace v1."""

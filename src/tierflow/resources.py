@@ -30,15 +30,25 @@ def traces_dir() -> Path:
     return _data_dir("traces_bundled", "traces")
 
 
+# Modules that only present or store results, never change a figure: editing them keeps saved results valid.
+_PRESENTATION = ("cli.py", "commands.py", "report.py", "paper_figures.py", "atomic.py", "workers.py")
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """A hash of tierflow's installed files (code, scenarios, catalogs, default weights): saved results made by
-    other files are out of date."""
+    """A hash of the tierflow files that make its figures: the package's code, catalogs and default weights, and
+    the shipped scenarios (found the same way in a checkout and an installed copy, so both give one hash).
+    Saved results made by other files are out of date. Modules that only present or store results are left
+    out (``_PRESENTATION``)."""
     digest = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".toml", ".npz", ".json"):
-            digest.update(str(path.relative_to(_PACKAGE_DIR)).encode())
-            digest.update(path.read_bytes())
+    package = [p for p in _PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".npz", ".json")
+               and p.relative_to(_PACKAGE_DIR).parts[0] not in ("scenarios", "traces_bundled")
+               and not p.name.endswith(_PRESENTATION)]
+    files = [(str(p.relative_to(_PACKAGE_DIR)), p) for p in package]
+    files += [(f"scenarios/{p.name}", p) for p in scenarios_dir().glob("*.toml")]
+    for name, path in sorted(files):
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -4,7 +4,10 @@ A sweep file (TOML) names a base scenario and the axes to vary::
 
     name = "energy_vs_batch"
     description = "energy per token vs batch size for each placement"
-    scenario = "ssd_offload"        # a shipped scenario or a .toml path (relative to the sweep file)
+    scenario = "ssd_offload"        # a shipped scenario or a .toml path (relative to the sweep file); its
+                                    # relative workload.trace is found as simulate finds it (next to it, then
+                                    # in the shipped traces); one in [set] or [grid], next to the sweep file,
+                                    # else in the working directory
     seed = 1                        # optional: every point uses this seed (else one derived from its id)
 
     [set]                           # fixed overrides for every point
@@ -147,8 +150,8 @@ def _identity_table(table: Mapping, digests: dict[str, str]) -> dict:
     trace = identity.get("workload", {}).get("trace")
     if trace:
         if trace not in digests:
-            try:
-                digests[trace] = "sha256:" + file_digest(trace)
+            try:  # not a FIFO or device: reading one would block or never end (check_points reports it)
+                digests[trace] = "sha256:" + file_digest(trace) if Path(trace).is_file() else trace
             except OSError:
                 digests[trace] = trace  # check_points reports it
         identity["workload"]["trace"] = digests[trace]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -98,7 +100,10 @@ def worker_started(initializer: Callable | None = None, *initargs) -> None:
 def new_pool(workers: int, initializer: Callable | None = None, initargs: tuple = (),
              mp_context=None) -> concurrent.futures.ProcessPoolExecutor:
     """A process pool whose workers run :func:`worker_started` (submit under :func:`signals_held`: the pool
-    forks its workers at submits)."""
+    forks its workers at submits). On Linux the workers are forked from this process, whatever Python's
+    default: a forkserver's workers would watch the forkserver, which outlives a killed parent, for its death."""
+    if mp_context is None and sys.platform.startswith("linux"):
+        mp_context = multiprocessing.get_context("fork")
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp_context, initializer=worker_started,
                                                   initargs=(initializer, *initargs))
 
@@ -151,12 +156,19 @@ def run_parallel(function: Callable, items: Sequence, workers: int) -> Iterator[
             if pool is None:
                 pool = new_pool(workers)
             limit = 1 if suspects else workers
-            while len(running) < limit and (suspects or queue):
-                index = suspects.popleft() if suspects else queue.popleft()
-                with signals_held():
-                    running[pool.submit(function, items[index])] = (index, limit == 1)
-            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             broken = False
+            while len(running) < limit and (suspects or queue):
+                source = suspects if suspects else queue
+                index = source.popleft()
+                try:
+                    with signals_held():
+                        running[pool.submit(function, items[index])] = (index, limit == 1)
+                except BrokenProcessPool:  # a worker died since the last wait: this call never started
+                    source.appendleft(index)
+                    broken = True
+                    break
+            done = (concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)[0]
+                    if running else set())
             for future in done:
                 index, alone = running.pop(future)
                 error = future.exception()

@@ -40,11 +40,14 @@ class FineMoE(PriorityPolicy):
         self._probability: dict = {}
         self._protected: set = set()
 
+    def on_hit(self, key, access):
+        if not access.prefetch:  # a prefetch finding its key resident changes nothing, recency included
+            super().on_hit(key, access)
+
     def priority(self, key, access, hit):
-        if access.prefetch:
-            if not hit:
-                self._protected.add(key)
-            return (key in self._protected, self._visits.get(key, 0) * self._probability.get(key, 1.0))
+        if access.prefetch:  # an insertion (see on_hit)
+            self._protected.add(key)
+            return (True, self._visits.get(key, 0) * self._probability.get(key, 1.0))
         probability = access.score if self.context.router_scores else 1.0
         old = self._probability.get(key)
         alpha = self.params.smoothing
