@@ -663,3 +663,63 @@ def test_deferred_prefetches_from_the_ddr_cache_go_when_the_host_link_drains():
     stream._offer_deferred(0)
     assert in_ddr in memory.resident and on_ssd not in memory.resident
     assert list(stream.deferred[0]) == [(on_ssd, 0, 3)]
+
+
+@pytest.mark.parametrize("policy, capacity", [("lfu", 160), ("belady", 256)])
+def test_an_expert_stays_until_its_layers_compute_ends(policy, capacity, monkeypatch):
+    """Prefetches deferred for a full queue start as it drains, possibly while a layer computes: none may
+    evict an expert that layer is computing with (the data paths' events run when the stream catches up)."""
+    from tierflow.sim import gpu
+
+    sim = Simulation(small(**{
+        "cache.capacity_experts": capacity, "cache.policy": policy, "workload.batch_size": 8,
+        "workload.decode_tokens": 10, "workload.context_length": 64, "placement": "ssd",
+        "ddr_cache.enabled": True, "ddr_cache.capacity_experts": 600, "prefetch.policy": "oracle",
+        "prefetch.lookahead": 3, "prefetch.budget_experts": 24, "prefetch.max_queued": 1}))
+    windows, layer_keys = {}, []
+    demand, experts = gpu.GpuStream._demand, gpu.ComputeModel.experts
+
+    def record_demand(stream, step, layer):
+        waits, used = demand(stream, step, layer)
+        layer_keys.append([key for _, key in used])
+        return waits, used
+
+    def record_experts(model, chosen, tokens):
+        phase = experts(model, chosen, tokens)
+        for key in layer_keys.pop(0):  # this layer's experts compute from now for phase.seconds
+            windows[key] = (sim.env.now, sim.env.now + phase.seconds)
+        return phase
+
+    monkeypatch.setattr(gpu.GpuStream, "_demand", record_demand)
+    monkeypatch.setattr(gpu.ComputeModel, "experts", record_experts)
+    inside = []
+    for memory in sim.memories:
+        def evicted(key, memory=memory):
+            start, end = windows.get(key, (0.0, 0.0))
+            if start <= memory.calendar.now < end:
+                inside.append((key, memory.calendar.now))
+        memory.hbm.eviction_listeners.append(evicted)
+    results = sim.run()
+    assert results.summary["prefetch"]["issued"] > 0 and inside == []
+
+
+def test_the_ddr_hit_rate_counts_demand_lookups_as_the_hbm_one_does():
+    sim = Simulation(small(**{
+        "cache.capacity_experts": 160, "workload.batch_size": 4, "workload.decode_tokens": 8, "placement": "ssd",
+        "ddr_cache.enabled": True, "ddr_cache.capacity_experts": 800, "prefetch.policy": "oracle",
+        "prefetch.params": {"accuracy": 0.5}, "prefetch.lookahead": 2, "prefetch.max_queued": 64}))
+    lookups = {True: [], False: []}  # prefetch? -> hits
+    for memory in sim.memories:
+        lookup = memory.ddr.lookup
+
+        def recorded(key, access, lookup=lookup):
+            hit = lookup(key, access)
+            lookups[bool(access.prefetch)].append(hit)
+            return hit
+
+        memory.ddr.lookup = recorded
+    results = sim.run()
+    demand = lookups[False]
+    assert lookups[True] and results.summary["hit_rate"]["ddr"] == sum(demand) / len(demand)
+    every = lookups[True] + demand
+    assert sum(every) / len(every) != sum(demand) / len(demand)

@@ -718,6 +718,12 @@ def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path)
     assert one.batch == 1 and one is not sim.compute
     assert one.attention(context, 0).flops == pytest.approx(sim.compute.attention(context, 0).flops / 2)
     assert _step_compute_s(one, last, context) < _step_compute_s(sim.compute, last, context)
+    # Per token, a two-sequence step counts twice: each of its tokens waited its latency.
+    latency = results.step_latency_s
+    weighted = np.repeat(latency, batches)
+    assert results.summary["latency_s_per_token"]["mean"] == pytest.approx(float(weighted.mean()), rel=1e-12)
+    assert results.summary["latency_s_per_token"]["p99"] == pytest.approx(float(np.percentile(weighted, 99)))
+    assert results.summary["latency_s_per_token"]["mean"] != pytest.approx(float(latency.mean()), rel=1e-6)
 
 
 def test_the_lm_head_is_read_unquantized():

@@ -103,3 +103,31 @@ def test_requests_count_as_begun_only_once_they_decode(tmp_path):
                 source="s", phase=np.concatenate([[phase] * n for _, phase, n in layout]).astype(np.uint8))
     workload = load_workload(path, batch_size=2, num_steps=5)
     assert [sorted(step.sequence_ids.tolist()) for step in workload.steps] == [[0, 1]] * 5
+
+
+def test_interleaved_requests_are_read_to_their_end(tmp_path):
+    # 2,000 requests of 50 tokens each, logged round-robin (row i belongs to request i mod 2000): the window the
+    # reader needs for 60 steps ends long before request 0's last token.
+    requests, length = 2000, 50
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(requests * length)])[:, None, :]
+    write_trace(tmp_path / "rr.h5", experts, np.tile(np.arange(requests), length), model="m", num_experts=8,
+                source="test")
+    workload = load_workload(tmp_path / "rr.h5", batch_size=1, num_steps=60)
+    runs = [int(step.sequence_ids[0]) for step in workload.steps]
+    assert runs == [0] * 50 + [1] * 10
+
+
+def test_simulate_says_when_the_trace_runs_out(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    experts = np.tile(np.arange(8), (6, 16, 1))
+    write_trace(tmp_path / "short.h5", experts, np.zeros(6, dtype=int), model="olmoe-1b-7b", num_experts=64,
+                source="test")
+    result = run_cli("simulate", "--quiet", "--json", "--trace", tmp_path / "short.h5", "--set", "model=olmoe-1b-7b",
+                     "--set", "hardware=h100-pcie5", "--set", "gpus=1", "--set", "workload.decode_tokens=20",
+                     check_status=0)
+    assert json.loads(result.stdout)["tokens"] == 6
+    assert "the trace ran out of sequences after 6 of 20 decode steps" in result.stderr

@@ -48,6 +48,11 @@ def collect_results(sim) -> Results:
     latency = np.array([r.latency_s for r in records])
     stall = np.array([r.stall_s for r in records])
     tokens = sim.workload.tokens
+    # Per token: a step decodes one token of each of its sequences, which all wait its latency. When the trace
+    # runs out and steps decode fewer sequences, a step counts once per token it decodes.
+    per_token = np.array([len(step.sequence_ids) for step in sim.workload.steps[: len(records)]])
+    token_latency = latency if len(set(per_token.tolist())) <= 1 else np.repeat(latency, per_token)
+    token_stall = stall if len(set(per_token.tolist())) <= 1 else np.repeat(stall, per_token)
     elapsed = sim.elapsed_s
     joules = ledger_energy_j(sim.energy, sim.ledger, elapsed)
     if not all(math.isfinite(value) for value in joules.values()):
@@ -55,7 +60,6 @@ def collect_results(sim) -> Results:
                             f" not finite): the energy.* settings are too large")
     memories = sim.memories
     hbm_caches = [m.hbm for m in memories if m.hbm is not None]
-    ddr_caches = [m.ddr for m in memories if m.ddr is not None]
     prefetch = _prefetch_figures(sim, tokens)
     peak_hbm = sim.plan.non_expert_bytes_per_gpu + sim.plan.kv_bytes_per_gpu
     if sim.scenario.placement == "hbm":
@@ -70,13 +74,13 @@ def collect_results(sim) -> Results:
         "batch_size": sim.scenario.workload.batch_size,
         "tokens": tokens,
         "latency_s_per_token": {
-            "mean": float(latency.mean()) if len(latency) else 0.0,
-            "p50": _percentile(latency, 50),
-            "p99": _percentile(latency, 99),
+            "mean": float(token_latency.mean()) if len(token_latency) else 0.0,
+            "p50": _percentile(token_latency, 50),
+            "p99": _percentile(token_latency, 99),
         },
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-        "stall_s_per_token": float(stall.mean()) if len(stall) else 0.0,
-        "hit_rate": {"hbm": _hit_rate(hbm_caches), "ddr": _hit_rate(ddr_caches)},
+        "stall_s_per_token": float(token_stall.mean()) if len(token_stall) else 0.0,
+        "hit_rate": {"hbm": _hit_rate(hbm_caches), "ddr": _ddr_demand_hit_rate(memories)},
         "bytes_moved": sim.ledger.bytes_moved(),
         "energy_j_per_token": {name: joules[name] / tokens for name in ("total", *COMPONENTS)},
         "prefetch": prefetch,
@@ -143,6 +147,15 @@ def _prefetch_figures(sim, tokens: int) -> dict:
         "energy_j_per_token": prefetched_j / tokens if tokens else 0.0,
         "wasted_energy_j_per_token": wasted_j / tokens if tokens else 0.0,
     }
+
+
+def _ddr_demand_hit_rate(memories) -> float | None:
+    """DDR hits over the DDR lookups of demand misses in HBM (prefetches aside, as in the HBM hit rate)."""
+    with_ddr = [m for m in memories if m.ddr is not None]
+    if not with_ddr:
+        return None
+    lookups = sum(m.ddr_demand_lookups for m in with_ddr)
+    return sum(m.ddr_demand_hits for m in with_ddr) / lookups if lookups else None
 
 
 def _hit_rate(caches) -> float | None:

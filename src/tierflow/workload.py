@@ -161,7 +161,11 @@ def _decode_rows(chunk):
     """The chunk without its prefill rows (``phase == 0``)."""
     if chunk.phase is None or chunk.phase.all():
         return chunk
-    keep = chunk.phase != 0
+    return _rows(chunk, chunk.phase != 0)
+
+
+def _rows(chunk, keep: np.ndarray):
+    """The chunk's rows where ``keep`` is true."""
     return attrs.evolve(chunk, **{name: None if getattr(chunk, name) is None else getattr(chunk, name)[keep]
                                   for name in ("experts", "sequence_id", "gate_scores", "phase", "token_index",
                                                "predicted_experts")})
@@ -179,7 +183,8 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
         parts = []
         read = rows = 0  # decode tokens kept, rows read
         seen: set[int] = set()  # requests with decode tokens
-        for chunk in reader.chunks(gate_scores=True, phase=True, predicted_experts=True):
+        chunks = reader.chunks(gate_scores=True, phase=True, predicted_experts=True)
+        for chunk in chunks:
             rows += len(chunk)
             chunk = _decode_rows(chunk)
             parts.append(chunk)
@@ -188,6 +193,16 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
                 seen.update(np.unique(chunk.sequence_id).tolist())
             if read >= 2 * budget + 65536 and len(seen) >= batch_size:
                 break
+        # The requests begun so far are read to their end: in a log of interleaved requests their later tokens
+        # come after the window. Reading stops at the first chunk holding none of them (new requests there are
+        # left out, so none is cut short).
+        begun = np.unique(np.concatenate([part.sequence_id for part in parts])) if parts else None
+        for chunk in chunks:
+            chunk = _decode_rows(chunk)
+            theirs = np.isin(chunk.sequence_id, begun)
+            if not theirs.any():
+                break
+            parts.append(_rows(chunk, theirs))
         embeddings = reader.embedding()
     if not rows:
         raise TierflowError(f"{path}: the trace has no tokens")

@@ -48,6 +48,10 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
                                 "another name")
         check_writable(out)
     results = run_with_progress(scenario, str(trace) if trace else None, quiet)
+    steps, asked = len(results.step_latency_s), scenario.workload.decode_tokens
+    if steps < asked:
+        click.echo(f"tierflow: note: the trace ran out of sequences after {steps} of {asked} decode steps; the "
+                   "figures are per token decoded", err=True)
     if out is not None:
         write_results_h5(results, out)
     if as_json:

@@ -343,6 +343,14 @@ class GpuStream:
         self.wake = self.calendar.mark(self.env.now + seconds)  # SimPy's own sum, so the times agree exactly
         return self.env.timeout(seconds)
 
+    def _finish_experts(self, in_use, ends_at: float) -> None:
+        """Release a layer's experts when its expert compute ends: the data paths' events up to then run first,
+        so a prefetch admitted meanwhile (one deferred for a full queue) cannot evict an expert in use."""
+        if in_use:
+            self.calendar.advance(self.calendar.mark(ends_at))
+            for memory, key in in_use:
+                memory.release(key)
+
     def _arrival(self, transfers):
         """A timeout towards the moment the last of ``transfers`` lands (see :func:`timeout_towards`)."""
         self.wake = self.calendar.run_until(Arrival(self.calendar, transfers))
@@ -370,8 +378,11 @@ class GpuStream:
             batch = len(step.sequence_ids)
             compute = self._compute(batch)
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
-            # layer's attention run back to back, and nothing is admitted to a cache between them.
+            # layer's attention run back to back. The stream admits nothing between them; the data paths' events
+            # in between (a deferred prefetch starting as a queue drains) run when it catches up, with the
+            # layer's experts pinned until their compute ends (_finish_experts).
             pending = compute.dense_prefix(context)
+            in_use = None  # the previous layer's (memory, key) pairs: pinned until its expert compute ends
             ahead = None
             if self.copies_ahead and looks_up:  # the dense layers run first; then every layer's copies queue
                 yield self._phase(pending)
@@ -380,7 +391,10 @@ class GpuStream:
                 ahead = [self._demand(step, layer) for layer in range(num_layers)]
             for layer in range(num_layers):
                 attention = compute.attention(context, layer)
+                started = env.now
                 yield self._phase(attention) if pending is None else self._phase(pending, attention)
+                self._finish_experts(in_use, started + pending.seconds if in_use else 0.0)
+                in_use = None
                 calendar.advance(self.wake)
                 self.position = step.index, layer
                 experts = step.experts[layer].tolist()
@@ -400,9 +414,10 @@ class GpuStream:
                 if repick:  # for this layer's experts and the next layer's attention
                     compute = self._compute(batch)
                 pending = compute.experts(experts, step.tokens_per_expert[layer].tolist())
-                for memory, key in used:
-                    memory.release(key)
+                in_use = used
+            started = env.now
             yield self._phase(pending, compute.lm_head())
+            self._finish_experts(in_use, started + pending.seconds if in_use else 0.0)
             calendar.advance(self.wake)
             self.records.append(StepRecord(
                 env.now - start, stall,

@@ -58,6 +58,9 @@ class ExpertMemory:
         self.reserve_bytes = reserve_bytes
         self.in_flight: dict[int, Transfer] = {}
         self.prefetch = PrefetchStats()
+        # The DDR cache's demand lookups (an HBM demand miss looks there first), for its hit rate: the DDR
+        # cache's own counts include prefetches' lookups, which the HBM hit rate leaves out.
+        self.ddr_demand_hits = self.ddr_demand_lookups = 0
         self._unused_prefetch: dict[int, Transfer] = {}  # prefetched keys not yet used by a layer
         self.demand_misses = 0
         self.demand_hits = 0
@@ -176,8 +179,13 @@ class ExpertMemory:
 
     def _source(self, key: int, access: Access) -> str:
         """The tier a missing expert is read from: the DDR cache if it holds it, else the placement tier."""
-        if self.ddr is not None and self.ddr.lookup(key, access):
-            return "ddr"
+        if self.ddr is not None:
+            hit = self.ddr.lookup(key, access)
+            if not access.prefetch:
+                self.ddr_demand_lookups += 1
+                self.ddr_demand_hits += hit
+            if hit:
+                return "ddr"
         return self.placement
 
     def _fetch(self, key: int, access: Access, priority: int, into_hbm: bool) -> Transfer:
