@@ -50,8 +50,8 @@ PHASE_CODES = {"prefill": 0, "decode": 1}
 # Ids, layers and positions are stored in 32- and 64-bit arrays; a larger number in a log is a corrupt
 # record, not a real model.
 _MAX_INDEX = 2**31 - 1
-_MAX_LAYER = 2**16 - 1
-_MAX_SCORE = float(np.finfo(np.float16).max)  # gate_scores are stored in half precision  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
+_MAX_LAYER = 2**16 - 1  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
+_MAX_SCORE = float(np.finfo(np.float16).max)  # gate_scores are stored in half precision
 
 
 @attrs.frozen
