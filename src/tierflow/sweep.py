@@ -607,11 +607,13 @@ class SweepOutcome:
 
 
 def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "local", scheduler: str | None = None,
-              client=None, progress: Callable[[int], None] | None = None, checked: bool = False) -> SweepOutcome:
+              client=None, progress: Callable[[int], None] | None = None, checked: bool = False,
+              todo: list[Point] | None = None) -> SweepOutcome:
     """Run the points not finished yet, saving each as it arrives, then rebuild the table from the records.
 
     ``client``: an existing ``dask.distributed.Client`` (engine ``dask``); ``progress(n)`` is called as
-    points finish; ``checked``: the caller has already run :func:`check_points` on the points to run.
+    points finish; ``checked``: the caller has already run :func:`check_points` on the points to run;
+    ``todo``: the points not finished, when the caller has already looked (a look reads every finished output).
     """
     if engine not in ENGINES:
         raise TierflowError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
@@ -619,7 +621,8 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     if workers < 1:
         raise TierflowError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
-    todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
+    if todo is None:
+        todo = [p for p in sweep.points if not is_finished(out, p.point_id)]
     if not checked:
         check_points(sweep, todo)  # before anything runs or is written
     output_dir(out)

@@ -50,7 +50,7 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
     label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
     with sigterm_unwinds(), click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
                                               show_pos=True, hidden=quiet or to_run == 0) as bar:
-        outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update, checked=True)
+        outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update, checked=True, todo=todo)
     click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "
                f"{outcome.errors} with errors): {outcome.table_h5}, {outcome.table_csv}")
     if outcome.errors:
