@@ -131,3 +131,37 @@ def test_simulate_says_when_the_trace_runs_out(tmp_path):
                      check_status=0)
     assert json.loads(result.stdout)["tokens"] == 6
     assert "the trace ran out of sequences after 6 of 20 decode steps" in result.stderr
+
+
+def test_other_requests_rows_between_a_requests_tokens_do_not_cut_it(tmp_path):
+    # 3,000 requests of 30 tokens round-robin, with two chunks (32,768 rows) of another request's prompt logged
+    # right after the reader's window (81,920 rows: 27 or 28 tokens of each request): the requests begun before
+    # it are still read to their end.
+    requests, length, prompt, window = 3000, 30, 32768, 81920
+    ids = np.tile(np.arange(requests), length)
+    ids = np.concatenate([ids[:window], np.full(prompt, 99999), ids[window:]])
+    phase = np.ones(len(ids), dtype=np.uint8)
+    phase[window:window + prompt] = 0
+    experts = np.tile(np.array([[[0, 1]]]), (len(ids), 1, 1))
+    write_trace(tmp_path / "rr.h5", experts, ids, model="m", num_experts=8, source="test", phase=phase)
+    workload = load_workload(tmp_path / "rr.h5", batch_size=1, num_steps=60)
+    assert [int(step.sequence_ids[0]) for step in workload.steps] == [0] * 30 + [1] * 30
+
+
+def test_one_long_request_is_read_only_as_far_as_the_run_goes(tmp_path, monkeypatch):
+    from tierflow.trace.format import TraceReader
+
+    tokens = 400_000
+    write_trace(tmp_path / "one.h5", np.tile(np.array([[[0, 1]]]), (tokens, 1, 1)), np.zeros(tokens, dtype=int),
+                model="m", num_experts=8, source="test")
+    read = []
+    chunks = TraceReader.chunks
+
+    def counted(self, *args, **kwargs):
+        for chunk in chunks(self, *args, **kwargs):
+            read.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(TraceReader, "chunks", counted)
+    workload = load_workload(tmp_path / "one.h5", batch_size=1, num_steps=8)
+    assert len(workload.steps) == 8 and sum(read) < 2 * 65536 + 2 * 16384

@@ -50,9 +50,8 @@ def collect_results(sim) -> Results:
     tokens = sim.workload.tokens
     # Per token: a step decodes one token of each of its sequences, which all wait its latency. When the trace
     # runs out and steps decode fewer sequences, a step counts once per token it decodes.
-    per_token = np.array([len(step.sequence_ids) for step in sim.workload.steps[: len(records)]])
-    token_latency = latency if len(set(per_token.tolist())) <= 1 else np.repeat(latency, per_token)
-    token_stall = stall if len(set(per_token.tolist())) <= 1 else np.repeat(stall, per_token)
+    per_token = np.array([len(step.sequence_ids) for step in sim.workload.steps[: len(records)]], dtype=np.int64)
+    token_latency, token_stall = np.repeat(latency, per_token), np.repeat(stall, per_token)
     elapsed = sim.elapsed_s
     joules = ledger_energy_j(sim.energy, sim.ledger, elapsed)
     if not all(math.isfinite(value) for value in joules.values()):

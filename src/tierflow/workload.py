@@ -171,6 +171,9 @@ def _rows(chunk, keep: np.ndarray):
                                                "predicted_experts")})
 
 
+_GAP_CHUNKS = 4  # chunks in a row without a begun request's row that end the reading (65,536 rows)
+
+
 def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -> Workload:
     """Decode steps from a trace file. Reads only as many tokens as the steps can use (plus whole sequences)."""
     with open_trace(path) as reader:
@@ -193,16 +196,27 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
                 seen.update(np.unique(chunk.sequence_id).tolist())
             if read >= 2 * budget + 65536 and len(seen) >= batch_size:
                 break
-        # The requests begun so far are read to their end: in a log of interleaved requests their later tokens
-        # come after the window. Reading stops at the first chunk holding none of them (new requests there are
-        # left out, so none is cut short).
-        begun = np.unique(np.concatenate([part.sequence_id for part in parts])) if parts else None
+        # The requests begun so far are read on: in a log of interleaved requests their later tokens come after
+        # the window. A request holds a batch slot for at most num_steps + skip_tokens tokens, so reading stops
+        # once every begun request has that many, or after _GAP_CHUNKS chunks in a row hold none of their rows
+        # (their rows, prefill included: a long prompt of theirs does not end the reading; a few chunks of other
+        # requests' rows do not either). New requests in these chunks are left out, so none is cut short.
+        limit = num_steps + skip_tokens
+        ids, counts = (np.unique(np.concatenate([part.sequence_id for part in parts]), return_counts=True)
+                       if parts else (np.empty(0, np.int64), np.empty(0, np.int64)))
+        have = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        wanting = ids[counts < limit]
+        gap = 0
         for chunk in chunks:
-            chunk = _decode_rows(chunk)
-            theirs = np.isin(chunk.sequence_id, begun)
-            if not theirs.any():
+            if not wanting.size or gap >= _GAP_CHUNKS:
                 break
-            parts.append(_rows(chunk, theirs))
+            theirs = np.isin(chunk.sequence_id, wanting)
+            gap = 0 if theirs.any() else gap + 1
+            chunk = _decode_rows(_rows(chunk, theirs))
+            parts.append(chunk)
+            for sequence, count in zip(*np.unique(chunk.sequence_id, return_counts=True), strict=True):
+                have[int(sequence)] += int(count)
+            wanting = np.array([s for s in wanting.tolist() if have[s] < limit], dtype=np.int64)
         embeddings = reader.embedding()
     if not rows:
         raise TierflowError(f"{path}: the trace has no tokens")
