@@ -61,7 +61,7 @@ from tierflow.atomic import H5Output, atomic_write, output_dir
 from tierflow.config import load_scenario_table, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
 from tierflow.resources import code_fingerprint, file_digest
-from tierflow.workers import run_parallel
+from tierflow.workers import run_parallel, sigint_ignored
 
 ENGINES = ("local", "dask")
 STATUS_OK, STATUS_ERROR = "ok", "error"
@@ -556,7 +556,10 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
             except (OSError, TimeoutError, ValueError) as error:  # ValueError: not an address
                 raise TierflowError(f"--scheduler {scheduler}: cannot connect: {_one_line(error)}") from None
         else:
-            cluster = _local_cluster(LocalCluster, workers)
+            # Ctrl-C stops this process, which closes the cluster: one line, not a traceback from every worker.
+            with sigint_ignored():
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=50)  # logging.CRITICAL: no shutdown noise
             client = Client(cluster)
         owned = client
     else:
@@ -574,26 +577,6 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
             owned.close()
         if cluster is not None:
             cluster.close()
-
-
-def _local_cluster(local_cluster, workers: int):
-    """A dask LocalCluster whose processes ignore SIGINT: the disposition is inherited, and Python installs its
-    KeyboardInterrupt handler only where SIGINT is not ignored. Ctrl-C then stops this process alone, which
-    closes the cluster, instead of printing a traceback from every worker."""
-    import signal
-    import threading
-
-    def start():
-        return local_cluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                             silence_logs=50)  # logging.CRITICAL: no shutdown noise
-
-    if threading.current_thread() is not threading.main_thread():
-        return start()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @attrs.frozen

@@ -64,6 +64,20 @@ def sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sigint_ignored():
+    """While the block runs, SIGINT is ignored; processes started meanwhile inherit that (and Python installs its
+    KeyboardInterrupt handler only where SIGINT is not ignored), so they leave Ctrl-C to this process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def die_with_parent() -> None:
     """End this process when its parent does: PR_SET_PDEATHSIG on Linux, else a thread watching the parent id."""
     parent = os.getppid()

@@ -343,11 +343,12 @@ class GpuStream:
         self.wake = self.calendar.mark(self.env.now + seconds)  # SimPy's own sum, so the times agree exactly
         return self.env.timeout(seconds)
 
-    def _finish_experts(self, in_use, ends_at: float) -> None:
-        """Release a layer's experts when its expert compute ends: the data paths' events up to then run first,
-        so a prefetch admitted meanwhile (one deferred for a full queue) cannot evict an expert in use."""
+    def _finish_experts(self, in_use, started: float, experts: Phase | None) -> None:
+        """Release a layer's experts (``in_use``) when their compute (``experts``, the first phase of the timeout
+        that began at ``started``) ends: the data paths' events up to then run first, so a prefetch admitted
+        meanwhile (one deferred for a full queue) cannot evict an expert in use."""
         if in_use:
-            self.calendar.advance(self.calendar.mark(ends_at))
+            self.calendar.advance(self.calendar.mark(started + experts.seconds))
             for memory, key in in_use:
                 memory.release(key)
 
@@ -393,7 +394,7 @@ class GpuStream:
                 attention = compute.attention(context, layer)
                 started = env.now
                 yield self._phase(attention) if pending is None else self._phase(pending, attention)
-                self._finish_experts(in_use, started + pending.seconds if in_use else 0.0)
+                self._finish_experts(in_use, started, pending)
                 in_use = None
                 calendar.advance(self.wake)
                 self.position = step.index, layer
@@ -417,7 +418,7 @@ class GpuStream:
                 in_use = used
             started = env.now
             yield self._phase(pending, compute.lm_head())
-            self._finish_experts(in_use, started + pending.seconds if in_use else 0.0)
+            self._finish_experts(in_use, started, pending)
             calendar.advance(self.wake)
             self.records.append(StepRecord(
                 env.now - start, stall,

@@ -39,7 +39,7 @@ import numpy as np
 
 from tierflow.atomic import check_writable
 from tierflow.errors import TierflowError, TraceError
-from tierflow.trace.format import MAX_EXPERTS, TraceMeta, open_trace, write_trace
+from tierflow.trace.format import GATE_SCORE_DTYPE, MAX_EXPERTS, MAX_LAYERS, TraceMeta, open_trace, write_trace
 
 Warn = Callable[[str], None]
 
@@ -50,8 +50,8 @@ PHASE_CODES = {"prefill": 0, "decode": 1}
 # Ids, layers and positions are stored in 32- and 64-bit arrays; a larger number in a log is a corrupt
 # record, not a real model.
 _MAX_INDEX = 2**31 - 1
-_MAX_LAYER = 2**16 - 1  # far beyond any model's MoE layers (DeepSeek-R1 has 58)
-_MAX_SCORE = float(np.finfo(np.float16).max)  # gate_scores are stored in half precision
+_MAX_LAYER = MAX_LAYERS - 1  # the largest layer number a trace holds
+_MAX_SCORE = float(np.finfo(GATE_SCORE_DTYPE).max)  # gate_scores are stored in half precision
 
 
 @attrs.frozen
