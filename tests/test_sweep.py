@@ -233,17 +233,30 @@ def test_an_interrupted_parallel_run_keeps_what_finished(serial_run, tmp_path):
     assert _csv(tmp_path) == _csv(serial_run[0])
 
 
+def olmoe_trace(path: Path) -> Path:
+    """A small OLMoE trace: 4 sequences of 16 decode tokens, random distinct experts per layer."""
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permuted(np.tile(np.arange(64), (16, 1)), axis=1)[:, :8] for _ in range(64)])
+    write_trace(path, experts.astype(np.uint16), sequence_id=np.repeat(np.arange(4), 16).astype(np.int64),
+                token_index=np.tile(np.arange(16), 4).astype(np.int64), model="olmoe-1b-7b", num_experts=64,
+                source="test")
+    return path
+
+
 def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path):
-    # A prefetcher whose training trace is missing fails when it is built, at run time.
-    sweep = parse_sweep(small_sweep(grid={}, zips=[{
+    # A prefetcher trained on the trace it then decodes fails when it is built (the sweep's check before the
+    # run cannot see it: it needs the workload).
+    trace = str(olmoe_trace(tmp_path / "t.h5"))
+    sweep = parse_sweep({**small_sweep(grid={}, zips=[{
         "cache.capacity_experts": [64, 96, 128],
         "prefetch.policy": ["none", "expert_map", "none"],
-        "prefetch.params": [{}, {"train_trace": str(tmp_path / "missing.h5")}, {}]}]))
+        "prefetch.params": [{}, {"train_trace": trace}, {}]}]),
+        "set": {**SMALL, "workload": {"decode_tokens": 4, "trace": trace}}})
     outcome = run_sweep(sweep, tmp_path, workers=2)
     assert (outcome.ran, outcome.errors) == (3, 1)
     table = read_table(tmp_path / "results.h5")
     assert list(table["status"]) == ["ok", "error", "ok"]
-    assert "missing.h5" in table["error"][1] and "\n" not in table["error"][1]
+    assert "shares 1 sequence(s)" in table["error"][1] and "\n" not in table["error"][1]
     assert list(table["error"][[0, 2]]) == ["", ""]
     assert (table["energy_j_per_token.total"][[0, 2]] > 0).all()
     import numpy as np
@@ -277,6 +290,38 @@ placement = ["ddr", "ssd"]
     assert "2 finished before, 0 run now" in again.stdout and again.stderr == ""
     assert_one_line_error(run_tierflow("sweep", sweep_file, "--out", tmp_path / "o", "--engine", "local",
                                        "--scheduler", "tcp://127.0.0.1:1"), "--scheduler needs --engine dask")
+
+
+def test_sweep_command_with_a_failed_point_writes_the_table_and_exits_1(tmp_path):
+    # A prefetcher trained on the trace it then decodes fails only when it is built (the check needs the
+    # workload), so the point runs, fails, and the status says so; a missing training file is bad input (2).
+    trace = olmoe_trace(tmp_path / "t.h5")
+    body = """
+name = "one_fails"
+scenario = "ssd_offload"
+[set]
+model = "olmoe-1b-7b"
+hardware = "h100-pcie5"
+gpus = 1
+workload.trace = "TRACE"
+workload.decode_tokens = 4
+cache.capacity_experts = 128
+[[zip]]
+"prefetch.policy" = ["none", "expert_map"]
+"prefetch.params" = [{}, {train_trace = "TRAIN"}]
+""".replace("TRACE", str(trace))
+    sweep_file = write_sweep(tmp_path / "s.toml", body.replace("TRAIN", str(trace)))
+    result = run_tierflow("sweep", sweep_file, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 1, result.stderr
+    assert "2 points (0 finished before, 2 run now, 1 with errors)" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"tierflow: error: 1 point(s) failed; see the error column of {tmp_path / 'out' / 'results.csv'} "
+        "(a rerun tries them again)"]
+    assert list(read_table(tmp_path / "out" / "results.h5")["status"]) == ["ok", "error"]
+    missing = write_sweep(tmp_path / "m.toml", body.replace("TRAIN", str(tmp_path / "missing.h5")))
+    assert_one_line_error(run_tierflow("sweep", missing, "--out", tmp_path / "out2"),
+                          "point", "train_trace", "missing.h5: no such file")
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("grid, fragments", [

@@ -279,6 +279,7 @@ def check_point(scenario) -> None:
     from tierflow.cache import POLICIES
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
+    from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
         check_routing_source, check_trace_shape, compute_hbm_bandwidth, energy_model, plan_capacity)
     from tierflow.trace.format import open_trace
@@ -299,7 +300,10 @@ def check_point(scenario) -> None:
         POLICIES.params(scenario.cache.policy, scenario.cache.params)
     if plan.ddr_cache_experts is not None:
         POLICIES.params(scenario.ddr_cache.policy, scenario.ddr_cache.params)
-    PREFETCHERS.params(scenario.prefetch.policy, scenario.prefetch.params)
+    prefetch_params = PREFETCHERS.params(scenario.prefetch.policy, scenario.prefetch.params)
+    if getattr(prefetch_params, "train_trace", ""):
+        check_training_trace(prefetch_params.train_trace, spec.num_moe_layers, spec.num_routed_experts,
+                             scenario.prefetch.policy)
     energy_model(scenario, hardware, plan.gpus)
     compute_hbm_bandwidth(scenario, hardware)
 

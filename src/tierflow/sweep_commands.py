@@ -53,9 +53,10 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
         outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update, checked=True, todo=todo)
     click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "
                f"{outcome.errors} with errors): {outcome.table_h5}, {outcome.table_csv}")
-    if outcome.errors:
-        click.echo(f"tierflow: warning: {outcome.errors} point(s) failed; see the error column of "
-                   f"{outcome.table_csv}", err=True)
+    if outcome.errors:  # the table is written; the status tells a script or make that points are missing
+        click.echo(f"tierflow: error: {outcome.errors} point(s) failed; see the error column of "
+                   f"{outcome.table_csv} (a rerun tries them again)", err=True)
+        sys.exit(1)
 
 
 @click.command()

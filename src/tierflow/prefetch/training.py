@@ -40,16 +40,29 @@ def row_weights(experts: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
     return np.where(total > 0, scores / np.where(total > 0, total, 1), uniform).astype(np.float32)
 
 
+def _check_shape(meta, path: str, num_layers: int, num_experts: int, who: str) -> None:
+    if (meta.num_layers, meta.num_experts) != (num_layers, num_experts):
+        raise TierflowError(f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x "
+                            f"{meta.num_experts} experts, the simulated model {num_layers} x {num_experts}")
+
+
+def check_training_trace(path: str, num_layers: int, num_experts: int, who: str) -> None:
+    """What :func:`load_training_split` would reject about the file itself, without reading its tokens: it
+    opens as a trace of the model's shape (a sweep checks its points with this before running any)."""
+    try:
+        with open_trace(path) as reader:
+            _check_shape(reader.meta, path, num_layers, num_experts, who)
+    except TraceError as error:
+        raise TierflowError(f"prefetcher {who!r}: train_trace {error}") from None
+
+
 def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSplit:
     """The last ``tokens`` decode tokens of the trace at ``path``, checked against the context's shape and
     workload (no shared sequence)."""
     try:
         with open_trace(path) as reader:
             meta = reader.meta
-            if (meta.num_layers, meta.num_experts) != (context.num_layers, context.num_experts):
-                raise TierflowError(
-                    f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x {meta.num_experts} "
-                    f"experts, the simulated model {context.num_layers} x {context.num_experts}")
+            _check_shape(meta, path, context.num_layers, context.num_experts, who)
             start = max(0, meta.num_tokens - tokens)
             parts = list(reader.chunks(start=start, gate_scores=True, phase=True))
             embeddings = reader.embedding()
