@@ -53,8 +53,11 @@ def test_without_cache_each_step_is_compute_plus_serialised_transfers():
     spec, link = sim.spec, sim.hardware.host_link
     transfer_s = link.latency_s + spec.expert_bytes / link.bandwidth_bytes_per_s
     compute = sim.compute
+    decoded: dict[int, int] = {}  # steps each sequence decoded so far: its KV cache beyond context_length
     for step, latency in zip(sim.workload.steps, results.step_latency_s, strict=True):
-        context = SMALL["workload"]["context_length"] + step.index
+        ids = step.sequence_ids.tolist()
+        context = tuple(SMALL["workload"]["context_length"] + decoded.get(i, 0) for i in ids)
+        decoded.update((i, decoded.get(i, 0) + 1) for i in ids)
         expected = compute.dense_prefix(context).seconds + compute.lm_head().seconds
         for layer, experts in enumerate(step.experts):
             expected += compute.attention(context, layer).seconds
@@ -690,7 +693,8 @@ def _step_compute_s(compute, step, context):
 
 def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path):
     """Three sequences at batch 2: once the third has taken a finished slot and the other has ended, steps
-    decode one sequence, and compute (time and ledger) is that of batch 1."""
+    decode one sequence, and compute (time and ledger) is that of batch 1. Each sequence attends to its own
+    context: the third joins at step 4 with the scenario's context_length, not the first's grown one."""
     spec = get_model("olmoe-1b-7b")
     rng = np.random.default_rng(3)
     lengths = [4, 10, 3]
@@ -704,11 +708,14 @@ def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path)
     batches = [len(step.sequence_ids) for step in sim.workload.steps]
     assert batches == [2] * 7 + [1] * 3 and results.summary["tokens"] == sum(lengths)
     context = SMALL["workload"]["context_length"]
+    # Step i: sequence 1 (10 tokens) has decoded i; sequence 0 (steps 0-3) i, then sequence 2 (steps 4-6) i - 4.
+    contexts = [(context + i, context + i) if i < 4 else (context + i - 4, context + i) if i < 7 else context + i
+                for i in range(10)]
     flops = hbm_bytes = 0.0
-    for step, latency in zip(sim.workload.steps, results.step_latency_s, strict=True):
+    for step, latency, step_context in zip(sim.workload.steps, results.step_latency_s, contexts, strict=True):
         model = sim.compute_models.get(len(step.sequence_ids))
-        assert latency == pytest.approx(_step_compute_s(model, step, context + step.index), rel=1e-12)
-        phases = _step_phases(model, step, context + step.index)
+        assert latency == pytest.approx(_step_compute_s(model, step, step_context), rel=1e-12)
+        phases = _step_phases(model, step, step_context)
         flops += sum(phase.flops for phase in phases)
         hbm_bytes += sum(phase.hbm_read_bytes for phase in phases)
     assert sim.ledger.flops == pytest.approx(flops, rel=1e-12)  # the ledger is charged per step's own batch
@@ -724,6 +731,26 @@ def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path)
     assert results.summary["latency_s_per_token"]["mean"] == pytest.approx(float(weighted.mean()), rel=1e-12)
     assert results.summary["latency_s_per_token"]["p99"] == pytest.approx(float(np.percentile(weighted, 99)))
     assert results.summary["latency_s_per_token"]["mean"] != pytest.approx(float(latency.mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["deepseek-r1", "gpt-oss-120b"])
+def test_attention_is_linear_in_each_sequences_context(model):
+    """A batch's attention is its fixed work plus each sequence's own KV reads: the mean of the phases of the
+    batch at each context alone (all of a data-parallel group's sequences at once), per sliding window too."""
+    spec, hardware = get_model(model), get_profile("h200-pcie5")
+    compute = ComputeModel(spec, hardware, 8, 4, attention_tp=4)  # two groups of two sequences
+    contexts = (100, 3000, 7, 5000)
+    windowed = [layer - spec.first_moe_layer for layer in spec.sliding_window_layers]
+    for layer in sorted({0, *windowed[:1]}):
+        mixed = compute.attention(contexts, layer)
+        alone = [compute.attention(c, layer) for c in contexts]
+        for field in ("seconds", "flops", "hbm_read_bytes", "l1_bytes"):
+            assert getattr(mixed, field) == pytest.approx(np.mean([getattr(a, field) for a in alone]), rel=1e-12)
+    assert compute.attention((500, 500, 500, 500), 0) == compute.attention(500, 0)
+    dense = compute.dense_prefix(contexts).flops
+    assert dense == pytest.approx(np.mean([compute.dense_prefix(c).flops for c in contexts]), rel=1e-12)
+    with pytest.raises(ValueError, match="3 contexts for a batch of 4"):
+        compute.attention((1, 2, 3), 0)
 
 
 def test_the_lm_head_is_read_unquantized():
@@ -821,8 +848,8 @@ def test_a_tensor_parallel_group_keeps_the_kv_heads_each_gpu_attends_with(model,
 
 def test_hbm_too_small_for_a_replicated_kv_cache_points_at_attention_tp():
     with pytest.raises(TierflowError, match="smaller attention_tp"):
-        Simulation(load_scenario("hbm_only", ["workload.batch_size=2048", "workload.decode_tokens=1"]))
-    Simulation(load_scenario("hbm_only", ["workload.batch_size=2048", "workload.decode_tokens=1", "attention_tp=1"]))
+        Simulation(load_scenario("hbm_only", ["workload.batch_size=4096", "workload.decode_tokens=1"]))
+    Simulation(load_scenario("hbm_only", ["workload.batch_size=4096", "workload.decode_tokens=1", "attention_tp=1"]))
 
 
 def test_a_ddr_cache_without_a_capacity_takes_the_whole_ddr_share():

@@ -24,6 +24,8 @@ class DecodeStep:
     how many of the batch's tokens chose each; ``rows`` the raw (batch, layers, k) routing of the step, and
     ``row_scores`` its router weights (None when the trace has none). ``predicted_experts`` (batch, layers, k),
     when the trace records them: the experts a speculative gate predicted for layer ``l + 1`` at layer ``l``.
+    ``positions[i]``: the steps sequence ``sequence_ids[i]`` decoded in this run before this one (a sequence that
+    joins the batch late starts at 0: its KV cache holds its own context, not the batch's first sequence's).
     """
 
     index: int
@@ -32,6 +34,7 @@ class DecodeStep:
     tokens_per_expert: list[np.ndarray]
     rows: np.ndarray
     sequence_ids: np.ndarray
+    positions: np.ndarray
     row_scores: np.ndarray | None = None
     predicted_experts: np.ndarray | None = None
 
@@ -143,6 +146,7 @@ def build_steps(sequences: dict[int, tuple], batch_size: int, num_steps: int, sk
             tokens_per_expert=[u[2] for u in unions],
             rows=rows,
             sequence_ids=np.array([slot[0] for slot in slots]),
+            positions=np.array([slot[3] - skip_tokens for slot in slots]),
             row_scores=scores,
             predicted_experts=predicted,
         ))

@@ -198,7 +198,9 @@ H100_SXM_HBM3 = _cited(
 
 H200_HBM3E = _cited(
     MemoryTier, name="H200 HBM3E",
-    capacity_bytes=(141 * GB, f"[S] {_HW_MD}: H200 HBM3E 141 GB (NVIDIA)"),
+    capacity_bytes=(141 * GiB, (f"[S] {_HW_MD}: H200 HBM3E 141 GB (NVIDIA), a binary figure like the H100's 80 GB "
+                                "(80 GiB above): nvidia-smi shows 143,771 MiB = 140.4 GiB on an H200, 81,559 MiB on "
+                                "an H100")),
     read_bandwidth_bytes_per_s=(4.8e12, f"[S] {_HW_MD}: 4.8 TB/s (NVIDIA)"),
     write_bandwidth_bytes_per_s=(4.8e12, "[DER] shared by reads and writes; same figure"),
     read_latency_s=(0.5 * US, "[DER] assumption: as H100 HBM3 (same GH100 memory system)"),
@@ -222,8 +224,9 @@ RTX_5070_TI_GDDR7 = _cited(
 DDR5_HOST = _cited(
     MemoryTier, name="DDR5 host memory (one GPU's share)",
     capacity_bytes=(256 * GiB, f"{_P}: '256GB of CPU memory (DDR5-7200 x8) per GPU' (figure_4_and_5.py)"),
-    read_bandwidth_bytes_per_s=(460.8 * GB, (f"[DER] 8 channels x DDR5-7200 x 8 B = 460.8 GB/s "
-                                             f"(= 12 x DDR5-4800 per socket in {_HW_MD})")),
+    read_bandwidth_bytes_per_s=(460.8 * GB, (f"[DER] {_P}'s per-GPU 'DDR5-7200 x8' (figure_4_and_5.py): "
+                                             "8 channels x 7200 MT/s x 8 B = 460.8 GB/s for each GPU's share; "
+                                             "never the bound here (the host link is slower)")),
     write_bandwidth_bytes_per_s=(460.8 * GB, "[DER] same channels; same figure"),
     read_latency_s=(100 * NS, "[DER] assumption: ~100 ns loaded DRAM latency; the host link's latency dominates"),
     read_pj_per_bit=(9.2, f"{_P}: DDR5 read 9.2 pJ/bit"),
@@ -263,22 +266,6 @@ SAMSUNG_990_PRO = _cited(
     request_bytes=(128 * KiB, _REQUEST),
 )
 
-SAMSUNG_9100_PRO = _cited(
-    MemoryTier, name="Samsung 9100 PRO 2 TB (PCIe Gen5 NVMe)",
-    capacity_bytes=(2 * TB, "[D] Samsung 9100 PRO 2 TB (TechPowerUp review spec table [S])"),
-    read_bandwidth_bytes_per_s=(14.7 * GB, f"[D] {_HW_MD}: 14.7 GB/s read"),
-    write_bandwidth_bytes_per_s=(13.4 * GB, "[S] Samsung spec as quoted in reviews: 13,400 MB/s write"),
-    read_latency_s=(50 * US, f"[DER] assumption: inside the ~27-70 us 4K random-read range of {_HW_MD} [S]"),
-    read_pj_per_bit=(60.8, ("[DER] 990 PRO's 90.6 pJ/bit / 1.49, Samsung's 'up to 49% better power efficiency' "
-                            "than the 990 PRO [S]")),
-    write_pj_per_bit=(65.6, "[DER] 990 PRO's 97.8 pJ/bit / 1.49, same claim"),
-    static_power_w=(0.0, _SSD_IDLE),
-    read_iops=(1.85e6, f"[D] {_HW_MD}: 1.85M 4K random read IOPS"),
-    queue_depth=(256, _QUEUE),
-    internal_parallelism=(92, f"{_LITTLE}: 1.85M x 50 us = 92"),
-    request_bytes=(128 * KiB, _REQUEST),
-)
-
 SAMSUNG_PM1743 = _cited(
     MemoryTier, name="Samsung PM1743 7.68 TB (PCIe Gen5 NVMe)",
     capacity_bytes=(7.68 * TB, "[D] Samsung PM1743 7.68 TB capacity point"),
@@ -303,6 +290,8 @@ FLASHMOE_NVME = _revised(
 # --- Links ---------------------------------------------------------------------------------------------
 
 _PCIE_PHY_GEN5 = f"[S] {_HW_MD}: PCIe Gen5 PHY 11.4 pJ/bit per direction (CICC 2020)"
+# An SSD's read pJ/bit is its whole power over its bandwidth, so it includes the drive's own PHY: charging the
+# link's full figure on SSD reads counts the drive end of that link twice (an upper bound of a few percent).
 _PCIE_PHY_GEN4 = "[DER] assumption: no Gen4 figure found; the Gen5 PHY's 11.4 pJ/bit reused"
 _PCIE_SETUP = ("[DER] assumption: ~5 us per transfer for copy-engine launch and DMA setup; negligible "
                "beside multi-MB expert copies")
@@ -348,7 +337,9 @@ NVLINK_C2C = _cited(
     theoretical_bandwidth_bytes_per_s=(450 * GB, ("[D] NVIDIA: 900 GB/s total bidirectional (7x PCIe Gen5 x16's "
                                                   "128 GB/s) = 450 GB/s each way")),
     latency_s=(0.8 * US, f"[DER] assumption: the artifact's NVLink device latency ({_P}: 0.8 us)"),
-    pj_per_bit=(1.3, "[S] NVIDIA: NVLink-C2C 1.3 pJ/bit (vs 5.5 pJ/bit for SerDes)"),
+    pj_per_bit=(1.3, ("[S] NVIDIA's NVLink-C2C presentation: 1.3 pJ/bit, against 5.5 pJ/bit for a 112G PAM4 "
+                      "SerDes link (summarised at besthub.dev, 'Why Nvidia's NVLink C2C Is Redefining GPU-CPU "
+                      "Interconnects')")),
 )
 
 NVLINK4 = _cited(
@@ -356,7 +347,9 @@ NVLINK4 = _cited(
     bandwidth_bytes_per_s=(380 * GB, f"[S] {_HW_MD}: 380 of 450 GB/s one direction measured (nccl#1264)"),
     theoretical_bandwidth_bytes_per_s=(450 * GB, f"[D] 900 GB/s bidirectional per H100; {_P}: 450 GB/s"),
     latency_s=(0.8 * US, f"{_P}: device_ict_latency = 0.8 us for H100 NVLink4"),
-    pj_per_bit=(1.3, "[S] NVIDIA 'What is NVLink': 1.3 pJ/bit, 5x better than PCIe Gen5"),
+    pj_per_bit=(5.5, ("[DER] assumption: no published NVLink4 figure found (NVIDIA's 1.3 pJ/bit is NVLink-C2C's, "
+                      "an on-package link); NVLink4 runs off-package SerDes lanes through NVSwitch, so the 5.5 "
+                      "pJ/bit SerDes figure NVIDIA compares C2C with (see NVLink-C2C)")),
 )
 
 # --- GPUs ---------------------------------------------------------------------------------------------
@@ -456,8 +449,11 @@ KYUNG_NVLINK4 = _cited(
     pj_per_bit=(0.0, _PAPER_LINK_ENERGY),
 )
 
-# A real drive's bandwidth, IOPS, queue and latency with the paper's read energy and no idle power, so that
-# only the timing assumption changes.
+# A real drive's bandwidth, IOPS, queue and latency with the paper's read energy and no idle power, on its
+# Gen5 x4 link with the paper's zero link energy, so that only the timing assumption changes.
+KYUNG_REAL_SSD_LINK = _revised(PCIE_GEN5_X4, name="PCIe Gen5 x4 (SSD; Kyung et al. 2025 energy)",
+                               pj_per_bit=(0.0, _PAPER_LINK_ENERGY))
+
 KYUNG_REAL_SSD = _revised(
     SAMSUNG_PM1743, name="Samsung PM1743 timing, paper energy (Kyung et al. 2025)",
     read_pj_per_bit=(102.4, f"{_P}: OFFLOAD_READ_ENERGY 102.4 pJ/bit (M.2 NVMe SSD read)"),
@@ -541,7 +537,7 @@ _ROWS = (
     _kyung_profile("kyung2025", 900 * GB),
     _kyung_profile("kyung2025-c2c450", 450 * GB),
     # Beyond the paper, one assumption at a time (and both together): energies stay the paper's.
-    _kyung_profile("kyung2025-nvme", 900 * GB, ssd=KYUNG_REAL_SSD, ssd_link=PCIE_GEN5_X4,
+    _kyung_profile("kyung2025-nvme", 900 * GB, ssd=KYUNG_REAL_SSD, ssd_link=KYUNG_REAL_SSD_LINK,
                    description=("kyung2025 with a real NVMe SSD per GPU (Samsung PM1743: 13 GB/s, 2.5M IOPS, queue "
                                 "depth and latency) on its PCIe Gen5 x4 link instead of an SSD that keeps up with "
                                 "the 900 GB/s link; the paper's energies.")),
@@ -549,9 +545,10 @@ _ROWS = (
                    description=("kyung2025 with the GPU's offload link a PCIe Gen5 x16 (35.2 GB/s measured, 11.4 "
                                 "pJ/bit PHY energy) instead of 900 GB/s NVLink-C2C; the SSD still keeps up with it.")),
     _kyung_profile("kyung2025-pcie5-nvme", PCIE_GEN5_X16.bandwidth_bytes_per_s, link=PCIE_GEN5_X16,
-                   ssd=KYUNG_REAL_SSD, ssd_link=PCIE_GEN5_X4,
-                   description=("kyung2025 with both: a PCIe Gen5 x16 host link and a real PM1743 NVMe SSD per GPU "
-                                "on PCIe Gen5 x4; the paper's energies.")),
+                   ssd=KYUNG_REAL_SSD, ssd_link=KYUNG_REAL_SSD_LINK,
+                   description=("kyung2025 with both: a PCIe Gen5 x16 host link (with its 11.4 pJ/bit, as "
+                                "kyung2025-pcie5) and a real PM1743 NVMe SSD per GPU on PCIe Gen5 x4 (no link energy, "
+                                "as kyung2025-nvme); the paper's other energies.")),
 )
 
 PROFILES: dict[str, HardwareProfile] = {profile.name: profile for profile in _ROWS}

@@ -78,7 +78,9 @@ class ComputeModel:
 
     The model's per-token figures are read once; the per-layer work is then plain arithmetic, since it
     runs for every layer of every step. Attention work over the KV cache is linear in the tokens a layer
-    attends to (the whole context, or the sliding window).
+    attends to (the whole context, or the sliding window). A step's ``context`` is the tokens in each of its
+    sequences' KV cache: one int when all have the same, else one int per sequence; a data-parallel group's
+    share of the batch attends to its share of the tokens (the batch is balanced over the groups).
     """
 
     def __init__(self, spec: ModelSpec, hardware: HardwareProfile, gpus: int, batch_size: int,
@@ -101,7 +103,9 @@ class ComputeModel:
         self._kv_per_token = spec.kv_bytes_per_token_per_layer
         self._window = {layer: spec.sliding_window_tokens for layer in spec.sliding_window_layers}
         self._moe_layer_bytes = spec.non_expert_bytes_per_moe_layer
-        self._attention_memo: dict[tuple, Phase] = {}
+        self._attention_memo: dict[int, Phase] = {}
+        self._contexts: tuple | None = None  # the per-sequence contexts _attended last saw, and their sums
+        self._attended_memo: dict[int | None, int] = {}
         self._allreduce_s = self._all_reduce_s(self.group_batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
         self._allreduce_bytes = self._all_reduce_bytes(self.batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
         # Dispatch and combine: each GPU holds 1/N of the batch's token-to-expert copies and sends them to
@@ -170,18 +174,34 @@ class ComputeModel:
         return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
                      replicas * l1_passes(group) + per_token, collective_bytes)
 
-    def _attention(self, context: int, layer: int, fixed_flops: float, weight_bytes: float,
-                   all_reduces: int) -> Phase:
-        attended = min(context, self._window[layer]) if layer in self._window else context
-        return self._tensor_parallel(fixed_flops + self._flops_per_attended * attended, weight_bytes,
-                                     attended * self._kv_per_token, all_reduces * self._allreduce_s,
+    def _attended(self, context, layer: int) -> int:
+        """The tokens the batch attends to at model layer ``layer``, summed over its sequences."""
+        window = self._window.get(layer)
+        if isinstance(context, int):
+            return self.batch * (context if window is None else min(context, window))
+        if context is not self._contexts:
+            if len(context) != self.batch:
+                raise ValueError(f"{len(context)} contexts for a batch of {self.batch}")
+            self._contexts, self._attended_memo = context, {}
+        total = self._attended_memo.get(window)
+        if total is None:
+            total = sum(context) if window is None else sum(min(c, window) for c in context)
+            self._attended_memo[window] = total
+        return total
+
+    def _attention(self, attended: int, fixed_flops: float, weight_bytes: float, all_reduces: int) -> Phase:
+        """A layer's attention for a batch attending to ``attended`` tokens in all."""
+        per_sequence = attended / self.batch
+        return self._tensor_parallel(fixed_flops + self._flops_per_attended * per_sequence, weight_bytes,
+                                     per_sequence * self._kv_per_token, all_reduces * self._allreduce_s,
                                      tuple((name, all_reduces * sent) for name, sent in self._allreduce_bytes))
 
-    def dense_prefix(self, context: int) -> Phase:
+    def dense_prefix(self, context) -> Phase:
         """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
         spec = self.spec
         # Two all-reduces a dense layer: after attention and after the FFN.
-        phases = [self._attention(context, layer, self._dense_fixed_flops, spec.non_expert_bytes_per_dense_layer, 2)
+        phases = [self._attention(self._attended(context, layer), self._dense_fixed_flops,
+                                  spec.non_expert_bytes_per_dense_layer, 2)
                   for layer in range(spec.num_dense_layers)]
         collectives: dict[str, float] = {}
         for phase in phases:
@@ -190,18 +210,17 @@ class ComputeModel:
         return Phase(sum(p.seconds for p in phases), sum(p.flops for p in phases),
                      sum(p.hbm_read_bytes for p in phases), sum(p.l1_bytes for p in phases), tuple(collectives.items()))
 
-    def attention(self, context: int, moe_layer: int) -> Phase:
+    def attention(self, context, moe_layer: int) -> Phase:
         """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce: the shared
         experts' output is summed with the routed experts' combine). Layers that attend to the same number of
         tokens cost the same, so a step computes each kind once."""
-        layer = self.spec.first_moe_layer + moe_layer
-        key = (context, self._window.get(layer))
-        phase = self._attention_memo.get(key)
+        attended = self._attended(context, self.spec.first_moe_layer + moe_layer)
+        phase = self._attention_memo.get(attended)
         if phase is None:
-            if len(self._attention_memo) > 8:  # one step's worth: contexts only grow
+            if len(self._attention_memo) > 8:  # a step's worth: each has one or two (full, windowed)
                 self._attention_memo.clear()
-            phase = self._attention_memo[key] = self._attention(context, layer, self._moe_fixed_flops,
-                                                                self._moe_layer_bytes, 1)
+            phase = self._attention_memo[attended] = self._attention(attended, self._moe_fixed_flops,
+                                                                     self._moe_layer_bytes, 1)
         return phase
 
     def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
@@ -375,8 +394,9 @@ class GpuStream:
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             in_flight_before = sum(m.demand_in_flight for m in memories)
-            context = self.context_length + step.index
             batch = len(step.sequence_ids)
+            # Each sequence's KV cache: the context it came with and the steps it has decoded since.
+            context = tuple(self.context_length + p for p in step.positions.tolist())
             compute = self._compute(batch)
             # Compute between two routing decisions is one timeout: a layer's expert compute and the next
             # layer's attention run back to back. The stream admits nothing between them; the data paths' events

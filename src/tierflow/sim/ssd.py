@@ -13,13 +13,17 @@ caps the rate too. Reads queue in the drive's submission queue, demand before pr
 
 from __future__ import annotations
 
-from tierflow.catalog.hardware import Link, MemoryTier
+from tierflow.catalog.hardware import KiB, Link, MemoryTier
 from tierflow.sim.channel import Channel
+
+# A drive whose profile gives no request size: the catalog's own assumption for every drive (see _REQUEST in
+# catalog/hardware.py: 128 KiB, the common Linux max_sectors_kb split of a large read).
+DEFAULT_REQUEST_BYTES = 128 * KiB
 
 
 def sustained_read_bytes_per_s(ssd: MemoryTier, link: Link | None = None) -> float:
     """The drive's sustained read rate for expert-sized reads (see the module docstring)."""
-    request = ssd.request_bytes or 128 * 1024
+    request = ssd.request_bytes or DEFAULT_REQUEST_BYTES
     concurrent = min(ssd.queue_depth or 1, ssd.internal_parallelism or 1)
     rates = [ssd.read_bandwidth_bytes_per_s]
     if ssd.read_iops:
