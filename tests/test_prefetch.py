@@ -349,14 +349,26 @@ def test_speculative_gate_watches_then_predicts_the_learned_rule():
 
 
 def test_speculative_gate_prefers_recorded_predictions():
-    steps = [_Step([np.array([0, 1])] * 4)]
+    steps = [_Step([np.array([0, 1])] * 4, predicted=np.zeros((1, 4, 2), np.int64))]
     gate = make_prefetcher("speculative_gate", {"train_fraction": 0.0}, _context(_Workload(steps)))
     event = attrs.evolve(_event(0, 0, [0, 1]), predicted=np.array([[7, 3]]))
     assert gate.on_routing(event) == [(1, 7), (1, 3)]  # no fit needed
-    off = make_prefetcher("speculative_gate", {"train_fraction": 0.0, "use_recorded": False},
-                          _context(_Workload(steps)))
-    assert off.on_routing(event) == []
     assert gate.on_routing(attrs.evolve(_event(0, 3, [0, 1]), predicted=np.array([[7, 3]]))) == []  # last layer
+    # Nothing to fit on and told not to use the recordings: it would never propose anything.
+    for params, workload in (({"train_fraction": 0.0, "use_recorded": False}, _Workload(steps)),
+                             ({"train_fraction": 0.0}, _Workload([_Step([np.array([0, 1])] * 4)]))):
+        with pytest.raises(TierflowError, match="train_fraction = 0.0 watches no step"):
+            make_prefetcher("speculative_gate", params, _context(workload))
+
+
+def test_speculative_gate_offers_a_batchs_common_recorded_predictions_first():
+    """The engine starts a budget's worth: the experts most tokens predicted come first, then first-seen order."""
+    steps = [_Step([np.array([0, 1])] * 4, predicted=np.zeros((4, 4, 2), np.int64))]
+    gate = make_prefetcher("speculative_gate", {"train_fraction": 0.0}, _context(_Workload(steps)))
+    rows = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    event = attrs.evolve(_event(0, 0, [0, 1]), rows=rows, sequence_ids=np.arange(4),
+                         predicted=np.array([[9, 10], [11, 12], [11, 13], [11, 10]]))
+    assert gate.on_routing(event) == [(1, 11), (1, 10), (1, 9), (1, 12), (1, 13)]
 
 
 def test_recorded_predictions_flow_from_the_trace_file_to_the_prefetcher(tmp_path):

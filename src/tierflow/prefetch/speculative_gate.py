@@ -26,6 +26,7 @@ import math
 import attrs
 import numpy as np
 
+from tierflow.errors import TierflowError
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
 from tierflow.prefetch.training import TrainingSplit, load_training_split, row_weights
 from tierflow.registry import fraction, positive
@@ -117,6 +118,11 @@ class SpeculativeGate(Prefetcher):
             self._fit(split)
         elif self._steps is not None:
             self._watch_steps = math.ceil(p.train_fraction * len(self._steps))
+            recorded = p.use_recorded and bool(self._steps) and getattr(self._steps[0], "predicted_experts", None) is not None
+            if self._watch_steps == 0 and not recorded:
+                raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches no step "
+                                    "and there is no train_trace (nor recorded predictions in the trace): it would "
+                                    "never fit its maps; set train_fraction > 0 or train_trace")
 
     def _fit(self, split: TrainingSplit) -> None:
         self._hot, self._scored, self._past, self._bias = fit_layer_maps(
@@ -183,7 +189,12 @@ class SpeculativeGate(Prefetcher):
             self._step_rows, self._step_weights = [], []
 
     def _recorded(self, event) -> list[int] | None:
-        """The batch's recorded next-layer predictions (each token's, first-seen order), or None."""
+        """The batch's recorded next-layer predictions, the experts most of its tokens predicted first (ties in
+        first-seen order), or None: the engine starts only a budget's worth, so a batch's common guesses should
+        not wait behind one token's."""
         if not self.params.use_recorded or event.predicted is None:
             return None
-        return list(dict.fromkeys(np.asarray(event.predicted).ravel().tolist()))
+        predicted = np.asarray(event.predicted).ravel()
+        experts, first, counts = np.unique(predicted, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        return experts[order].tolist()
