@@ -114,6 +114,15 @@ def test_prefetching_changes_timing_and_bytes_never_what_layers_compute_with(nam
     assert int(results.step_hits.sum() + results.step_misses.sum()) + late == demanded
     assert int(results.step_in_flight.sum()) == late
     assert results.summary["tokens"] == batch * len(sim.workload.steps)
+    # The per-step prefetch series add up to the run's figures (the last step takes what the end found unused).
+    series = results.step_prefetch
+    assert (series is None) == (name == "none")
+    if series is not None:
+        for key in ("issued", "useful", "late", "wasted_bytes"):
+            assert len(series[key]) == len(sim.workload.steps) and (series[key] >= 0).all()
+            assert int(series[key].sum()) == results.summary["prefetch"][key]
+        np.testing.assert_array_equal(series["late"], results.step_in_flight)
+        assert (series["wasted_bytes"] % sim.spec.expert_bytes == 0).all()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -462,6 +462,19 @@ def test_simulate_json_has_exactly_the_documented_keys(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
 
 
+def test_simulate_out_has_the_per_step_prefetch_series(tmp_path):
+    out = tmp_path / "p.h5"
+    summary = json.loads(run_cli("simulate", "--scenario", "ssd_prefetch", "--set", "workload.decode_tokens=40",
+                                 "--json", "--quiet", "--out", out, check_status=0).stdout)["prefetch"]
+    assert summary["issued"] > 0
+    with h5py.File(out) as f:
+        for key in ("issued", "useful", "late", "wasted_bytes"):
+            series = f[f"steps/prefetch_{key}"][:]
+            assert len(series) == 40 and int(series.sum()) == summary[key]
+        assert (f["steps/prefetch_late"][:] == f["steps/in_flight"][:]).all()
+        assert f["steps/prefetch_issued"][:8].sum() == 0  # transition watches 8 steps before it proposes
+
+
 @pytest.mark.parametrize("scenario", ["hbm_only", "ddr_offload", "ssd_offload", "ssd_prefetch", "three_tier"])
 def test_shipped_scenarios_load(scenario):
     assert load_scenario(scenario).name == scenario

@@ -161,6 +161,17 @@ def test_serial_run_writes_a_row_per_point_with_parameters_and_figures(serial_ru
     assert header == list(table)
 
 
+def test_a_points_output_keeps_the_per_step_prefetch_series(tmp_path):
+    sweep = parse_sweep(small_sweep(grid={"prefetch.policy": ["previous_token"], "cache.capacity_experts": [64]}))
+    run_sweep(sweep, tmp_path, workers=1)
+    point = sweep.points[0].point_id
+    record = json.loads((points_dir(tmp_path) / f"{point}.json").read_text())
+    with h5py.File(points_dir(tmp_path) / f"{point}.h5") as f:
+        for key in ("issued", "useful", "late", "wasted_bytes"):
+            assert int(f[f"steps/prefetch_{key}"][:].sum()) == record["summary"]["prefetch"][key]
+    assert record["summary"]["prefetch"]["issued"] > 0
+
+
 def _flatten_keys(value, prefix=""):
     if isinstance(value, dict):
         return set().union(*(_flatten_keys(v, f"{prefix}{k}.") for k, v in value.items()))

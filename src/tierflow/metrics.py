@@ -34,6 +34,9 @@ class Results:
     # Per step, demand lookups that found their expert in flight (a prefetch not yet landed): the summary's hit
     # rate counts them as hits, ``step_hits`` only counts experts already resident.
     step_in_flight: np.ndarray | None = None
+    # Per step, the prefetches: "issued", "useful", "late", "wasted_bytes" -> arrays that sum to the summary's
+    # figures (prefetched experts still unused when the run ends are wasted on the last step). None: no prefetcher.
+    step_prefetch: dict | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -97,7 +100,19 @@ def collect_results(sim) -> Results:
             for name in ("hits", "in_flight", "misses")},
         channels=channel_figures(sim.channels, max(elapsed, sim.calendar.now)),
         step_in_flight=np.array([r.in_flight for r in records]),
+        step_prefetch=_step_prefetch(records, prefetch) if sim.prefetcher is not None else None,
     )
+
+
+def _step_prefetch(records, totals: dict) -> dict:
+    """The per-step prefetch series; what the run's end found unused goes to the last step."""
+    from tierflow.sim.gpu import PREFETCH_SERIES
+
+    series = {name: np.array([r.prefetch[i] for r in records], dtype=np.int64)
+              for i, name in enumerate(PREFETCH_SERIES)}
+    if len(records):
+        series["wasted_bytes"][-1] += totals["wasted_bytes"] - int(series["wasted_bytes"].sum())
+    return series
 
 
 def channel_figures(channels, horizon_s: float) -> list[dict]:
@@ -234,6 +249,8 @@ def write_results_h5(results: Results, path) -> None:
             steps["misses"] = results.step_misses
             if results.step_in_flight is not None:
                 steps["in_flight"] = results.step_in_flight
+            for name, series in (results.step_prefetch or {}).items():
+                steps[f"prefetch_{name}"] = series
             if results.layers is not None:
                 layers = f.create_group("layers")
                 for name, counts in results.layers.items():

@@ -279,13 +279,24 @@ class ComputeModels:
 
 @attrs.define
 class StepRecord:
-    """One step's time and its demand lookups (summed over GPUs): resident, on their way, missing."""
+    """One step's time and its demand lookups (summed over GPUs): resident, on their way, missing; and its
+    prefetches (:data:`PREFETCH_SERIES`: started, used, used while still in flight, bytes evicted unused)."""
 
     latency_s: float
     stall_s: float
     hits: int
     misses: int
     in_flight: int = 0
+    prefetch: tuple = (0, 0, 0, 0)
+
+
+# The per-step prefetch counts, in StepRecord.prefetch's order; each is the change in a PrefetchStats field.
+PREFETCH_SERIES = ("issued", "useful", "late", "wasted_bytes")
+
+
+def prefetch_counts(memories) -> tuple:
+    """The PREFETCH_SERIES fields summed over the GPUs' memories."""
+    return tuple(sum(getattr(m.prefetch, name) for m in memories) for name in PREFETCH_SERIES)
 
 
 def access_time(step: int, layer: int, num_layers: int, top_k: int) -> int:
@@ -394,6 +405,7 @@ class GpuStream:
             hits_before = sum(m.demand_hits for m in memories)
             misses_before = sum(m.demand_misses for m in memories)
             in_flight_before = sum(m.demand_in_flight for m in memories)
+            prefetch_before = prefetch_counts(memories) if self.prefetcher is not None else None
             batch = len(step.sequence_ids)
             # Each sequence's KV cache: the context it came with and the steps it has decoded since.
             context = tuple(self.context_length + p for p in step.positions.tolist())
@@ -445,6 +457,8 @@ class GpuStream:
                 sum(m.demand_hits for m in memories) - hits_before,
                 sum(m.demand_misses for m in memories) - misses_before,
                 sum(m.demand_in_flight for m in memories) - in_flight_before,
+                (0, 0, 0, 0) if prefetch_before is None else
+                tuple(a - b for a, b in zip(prefetch_counts(memories), prefetch_before, strict=True)),
             ))
             if self.progress is not None:
                 self.progress(1)
