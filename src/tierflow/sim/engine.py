@@ -336,7 +336,8 @@ class Simulation:
             # link once: the drive's channel is capped at the link's rate and the link channel carries them.
             links = (hw.host_link.name,) if hw.ssd_link == hw.host_link else (hw.ssd_link.name, hw.host_link.name)
             staged = ssd_reads_staged(scenario, hw)
-            staging = StagingBuffer(calendar, staging_bytes(hw)) if staged and ddr is None else None
+            staging = (StagingBuffer(calendar, staging_bytes(hw), prefetch_reserve_bytes=plan.expert_bytes)
+                       if staged and ddr is None else None)
             paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
                                      staging)
         for path in paths.values():

@@ -48,6 +48,8 @@ class ExpertMemory:
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
         # The channel prefetches are read through first (their queue limit applies there).
         self.prefetch_source = paths[placement].hops[0] if placement in paths else None
+        # Without GPUDirect Storage, SSD reads wait for staging space before they reach the drive's queue.
+        self.prefetch_staging = paths[placement].staging if placement in paths else None
         # With a DDR cache, the experts it holds are read over this channel instead.
         self.ddr_source = paths["ddr"].hops[0] if ddr is not None else None
         self.placement = placement
@@ -143,10 +145,10 @@ class ExpertMemory:
             return "resident"
         if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
             return "room"
-        source = self.prefetch_source
+        source, staging = self.prefetch_source, self.prefetch_staging
         if self.ddr is not None and key in self.ddr:  # three tiers: it would come from the DDR cache
-            source = self.ddr_source
-        if source.queued >= max_queued:
+            source, staging = self.ddr_source, None
+        if source.queued + (staging.waiting if staging is not None else 0) >= max_queued:
             return "queue"
         return None
 
@@ -204,7 +206,7 @@ class ExpertMemory:
             path.hops[0].submit(transfer)
         else:
             transfer.staged_bytes = self.expert_bytes
-            path.staging.acquire(self.expert_bytes, transfer.start)
+            path.staging.acquire(self.expert_bytes, transfer.start, priority)
         return transfer
 
     def _fill_ddr(self, key: int, access: Access) -> None:
