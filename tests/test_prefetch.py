@@ -511,6 +511,34 @@ def test_expert_map_store_is_bounded_and_replaces_the_most_redundant_entry():
     assert stored == {tuple(map(tuple, a_variant)), tuple(map(tuple, b))}  # a was replaced, b kept
 
 
+def test_expert_map_a_batch_that_fills_a_full_store_compares_with_what_it_just_stored():
+    """Store A, B; one batch-2 step X, Y: X replaces A (its most similar), then Y must be compared with X, not
+    with the A it overwrote: the store ends as the same tokens at batch 1 leave it."""
+    a, b = [[0, 1]] * 4, [[1, 4]] * 4
+    x, y = [[0, 2]] * 4, [[1, 5]] * 4
+    scores = np.array([[0.5, 0.5], [0.7, 0.3]], np.float32)
+    one_by_one = _expert_map_with([a, b], capacity=2)
+    for step, (rows, row_scores) in enumerate(((x, scores[0]), (y, scores[1]))):
+        for layer in range(4):
+            event = attrs.evolve(_batch_event(2 + step, layer, [rows[layer]]), row_scores=row_scores[None, :])
+            one_by_one.on_routing(event)
+    batched = _expert_map_with([a, b], capacity=2)
+    for layer in range(4):
+        batched.on_routing(attrs.evolve(_batch_event(2, layer, [x[layer], y[layer]]), row_scores=scores))
+
+    def store(em):
+        return sorted(tuple(em._slot_experts[slot][0].tolist()) for slot in range(2))  # noqa: SLF001
+
+    assert store(batched) == store(one_by_one) == [(0, 2), (1, 5)]
+    # The patched similarities are the full computation's, slot by slot.
+    rng = np.random.default_rng(0)
+    em = _expert_map_with([[rng.choice(16, 2, replace=False).tolist() for _ in range(4)] for _ in range(6)],
+                          capacity=6)
+    experts, weights = np.array([[3, 7]] * 4), rng.random((4, 2)).astype(np.float32)
+    np.testing.assert_allclose(em._slot_similarity(experts, weights, [1, 4]),  # noqa: SLF001
+                               em._full_similarity(experts, weights)[[1, 4]], rtol=1e-6)  # noqa: SLF001
+
+
 def _batch_event(step, layer, rows, sequences=None):
     rows = np.asarray(rows)
     experts = np.unique(rows)

@@ -104,8 +104,8 @@ class ExpertMap(Prefetcher):
         norm2 = float((weights * weights).sum())
         return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, :size], 1e-30))
 
-    def _insert(self, experts, weights, embedding, similarity) -> None:
-        """Add a map; a full store overwrites its most similar entry (the most redundant one)."""
+    def _insert(self, experts, weights, embedding, similarity) -> int:
+        """Add a map; a full store overwrites its most similar entry (the most redundant one). Returns its slot."""
         if self._size < self.params.capacity:
             slot = self._size
             self._size += 1
@@ -119,6 +119,7 @@ class ExpertMap(Prefetcher):
         self._prefix_norm2[:, slot] = np.cumsum((weights * weights).sum(axis=1))
         if self._map_embedding is not None:
             self._map_embedding[slot] = 0.0 if embedding is None else embedding
+        return slot
 
     # ------------------------------------------------------------------------------------------- routing
 
@@ -197,8 +198,22 @@ class ExpertMap(Prefetcher):
         """The batch's tokens have passed the last layer: their maps join the store."""
         full = (self._dot[:, :size] / np.sqrt(np.maximum(self._norm2[:, None] * self._prefix_norm2[-1, :size], 1e-30))
                 if size else np.zeros((len(self._rows), 0), np.float32))
+        written: list[int] = []  # slots this batch's earlier tokens overwrote
         for b in range(len(self._rows)):
             emb = None if self._token_embedding is None else self._token_embedding[b]
-            similarity = full[b] if self._size == size else self._full_similarity(self._rows[b], self._weights[b])
-            self._insert(self._rows[b], self._weights[b], emb, similarity)
+            if self._size != size:  # the store grew during the batch: nothing computed covers the new maps
+                similarity = self._full_similarity(self._rows[b], self._weights[b])
+            else:  # the step's running similarities, brought up to date where this batch wrote
+                similarity = full[b]
+                if written:
+                    similarity = similarity.copy()
+                    similarity[written] = self._slot_similarity(self._rows[b], self._weights[b], written)
+            written.append(self._insert(self._rows[b], self._weights[b], emb, similarity))
         self._step = None
+
+    def _slot_similarity(self, experts: np.ndarray, weights: np.ndarray, slots: list[int]) -> np.ndarray:
+        """:meth:`_full_similarity` for some slots only."""
+        layers = np.arange(experts.shape[0])[:, None, None]
+        dot = (self._maps[layers, experts[:, :, None], np.asarray(slots)] * weights[:, :, None]).sum(axis=(0, 1))
+        norm2 = float((weights * weights).sum())
+        return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, slots], 1e-30))
