@@ -652,8 +652,8 @@ def test_transition_proposes_what_most_often_followed_the_routed_experts():
 
 
 def _transition_reference(context, events):
-    """The rule in its plainest form: update the counts at each event, then rank (as the prefetcher did
-    before it counted a step's transitions all at once)."""
+    """The rule in its plainest form: update each token's counts at each event, then rank (as the prefetcher
+    did before it counted a step's transitions all at once)."""
     n, a = context.num_experts, context.lookahead
     counts = np.zeros((context.num_layers, a, n, n), np.float32)
     totals = np.zeros((context.num_layers, a, n), np.float32)
@@ -664,12 +664,12 @@ def _transition_reference(context, events):
             step, routed, seen = event.step, {}, seen + 1
         experts, layer = event.experts, event.layer
         for d in range(1, a + 1):
-            source = routed.get(layer - d)
-            if source is not None:
-                counts[layer - d, d - 1][source[:, None], experts[None, :]] += 1
-                totals[layer - d, d - 1][source] += len(experts)
+            sources = routed.get(layer - d)
+            for source, target in zip(sources if sources is not None else [], event.rows, strict=False):
+                counts[layer - d, d - 1][source[:, None], target[None, :]] += 1
+                totals[layer - d, d - 1][source] += len(target)
                 prob[layer - d, d - 1][source] = counts[layer - d, d - 1][source] / totals[layer - d, d - 1][source][:, None]
-        routed[layer] = experts
+        routed[layer] = event.rows
         reach = min(a, context.num_layers - 1 - layer)
         proposals = []
         if seen > 1 and reach > 0:
@@ -683,12 +683,26 @@ def _transition_reference(context, events):
     return out
 
 
-@pytest.mark.parametrize("seed", range(4))
+def _random_batch_event(rng, step, layer, batch, experts=12):
+    width = int(rng.integers(1, 5))
+    rows = np.array([rng.choice(experts, size=width, replace=False) for _ in range(batch)])
+    return attrs.evolve(_batch_event(step, layer, rows), experts=_first_seen(rows))
+
+
+def _first_seen(rows):
+    """A batch's distinct experts in first-seen order, as the engine gives them."""
+    flat = rows.ravel()
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)]
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_transition_counting_a_step_at_once_proposes_as_counting_each_layer(seed):
+    """Batch 1 (seeds 0-3) and batch 2-4 (4-5): per-token counts added a step at once rank as the reference."""
     rng = np.random.default_rng(seed)
     context = _context(layers=6, experts=12, lookahead=int(rng.integers(1, 4)), budget=int(rng.integers(0, 6)))
-    events = [_event(step, layer, rng.choice(12, size=int(rng.integers(1, 5)), replace=False))
-              for step in range(30) for layer in range(6)]
+    batch = 1 if seed < 4 else int(rng.integers(2, 5))
+    events = [_random_batch_event(rng, step, layer, batch) for step in range(30) for layer in range(6)]
     transition = make_prefetcher("transition", {"min_observations": 1}, context)
     assert [transition.on_routing(e) for e in events] == _transition_reference(context, events)
 

@@ -1,7 +1,7 @@
 """Activation transitions (MoE-Infinity style): P(expert at layer l+d | experts at layer l), learned online.
 
-For every pair of layers ``d`` apart (``d`` up to the lookahead) the prefetcher counts how often expert
-``j`` ran at layer ``l+d`` in a step where expert ``i`` ran at layer ``l``. When layer ``l`` is routed, it
+For every pair of layers ``d`` apart (``d`` up to the lookahead) the prefetcher counts how often a token that
+ran expert ``i`` at layer ``l`` ran expert ``j`` at layer ``l+d``. When layer ``l`` is routed, it
 scores each expert of layer ``l+d`` by the summed counts of the experts just chosen, normalised per source
 expert (so frequent experts do not swamp the estimate), and proposes the best ones.
 
@@ -45,7 +45,7 @@ class Transition(Prefetcher):
         self._reach = [min(lookahead, layers - 1 - layer) for layer in range(layers)]
         self._proposal_rows = [first_row[layer, :reach, None] for layer, reach in enumerate(self._reach)]
         self._row_offsets = [np.arange(reach)[:, None] * n for reach in range(lookahead + 1)]  # into ranked, flat
-        self._routed: dict[int, np.ndarray] = {}  # layer -> experts of the current step so far
+        self._routed: dict[int, np.ndarray] = {}  # layer -> the current step's routing rows (batch, k) so far
         self._step = -1
         self._observations = 0
 
@@ -55,45 +55,49 @@ class Transition(Prefetcher):
             self._step, self._routed = event.step, {}
             self._observations += 1
         experts, layer = event.experts, event.layer
-        self._routed[layer] = experts
+        self._routed[layer] = event.rows
         reach = self._reach[layer]
         if self._observations <= self.params.min_observations or reach <= 0:
             return []
         return self._propose(layer, experts, reach)
 
     def _observe_step(self) -> None:
-        """Add the finished step's transitions: every (i at l, j at l+d) pair of its routed experts."""
+        """Add the finished step's transitions: each token's (i at l, j at l+d) pairs (at batch > 1, pairs of
+        two different tokens' experts are not transitions)."""
         routed = self._routed
         if not routed:
             return
         c = self.context
         n, layers = c.num_experts, c.num_layers
-        sizes = [len(routed.get(layer, ())) for layer in range(layers)]
-        width = max(sizes)
-        if min(sizes) == width:  # every layer routed, each to the same number of experts (batch 1)
-            experts = np.array([routed[layer] for layer in range(layers)], dtype=np.int64)
+        batch = max(len(rows) for rows in routed.values())
+        width = max(rows.shape[1] for rows in routed.values())
+        whole = len(routed) == layers and all(rows.shape == (1, width) for rows in routed.values())
+        if whole:  # batch 1, every layer routed to the same number of experts: no padding, no repeated cell
+            experts = np.array([routed[layer][0] for layer in range(layers)], dtype=np.int64)[:, None, :]
             present = None
-        else:  # padded with -1
-            experts = np.full((layers, max(1, width)), -1, dtype=np.int64)
-            for layer, chosen in routed.items():
-                experts[layer, : len(chosen)] = chosen
+        else:  # (layers, batch, width), padded with -1
+            experts = np.full((layers, batch, max(1, width)), -1, dtype=np.int64)
+            for layer, rows in routed.items():
+                experts[layer, : len(rows), : rows.shape[1]] = rows
             present = experts >= 0
-            sizes = np.array(sizes)
+            sizes = present.sum(axis=2)  # (layers, batch): each token's experts at each layer
         rows_touched = []
         for distance in range(1, min(c.lookahead, layers - 1) + 1):
-            source, target = experts[:-distance], experts[distance:]
-            rows = self._first_row[: layers - distance, distance - 1, None] + source  # (layers - d, width)
-            # Rows differ between (l, d) and sources and targets are distinct sets: no cell repeats in the add.
-            cells = (rows * n)[:, :, None] + target[:, None, :]
+            source, target = experts[:-distance], experts[distance:]  # (layers - d, batch, width)
+            rows = self._first_row[: layers - distance, distance - 1, None, None] + source
+            cells = (rows * n)[..., :, None] + target[..., None, :]  # (layers - d, batch, width, width)
             if present is None:
+                # Rows differ between (l, d) and a token's experts are distinct: no cell repeats in the add.
                 self._counts.reshape(-1)[cells.ravel()] += 1
                 self._totals[rows.ravel()] += width
                 rows_touched.append(rows.ravel())
-            else:
-                self._counts.reshape(-1)[cells[present[:-distance, :, None] & present[distance:, None, :]]] += 1
-                sources = present[:-distance] & (sizes[distance:, None] > 0)
-                self._totals[rows[sources]] += np.broadcast_to(sizes[distance:, None], rows.shape)[sources]
-                rows_touched.append(rows[sources])
+            else:  # two tokens may share a pair: add with repeats
+                pairs = present[:-distance, :, :, None] & present[distance:, :, None, :]
+                np.add.at(self._counts.reshape(-1), cells[pairs], 1)
+                sources = present[:-distance] & (sizes[distance:, :, None] > 0)
+                np.add.at(self._totals, rows[sources],
+                          np.broadcast_to(sizes[distance:, :, None], rows.shape)[sources].astype(np.float32))
+                rows_touched.append(np.unique(rows[sources]))
         rows = np.concatenate(rows_touched)
         self._minus_prob[rows] = self._counts.take(rows, axis=0) / -self._totals.take(rows)[:, None]
 
