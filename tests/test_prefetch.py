@@ -83,10 +83,13 @@ def test_every_prefetcher_proposes_only_layers_ahead_and_keeps_the_figures_consi
     sim, results, _, proposals = run_recorded(small(**{"prefetch.policy": name, "prefetch.lookahead": 2,
                                                        "prefetch.max_queued": 100}))
     num_layers, num_experts = sim.workload.num_layers, sim.workload.num_experts
+    wraps = name in {"oracle", "previous_token"}  # these also propose the next step's first layers
     for layer, proposed in proposals:
         for target, expert in proposed:
-            assert layer < target <= min(layer + 2, num_layers - 1)
+            assert layer < target <= (layer + 2 if wraps else min(layer + 2, num_layers - 1))
             assert 0 <= expert < num_experts
+    if wraps:
+        assert any(target >= num_layers for _, proposed in proposals for target, _ in proposed)
     p = results.summary["prefetch"]
     assert p["prefetched_bytes"] == p["issued"] * sim.spec.expert_bytes
     assert 0 <= p["late"] <= p["useful"] <= p["issued"]
@@ -289,11 +292,11 @@ def test_without_prefetching_the_stall_is_the_demand_transfer_time():
         assert stall == pytest.approx(new * transfer_s(sim), rel=1e-9)
 
 
-def _one_new_expert_per_step_trace(path, steps=10):
-    """OLMoE-shaped routing: layers 0..14 always use experts 0..7; layer 15 uses 0..6 and one expert it has
-    never used before. So after the first step each step needs exactly one new expert, at the last layer."""
+def _one_new_expert_per_step_trace(path, steps=10, layer=15):
+    """OLMoE-shaped routing: every layer uses experts 0..7, except that ``layer`` uses 0..6 and one expert it
+    has never used before. So after the first step each step needs exactly one new expert, at that layer."""
     experts = np.tile(np.arange(8), (steps, 16, 1))
-    experts[:, 15, 7] = 8 + np.arange(steps)
+    experts[:, layer, 7] = 8 + np.arange(steps)
     with TraceWriter(path, model="olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, source="test") as writer:
         writer.append(experts, np.zeros(steps, dtype=np.int64))
     return steps
@@ -318,6 +321,25 @@ def test_oracle_with_enough_bandwidth_hides_every_transfer_after_the_first_step(
     p = oracle.summary["prefetch"]
     assert p["accuracy"] == 1.0 and p["wasted_bytes"] == 0
     assert p["late"] <= 15 * 8  # only the first step's prefetches can arrive after their layer started waiting
+
+
+def test_oracle_hides_the_next_tokens_first_layers_too(tmp_path):
+    """Each step needs one new expert, at layer 0, which no routing event of its own step precedes: the oracle
+    fetches it during the previous step's layers (a lookahead past the last layer reaches the next step), so
+    after the cold first step (whose demand misses also hold up the prefetch for step 1) nothing stalls, while
+    every step does without prefetching."""
+    trace = tmp_path / "new_at_layer_0.h5"
+    steps = _one_new_expert_per_step_trace(trace, layer=0)
+    common = {"placement": "ddr", "workload.trace": str(trace), "workload.batch_size": 1,
+              "workload.decode_tokens": steps, "cache.capacity_experts": ALL_EXPERTS,
+              "prefetch.lookahead": 15, "prefetch.budget_experts": 64, "prefetch.max_queued": 100}
+    sim, none, _, _ = run_recorded(small(**common, **{"prefetch.policy": "none"}))
+    _, oracle, _, _ = run_recorded(small(**common, **{"prefetch.policy": "oracle"}))
+    assert none.step_stall_s[1:] == pytest.approx(np.full(steps - 1, transfer_s(sim)), rel=1e-9)
+    assert np.all(oracle.step_stall_s[2:] == 0.0) and 0 < oracle.step_stall_s[1] < none.step_stall_s[1]
+    assert oracle.step_misses[1:].sum() == 0  # step 1's new expert was on its way (late), not missed
+    p = oracle.summary["prefetch"]
+    assert p["accuracy"] == 1.0 and p["wasted_bytes"] == 0  # nothing proposed for a step the run does not have
 
 
 def test_oracle_accuracy_knob_wastes_bytes_that_are_charged_to_energy():
@@ -554,6 +576,30 @@ def _expert_map_with(maps, **params):
     return em
 
 
+def test_expert_map_cumulative_selection_takes_router_weight_until_one_minus_similarity():
+    """FineMoE's rule: experts by the neighbours' router weight until the cumulative weight reaches 1 -
+    similarity, at least top_k (2 here)."""
+    em = make_prefetcher("expert_map", {"selection": "cumulative", "capacity": 2}, _context(_Workload([])))
+    em._maps[1, [4, 5, 6], 0] = [0.5, 0.25, 0.25]  # noqa: SLF001 - two stored maps' layer 1, exact in float16
+    em._maps[1, 7, 1] = 1.0  # noqa: SLF001
+    nearest, vote = np.array([[0, 1]]), np.array([[0.5, 0.5]])  # weights at layer 1: 7 .5, 4 .25, 5 .125, 6 .125
+
+    def chosen(*targets):
+        rows = np.repeat(nearest, len(targets), axis=0), np.repeat(vote, len(targets), axis=0)
+        return [e for _, e in em._cumulative(0, 1, *rows, np.array(targets))]  # noqa: SLF001
+
+    assert chosen(0.0) == [7, 4]  # a perfect match: top_k
+    assert chosen(0.75) == [7, 4]
+    assert chosen(0.76) == [7, 4, 5]
+    assert chosen(0.9) == [7, 4, 5, 6]
+    assert chosen(0.0, 0.9) == [7, 4, 5, 6]  # a batch: the union, heaviest first
+    # End to end: a token that repeats a stored map exactly (similarity 1) gets that map's top_k next experts.
+    one = _expert_map_with([[[0, 1], [4, 5], [8, 9], [10, 11]]], selection="cumulative", neighbors=1)
+    assert one.on_routing(_event(1, 0, [0, 1])) == [(1, 4), (1, 5)]
+    with pytest.raises(TierflowError, match="'selection' must be in"):
+        PREFETCHERS.params("expert_map", {"selection": "topk"})
+
+
 def test_expert_map_proposes_the_experts_enough_of_the_neighbours_used():
     """Four stored maps match the token equally at layer 0; at layer 1 three used expert 4, one expert 6, and
     all used 5. The estimated probability of use is the share of neighbours: 5 -> 1, 4 -> 3/4, 6 -> 1/4."""
@@ -721,7 +767,8 @@ def test_prefetches_refused_for_a_full_queue_wait_and_start_when_it_drains():
     start = stream._start_prefetch  # noqa: SLF001
 
     def record(memory, key, target_layer, step, layer, time):
-        started.append((stream.position, (step, target_layer), sim.calendar.now > sim.env.now))
+        target_step = step + (target_layer <= layer)  # a target at or before the current layer: the next step's
+        started.append((stream.position, (target_step, target_layer), sim.calendar.now > sim.env.now))
         start(memory, key, target_layer, step, layer, time)
 
     stream._start_prefetch = record  # noqa: SLF001

@@ -3,7 +3,8 @@
 The engine turns proposals into transfers at prefetch priority (a demand miss overtakes queued prefetches),
 within the scenario's lookahead and per-event budget, skipping experts already resident or in flight. A
 proposal refused only because its source queue is full waits and is offered again when that queue shrinks,
-until its layer is reached.
+until its layer is reached. A proposal may name the next step's first layers (``num_layers + j``) when the
+lookahead reaches past the last layer.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class Prefetcher:
         self.context = context
 
     def on_routing(self, event: RoutingEvent) -> list[tuple[int, int]]:
-        """Proposals ``(layer, expert)`` for layers after ``event.layer``, most wanted first."""
+        """Proposals ``(layer, expert)`` for layers after ``event.layer``, most wanted first. A layer past the
+        last one, ``num_layers + j``, is layer ``j`` of the next decode step."""
         raise NotImplementedError
 
     def on_demand(self, event: DemandEvent) -> None:

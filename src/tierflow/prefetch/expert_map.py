@@ -13,6 +13,10 @@ sequence's embedding. While a token goes through the layers, it is matched again
   ``min_probability`` are proposed, most likely first, nearest layer first. The threshold is a direct
   accuracy-for-coverage knob (as ``speculative_gate``'s), unlike a rule that proposes until the cumulative
   router weight reaches a target, whose width follows the similarity rather than the chance of use.
+* ``selection = "cumulative"`` is FineMoE's rule instead: each token's estimate is the neighbours' router
+  weights at ``l+d`` (similarity-weighted, summing to 1), and its experts are taken in that order until their
+  cumulative weight reaches ``1 - similarity`` of its best match, at least ``top_k`` of them (a confident
+  match prefetches little, a poor one a lot).
 
 A batch needs an expert when one of its tokens does with at least the threshold: the per-token estimates are
 coarse (multiples of about ``1 / neighbors``), and combining a batch's as ``1 - prod(1 - p)`` lets many stray
@@ -54,6 +58,10 @@ class ExpertMap(Prefetcher):
         min_probability: float = attrs.field(default=0.3, converter=float, validator=fraction, metadata={
             "help": "propose an expert when some token of the batch needs it with at least this estimated "
                     "probability"})
+        selection: str = attrs.field(default="threshold", validator=attrs.validators.in_(("threshold", "cumulative")),
+                                     metadata={"help": "threshold: min_probability on each token's estimate; "
+                                                       "cumulative: FineMoE's, until the neighbours' router weight "
+                                                       "reaches 1 - similarity, at least top_k"})
         train_trace: str = attrs.field(default="", metadata={
             "help": "trace file whose last train_tokens decode tokens fill the store first; empty: start empty"})
         train_tokens: int = attrs.field(default=4096, validator=positive,
@@ -182,6 +190,9 @@ class ExpertMap(Prefetcher):
         nearest = np.argpartition(-similarity, n - 1, axis=1)[:, :n]  # (batch, n)
         vote = np.maximum(np.take_along_axis(similarity, nearest, axis=1), 0.0) + 1e-6
         vote /= vote.sum(axis=1, keepdims=True)  # (batch, n): each token's neighbours' weights sum to 1
+        if self.params.selection == "cumulative":
+            best = np.take_along_axis(similarity, nearest, axis=1).max(axis=1)  # (batch,)
+            return self._cumulative(layer, reach, nearest, vote, 1.0 - np.clip(best, 0.0, 1.0))
         proposals = []
         for d in range(1, reach + 1):
             # (batch, E): the similarity-weighted share of the neighbours that used each expert at l+d, an
@@ -192,6 +203,25 @@ class ExpertMap(Prefetcher):
             order = np.argsort(-need, kind="stable")
             order = order[need[order] >= self.params.min_probability]
             proposals += [(layer + d, e) for e in order.tolist()]
+        return proposals
+
+    def _cumulative(self, layer: int, reach: int, nearest: np.ndarray, vote: np.ndarray,
+                    targets: np.ndarray) -> list[tuple[int, int]]:
+        """FineMoE's selection: per token, experts by the neighbours' router weight at each layer ahead until the
+        cumulative weight reaches the token's target, at least top_k; the batch's union, the heaviest first."""
+        k = self.context.top_k
+        proposals = []
+        for d in range(1, reach + 1):
+            weight = np.einsum("ebn,bn->be", self._maps[layer + d][:, nearest].astype(np.float32), vote)
+            best = np.zeros(weight.shape[1], np.float32)  # each chosen expert's largest weight over the batch
+            for token, target in zip(weight, targets.tolist(), strict=True):
+                order = np.argsort(-token, kind="stable")
+                ranked = token[order]
+                count = max(k, int(np.searchsorted(np.cumsum(ranked), target, side="left")) + 1)
+                chosen = order[:count][ranked[:count] > 0]
+                best[chosen] = np.maximum(best[chosen], token[chosen])
+            order = np.argsort(-best, kind="stable")
+            proposals += [(layer + d, e) for e in order[best[order] > 0].tolist()]
         return proposals
 
     def _finish_step(self, size: int) -> None:

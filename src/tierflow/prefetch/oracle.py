@@ -1,8 +1,8 @@
 """Oracle: the experts the trace says layers ahead will use, the upper bound other prefetchers are compared to.
 
 It reads the future from the workload (``context.workload.steps``): at layer ``l`` of step ``s`` it proposes
-step ``s``'s experts of layers ``l+1 .. l+lookahead``, nearest layer first, each layer's experts in router
-order. With ``accuracy`` a < 1 a share 1 - a of each layer's true experts is replaced by experts that layer
+the experts of layers ``l+1 .. l+lookahead``, nearest layer first, each layer's experts in router order; past
+the last layer, those of step ``s + 1``'s first layers (so the next token's first layers can be hidden too). With ``accuracy`` a < 1 a share 1 - a of each layer's true experts is replaced by experts that layer
 does not use (wrong guesses that cost bytes and energy); the choice is a deterministic function of
 ``(seed, step, layer)``, so a run is reproducible whatever else the engine does.
 """
@@ -39,10 +39,12 @@ class Oracle(Prefetcher):
 
     def on_routing(self, event):
         c = self.context
-        step = self._steps[event.step]
         proposals = []
-        for target in range(event.layer + 1, min(event.layer + c.lookahead, c.num_layers - 1) + 1):
-            experts = self._guesses(step.experts[target], event.step, target)
+        for target in range(event.layer + 1, event.layer + c.lookahead + 1):
+            index, layer = divmod(target, c.num_layers)  # past the last layer: the next step's
+            if event.step + index >= len(self._steps):
+                break
+            experts = self._guesses(self._steps[event.step + index].experts[layer], event.step + index, layer)
             proposals += [(target, e) for e in experts]
         return proposals
 

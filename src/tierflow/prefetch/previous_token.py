@@ -17,7 +17,6 @@ class PreviousToken(Prefetcher):
         self._last[event.layer] = event.experts.tolist()
         proposals = []
         for ahead in range(1, self.context.lookahead + 1):
-            layer = event.layer + ahead
-            if layer < self.context.num_layers:
-                proposals += [(layer, expert) for expert in self._last.get(layer, ())]
+            target = event.layer + ahead  # past the last layer: the next step's, which this step has routed
+            proposals += [(target, expert) for expert in self._last.get(target % self.context.num_layers, ())]
         return proposals

@@ -505,7 +505,7 @@ class GpuStream:
         if not proposals:
             return
         memories, max_queued = self.memories, self.max_queued
-        num_experts, gpus = self.workload.num_experts, len(memories)
+        num_experts, num_layers, gpus = self.workload.num_experts, self.workload.num_layers, len(memories)
         last_layer = layer + self.lookahead
         issued = 0
         for target_layer, expert in proposals:
@@ -513,6 +513,9 @@ class GpuStream:
                 break
             if not layer < target_layer <= last_layer:
                 continue
+            target_step = step.index
+            if target_layer >= num_layers:  # past the last layer: the next step's
+                target_step, target_layer = target_step + 1, target_layer - num_layers
             key = target_layer * num_experts + expert
             memory = memories[expert % gpus]
             if key in memory.resident:  # most proposals: skipped without spending budget
@@ -522,7 +525,7 @@ class GpuStream:
                 self._start_prefetch(memory, key, target_layer, step.index, layer, time)
                 issued += 1
             elif blocker == "queue" and self.deferred is not None:
-                self._defer(self.deferred[expert % gpus], key, step.index, target_layer)
+                self._defer(self.deferred[expert % gpus], key, target_step, target_layer)
 
     def _start_prefetch(self, memory, key: int, target_layer: int, step: int, layer: int, time: int) -> None:
         """Prefetch ``key`` for ``target_layer``, decided while ``layer`` of ``step`` (access ``time``) runs."""
