@@ -220,6 +220,45 @@ def test_a_demand_transfer_overtakes_queued_prefetches():
     assert [t.key for t in order] == [0, 3, 1, 2]
 
 
+def test_a_prefetch_a_layer_waits_for_is_promoted_to_demand():
+    """Prefetches 0 (in service), 1 and 2 (queued): a layer starts waiting for 2. It goes next, ahead of 1,
+    taking the link over from 0 at its next chunk; it then no longer yields to demand misses, and it stays
+    prefetched bytes."""
+    calendar = Calendar()
+    channel = _preemptive_link(calendar, latency=0.0)
+    order = []
+    transfers = [Transfer(calendar, key, 10_000_000, "ddr", "hbm", [channel], PREFETCH, on_done=order.append)
+                 for key in range(3)]
+    for t in transfers:
+        t.start()
+    calendar.run(until=2.5e-3)
+    transfers[2].priority = DEMAND
+    channel.promote(transfers[2])
+    calendar.run(until=5.5e-3)
+    Transfer(calendar, 3, 1_000_000, "ddr", "hbm", [channel], DEMAND, on_done=order.append).start()
+    calendar.run()
+    assert [t.key for t in order] == [2, 3, 0, 1]
+    assert transfers[2].arrived_at == pytest.approx(3e-3 + 10e-3)  # from prefetch 0's third chunk boundary
+    assert channel.preemptions == 1 and all(t.prefetched for t in transfers)
+    # A promoted read waiting for staging space joins the waiting demand misses.
+    buffer = StagingBuffer(calendar, 10, prefetch_reserve_bytes=0)
+    started = []
+
+    class Drive:  # the first hop: records what reaches it
+        def submit(self, transfer):
+            started.append(transfer.key)
+
+    waiting = [Transfer(calendar, key, 6, "ssd", "hbm", [Drive()], priority) for key, priority in
+               ((0, DEMAND), (1, PREFETCH), (2, PREFETCH))]
+    for t in waiting:
+        buffer.acquire(6, t.start, t.priority)
+    calendar.run()
+    assert buffer.promote(waiting[2]) and not buffer.promote(waiting[0])
+    buffer.release(6)
+    calendar.run()
+    assert started == [0, 2]
+
+
 def _preemptive_link(calendar, latency=1e-6):
     channel = Channel(calendar, "link", 1e9, latency, 1_000_000)
     channel.preemptive = True

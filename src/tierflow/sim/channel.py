@@ -62,6 +62,19 @@ class Channel:
     def queued(self) -> int:
         return len(self._queue)
 
+    def promote(self, transfer) -> None:
+        """``transfer`` (now at demand priority) is queued here or in service: a queued one moves among the
+        queued demand transfers (in its order of arrival) and, like a demand arriving, may pre-empt the prefetch
+        in service."""
+        for index, (priority, order, queued) in enumerate(self._queue):
+            if queued is transfer:
+                if priority != transfer.priority:
+                    self._queue[index] = (transfer.priority, order, transfer)
+                    heapq.heapify(self._queue)
+                    if self.preemptive and self._serving[0].priority == PREFETCH:
+                        self._preempt()
+                return
+
     def transfer_time(self, size_bytes: int) -> float:
         """Seconds to carry ``size_bytes`` on an idle channel, latency included."""
         return self.latency_s + size_bytes / self.bandwidth_bytes_per_s

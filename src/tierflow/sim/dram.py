@@ -37,6 +37,18 @@ class StagingBuffer:
         self._waiting[priority].append((size_bytes, then))
         self._grant()
 
+    def promote(self, transfer) -> bool:
+        """Move a prefetch waiting for space (``transfer.start`` is its callback) among the waiting demand
+        misses, behind those already there; False if it is not waiting."""
+        prefetch = self._waiting[1]
+        for index, (size_bytes, then) in enumerate(prefetch):
+            if getattr(then, "__self__", None) is transfer:
+                del prefetch[index]
+                self._waiting[0].append((size_bytes, then))
+                self._grant()
+                return True
+        return False
+
     def release(self, size_bytes: int) -> None:
         self.free_bytes += size_bytes
         self.calendar.schedule(0.0, self._grant)

@@ -462,6 +462,9 @@ class GpuStream:
             ))
             if self.progress is not None:
                 self.progress(1)
+        if self.deferred is not None:  # the run is over: nothing waits for a step that will not come
+            for deferred in self.deferred:
+                deferred.clear()
 
     def _demand(self, step, layer: int):
         """Look up (and fetch what is missing of) layer ``layer``'s experts: the transfers to wait for, and the

@@ -103,6 +103,7 @@ class ExpertMemory:
                 self.prefetch.useful += 1
                 if transfer is not None:
                     self.prefetch.late += 1
+                    self._promote(transfer)
             if transfer is None:
                 self.demand_hits += 1
                 self.hits_by_layer[access.layer] += 1
@@ -209,6 +210,16 @@ class ExpertMemory:
             path.staging.acquire(self.expert_bytes, transfer.start, priority)
         return transfer
 
+    def _promote(self, transfer: Transfer) -> None:
+        """A layer now waits for this prefetch: from here on it moves at demand priority (ahead of queued
+        prefetches, no longer pre-empted by demand misses), wherever it is: waiting for staging space, queued
+        on a hop, or in service."""
+        transfer.priority = DEMAND
+        if transfer.staged_bytes and self.paths[transfer.src].staging.promote(transfer):
+            return
+        if transfer.hop < len(transfer.hops):
+            transfer.hops[transfer.hop].promote(transfer)
+
     def _fill_ddr(self, key: int, access: Access) -> None:
         """Three tiers: an expert read from SSD stays in the DDR cache. It passes through DDR on its way to
         HBM anyway (the SSD route is staged via DDR), so keeping it costs no extra bytes."""
@@ -219,7 +230,7 @@ class ExpertMemory:
         path = self.paths[transfer.src]
         if transfer.staged_bytes:
             path.staging.release(transfer.staged_bytes)
-        self.ledger.record_transfer(path.route, transfer.size_bytes, transfer.priority == PREFETCH)
+        self.ledger.record_transfer(path.route, transfer.size_bytes, transfer.prefetched)
 
     def _arrived(self, transfer: Transfer) -> None:
         self._delivered(transfer)

@@ -8,6 +8,8 @@ DEMAND, PREFETCH = 0, 1  # queue priorities: a demand miss overtakes queued pref
 class Transfer:
     """One expert moving ``size_bytes`` from ``src`` to ``dst`` through ``hops`` (channels, in order).
 
+    ``priority`` is the queue priority, ``prefetched`` whether a prefetch started it (a prefetch a layer then
+    waits for is promoted to demand priority but stays prefetched bytes in the ledger).
     ``waiters`` are :class:`Arrival` barriers told when the last hop delivers. ``data_ready_at`` is when the
     first chunk of data is available to the current hop (for cut-through between hops). ``via`` names a
     tier the bytes bounce through (the DDR staging buffer on the SSD path without GPUDirect Storage).
@@ -16,12 +18,13 @@ class Transfer:
     __slots__ = (
         "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "waiters", "issued_at",
         "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes", "hop_bytes",
-        "first_chunk_at", "queued_at",
+        "first_chunk_at", "queued_at", "prefetched",
     )
 
     def __init__(self, calendar, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
         self.key, self.size_bytes, self.src, self.dst, self.via = key, size_bytes, src, dst, via
         self.priority, self.hops, self.hop, self.gpu = priority, hops, 0, gpu
+        self.prefetched = priority == PREFETCH
         self.waiters = []
         self.issued_at = calendar.now
         self.arrived_at = None
@@ -35,7 +38,7 @@ class Transfer:
 
     @property
     def is_prefetch(self) -> bool:
-        return self.priority == PREFETCH
+        return self.prefetched
 
     def start(self) -> None:
         self.hops[0].submit(self)
