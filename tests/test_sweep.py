@@ -422,9 +422,9 @@ def test_points_made_by_other_tierflow_files_are_run_again(tmp_path):
 
     assert point_state(tmp_path, sweep.points[1].point_id) == STALE
     sweep_file = tmp_path / "s.toml"
-    sweep_file.write_text(f'name = "s"\nscenario = "ssd_offload"\nseed = 1\n[set]\nmodel = "olmoe-1b-7b"\n'
-                          f'hardware = "h100-pcie5"\ngpus = 1\n"workload.decode_tokens" = 8\n'
-                          f'[grid]\n"cache.capacity_experts" = [64, 128]\n')
+    sweep_file.write_text('name = "s"\nscenario = "ssd_offload"\nseed = 1\n[set]\nmodel = "olmoe-1b-7b"\n'
+                          'hardware = "h100-pcie5"\ngpus = 1\n"workload.decode_tokens" = 8\n'
+                          '[grid]\n"cache.capacity_experts" = [64, 128]\n')
     result = run_tierflow("sweep", sweep_file, "--out", tmp_path, "--workers", "1", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "1 finished point(s)" in result.stderr and "another version of tierflow" in result.stderr
