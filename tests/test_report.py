@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
-from test_sweep import run_tierflow, small_sweep
+from test_sweep import SMALL, olmoe_trace, run_tierflow, small_sweep
 from tierflow.errors import TierflowError
 from tierflow.report import FIGURE_DPI, FIGURE_SIZE_IN, build_report, pareto_front
 from tierflow.sweep import parse_sweep, read_table, run_sweep
@@ -18,13 +18,16 @@ pytest.importorskip("matplotlib")
 EXPECTED_PIXELS = (round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI))
 
 
-def failing_sweep(capacities):
-    """A sweep over capacity whose last point fails at run time (its prefetcher's training trace is missing)."""
+def failing_sweep(capacities, folder):
+    """A sweep over capacity whose last point fails at run time (its prefetcher trains on the trace it decodes,
+    which only the run can tell)."""
     n = len(capacities)
-    return small_sweep(grid={}, zips=[{
+    trace = str(olmoe_trace(folder / "decoded.h5"))
+    return {**small_sweep(grid={}, zips=[{
         "cache.capacity_experts": capacities,
         "prefetch.policy": ["none"] * (n - 1) + ["expert_map"],
-        "prefetch.params": [{}] * (n - 1) + [{"train_trace": "/nonexistent/train.h5"}]}])
+        "prefetch.params": [{}] * (n - 1) + [{"train_trace": trace}]}]),
+        "set": {**SMALL, "workload": {"decode_tokens": 4, "trace": trace}}}
 
 
 def png_size(path) -> tuple[int, int]:
@@ -42,7 +45,7 @@ def swept(tmp_path_factory):
     document = small_sweep(grid={"placement": ["ddr", "ssd"], "workload.batch_size": [1, 2],
                                  "cache.capacity_experts": [64, 160]}, seed=1)
     run_sweep(parse_sweep(document), out, workers=2)
-    run_sweep(parse_sweep(failing_sweep([64])), out / "failing", workers=1)
+    run_sweep(parse_sweep(failing_sweep([64], out)), out / "failing", workers=1)
     return out
 
 
@@ -76,12 +79,12 @@ def test_hit_rate_curves_only_when_capacity_varies(swept, tmp_path):
 
 
 def test_failed_points_are_listed_and_a_sweep_without_results_is_an_error(swept, tmp_path):
-    sweep = parse_sweep(failing_sweep([64, 96]))
+    sweep = parse_sweep(failing_sweep([64, 96], tmp_path))
     run_sweep(sweep, tmp_path / "sweep", workers=1)
     build_report(tmp_path / "sweep", tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "2 points: 1 ok, 1 failed" in text
-    assert f"| `{sweep.points[1].point_id}` | capacity 96, " in text and "/nonexistent/train.h5" in text
+    assert f"| `{sweep.points[1].point_id}` | capacity 96, " in text and "shares 1 sequence(s)" in text
     with pytest.raises(TierflowError, match="no point finished without error"):
         build_report(swept / "failing", tmp_path / "none")
 
