@@ -189,8 +189,8 @@ H100_SXM_HBM3 = _cited(
     capacity_bytes=(80 * GiB, f"{_P}: memory_capacity = 80.0 * 1024^3 (NVIDIA: 80 GB)"),
     read_bandwidth_bytes_per_s=(3.352e12, f"{_P}: base_memory_bandwidth 3.352 TB/s (NVIDIA: 3.35 TB/s [S])"),
     write_bandwidth_bytes_per_s=(3.352e12, "[DER] HBM bandwidth is shared by reads and writes; same figure"),
-    read_latency_s=(0.5 * US, ("[DER] assumption: ~600 core cycles at 1.755 GHz ~ 0.34 us in public hierarchy "
-                               "tables [S], rounded up; under 4% of moving one 44 MB expert at 3.35 TB/s")),
+    read_latency_s=(0.5 * US, ("[DER] assumption: ~600 core cycles at the SXM's 1.98 GHz boost ~ 0.30 us in public "
+                               "hierarchy tables [S], rounded up; under 4% of moving one 44 MB expert at 3.35 TB/s")),
     read_pj_per_bit=(4.2, f"{_P}: HBM_READ_ENERGY 4.2 pJ/bit (HBM3)"),
     write_pj_per_bit=(4.2, f"{_P}: the artifact charges HBM_READ_ENERGY for the write into HBM"),
     static_power_w=(0.0, f"{_P}: included in the GPU's 70 W background power"),
