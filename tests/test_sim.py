@@ -805,6 +805,31 @@ def test_attention_is_linear_in_each_sequences_context(model):
         compute.attention((1, 2, 3), 0)
 
 
+def test_fp8_weights_compute_at_the_fp8_rate_and_the_rest_at_bf16():
+    """Compute-bound phases (a batch of 4,096 on one GPU): DeepSeek-R1's FP8 experts and the fixed per-token
+    work of its FP8 attention layers (projections, shared experts) run at the H200's FP8 peak, attention over
+    the BF16 KV cache and the BF16 LM head at the BF16 peak; the BF16 release runs everything at BF16."""
+    hardware = get_profile("h200-pcie5")
+    bf16_peak, fp8_peak = hardware.gpu.peak_flops, hardware.gpu.peak_flops_fp8
+    assert fp8_peak == pytest.approx(2 * bf16_peak, rel=1e-3)
+    batch, context = 4096, 1024
+    fp8, bf16 = (ComputeModel(get_model(name), hardware, 1, batch) for name in ("deepseek-r1", "deepseek-r1-bf16"))
+    spec = fp8.spec
+    assert spec.fp8_experts and spec.fp8_non_expert and not get_model("deepseek-r1-bf16").fp8_experts
+    one_expert = [batch]  # every token on one expert: compute-bound
+    assert fp8.experts([0], one_expert).seconds == pytest.approx(batch * spec.expert_flops_per_token / fp8_peak)
+    assert bf16.experts([0], one_expert).seconds == pytest.approx(batch * spec.expert_flops_per_token / bf16_peak)
+    per_attended = fp8._flops_per_attended  # noqa: SLF001
+    fixed = spec.non_expert_flops_per_token_per_moe_layer(1) - per_attended
+    expected = batch * (fixed / fp8_peak + per_attended * context / bf16_peak)
+    assert fp8.attention(context, 0).seconds == pytest.approx(expected, rel=1e-12)
+    assert bf16.attention(context, 0).seconds == pytest.approx(batch * (fixed + per_attended * context) / bf16_peak)
+    assert fp8.lm_head().seconds == pytest.approx(bf16.lm_head().seconds)  # BF16 in both releases
+    # MXFP4 (gpt-oss) is dequantized to BF16 on Hopper: no FP8 rate.
+    oss = ComputeModel(get_model("gpt-oss-120b"), hardware, 1, batch)
+    assert oss._expert_rate == oss._weight_rate == bf16_peak  # noqa: SLF001
+
+
 def test_the_lm_head_is_read_unquantized():
     """FP8 releases keep the LM head in BF16: its bytes are the catalog's, not the FP8 weights'."""
     spec = get_model("deepseek-r1")

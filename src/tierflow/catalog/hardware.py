@@ -96,7 +96,8 @@ class Link:
 
 @attrs.frozen(kw_only=True)
 class Gpu:
-    """An accelerator: dense BF16 peak (FLOP/s), energy per FLOP, background power and its HBM."""
+    """An accelerator: dense BF16 peak (FLOP/s), the dense FP8 peak where its tensor cores have one, energy per
+    FLOP, background power and its HBM."""
 
     name: str
     peak_flops: float = attrs.field(validator=_positive)  # dense BF16 FLOP/s
@@ -105,6 +106,8 @@ class Gpu:
     hbm: MemoryTier
     l1_pj_per_bit: float | None = attrs.field(default=None, validator=v.optional(_non_negative))
     l2_pj_per_bit: float | None = attrs.field(default=None, validator=v.optional(_non_negative))
+    # Dense FP8 FLOP/s: GEMMs over FP8 weights run at it; None: at the BF16 peak.
+    peak_flops_fp8: float | None = attrs.field(default=None, validator=v.optional(_positive))
     sources: dict[str, str] = attrs.field(hash=False)
 
     def __attrs_post_init__(self) -> None:
@@ -357,6 +360,9 @@ NVLINK4 = _cited(
 H100_SXM = _cited(
     Gpu, name="H100 SXM",
     peak_flops=(989.4e12, f"{_P}: compute_peak_flops 989.4 TFLOPS (dense FP16/BF16)"),
+    peak_flops_fp8=(1978.8e12, (f"[D] NVIDIA H100 SXM datasheet: FP8 tensor core 3,958 TFLOPS with sparsity = 1,979 "
+                                f"dense, twice BF16's; {_P} (eval/test.cpp) doubles compute_peak_flops for 1-byte "
+                                "weights likewise")),
     pj_per_flop=(0.16, f"{_P}: 0.32 pJ per BF16 MAC = 0.16 pJ/FLOP (cites TPUv4i, ISCA'21)"),
     static_power_w=(70.0, f"{_P}: 70 W background per H100 SXM 80GB, HBM included"),
     hbm=H100_SXM_HBM3,
@@ -368,6 +374,7 @@ _SAME_DIE = "[DER] same GH100 die as H100 SXM; the seed paper's figure reused"
 H200 = _cited(
     Gpu, name="H200 SXM",
     peak_flops=(989.4e12, "[DER] NVIDIA lists 1,979 TFLOPS sparse BF16 for H200 SXM, as for H100 SXM; dense = half"),
+    peak_flops_fp8=(1978.8e12, "[DER] NVIDIA lists 3,958 TFLOPS sparse FP8 for H200 SXM, as for H100 SXM; dense = half"),
     pj_per_flop=(0.16, _SAME_DIE),
     static_power_w=(70.0, f"{_SAME_DIE} (same 700 W board class)"),
     hbm=H200_HBM3E,
@@ -381,6 +388,8 @@ RTX_5070_TI = _cited(
                           "accumulate (sparse->dense /2, FP4->FP8->FP16 /4, FP32 accumulate at half rate on GeForce, "
                           "a ratio measured on an RTX 5060 Ti by QuantumDrizzy/BLACKWALL [S]); a public GPU table "
                           "lists 88 [S]")),
+    peak_flops_fp8=(175.8e12, ("[DER] the same derivation one precision step down: 1406 / 2 (sparse) / 2 (FP4->FP8) "
+                               "/ 2 (FP32 accumulate) = 175.8 TFLOPS, twice the BF16 figure")),
     pj_per_flop=(0.16, "[DER] assumption: the seed paper's per-MAC energy reused for a 4/5 nm-class tensor core"),
     static_power_w=(30.0, ("[DER] assumption: 10% of its 300 W total graphics power [S], the paper's 70 W / 700 W "
                            "ratio for H100 SXM")),

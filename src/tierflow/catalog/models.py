@@ -133,7 +133,9 @@ class ModelSpec:
     attention: GqaAttention | MlaAttention = attrs.field(validator=v.instance_of((GqaAttention, MlaAttention)))
     bytes_per_param: float = attrs.field(validator=v.gt(0))  # routed expert weights
     non_expert_bytes_per_param: float = attrs.field(validator=v.gt(0))  # attention, shared experts, dense FFN
-    # Embeddings, LM head and router stay BF16 in every release here (FP8 and MXFP4 quantize neither).
+    # Embeddings, LM head and router stay BF16 in every release here (FP8 and MXFP4 quantize neither). FP8
+    # weights (FP8_BLOCK_SCALED_BYTES) run their GEMMs at a GPU's FP8 rate; MXFP4 is dequantized to BF16 on the
+    # GPUs here (Hopper has no FP4 tensor cores), so it runs at the BF16 rate.
     unquantized_bytes_per_param: float = attrs.field(default=BF16_BYTES, validator=v.gt(0))
     # The KV cache holds activations, BF16 in every row, even where the weights are FP8.
     kv_bytes_per_element: float = attrs.field(default=BF16_BYTES, validator=v.gt(0))
@@ -159,6 +161,18 @@ class ModelSpec:
     def num_dense_layers(self) -> int:
         """Layers with a dense FFN instead of experts."""
         return self.num_layers - self.num_moe_layers
+
+    # --- weight formats -------------------------------------------------------------------------
+
+    @property
+    def fp8_experts(self) -> bool:
+        """Whether the routed experts' GEMMs run on FP8 weights."""
+        return self.bytes_per_param == FP8_BLOCK_SCALED_BYTES
+
+    @property
+    def fp8_non_expert(self) -> bool:
+        """Whether attention's projections, the shared experts and the dense FFN run on FP8 weights."""
+        return self.non_expert_bytes_per_param == FP8_BLOCK_SCALED_BYTES
 
     # --- parameters -----------------------------------------------------------------------------
 

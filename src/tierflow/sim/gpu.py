@@ -90,6 +90,11 @@ class ComputeModel:
         self.tp, self.dp, self.group_batch = attention_groups(gpus, attention_tp, batch_size)
         self.kv_share, self.kv_copies = kv_layout(spec, self.tp, kv_split)
         self.peak_flops = hardware.gpu.peak_flops
+        # GEMMs over FP8 weights run at the FP8 rate where the GPU has one; the rest (attention over the BF16 KV
+        # cache, the BF16 LM head, anything on a GPU without FP8) at the BF16 peak.
+        fp8 = hardware.gpu.peak_flops_fp8
+        self._expert_rate = fp8 if fp8 and spec.fp8_experts else self.peak_flops
+        self._weight_rate = fp8 if fp8 and spec.fp8_non_expert else self.peak_flops
         self.hbm_bw = hbm_bandwidth_bytes_per_s or hardware.gpu.hbm.read_bandwidth_bytes_per_s
         self.nvlink: Link | None = hardware.nvlink
         self.internode: Link | None = hardware.internode
@@ -114,8 +119,8 @@ class ComputeModel:
         self._dispatch_s = 2 * self._all_to_all_s(copies_per_gpu)
         self._dispatch_bytes = tuple((name, 2 * sent) for name, sent in self._all_to_all_bytes(copies_per_gpu))
 
-    def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float) -> float:
-        return max(flops_per_gpu / self.peak_flops, bytes_per_gpu / self.hbm_bw)
+    def _roofline(self, flops_per_gpu: float, bytes_per_gpu: float, rate: float | None = None) -> float:
+        return max(flops_per_gpu / (rate or self.peak_flops), bytes_per_gpu / self.hbm_bw)
 
     def _all_reduce_s(self, bytes_per_gpu: float, n: int) -> float:
         """Ring all-reduce of ``bytes_per_gpu`` among ``n`` GPUs: 2 (n-1) steps, each a link latency plus
@@ -160,15 +165,21 @@ class ComputeModel:
         return max(times, default=0.0)
 
     def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, kv_bytes_per_token: float,
-                         collective_s: float, collective_bytes: tuple = ()) -> Phase:
+                         collective_s: float, collective_bytes: tuple = (), weight_flops_per_token: float = 0.0) -> Phase:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
         busiest group sets the time, and every group with a sequence to decode reads its own replica of the
         weights (with fewer sequences than groups, the others sit idle and read nothing). Each GPU reads the
         KV cache it holds: the fullest ``kv_share`` of the group's, ``kv_copies`` copies in all (see
-        :func:`kv_layout`)."""
+        :func:`kv_layout`). ``weight_flops_per_token`` of the ``flops_per_token`` are GEMMs over the layer's
+        weights, at the FP8 rate when they are FP8."""
         tp, group = self.tp, self.group_batch
-        seconds = self._roofline(group * flops_per_token / tp,
-                                 weight_bytes / tp + group * kv_bytes_per_token * self.kv_share)
+        memory_bytes = weight_bytes / tp + group * kv_bytes_per_token * self.kv_share
+        if self._weight_rate == self.peak_flops or not weight_flops_per_token:
+            seconds = self._roofline(group * flops_per_token / tp, memory_bytes)
+        else:
+            compute = group * ((flops_per_token - weight_flops_per_token) / self.peak_flops
+                               + weight_flops_per_token / self._weight_rate) / tp
+            seconds = max(compute, memory_bytes / self.hbm_bw)
         per_token = self.batch * kv_bytes_per_token * self.kv_copies  # a replicated head is read by every holder
         replicas = min(self.dp, self.batch) * weight_bytes
         return Phase(seconds + collective_s, self.batch * flops_per_token, replicas + per_token,
@@ -194,7 +205,8 @@ class ComputeModel:
         per_sequence = attended / self.batch
         return self._tensor_parallel(fixed_flops + self._flops_per_attended * per_sequence, weight_bytes,
                                      per_sequence * self._kv_per_token, all_reduces * self._allreduce_s,
-                                     tuple((name, all_reduces * sent) for name, sent in self._allreduce_bytes))
+                                     tuple((name, all_reduces * sent) for name, sent in self._allreduce_bytes),
+                                     weight_flops_per_token=fixed_flops)
 
     def dense_prefix(self, context) -> Phase:
         """The dense layers before the first MoE layer (attention + dense FFN), tensor-parallel."""
@@ -230,7 +242,8 @@ class ComputeModel:
         l1 = read if max(tokens_per_expert) <= L1_TILE_TOKENS else size * sum(map(l1_passes, tokens_per_expert))
         if n == 1:
             tokens = sum(tokens_per_expert)
-            return Phase(self._roofline(tokens * self.expert_flops, read), tokens * self.expert_flops, read, l1)
+            return Phase(self._roofline(tokens * self.expert_flops, read, self._expert_rate), tokens * self.expert_flops,
+                         read, l1)
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
         tokens, count = [0] * n, [0] * n
         for expert, routed in zip(experts, tokens_per_expert, strict=True):
@@ -238,7 +251,7 @@ class ComputeModel:
             tokens[gpu] += routed
             count[gpu] += 1
         # The busiest GPU's roofline: the max over GPUs of max(compute, memory) is the larger of the two maxima.
-        busiest = self._roofline(max(tokens) * self.expert_flops, max(count) * size)
+        busiest = self._roofline(max(tokens) * self.expert_flops, max(count) * size, self._expert_rate)
         return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1, self._dispatch_bytes)
 
     def lm_head(self) -> Phase:
