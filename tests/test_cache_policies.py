@@ -403,3 +403,16 @@ def test_prefetcher_parameters_out_of_range_are_errors(name, params, message):
 
     with pytest.raises(TierflowError, match=message):
         PREFETCHERS.params(name, params)
+
+
+def test_lfu_aging_history_and_finemoe_smoothing_hand_worked():
+    # Half-life 1e9: scores are access counts. a a b c (b:1 evicted) b (c:1 evicted) c: with history b counts 2
+    # like a, whose accesses are older, so a goes and the last b hits; without, b restarted at 1 and goes.
+    keys = list("aabcbcb")
+    kept, _ = run("lfu_aging", keys, 2, {"half_life": 1e9, "keep_history": True})
+    forgot, _ = run("lfu_aging", keys, 2, {"half_life": 1e9, "keep_history": False})
+    assert (hit_pattern(kept), hit_pattern(forgot)) == (".H....H", ".H.....")
+    # FineMoE, smoothing 0.25: a at 0.8 then 0.0 -> p = 0.8 + 0.25 (0 - 0.8) = 0.6, 2 visits -> 1.2; c: 0.9, so
+    # d evicts c.
+    _, cache = run("finemoe", list("aacd"), 2, None, scores=[0.8, 0.0, 0.9, 0.5])
+    assert set(cache.keys()) == {"a", "d"}

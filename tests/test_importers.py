@@ -292,10 +292,6 @@ def test_expert_ids_are_checked_against_the_model(tmp_path, fake_catalog):
 
 
 def test_real_catalog_mixtral_matches_the_fixture(tmp_path):
-    import tierflow.catalog
-
-    if not hasattr(tierflow.catalog, "get_model"):
-        pytest.skip("tierflow.catalog.get_model is not written yet")
     meta, _ = run_import("per-step", [PER_STEP], tmp_path / "t.h5", model="mixtral-8x7b")
     assert (meta.model, meta.num_experts, meta.num_layers, meta.top_k) == ("mixtral-8x7b", 8, 32, 2)
 

@@ -5,7 +5,7 @@ the accounting of wasted prefetches, and each prefetcher's own rule on small han
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 import attrs
 import h5py
@@ -267,6 +267,21 @@ def test_staging_buffer_grants_demand_before_prefetches_and_keeps_room_for_deman
     small_buffer.acquire(6, lambda: started.append("p3"), PREFETCH)
     calendar.run()
     assert started[-1] == "p3"
+
+
+def test_each_routing_event_starts_at_most_the_budget():
+    sim = Simulation(small(placement="ssd", **{"cache.capacity_experts": 16 * 64, "workload.batch_size": 1,
+                                               "prefetch.policy": "oracle", "prefetch.lookahead": 3,
+                                               "prefetch.budget_experts": 3, "prefetch.max_queued": 1000}))
+    started, start = Counter(), sim.stream._start_prefetch
+
+    def spy(memory, key, target_layer, step, layer, time):
+        started[step, layer] += 1
+        start(memory, key, target_layer, step, layer, time)
+
+    sim.stream._start_prefetch = spy
+    sim.run()
+    assert max(started.values()) == 3  # 24 proposals a layer, most not resident: the budget binds
 
 
 def test_prefetchers_that_do_not_listen_cost_no_demand_events():
@@ -714,7 +729,8 @@ def _transition_reference(context, events):
             for source, target in zip(sources if sources is not None else [], event.rows, strict=False):
                 counts[layer - d, d - 1][source[:, None], target[None, :]] += 1
                 totals[layer - d, d - 1][source] += len(target)
-                prob[layer - d, d - 1][source] = counts[layer - d, d - 1][source] / totals[layer - d, d - 1][source][:, None]
+                table = prob[layer - d, d - 1]
+                table[source] = counts[layer - d, d - 1][source] / totals[layer - d, d - 1][source][:, None]
         routed[layer] = event.rows
         reach = min(a, context.num_layers - 1 - layer)
         proposals = []

@@ -20,7 +20,7 @@ from tierflow.replay import (
     replay_reference,
     stack_distances,
 )
-from tierflow.trace.format import write_trace
+from tierflow.trace.format import DEFAULT_CHUNK_TOKENS, write_trace
 
 
 def naive_stack_distances(keys):
@@ -143,3 +143,11 @@ def test_unknown_policy_and_scope_list_the_valid_ones():
         replay(requests, "arc", [4])
     with pytest.raises(TierflowError, match="valid: global, per-layer"):
         replay(requests, "lru", [4], scope="tiered")
+
+
+def test_replay_numbers_tokens_across_read_chunks(tmp_path):
+    tokens = DEFAULT_CHUNK_TOKENS + 100
+    experts = (np.arange(tokens) % 4).reshape(tokens, 1, 1)
+    path = tmp_path / "long.h5"
+    write_trace(path, experts, np.zeros(tokens, dtype=int), model="m", num_experts=4, source="test")
+    assert read_requests(path).steps.tolist() == list(range(tokens))

@@ -13,8 +13,6 @@ from tierflow.errors import TierflowError
 from tierflow.report import FIGURE_DPI, FIGURE_SIZE_IN, build_report, pareto_front
 from tierflow.sweep import parse_sweep, read_table, run_sweep
 
-pytest.importorskip("matplotlib")
-
 EXPECTED_PIXELS = (round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI))
 
 

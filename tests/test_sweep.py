@@ -191,8 +191,7 @@ def test_a_point_matches_simulate_json(serial_run):
 
 
 def test_parallel_and_dask_give_the_serial_table(serial_run, tmp_path):
-    pytest.importorskip("dask.distributed")
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client, LocalCluster  # in the test extra
 
     out, _ = serial_run
     run_sweep(parse_sweep(small_sweep()), tmp_path / "parallel", workers=2)
@@ -391,6 +390,21 @@ def test_a_garbage_point_output_is_redone_on_resume(tmp_path):
     (points_dir(tmp_path) / f"{first}.h5").write_bytes(b"garbage")
     rerun = run_sweep(sweep, tmp_path, workers=1)
     assert (rerun.ran, rerun.skipped, rerun.errors) == (1, 1, 0)
+
+
+def test_a_record_filed_under_another_points_name_is_redone(tmp_path):
+    """Another point's files copied over a point's own (a hand-made merge of two folders): its record names the
+    other point, so it is not finished, and the table gets its own row back."""
+    sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]}, seed=1))
+    run_sweep(sweep, tmp_path, workers=1)
+    reference = _csv(tmp_path)
+    first, second = (p.point_id for p in sweep.points)
+    folder = points_dir(tmp_path)
+    for suffix in (".json", ".h5"):
+        (folder / f"{second}{suffix}").write_bytes((folder / f"{first}{suffix}").read_bytes())
+    rerun = run_sweep(sweep, tmp_path, workers=1)
+    assert (rerun.ran, rerun.skipped) == (1, 1)
+    assert _csv(tmp_path) == reference
 
 
 def test_a_truncated_point_output_or_a_record_of_the_wrong_shape_is_redone(tmp_path):
