@@ -255,3 +255,16 @@ def test_a_drive_on_the_offload_link_sends_its_bits_over_it_once():
         assert sim.memories[0].paths[placement].route.via is None
     assert link_pj["ssd"] == pytest.approx(profile.host_link.pj_per_bit, rel=1e-9)
     assert link_pj["ddr"] == pytest.approx(link_pj["ssd"], rel=1e-9)
+
+
+def test_the_real_ssd_variants_keep_the_papers_zero_link_energy():
+    """kyung2025-nvme changes only the drive's timing: no energy on its Gen5 x4 link (the paper charges links
+    nothing), so its link component is kyung2025's, 0; with the PCIe host link (-pcie5-nvme) only that link costs,
+    as in kyung2025-pcie5."""
+    def link_j(hardware):
+        scenario = load_scenario("kyung_mixtral", ["placement=ssd", f"hardware={hardware}", "workload.decode_tokens=1"])
+        return Simulation(scenario).run().summary["energy_j_per_token"]["link"]
+
+    assert link_j("kyung2025") == link_j("kyung2025-nvme") == 0.0
+    pcie5 = link_j("kyung2025-pcie5")
+    assert pcie5 > 0 and link_j("kyung2025-pcie5-nvme") == pytest.approx(pcie5, rel=1e-9)

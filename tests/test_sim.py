@@ -221,6 +221,23 @@ def test_a_demand_transfer_overtakes_queued_prefetches():
     assert [t.key for t in order] == [0, 3, 1, 2]
 
 
+def test_a_prefetch_promoted_while_a_pre_emption_is_pending_carries_on():
+    """A demand arrives while a prefetch is in service (its yield is scheduled for the next chunk boundary); a
+    layer then waits for that very prefetch and promotes it: it finishes without yielding, then the demand."""
+    calendar = Calendar()
+    channel = _preemptive_link(calendar, latency=0.0)
+    prefetch = Transfer(calendar, 0, 10_000_000, "ddr", "hbm", [channel], PREFETCH)
+    demand = Transfer(calendar, 1, 1_000_000, "ddr", "hbm", [channel], DEMAND)
+    prefetch.start()
+    calendar.run(until=2.5e-3)
+    demand.start()
+    prefetch.priority = DEMAND
+    channel.promote(prefetch)
+    calendar.run()
+    assert prefetch.arrived_at == pytest.approx(10e-3) and demand.arrived_at == pytest.approx(11e-3)
+    assert channel.preemptions == 0 and channel.busy_s == pytest.approx(11e-3)
+
+
 def test_a_prefetch_a_layer_waits_for_is_promoted_to_demand():
     """Prefetches 0 (in service), 1 and 2 (queued): a layer starts waiting for 2. It goes next, ahead of 1,
     taking the link over from 0 at its next chunk; it then no longer yields to demand misses, and it stays

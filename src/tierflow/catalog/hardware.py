@@ -201,9 +201,9 @@ H100_SXM_HBM3 = _cited(
 
 H200_HBM3E = _cited(
     MemoryTier, name="H200 HBM3E",
-    capacity_bytes=(141 * GiB, (f"[S] {_HW_MD}: H200 HBM3E 141 GB (NVIDIA), a binary figure like the H100's 80 GB "
-                                "(80 GiB above): nvidia-smi shows 143,771 MiB = 140.4 GiB on an H200, 81,559 MiB on "
-                                "an H100")),
+    capacity_bytes=(141 * GiB, (f"[S] {_HW_MD}: H200 HBM3E 141 GB (NVIDIA), nominal and binary like the H100's 80 GB "
+                                "(80 GiB above, as the artifact): nvidia-smi shows 143,771 MiB = 140.4 GiB usable on "
+                                "an H200 (0.4% less), 81,559 MiB on an H100")),
     read_bandwidth_bytes_per_s=(4.8e12, f"[S] {_HW_MD}: 4.8 TB/s (NVIDIA)"),
     write_bandwidth_bytes_per_s=(4.8e12, "[DER] shared by reads and writes; same figure"),
     read_latency_s=(0.5 * US, "[DER] assumption: as H100 HBM3 (same GH100 memory system)"),
@@ -374,7 +374,8 @@ _SAME_DIE = "[DER] same GH100 die as H100 SXM; the seed paper's figure reused"
 H200 = _cited(
     Gpu, name="H200 SXM",
     peak_flops=(989.4e12, "[DER] NVIDIA lists 1,979 TFLOPS sparse BF16 for H200 SXM, as for H100 SXM; dense = half"),
-    peak_flops_fp8=(1978.8e12, "[DER] NVIDIA lists 3,958 TFLOPS sparse FP8 for H200 SXM, as for H100 SXM; dense = half"),
+    peak_flops_fp8=(1978.8e12, ("[DER] NVIDIA lists 3,958 TFLOPS sparse FP8 for H200 SXM, as for H100 SXM; "
+                                "dense = half")),
     pj_per_flop=(0.16, _SAME_DIE),
     static_power_w=(70.0, f"{_SAME_DIE} (same 700 W board class)"),
     hbm=H200_HBM3E,

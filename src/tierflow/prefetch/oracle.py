@@ -2,8 +2,9 @@
 
 It reads the future from the workload (``context.workload.steps``): at layer ``l`` of step ``s`` it proposes
 the experts of layers ``l+1 .. l+lookahead``, nearest layer first, each layer's experts in router order; past
-the last layer, those of step ``s + 1``'s first layers (so the next token's first layers can be hidden too). With ``accuracy`` a < 1 a share 1 - a of each layer's true experts is replaced by experts that layer
-does not use (wrong guesses that cost bytes and energy); the choice is a deterministic function of
+the last layer, those of step ``s + 1``'s first layers (so the next token's first layers can be hidden too).
+With ``accuracy`` a < 1 a share 1 - a of each layer's true experts is replaced by experts that layer does not
+use (wrong guesses that cost bytes and energy); the choice is a deterministic function of
 ``(seed, step, layer)``, so a run is reproducible whatever else the engine does.
 """
 

@@ -118,11 +118,16 @@ class SpeculativeGate(Prefetcher):
             self._fit(split)
         elif self._steps is not None:
             self._watch_steps = math.ceil(p.train_fraction * len(self._steps))
-            recorded = p.use_recorded and bool(self._steps) and getattr(self._steps[0], "predicted_experts", None) is not None
+            first = self._steps[0] if self._steps else None
+            recorded = p.use_recorded and getattr(first, "predicted_experts", None) is not None
             if self._watch_steps == 0 and not recorded:
                 raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches no step "
                                     "and there is no train_trace (nor recorded predictions in the trace): it would "
                                     "never fit its maps; set train_fraction > 0 or train_trace")
+            if self._watch_steps >= len(self._steps) and not recorded:
+                raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches all "
+                                    f"{len(self._steps)} decode steps: it would fit its maps only after the run; "
+                                    "set train_fraction < 1 or train_trace")
 
     def _fit(self, split: TrainingSplit) -> None:
         self._hot, self._scored, self._past, self._bias = fit_layer_maps(

@@ -91,13 +91,15 @@ class Transition(Prefetcher):
                 self._counts.reshape(-1)[cells.ravel()] += 1
                 self._totals[rows.ravel()] += width
                 rows_touched.append(rows.ravel())
-            else:  # two tokens may share a pair: add with repeats
+            else:  # two tokens may share a pair: add each distinct cell once with its count (np.add.at is slow)
                 pairs = present[:-distance, :, :, None] & present[distance:, :, None, :]
-                np.add.at(self._counts.reshape(-1), cells[pairs], 1)
+                cell, count = np.unique(cells[pairs], return_counts=True)
+                self._counts.reshape(-1)[cell] += count
                 sources = present[:-distance] & (sizes[distance:, :, None] > 0)
-                np.add.at(self._totals, rows[sources],
-                          np.broadcast_to(sizes[distance:, :, None], rows.shape)[sources].astype(np.float32))
-                rows_touched.append(np.unique(rows[sources]))
+                row, where = np.unique(rows[sources], return_inverse=True)
+                self._totals[row] += np.bincount(
+                    where, weights=np.broadcast_to(sizes[distance:, :, None], rows.shape)[sources])
+                rows_touched.append(row)
         rows = np.concatenate(rows_touched)
         self._minus_prob[rows] = self._counts.take(rows, axis=0) / -self._totals.take(rows)[:, None]
 

@@ -64,8 +64,8 @@ class Channel:
 
     def promote(self, transfer) -> None:
         """``transfer`` (now at demand priority) is queued here or in service: a queued one moves among the
-        queued demand transfers (in its order of arrival) and, like a demand arriving, may pre-empt the prefetch
-        in service."""
+        queued demand transfers (by its order of arrival; one pre-empted earlier keeps its place at the head) and,
+        like a demand arriving, may pre-empt the prefetch in service; one in service is no longer pre-empted."""
         for index, (priority, order, queued) in enumerate(self._queue):
             if queued is transfer:
                 if priority != transfer.priority:
@@ -158,6 +158,9 @@ class Channel:
         """The prefetch in service stops at a chunk boundary: it keeps its place at the head of the prefetch queue
         with the bytes it has left (all of them if it had only just started), and the waiting demand starts."""
         if serial != self._serial:
+            return
+        if self._serving[0].priority == DEMAND:  # promoted since the pre-emption was decided: it carries on
+            self._yield_chunks = None
             return
         transfer, _, first_chunk_at, started, _ = self._serving
         now = self.calendar.now

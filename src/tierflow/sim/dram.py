@@ -26,11 +26,13 @@ class StagingBuffer:
         self.prefetch_reserve_bytes = int(prefetch_reserve_bytes)
         self.peak_bytes = 0
         self._waiting = (deque(), deque())  # by priority (demand, prefetch): (size_bytes, then) in arrival order
+        self._starting = 0  # granted, their start still to run (a turn of the calendar later)
+        self.start_listeners: list = []  # told when a read has left the buffer's wait for the drive
 
     @property
     def waiting(self) -> int:
-        """Transfers waiting for space (they are not in the drive's queue yet)."""
-        return len(self._waiting[0]) + len(self._waiting[1])
+        """Transfers waiting for space or granted and not started yet (not in the drive's queue yet)."""
+        return len(self._waiting[0]) + len(self._waiting[1]) + self._starting
 
     def acquire(self, size_bytes: int, then, priority: int = DEMAND) -> None:
         """Reserve ``size_bytes``, then call ``then()`` (at the same time, once the caller's turn is over)."""
@@ -69,8 +71,12 @@ class StagingBuffer:
     def _start(self, waiting) -> None:
         size_bytes, then = waiting
         self.free_bytes -= size_bytes
+        self._starting += 1
         self.calendar.schedule(0.0, self._granted, then)
 
     def _granted(self, then) -> None:
         self.peak_bytes = max(self.peak_bytes, self.capacity_bytes - self.free_bytes)
+        self._starting -= 1
         then()
+        for listener in self.start_listeners:
+            listener(self)

@@ -165,7 +165,8 @@ class ComputeModel:
         return max(times, default=0.0)
 
     def _tensor_parallel(self, flops_per_token: float, weight_bytes: float, kv_bytes_per_token: float,
-                         collective_s: float, collective_bytes: tuple = (), weight_flops_per_token: float = 0.0) -> Phase:
+                         collective_s: float, collective_bytes: tuple = (),
+                         weight_flops_per_token: float = 0.0) -> Phase:
         """A phase run by every data-parallel group on its share of the batch, split over the group's GPUs; the
         busiest group sets the time, and every group with a sequence to decode reads its own replica of the
         weights (with fewer sequences than groups, the others sit idle and read nothing). Each GPU reads the
@@ -242,8 +243,8 @@ class ComputeModel:
         l1 = read if max(tokens_per_expert) <= L1_TILE_TOKENS else size * sum(map(l1_passes, tokens_per_expert))
         if n == 1:
             tokens = sum(tokens_per_expert)
-            return Phase(self._roofline(tokens * self.expert_flops, read, self._expert_rate), tokens * self.expert_flops,
-                         read, l1)
+            flops = tokens * self.expert_flops
+            return Phase(self._roofline(flops, read, self._expert_rate), flops, read, l1)
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
         tokens, count = [0] * n, [0] * n
         for expert, routed in zip(experts, tokens_per_expert, strict=True):
@@ -375,6 +376,8 @@ class GpuStream:
                 sources = {id(s): s for s in (memory.prefetch_source, memory.ddr_source) if s is not None}
                 for source in sources.values():
                     source.dequeue_listeners.append(lambda _channel, gpu=gpu: self._offer_deferred(gpu))
+                if memory.prefetch_staging is not None:  # reads waiting for staging count toward the queue too
+                    memory.prefetch_staging.start_listeners.append(lambda _buffer, gpu=gpu: self._offer_deferred(gpu))
         self.process = env.process(self._run())
 
     def _phase(self, *phases: Phase):
@@ -530,7 +533,9 @@ class GpuStream:
             if not layer < target_layer <= last_layer:
                 continue
             target_step = step.index
-            if target_layer >= num_layers:  # past the last layer: the next step's
+            if target_layer >= num_layers:  # past the last layer: the next step's, if the run has one
+                if target_step + 1 >= len(self.workload.steps):
+                    continue
                 target_step, target_layer = target_step + 1, target_layer - num_layers
             key = target_layer * num_experts + expert
             memory = memories[expert % gpus]
