@@ -80,7 +80,11 @@ seed = 1
 def test_a_sweeps_workers_end_with_it(tmp_path, signum, status):
     sweep_file = tmp_path / "slow.toml"
     sweep_file.write_text(textwrap.dedent(SLOW_SWEEP))
-    process = subprocess.Popen([sys.executable, "-m", "tierflow", "sweep", sweep_file, "--out", tmp_path / "out",
+    # SIGINT as in a terminal: a shell's background job (a test run started with `&`) inherits it ignored, and
+    # Python then leaves it ignored, as it should.
+    command = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "from tierflow.cli import main; sys.exit(main(sys.argv[1:]))")
+    process = subprocess.Popen([sys.executable, "-c", command, "sweep", sweep_file, "--out", tmp_path / "out",
                                 "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 60

@@ -152,18 +152,6 @@ class WorkerDied(RuntimeError):
         super().__init__("its worker process died (killed, or out of memory) while running it alone")
 
 
-def _first_done(futures) -> set:
-    """``concurrent.futures.wait(futures, FIRST_COMPLETED)``'s done set, waited for in short rounds with SIGINT
-    and SIGTERM held during each and delivered between them. ``wait`` takes every future's lock in a Python
-    loop; a KeyboardInterrupt raised inside that loop would leave some of them taken, and the pool's manager
-    thread, which takes them to set results, would then hang the pool's shutdown and the interpreter's exit."""
-    while True:
-        with signals_held():
-            done, _ = concurrent.futures.wait(futures, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
-        if done:
-            return done
-
-
 def run_parallel(function: Callable, items: Sequence, workers: int) -> Iterator[tuple[int, Any, BaseException | None]]:
     """``(index, result, None)`` or ``(index, None, error)`` for each of ``items`` as ``function(item)``
     finishes on one of ``workers`` processes, in order of completion.
@@ -193,7 +181,8 @@ def run_parallel(function: Callable, items: Sequence, workers: int) -> Iterator[
                     source.appendleft(index)
                     broken = True
                     break
-            done = _first_done(running) if running else set()
+            done = (concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)[0]
+                    if running else set())
             for future in done:
                 index, alone = running.pop(future)
                 error = future.exception()
