@@ -389,8 +389,6 @@ def test_a_late_prefetch_is_promoted_by_the_engine():
     """Mixtral from one PM1743 per GPU, the transition prefetcher: a layer that waits for a prefetch in flight
     promotes it to demand priority (ahead of queued prefetches, no longer pre-empted), and the step is shorter
     than with promotion switched off; the promoted bytes still count as prefetched."""
-    from tierflow.sim.memory import ExpertMemory
-
     scenario = load_scenario("kyung_mixtral", [
         "placement=ssd", "workload.batch_size=1", "hardware=kyung2025-pcie5-nvme", "workload.routing=trace",
         "cache.enabled=true", "cache.policy=lru", "cache.capacity_experts=64", "timing.expert_copies=on_demand",
@@ -632,7 +630,7 @@ def test_expert_map_a_batch_that_fills_a_full_store_compares_with_what_it_just_s
     em = _expert_map_with([[rng.choice(16, 2, replace=False).tolist() for _ in range(4)] for _ in range(6)],
                           capacity=6)
     experts, weights = np.array([[3, 7]] * 4), rng.random((4, 2)).astype(np.float32)
-    np.testing.assert_allclose(em._slot_similarity(experts, weights, [1, 4]),  # noqa: SLF001
+    np.testing.assert_allclose(em._full_similarity(experts, weights, [1, 4]),  # noqa: SLF001
                                em._full_similarity(experts, weights)[[1, 4]], rtol=1e-6)  # noqa: SLF001
 
 

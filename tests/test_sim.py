@@ -773,10 +773,9 @@ def _step_compute_s(compute, step, context):
     return sum(phase.seconds for phase in _step_phases(compute, step, context))
 
 
-def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path):
-    """Three sequences at batch 2: once the third has taken a finished slot and the other has ended, steps
-    decode one sequence, and compute (time and ledger) is that of batch 1. Each sequence attends to its own
-    context: the third joins at step 4 with the scenario's context_length, not the first's grown one."""
+def _three_sequences(tmp_path):
+    """An OLMoE trace of three sequences of 4, 10 and 3 decode tokens: at batch 2 the third takes the first's
+    slot at step 4, and the last three steps decode one sequence."""
     spec = get_model("olmoe-1b-7b")
     rng = np.random.default_rng(3)
     lengths = [4, 10, 3]
@@ -785,10 +784,18 @@ def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path)
     path = tmp_path / "three.h5"
     write_trace(path, experts, np.repeat([0, 1, 2], lengths), model=spec.name,
                 num_experts=spec.num_routed_experts, source="test")
+    return path
+
+
+def test_a_step_that_decodes_fewer_sequences_is_charged_for_those_only(tmp_path):
+    """Three sequences at batch 2: once the third has taken a finished slot and the other has ended, steps
+    decode one sequence, and compute (time and ledger) is that of batch 1. Each sequence attends to its own
+    context: the third joins at step 4 with the scenario's context_length, not the first's grown one."""
+    path = _three_sequences(tmp_path)
     sim = Simulation(small(**{"placement": "hbm", "gpus": 1, "workload.decode_tokens": 20}), trace=str(path))
     results = sim.run()
     batches = [len(step.sequence_ids) for step in sim.workload.steps]
-    assert batches == [2] * 7 + [1] * 3 and results.summary["tokens"] == sum(lengths)
+    assert batches == [2] * 7 + [1] * 3 and results.summary["tokens"] == 4 + 10 + 3
     context = SMALL["workload"]["context_length"]
     # Step i: sequence 1 (10 tokens) has decoded i; sequence 0 (steps 0-3) i, then sequence 2 (steps 4-6) i - 4.
     contexts = [(context + i, context + i) if i < 4 else (context + i - 4, context + i) if i < 7 else context + i
@@ -893,14 +900,7 @@ def test_throughput_and_peak_hbm_closed_forms():
 
 
 def test_stall_and_median_are_per_token_when_the_batch_shrinks(tmp_path):
-    spec = get_model("olmoe-1b-7b")
-    rng = np.random.default_rng(3)
-    lengths = [4, 10, 3]
-    experts = np.stack([[rng.choice(spec.num_routed_experts, spec.top_k, replace=False)
-                         for _ in range(spec.num_moe_layers)] for _ in range(sum(lengths))])
-    path = tmp_path / "three.h5"
-    write_trace(path, experts, np.repeat([0, 1, 2], lengths), model=spec.name, num_experts=spec.num_routed_experts,
-                source="test")
+    spec, path = get_model("olmoe-1b-7b"), _three_sequences(tmp_path)
     sim = Simulation(small(**{"gpus": 1, "cache.enabled": False, "workload.decode_tokens": 20}), trace=str(path))
     results = sim.run()
     link = sim.hardware.host_link

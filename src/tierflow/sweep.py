@@ -348,7 +348,7 @@ def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
                             "wall_s": time.perf_counter() - started}, None)
     steps = {"latency_s": results.step_latency_s, "stall_s": results.step_stall_s,
              "hits": results.step_hits, "misses": results.step_misses, "in_flight": results.step_in_flight,
-             **{f"prefetch_{name}": series for name, series in (results.step_prefetch or {}).items()}}
+             "prefetch": results.step_prefetch}
     return PointOutput({**record, "summary": results.summary, "wall_s": time.perf_counter() - started}, steps)
 
 
@@ -371,9 +371,8 @@ def save_point(out: Path, point: Point, output: PointOutput) -> None:
     record = {**output.record, "axes": point.axes}
     if output.steps is not None:
         s = output.steps
-        prefetch = {name[len("prefetch_"):]: series for name, series in s.items() if name.startswith("prefetch_")}
         write_results_h5(Results(output.record["summary"], s["latency_s"], s["stall_s"], s["hits"], s["misses"],
-                                 point.scenario_table, step_in_flight=s["in_flight"], step_prefetch=prefetch or None),
+                                 point.scenario_table, step_in_flight=s["in_flight"], step_prefetch=s["prefetch"]),
                          folder / f"{point.point_id}.h5")
     _write_text(folder / f"{point.point_id}.json", json.dumps(record, indent=1, allow_nan=False))
 

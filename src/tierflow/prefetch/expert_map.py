@@ -104,13 +104,13 @@ class ExpertMap(Prefetcher):
             emb = embeddings[sequence] if embeddings is not None and sequence < len(embeddings) else None
             self._insert(experts, weights, emb, similarity)
 
-    def _full_similarity(self, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Cosine similarity of a whole map ``(L, k)`` to each stored map."""
-        size = self._size
-        layers = np.arange(experts.shape[0])[:, None]
-        dot = (self._maps[layers, experts, :size] * weights[:, :, None]).sum(axis=(0, 1))
+    def _full_similarity(self, experts: np.ndarray, weights: np.ndarray, slots=None) -> np.ndarray:
+        """Cosine similarity of a whole map ``(L, k)`` to each stored map, or to those in ``slots``."""
+        slots = np.arange(self._size) if slots is None else np.asarray(slots)
+        layers = np.arange(experts.shape[0])[:, None, None]
+        dot = (self._maps[layers, experts[:, :, None], slots] * weights[:, :, None]).sum(axis=(0, 1))
         norm2 = float((weights * weights).sum())
-        return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, :size], 1e-30))
+        return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, slots], 1e-30))
 
     def _insert(self, experts, weights, embedding, similarity) -> int:
         """Add a map; a full store overwrites its most similar entry (the most redundant one). Returns its slot."""
@@ -237,13 +237,6 @@ class ExpertMap(Prefetcher):
                 similarity = full[b]
                 if written:
                     similarity = similarity.copy()
-                    similarity[written] = self._slot_similarity(self._rows[b], self._weights[b], written)
+                    similarity[written] = self._full_similarity(self._rows[b], self._weights[b], written)
             written.append(self._insert(self._rows[b], self._weights[b], emb, similarity))
         self._step = None
-
-    def _slot_similarity(self, experts: np.ndarray, weights: np.ndarray, slots: list[int]) -> np.ndarray:
-        """:meth:`_full_similarity` for some slots only."""
-        layers = np.arange(experts.shape[0])[:, None, None]
-        dot = (self._maps[layers, experts[:, :, None], np.asarray(slots)] * weights[:, :, None]).sum(axis=(0, 1))
-        norm2 = float((weights * weights).sum())
-        return dot / np.sqrt(np.maximum(norm2 * self._prefix_norm2[-1, slots], 1e-30))

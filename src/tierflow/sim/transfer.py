@@ -36,10 +36,6 @@ class Transfer:
         self.first_chunk_at = None  # on a preempted hop: when its first chunk went through
         self.queued_at = None  # when it was submitted to the current hop
 
-    @property
-    def is_prefetch(self) -> bool:
-        return self.prefetched
-
     def start(self) -> None:
         self.hops[0].submit(self)
 
