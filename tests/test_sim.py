@@ -338,6 +338,30 @@ def test_a_prefetch_in_its_last_chunk_finishes_first_and_a_plain_channel_never_y
         assert channel.preemptions == 0
 
 
+def test_a_pre_empted_prefetch_keeps_the_chunks_credited_while_upstream_read():
+    """A 10 MB prefetch read at 1 GB/s (1 MB chunks) reaches an idle 4 GB/s link: 9 MB are credited as carried
+    during the read, so its link service is the last chunk (2 us latency + 0.25 ms). A demand that reaches the
+    link during that latency takes it over at the chunk boundary; the prefetch then carries only its last 1 MB
+    (it used to carry all 10 MB again). One that arrives during the last chunk's bytes waits for it."""
+    read_done = 1e-6 + 10e-3
+    for arrives, demand_lands, prefetch_lands in (
+            (read_done + 1e-6, read_done + 1e-6 + 2e-6 + 0.5e-3, read_done + 1e-6 + 2e-6 + 0.5e-3 + 2e-6 + 0.25e-3),
+            (read_done + 0.1e-3, read_done + 2e-6 + 0.25e-3 + 2e-6 + 0.5e-3, read_done + 2e-6 + 0.25e-3)):
+        calendar = Calendar()
+        drive, link = _channel_pair(calendar, 1e9, 4e9, 1_000_000)
+        link.preemptive = True
+        prefetch = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", [drive, link], PREFETCH)
+        demand = Transfer(calendar, 1, 2_000_000, "ddr", "hbm", [link], DEMAND)
+        prefetch.start()
+        calendar.run(until=arrives)
+        demand.start()
+        calendar.run()
+        assert demand.arrived_at == pytest.approx(demand_lands, rel=1e-9)
+        assert prefetch.arrived_at == pytest.approx(prefetch_lands, rel=1e-9)
+        assert link.preemptions == (arrives < read_done + 2e-6)
+        assert link.bytes_carried == 12_000_000
+
+
 def test_a_preempted_prefetch_resumes_before_later_prefetches_and_crosses_every_hop_whole():
     calendar = Calendar()
     first, second = _preemptive_link(calendar), _preemptive_link(calendar)

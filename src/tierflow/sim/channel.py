@@ -41,7 +41,7 @@ class Channel:
         self._order = itertools.count()
         self._busy = False
         self._idle_since = 0.0
-        self._serving = None  # (transfer, duration, first chunk time, start time, latency paid) while busy
+        self._serving = None  # (transfer, duration, first chunk time, start, latency paid, bytes credited) while busy
         self._serial = 0  # counts services started: an end event of an earlier one is stale
         self._yield_chunks = None  # while the prefetch in service is to stop: its chunks carried by then
         self.preemptive = False
@@ -87,20 +87,22 @@ class Channel:
             self._times_by_size[size_bytes] = times
         return times
 
-    def service_time(self, transfer) -> tuple[float, float]:
-        """(time busy with ``transfer`` if it starts now, time until its first chunk is through; 0 for a
-        transfer resuming after a preemption, whose first chunk went through before)."""
+    def service_time(self, transfer) -> tuple[float, float, float]:
+        """(time busy with ``transfer`` if it starts now, time until its first chunk is through: 0 for a
+        transfer resuming after a preemption, whose first chunk went through before; the time taken off for
+        the bytes credited as carried while upstream was still reading, 0 without credit)."""
         if transfer.hop_bytes != transfer.size_bytes:  # resuming after a preemption: the rest, no overlap credit
-            return self.transfer_time(transfer.hop_bytes), 0.0
+            return self.transfer_time(transfer.hop_bytes), 0.0, 0.0
         full, first_chunk = self._times(transfer.size_bytes)
         upstream_done_at = transfer.upstream_done_at
         if upstream_done_at is None:
-            return full, first_chunk
+            return full, first_chunk, 0.0
         # Bytes this channel could have moved while upstream was still producing them, had it been idle.
         overlap = upstream_done_at - max(self._idle_since, transfer.data_ready_at)
         if overlap <= 0:
-            return full, first_chunk
-        return max(first_chunk, full - overlap), first_chunk
+            return full, first_chunk, 0.0
+        duration = max(first_chunk, full - overlap)
+        return duration, first_chunk, full - duration
 
     def _start(self, transfer, back_to_back: bool) -> None:
         """Serve ``transfer`` from now; ``back_to_back``: the channel was busy until now (it comes off the queue).
@@ -108,13 +110,14 @@ class Channel:
         taken off: its requests were already in flight."""
         self._busy = True
         now = self.calendar.now
-        duration, first_chunk_s = self.service_time(transfer)
+        duration, first_chunk_s, credit_s = self.service_time(transfer)
         latency = self.latency_s
         if back_to_back and self.hides_latency_when_busy:
             hidden = min(latency, now - transfer.queued_at)
             duration, first_chunk_s, latency = duration - hidden, max(first_chunk_s - hidden, 0.0), latency - hidden
         first_chunk_at = now + first_chunk_s if transfer.hop_bytes == transfer.size_bytes else transfer.first_chunk_at
-        self._serving = transfer, duration, first_chunk_at, now, latency
+        # Bytes credited as carried before the service began (cut-through): a pre-emption keeps them carried.
+        self._serving = transfer, duration, first_chunk_at, now, latency, credit_s * self.bandwidth_bytes_per_s
         self._serial += 1
         self._yield_chunks = None
         self.calendar.schedule(duration, self._finish, self._serial)
@@ -122,7 +125,7 @@ class Channel:
     def _finish(self, serial) -> None:
         if serial != self._serial:  # the service was preempted and this end is void
             return
-        transfer, duration, first_chunk_at, _, _ = self._serving
+        transfer, duration, first_chunk_at, *_ = self._serving
         now = self.calendar.now
         self.busy_s += duration
         self.bytes_carried += transfer.hop_bytes
@@ -140,18 +143,27 @@ class Channel:
     def _preempt(self) -> None:
         """A demand transfer waits behind the prefetch in service: end that service at its next chunk boundary
         (at once if its bytes have not begun to flow: it is still in its latency), unless it is in its last
-        chunk (or already stopping). Chunks flow evenly over the service after its latency."""
+        chunk (or already stopping). Chunks flow evenly over the service after its latency; the bytes credited
+        as carried while upstream was still reading (cut-through) count as carried from its start."""
         if self._yield_chunks is not None:
             return
-        transfer, duration, _, started, latency = self._serving
+        transfer, duration, _, started, latency, credited = self._serving
         chunks = math.ceil(transfer.hop_bytes / self.chunk_bytes)
         streaming = duration - latency
         now = self.calendar.now
-        done = max(0, math.ceil((now - started - latency) / streaming * chunks))  # chunks under way or finished
-        if done >= chunks:
-            return
+        if not credited:
+            done = max(0, math.ceil((now - started - latency) / streaming * chunks))  # chunks under way or finished
+            if done >= chunks:
+                return
+            at = started + latency + streaming * done / chunks if done else now
+        else:
+            rate = (transfer.hop_bytes - credited) / streaming  # bytes per second once the latency is over
+            carried = credited + max(0.0, now - started - latency) * rate
+            done = math.ceil(carried / self.chunk_bytes - 1e-9)  # chunks under way or finished (credit is rounded)
+            if done >= chunks:
+                return
+            at = now + (done * self.chunk_bytes - carried) / rate
         self._yield_chunks = done
-        at = started + latency + streaming * done / chunks if done else now
         self.calendar.schedule(at - now, self._yield, self._serial)
 
     def _yield(self, serial) -> None:
@@ -162,7 +174,7 @@ class Channel:
         if self._serving[0].priority == DEMAND:  # promoted since the pre-emption was decided: it carries on
             self._yield_chunks = None
             return
-        transfer, _, first_chunk_at, started, _ = self._serving
+        transfer, _, first_chunk_at, started, *_ = self._serving
         now = self.calendar.now
         moved = self._yield_chunks * self.chunk_bytes
         self.busy_s += now - started
