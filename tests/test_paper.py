@@ -137,6 +137,34 @@ def test_ahead_copies_follow_the_per_gpu_link_recurrence():
     assert results.step_latency_s[0] == pytest.approx(t, rel=1e-9)
 
 
+def test_ahead_copies_hold_hbm_from_their_start_until_their_layer_has_computed():
+    """With copies queued ahead, the GPUs that are not the busiest receive later layers' experts long before
+    those layers compute: the peak HBM counts every expert whose copy has begun and whose layer has not finished
+    (the same recurrence as above, one step), not one layer's working set."""
+    sim, results = simulate("kyung_mixtral", "placement=ddr", "workload.batch_size=4", "workload.decode_tokens=1")
+    compute, step = sim.compute, sim.workload.steps[0]
+    bandwidth = get_profile("kyung2025").host_link.bandwidth_bytes_per_s
+    gpus, size = sim.plan.gpus, sim.spec.expert_bytes
+    context = sim.scenario.workload.context_length
+    t = compute.dense_prefix(context).seconds
+    landed = np.full(gpus, float(t))
+    copies = [[] for _ in range(gpus)]  # per GPU: [start, layer] of each copy
+    released = []  # per layer: when its expert compute ends
+    for layer, experts in enumerate(step.experts):
+        for gpu in (experts % gpus).tolist():
+            copies[gpu].append((landed[gpu], layer))
+            landed[gpu] += size / bandwidth
+        t = max(t + compute.attention(context, layer).seconds, landed.max())
+        t += compute.experts(experts.tolist(), step.tokens_per_expert[layer].tolist()).seconds
+        released.append(t)
+    held = max(sum(start <= moment < released[layer] for start, layer in gpu_copies)
+               for gpu_copies in copies for moment, _ in gpu_copies)
+    working_set = max(np.bincount(e % gpus, minlength=gpus).max() for e in step.experts)
+    assert held > working_set  # the case the test is about
+    expected = sim.plan.non_expert_bytes_per_gpu + sim.plan.kv_bytes_per_gpu + held * size
+    assert results.summary["peak_hbm_bytes"] == expected
+
+
 def test_offload_takes_hbm_bandwidth_only_when_experts_are_offloaded():
     hbm = get_profile("kyung2025").gpu.hbm.read_bandwidth_bytes_per_s
     for placement, expected in (("hbm", hbm), ("ddr", hbm - 900e9), ("ssd", hbm - 900e9)):

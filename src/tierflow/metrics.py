@@ -68,8 +68,8 @@ def collect_results(sim) -> Results:
         peak_hbm += sim.plan.expert_bytes * -(-sim.spec.num_routed_experts // sim.plan.gpus) * sim.spec.num_moe_layers
     elif hbm_caches:
         peak_hbm += max(m.peak_cache_bytes for m in memories)
-    else:
-        peak_hbm += sim.plan.working_set_experts * sim.plan.expert_bytes
+    else:  # experts streamed for each layer (with copies queued ahead, many layers' at once)
+        peak_hbm += max(m.peak_streamed_bytes for m in memories)
     summary = {
         "scenario": sim.scenario.name,
         "model": sim.spec.name,

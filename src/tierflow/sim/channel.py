@@ -110,6 +110,9 @@ class Channel:
         taken off: its requests were already in flight."""
         self._busy = True
         now = self.calendar.now
+        if transfer.on_start is not None:
+            transfer.on_start(transfer)
+            transfer.on_start = None
         duration, first_chunk_s, credit_s = self.service_time(transfer)
         latency = self.latency_s
         if back_to_back and self.hides_latency_when_busy:

@@ -72,6 +72,9 @@ class ExpertMemory:
         self.in_flight_by_layer = [0] * num_layers
         self.misses_by_layer = [0] * num_layers
         self.peak_cache_bytes = 0
+        # Without an HBM cache, an expert streamed in for a layer holds HBM from the moment its copy begins (its
+        # first hop starts serving it) until that layer's expert compute ends.
+        self.streamed_bytes = self.peak_streamed_bytes = 0
         self.eviction_listeners: list = []  # told the key of every expert evicted from HBM
         # A per-layer cache is one TierCache per layer; prefetch room is checked in the key's own layer.
         # ``resident`` answers "is this key resident or in flight" (``key in memory.resident``), cheaply: the
@@ -127,6 +130,8 @@ class ExpertMemory:
         """The layer that used ``key`` has finished computing with it."""
         if self.hbm is not None:
             self.hbm.unpin(key)
+        elif not self.all_resident:
+            self.streamed_bytes -= self.expert_bytes
 
     # ------------------------------------------------------------------------------------------- prefetch
 
@@ -203,12 +208,18 @@ class ExpertMemory:
                             via=path.route.via, on_done=self._arrived if into_hbm else self._streamed)
         if into_hbm:
             self.in_flight[key] = transfer
+        else:
+            transfer.on_start = self._stream_started
         if path.staging is None:
             path.hops[0].submit(transfer)
         else:
             transfer.staged_bytes = self.expert_bytes
             path.staging.acquire(self.expert_bytes, transfer.start, priority)
         return transfer
+
+    def _stream_started(self, transfer: Transfer) -> None:
+        self.streamed_bytes += transfer.size_bytes
+        self.peak_streamed_bytes = max(self.peak_streamed_bytes, self.streamed_bytes)
 
     def _promote(self, transfer: Transfer) -> None:
         """A layer now waits for this prefetch: from here on it moves at demand priority (ahead of queued
