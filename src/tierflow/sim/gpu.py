@@ -156,7 +156,9 @@ class ComputeModel:
 
     def _all_to_all_s(self, bytes_per_gpu: float) -> float:
         """All-to-all among all GPUs, each sending ``bytes_per_gpu`` spread evenly over the GPUs: the share
-        bound for the GPU's own node goes over NVLink, the rest over its network link, both at once."""
+        bound for the GPU's own node goes over NVLink, the rest over its network link, both at once. Each
+        peer's message is charged the link latency in turn (an assumption, see README: with sends to all peers
+        fully overlapped it would be one latency)."""
         n, local = self.gpus, self.gpus_per_node
         times = []
         for link, peers in ((self.nvlink, min(n, local) - 1), (self.internode, n - min(n, local))):
@@ -224,8 +226,8 @@ class ComputeModel:
                      sum(p.hbm_read_bytes for p in phases), sum(p.l1_bytes for p in phases), tuple(collectives.items()))
 
     def attention(self, context, moe_layer: int) -> Phase:
-        """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce: the shared
-        experts' output is summed with the routed experts' combine). Layers that attend to the same number of
+        """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce, an
+        assumption: the shared experts' partial sums are taken to be summed in the routed experts' combine). Layers that attend to the same number of
         tokens cost the same, so a step computes each kind once."""
         attended = self._attended(context, self.spec.first_moe_layer + moe_layer)
         phase = self._attention_memo.get(attended)
