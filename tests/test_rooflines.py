@@ -86,7 +86,8 @@ def test_deepseek_r1_in_hbm_on_eight_h200(tmp_path):
     experts = max(2 * 3 * hidden * 2048 / fp8_rate, expert / hbm_bw) + all_to_all
     vocab = 129280
     head = max(2 * vocab * hidden / gpus / bf16_rate, vocab * hidden * 2 / gpus / hbm_bw)
-    latency = 3 * tensor_parallel(3 * hidden * 18432, False, 2) + layers * (tensor_parallel(shared, True, 1) + experts) + head
+    dense = tensor_parallel(3 * hidden * 18432, False, 2)
+    latency = 3 * dense + layers * (tensor_parallel(shared, True, 1) + experts) + head
     assert s["latency_s_per_token"]["mean"] == pytest.approx(latency, rel=1e-9)
     assert s["bytes_moved"] == {} and s["stall_s_per_token"] == 0
     spec = sim.spec
