@@ -496,7 +496,7 @@ def test_out_that_is_an_input_is_refused_and_left_alone(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_bytes(PER_STEP.read_bytes())
     result = run_cli("trace", "import", "--format", "per-step", log, "--out", log, "--num-experts", "8")
-    assert_one_line_error(result, "is also an input file")
+    assert_one_line_error(result, "is an input file")
     assert log.read_bytes() == PER_STEP.read_bytes()
 
 

@@ -99,7 +99,7 @@ def test_a_symbolic_link_is_written_through_and_a_device_is_refused(cli, tmp_pat
     assert Path("/dev/null").is_char_device()
 
 
-def test_simulate_will_not_write_over_its_own_trace(cli, tmp_path):
+def test_simulate_will_not_write_over_its_own_inputs(cli, tmp_path):
     trace = tmp_path / "t.h5"
     cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "20", "--out", trace, check_status=0)
     before = trace.read_bytes()
@@ -107,6 +107,23 @@ def test_simulate_will_not_write_over_its_own_trace(cli, tmp_path):
                  "--set", "workload.decode_tokens=2", "--trace", trace, "--out", trace)
     assert_one_line_error(result, "is the trace being simulated")
     assert trace.read_bytes() == before
+    # Nor over any other file the run reads: the scenario file, a prefetcher's training trace, policy weights.
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "olmoe-1b-7b"\nhardware = "h100-pcie5"\ngpus = 1\n')
+    common = ["--set", "workload.decode_tokens=2", "--trace", trace]
+    for args, fragment, target in (
+            (["--scenario", scenario], "the scenario file", scenario),
+            (["--scenario", scenario, "--set", "prefetch.policy=expert_map", "--set",
+              f"prefetch.params.train_trace={tmp_path / 'train.h5'}"], "prefetch.params.train_trace", "train.h5"),
+            (["--scenario", scenario, "--set", "cache.policy=learned", "--set",
+              f"cache.params.weights={tmp_path / 'w.npz'}"], "cache.params.weights", "w.npz")):
+        target = tmp_path / target
+        if not target.exists():
+            target.write_bytes(before)
+        kept = target.read_bytes()
+        result = cli("simulate", *args, *common, "--out", target)
+        assert_one_line_error(result, fragment, "would be overwritten")
+        assert target.read_bytes() == kept
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -575,6 +575,7 @@ BAD_SCENARIOS = {
     "too many sequences": (["--set", "workload.synthetic_sequences=1000000000"],
                            "workload.synthetic_sequences = 1000000000 exceeds"),
     "directory": (["--scenario", "."], "is a directory"),
+    "device": (["--scenario", "/dev/null"], "scenario file /dev/null: not a regular file"),
     "no scenario": (["--scenario", ""], "no scenario named; shipped: ddr_offload"),
     "not a count": (["--set", "workload.batch_size=1e300"], "expected int, got 1e+300"),
     "skip with uniform routing": (["--set", "workload.routing=uniform", "--set", "workload.skip_tokens=3"],

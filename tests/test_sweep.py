@@ -121,6 +121,8 @@ def test_invalid_sweep_file_on_the_command_line(tmp_path):
     assert_one_line_error(run_tierflow("sweep", mismatched, "--out", tmp_path / "out"), "different lengths")
     assert_one_line_error(run_tierflow("sweep", tmp_path / "missing.toml", "--out", tmp_path / "out"),
                           "no such file")
+    assert_one_line_error(run_tierflow("sweep", "/dev/null", "--out", tmp_path / "out"), "not a regular file")
+    assert_one_line_error(run_tierflow("sweep", tmp_path, "--out", tmp_path / "out"), "is a directory")
     good = write_sweep(tmp_path / "good.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.capacity_experts" = [1856]\n')
     assert_one_line_error(run_tierflow("sweep", good, "--out", tmp_path / "out2", "--scheduler", "garbage", "--quiet"),
                           "--scheduler garbage: cannot connect")

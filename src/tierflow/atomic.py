@@ -79,6 +79,16 @@ def check_writable(path) -> None:
     discard(new_temporary(Path(path)))
 
 
+def check_not_an_input(out, inputs) -> None:
+    """Refuse an output that would overwrite one of the files a command reads (``inputs``: paths, or
+    ``(path, what it is)`` pairs; those that do not exist are skipped)."""
+    target = destination(out).resolve()
+    for entry in inputs:
+        path, what = entry if isinstance(entry, tuple) else (entry, "an input file")
+        if path is not None and Path(path).exists() and Path(path).resolve() == target:
+            raise TierflowError(f"--out {out} is {what}: it would be overwritten; choose another name")
+
+
 def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` ordinary permissions, flush it to the disk and rename it over ``path`` (then flush the
     folder): after a crash of the machine the file is the old one or the whole new one, never a short one. A

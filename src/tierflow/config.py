@@ -333,16 +333,21 @@ def scenario_names() -> list[str]:
     return sorted(p.stem for p in scenarios_dir().glob("*.toml"))
 
 
+def not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "not a regular file" if path.exists() else "no such file"
+
+
 def resolve_scenario_path(name_or_path: str) -> Path:
     """A shipped scenario's file by name, or a TOML file by path."""
     if not name_or_path.strip():
         raise TierflowError(f"no scenario named; shipped: {', '.join(scenario_names())} (or a .toml path)")
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        if path.is_dir():
-            raise TierflowError(f"scenario file {path}: is a directory, not a .toml file")
         if not path.is_file():
-            raise TierflowError(f"scenario file {path}: no such file")
+            raise TierflowError(f"scenario file {path}: {not_a_file(path)}")
         return path
     shipped = scenarios_dir() / f"{name_or_path}.toml"
     if not shipped.is_file():

@@ -58,7 +58,7 @@ import attrs
 import numpy as np
 
 from tierflow.atomic import H5Output, atomic_write, output_dir
-from tierflow.config import load_scenario_table, scenario_from_table, scenario_to_table, valid_keys
+from tierflow.config import load_scenario_table, not_a_file, scenario_from_table, scenario_to_table, valid_keys
 from tierflow.errors import TierflowError
 from tierflow.resources import code_fingerprint, file_digest
 from tierflow.workers import run_parallel, sigint_ignored
@@ -246,7 +246,7 @@ def load_sweep(path) -> Sweep:
     """Read and validate a sweep file."""
     path = Path(path)
     if not path.is_file():
-        raise TierflowError(f"sweep file {path}: no such file")
+        raise TierflowError(f"sweep file {path}: {not_a_file(path)}")
     try:
         document = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:

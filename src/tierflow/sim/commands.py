@@ -7,14 +7,26 @@ from pathlib import Path
 
 import click
 
-from tierflow.atomic import check_writable, destination
-from tierflow.config import load_scenario
-from tierflow.errors import TierflowError
+from tierflow.atomic import check_not_an_input, check_writable
+from tierflow.config import load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
 
 
 def register(group: click.Group) -> None:
     group.add_command(simulate)
+
+
+def scenario_inputs(scenario_name: str, scenario, trace=None) -> list[tuple[Path, str]]:
+    """The files a run of ``scenario`` reads, each with what it is: the trace, the scenario file, and any file a
+    cache policy or prefetcher parameter names (a training trace, learned-policy weights)."""
+    source = trace or scenario.workload.trace
+    inputs = [(Path(source), "the trace being simulated")] if source else []
+    inputs.append((resolve_scenario_path(scenario_name), "the scenario file"))
+    for part in ("cache", "ddr_cache", "prefetch"):
+        for key, value in getattr(scenario, part).params.items():
+            if isinstance(value, str) and value:
+                inputs.append((Path(value), f"the file {part}.params.{key} names"))
+    return inputs
 
 
 def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
@@ -42,10 +54,7 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     """Simulate MoE decode over GPU HBM, host DDR and NVMe SSD for one scenario."""
     scenario = load_scenario(scenario_name, overrides)
     if out is not None:
-        source = trace or (Path(scenario.workload.trace) if scenario.workload.trace else None)
-        if source is not None and source.exists() and destination(out).resolve() == source.resolve():
-            raise TierflowError(f"--out {out} is the trace being simulated: it would be overwritten; choose "
-                                "another name")
+        check_not_an_input(out, scenario_inputs(scenario_name, scenario, trace))
         check_writable(out)
     results = run_with_progress(scenario, str(trace) if trace else None, quiet)
     steps, asked = len(results.step_latency_s), scenario.workload.decode_tokens

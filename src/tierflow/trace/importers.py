@@ -37,7 +37,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from tierflow.atomic import check_writable
+from tierflow.atomic import check_not_an_input, check_writable
 from tierflow.errors import TierflowError, TraceError
 from tierflow.trace.format import GATE_SCORE_DTYPE, MAX_EXPERTS, MAX_LAYERS, TraceMeta, open_trace, write_trace
 
@@ -534,9 +534,7 @@ def import_trace(
     inputs = [Path(path) for path in inputs]
     importer = _importer(fmt, _describe(inputs))
     inputs = _expand_folders(inputs)
-    for path in inputs:
-        if Path(out).resolve() == path.resolve():
-            raise TierflowError(f"--out {out} is also an input file: it would be overwritten; choose another name")
+    check_not_an_input(out, inputs)
     spec = _catalog_model(model)
     expert_limit = _expert_limit(spec, model, num_experts)
     check_writable(out)  # before parsing a log that may be large
