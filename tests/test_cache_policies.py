@@ -228,9 +228,10 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(TierflowError, match="weights"):
         make_policy("learned", {"weights": str(bad)}, CacheContext(4))
-    bad.write_bytes(b"")
-    with pytest.raises(TierflowError, match="not a learned-policy weights file"):
-        Scorer.load(bad)
+    for damaged in (b"", path.read_bytes()[:2000]):  # empty; cut short (a zip without its directory)
+        bad.write_bytes(damaged)
+        with pytest.raises(TierflowError, match="not a learned-policy weights file"):
+            Scorer.load(bad)
     arrays = {name: getattr(scorer, name) for name in ("mean", "scale", "w1", "b1", "w2", "b2", "horizons")}
     for name, value, message in [("b1", np.zeros(3), "do not fit"), ("mean", np.zeros(2), "do not fit"),
                                  ("w1", np.zeros(len(FEATURES)), "do not fit"), ("horizons", np.zeros(0), "do not fit"),

@@ -22,6 +22,7 @@ from tierflow.errors import TierflowError
 from tierflow.prefetch import PREFETCHERS, PrefetchContext, RoutingEvent, make_prefetcher
 from tierflow.prefetch.expert_map import ExpertMap
 from tierflow.prefetch.speculative_gate import fit_layer_maps
+from tierflow.prefetch.training import load_training_split
 from tierflow.sim.engine import Simulation
 from tierflow.sim.transfer import PREFETCH
 from tierflow.trace.format import TraceWriter, write_trace
@@ -873,6 +874,23 @@ def test_training_trace_values_are_checked_and_errors_name_the_file_once(tmp_pat
     with pytest.raises(TierflowError) as error:
         make_prefetcher(name, {"train_trace": str(missing)}, context)
     assert str(error.value) == f"prefetcher {name!r}: train_trace {missing}: no such file"
+
+
+def test_the_training_split_is_the_last_decode_tokens_and_a_trace_without_any_is_refused(tmp_path):
+    """Prefill tokens at the end of the file do not count toward ``train_tokens``; a file of prefill only is an
+    error, as an empty one is (it used to fit on nothing and never prefetch)."""
+    experts = np.stack([np.tile(np.array([t % 16, (t + 1) % 16]), (4, 1)) for t in range(10)])
+    phase = np.array([0, 1, 1, 1, 1, 1, 1, 0, 0, 0], dtype=np.uint8)  # decode tokens 1..6, then prefill
+    path = tmp_path / "mixed.h5"
+    write_trace(path, experts, np.arange(10) // 5, phase=phase, model="m", num_experts=16, source="mixed")
+    split = load_training_split(str(path), 4, _context(_Workload([])), "speculative_gate")
+    assert split.experts.tolist() == experts[3:7].tolist()  # the last 4 decode tokens, not tokens 6..9
+    prefill = tmp_path / "prefill.h5"
+    write_trace(prefill, experts, np.zeros(10, dtype=np.int64), phase=np.zeros(10, dtype=np.uint8), model="m",
+                num_experts=16, source="prefill")
+    for name in ("speculative_gate", "expert_map"):
+        with pytest.raises(TierflowError, match="has no decode tokens"):
+            make_prefetcher(name, {"train_trace": str(prefill)}, _context(_Workload([])))
 
 
 def test_a_prefetch_from_the_ddr_cache_waits_for_the_host_link_not_the_drive():

@@ -87,6 +87,7 @@ def test_plugins_lists_every_policy_with_its_parameters():
     (["--capacity", "-3"], ["'-3' is not a positive integer"]),
     (["--capacity", "4,x"], ["'x' is not a positive integer"]),
     (["--capacity", "2.5"], ["'2.5' is not a positive integer"]),
+    (["--capacity", str(2**63), "--scope", "per-layer"], [f"{2**63} is too large"]),
     (["--capacity", "1"], ["capacity 1 is smaller than top_k=2"]),
     (["--capacity", "1", "--scope", "per-layer"], ["smaller than top_k=2", "slots per layer"]),
     ([], ["--capacity is required"]),

@@ -585,6 +585,9 @@ BAD_SCENARIOS = {
         "prefetch.policy = 'transition' has no effect"),
     "huge decode": (["--set", "workload.skip_tokens=1000000000000"], "workload.skip_tokens: the built-in trace"),
     "a billion GPUs": (["--set", "gpus=1000000000"], "gpus must be between 1 and 65536"),
+    "huge prefetch budget": (["--set", f"prefetch.budget_experts={2**63}"], "budget_experts' must be <="),
+    "history past the last layer": (["--set", "prefetch.policy=speculative_gate", "--set",
+                                     "prefetch.params.history=59"], "history = 59 exceeds the model's 58 MoE layers"),
     "prefetcher without a cache": (["--scenario", "ssd_prefetch", "--set", "cache.enabled=false"],
                                    "prefetch.policy = 'transition' has no effect with cache.enabled = false"),
 }

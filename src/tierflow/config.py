@@ -118,7 +118,7 @@ class DdrCacheConfig:
 class PrefetchConfig:
     policy: str = attrs.field(default="none", metadata=_help("prefetcher (see `tierflow plugins`)"))
     lookahead: int = attrs.field(default=1, validator=_positive, metadata=_help("layers ahead to prefetch for"))
-    budget_experts: int = attrs.field(default=16, validator=_non_negative,
+    budget_experts: int = attrs.field(default=16, validator=[_non_negative, attrs.validators.le(2**63 - 1)],
                                       metadata=_help("most experts prefetched per routing event"))
     max_queued: int = attrs.field(default=2, validator=_positive,
                                   metadata=_help("hold a prefetch back while its source already has this many queued; "

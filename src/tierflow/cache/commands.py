@@ -30,6 +30,8 @@ def parse_capacities(text: str) -> list[int]:
             value = None
         if value is None or value < 1 or str(value) != item.lstrip("+"):
             raise TierflowError(f"--capacity: {item!r} is not a positive integer (expected N[,N...])")
+        if value > 2**63 - 1:
+            raise TierflowError(f"--capacity: {item} is too large (at most {2**63 - 1})")
         capacities.append(value)
     return capacities
 

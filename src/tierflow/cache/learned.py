@@ -30,6 +30,7 @@ skipped (their features changed) and the next ranking sees them again.
 
 from __future__ import annotations
 
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class Scorer:
             with np.load(path) as data:
                 arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
                 features = tuple(str(f) for f in data["features"]) if "features" in data else None
-        except (OSError, ValueError, KeyError, EOFError) as error:  # EOFError: an empty file
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # EOFError: an empty file
             raise TierflowError(f"{path}: not a learned-policy weights file ({error or 'empty'})") from None
         if features is not None and features != FEATURES:
             raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")

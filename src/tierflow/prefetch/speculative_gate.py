@@ -105,6 +105,9 @@ class SpeculativeGate(Prefetcher):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         c, p = self.context, self.params
+        if p.history > c.num_layers:
+            raise TierflowError(f"prefetcher {self.name!r}: history = {p.history} exceeds the model's "
+                                f"{c.num_layers} MoE layers (a token has no more routing to read)")
         self._distance = max(1, min(c.lookahead, c.num_layers - 1))
         self._fitted = False
         self._history_step, self._history = None, []  # this step's routing rows so far, by layer

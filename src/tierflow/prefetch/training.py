@@ -63,14 +63,17 @@ def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSp
         with open_trace(path) as reader:
             meta = reader.meta
             _check_shape(meta, path, context.num_layers, context.num_experts, who)
-            start = max(0, meta.num_tokens - tokens)
+            phases = reader.phases()
+            decode = np.arange(meta.num_tokens) if phases is None else np.flatnonzero(phases != 0)
+            if not len(decode):
+                raise TierflowError(f"prefetcher {who!r}: train_trace {path} has no "
+                                    f"{'decode ' if meta.num_tokens else ''}tokens")
+            start = int(decode[max(0, len(decode) - tokens)])  # the first of the last ``tokens`` decode tokens
             parts = list(reader.chunks(start=start, gate_scores=True, phase=True))
             embeddings = reader.embedding()
     except TraceError as error:
         # The error names the file already.
         raise TierflowError(f"prefetcher {who!r}: train_trace {error}") from None
-    if not parts:
-        raise TierflowError(f"prefetcher {who!r}: train_trace {path} has no tokens")
 
     def cat(name):
         return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])

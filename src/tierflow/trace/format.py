@@ -472,6 +472,11 @@ class TraceReader:
                 self._max_sequence = max(self._max_sequence, int(chunk.sequence_id.max()))
             yield attrs.evolve(chunk, **dict.fromkeys(hidden)) if hidden else chunk
 
+    def phases(self) -> np.ndarray | None:
+        """The whole ``phase`` dataset (one byte a token; unchecked: :meth:`chunks` checks what it reads), or
+        None when the trace has none (every token is a decode token)."""
+        return self._read("phase", 0, self.meta.num_tokens) if self.meta.has_phase else None
+
     def embedding(self) -> np.ndarray | None:
         """The per-sequence embeddings, or None when the file has none. Checked to have a row for every
         sequence id read so far."""
