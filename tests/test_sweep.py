@@ -345,6 +345,10 @@ cache.capacity_experts = 128
     ({"cache.capacity_experts": [128, 1]}, ["cache.capacity_experts=1", "working set"]),
     ({"cache.capacity_experts": [128, 100000]}, ["cache.capacity_experts=100000", "HBM"]),
     ({"prefetch.policy": ["oracle"], "prefetch.params.seed": [-1]}, ["seed must be >= 0"]),
+    # Checked against the workload the run would build: four tokens need more than 9 distinct experts at a layer,
+    # and a trace of one sequence cannot fill a batch of two.
+    ({"workload.batch_size": [4], "cache.capacity_experts": [128, 9]}, ["cache.capacity_experts=9", "working set of"]),
+    ({"workload.trace": ["ONESEQ"], "workload.batch_size": [1, 2]}, ["batch_size = 2", "1 sequence"]),
 ])
 def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(tmp_path, grid, fragments):
     text = tmp_path / "text.h5"
@@ -352,7 +356,10 @@ def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(t
     top2 = tmp_path / "top2.h5"  # OLMoE's 16 layers x 64 experts, but two experts a token
     write_trace(top2, np.tile(np.arange(2), (4, 16, 1)), np.zeros(4, dtype=int), model="olmoe-1b-7b",
                 num_experts=64, source="test")
-    files = {"TEXT": str(text), "TOP2": str(top2)}
+    one_sequence = tmp_path / "one.h5"
+    write_trace(one_sequence, np.tile(np.arange(8), (12, 16, 1)), np.zeros(12, dtype=int), model="olmoe-1b-7b",
+                num_experts=64, source="test")
+    files = {"TEXT": str(text), "TOP2": str(top2), "ONESEQ": str(one_sequence)}
     grid = {k: [files.get(v, v) if isinstance(v, str) else v for v in values] for k, values in grid.items()}
     sweep = parse_sweep(small_sweep(grid=grid))
     with pytest.raises(TierflowError) as caught:

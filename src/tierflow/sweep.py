@@ -258,43 +258,27 @@ def load_sweep(path) -> Sweep:
 # ---------------------------------------------------------------------------------------------- checking
 
 
-@attrs.frozen
-class _Step:
-    experts: list  # per layer: the experts routed at this step
-
-
-@attrs.frozen
-class _BoundWorkload:
-    """Stands in for a workload in capacity planning without generating or reading one: ``steps`` holds one step
-    whose layers each need the least working set any real step can (top-k distinct experts of one token), so
-    every capacity it rejects the real run rejects too (the run's length goes to ``plan_capacity`` apart)."""
-
-    steps: list
-
-
-def check_point(scenario) -> None:
-    """What a run would reject before simulating, checked cheaply: model and hardware names, the trace file
-    (exists, opens as a trace, matches the model), capacities, cache policies and prefetcher with their
-    parameters. Raises :class:`TierflowError`."""
+def check_point(scenario, workloads: dict | None = None) -> None:
+    """What a run would reject before simulating: model and hardware names, the trace file (exists, opens as a
+    trace, matches the model, holds enough sequences for the batch), capacities against the workload's real
+    working set, cache policies and prefetcher with their parameters. The workload is built as the run builds
+    it; ``workloads`` keeps those built so far, for points that share one. Raises :class:`TierflowError`."""
     from tierflow.cache import POLICIES
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
     from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
-        check_routing_source, check_trace_shape, compute_hbm_bandwidth, energy_model, plan_capacity)
-    from tierflow.trace.format import open_trace
+        check_hbm, compute_hbm_bandwidth, energy_model, load_scenario_workload, plan_capacity)
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
-    workload = scenario.workload
-    steps = workload.decode_tokens
-    check_routing_source(workload.routing, workload.trace)
-    if workload.trace:
-        with open_trace(workload.trace) as reader:
-            meta = reader.meta
-        check_trace_shape(workload.trace, (meta.num_layers, meta.num_experts, meta.top_k), spec)
-        steps = 1  # a trace may hold fewer steps than asked for: plan for the least KV cache
-    step = _Step([np.arange(spec.top_k)] * spec.num_moe_layers)  # the least working set any step has
-    plan = plan_capacity(scenario, spec, hardware, _BoundWorkload([step]), steps=steps)
+    check_hbm(scenario, spec, hardware)  # a batch whose KV cache cannot fit fails before its steps are built
+    w = scenario.workload
+    key = (spec.name, w.routing, w.trace, w.batch_size, w.decode_tokens, w.skip_tokens, w.synthetic_sequences,
+           scenario.seed)
+    workloads = {} if workloads is None else workloads
+    if key not in workloads:
+        workloads[key] = load_scenario_workload(scenario, spec)
+    plan = plan_capacity(scenario, spec, hardware, workloads[key])
     POLICIES.get(scenario.cache.policy)
     if plan.hbm_cache_experts is not None:
         POLICIES.params(scenario.cache.policy, scenario.cache.params)
@@ -310,9 +294,10 @@ def check_point(scenario) -> None:
 
 def check_points(sweep: Sweep, points: Iterable[Point] | None = None) -> None:
     """:func:`check_point` for each point (default: all); the first failure names its point."""
+    workloads = {}
     for point in sweep.points if points is None else points:
         try:
-            check_point(scenario_from_table(point.scenario_table))
+            check_point(scenario_from_table(point.scenario_table), workloads)
         except TierflowError as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in point.axes.items())
             raise TierflowError(f"sweep {sweep.name}: point {point.point_id} ({shown}): {error}") from None
