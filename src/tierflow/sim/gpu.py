@@ -227,8 +227,8 @@ class ComputeModel:
 
     def attention(self, context, moe_layer: int) -> Phase:
         """Attention, router and shared experts of one MoE layer, tensor-parallel (one all-reduce, an
-        assumption: the shared experts' partial sums are taken to be summed in the routed experts' combine). Layers that attend to the same number of
-        tokens cost the same, so a step computes each kind once."""
+        assumption: the shared experts' partial sums are taken to be summed in the routed experts' combine).
+        Layers that attend to the same number of tokens cost the same, so a step computes each kind once."""
         attended = self._attended(context, self.spec.first_moe_layer + moe_layer)
         phase = self._attention_memo.get(attended)
         if phase is None:
