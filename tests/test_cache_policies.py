@@ -365,6 +365,11 @@ def test_per_layer_scope_keeps_each_layer_within_its_budget():
 def test_global_scope_is_one_pool():
     cache = make_expert_cache("lru", "global", 3, num_layers=2, num_experts=10)
     assert isinstance(cache, TierCache) and cache.capacity_bytes == 3
+    # A numpy integer is a capacity too (it was refused as "per-layer budgets", or failed in per-layer scope).
+    assert make_expert_cache("lru", "global", np.int64(3), num_layers=2, num_experts=10).capacity_bytes == 3
+    assert make_expert_cache("lru", "per-layer", np.int64(3), num_layers=2, num_experts=10).capacity_bytes == 6
+    with pytest.raises(ValueError, match="not resident"):  # as evict and unpin say, not a bare KeyError
+        cache.discard(7)
 
 
 def test_bad_scope_and_budgets_are_errors():

@@ -910,6 +910,30 @@ def test_a_prefetch_from_the_ddr_cache_waits_for_the_host_link_not_the_drive():
     assert memory.prefetch_blocker(in_ddr, 1) == "queue"
 
 
+def test_a_finemoe_ddr_cache_protects_a_prefetch_only_until_hbm_uses_it():
+    """Three tiers: an expert prefetched from SSD is kept in the DDR cache on its way, as a prefetch (finemoe
+    protects it). The DDR cache hears only HBM misses, so it must be told when HBM uses the expert: it stayed
+    protected for good, and every expert a demand miss brought in was evicted before any prefetched one."""
+    sim = Simulation(small(**{"workload.batch_size": 1, "workload.decode_tokens": 40, "cache.capacity_experts": 200,
+                              "ddr_cache.enabled": True, "ddr_cache.policy": "finemoe",
+                              "ddr_cache.capacity_experts": 400, "prefetch.policy": "oracle"}))
+    memory = sim.memories[0]
+    protected = memory.ddr.policy._protected
+    demand, checked = memory.demand, []
+
+    def watched(key, access):
+        first_use = key in memory._unused_prefetch
+        transfer = demand(key, access)
+        if first_use and key in memory.ddr:
+            checked.append(key not in protected)
+        return transfer
+
+    memory.demand = watched
+    sim.run()
+    assert len(checked) > 100 and all(checked)
+    assert len(protected & set(memory.ddr.keys())) < len(memory.ddr) / 4
+
+
 def test_deferred_prefetches_from_the_ddr_cache_go_when_the_host_link_drains():
     """Three tiers: a deferred proposal whose expert the DDR cache holds starts when the host link's queue drains,
     even behind one still waiting for the drive (which keeps its place)."""

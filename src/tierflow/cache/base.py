@@ -102,6 +102,10 @@ class Policy:
         """The resident key to evict next among those for which ``evictable(key)``; None if there is none."""
         raise NotImplementedError
 
+    def on_prefetch_used(self, key: Hashable) -> None:
+        """A resident key that a prefetch inserted has been used from a faster tier (a DDR cache's copy of an
+        expert prefetched into HBM: the DDR cache hears only HBM misses, not that use). Default: nothing."""
+
     def ordered_keys(self) -> Collection[Hashable] | None:
         """The keys the policy currently orders (for :meth:`TierCache.check_valid`); None if it does not say."""
         return None
@@ -318,9 +322,16 @@ class TierCache:
 
     def discard(self, key) -> None:
         """Remove a resident key that is no longer wanted (not counted as an eviction)."""
+        if key not in self.sizes:
+            raise ValueError(f"{self.name}: {key!r} is not resident")
         if key in self.pins:
             raise ValueError(f"{self.name}: {key!r} is pinned and cannot be removed")
         self._remove(key)
+
+    def prefetch_used(self, key) -> None:
+        """See :meth:`Policy.on_prefetch_used`; a key not resident here is ignored."""
+        if key in self.sizes:
+            self.policy.on_prefetch_used(key)
 
     def _remove(self, key) -> None:
         self.used_bytes -= self.sizes.pop(key)

@@ -4,7 +4,8 @@ protect experts that were prefetched but not yet used.
 A key's value is ``visits * probability``: how often it was routed to (kept across evictions: the expert set
 is small) times its router weight, smoothed over its visits (``Access.score``; traces without router weights
 give every visit the weight 1, which reduces the rule to LFU with history). A key inserted by a prefetch
-(``Access.prefetch``) is protected until its first demand hit: protected keys are evicted only when no
+(``Access.prefetch``) is protected until its first demand hit (in a DDR cache behind HBM: until the expert is
+first used from HBM, which the DDR cache hears of through ``on_prefetch_used``): protected keys are evicted only when no
 unprotected key is evictable. A prefetch is not a routing: it adds no visit and no weight, and one that finds
 its key resident changes nothing. Ties go to the least recently used key.
 """
@@ -56,6 +57,13 @@ class FineMoE(PriorityPolicy):
         if hit:
             self._protected.discard(key)
         return (key in self._protected, self._visits[key] * probability)
+
+    def on_prefetch_used(self, key):
+        """The prefetched expert was used from the faster tier: it is no longer an unused prefetch here either
+        (its value is unchanged: this cache saw no routing to it)."""
+        if key in self._protected:
+            self._protected.discard(key)
+            self._push(key, (False, self._visits.get(key, 0) * self._probability.get(key, 1.0)))
 
     def on_remove(self, key):
         super().on_remove(key)

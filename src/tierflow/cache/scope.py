@@ -12,6 +12,7 @@ cache by ``key // num_experts``. Both scopes offer the same interface, so driver
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 from tierflow.cache.base import CacheContext, CacheStats, TierCache, make_policy
@@ -59,6 +60,9 @@ class LayeredCache:
     def lookup(self, key, access) -> bool:
         return self.cache_of(key).lookup(key, access)
 
+    def prefetch_used(self, key) -> None:
+        self.cache_of(key).prefetch_used(key)
+
     def can_admit(self, key, size_bytes: int) -> bool:
         return self.cache_of(key).can_admit(size_bytes)
 
@@ -94,8 +98,8 @@ def check_scope(scope: str) -> str:
 
 def layer_budgets(capacity: int | Sequence[int], num_layers: int) -> list[int]:
     """Slots per layer: one number for every layer, or a list with one budget per layer."""
-    if isinstance(capacity, int):
-        return [capacity] * num_layers
+    if isinstance(capacity, numbers.Integral):
+        return [int(capacity)] * num_layers
     budgets = [int(b) for b in capacity]
     if len(budgets) != num_layers:
         raise TierflowError(f"per-layer budgets: got {len(budgets)} for {num_layers} layers")
@@ -113,8 +117,9 @@ def make_expert_cache(policy: str, scope: str, capacity: int | Sequence[int], *,
     """
     check_scope(scope)
     if scope == "global":
-        if not isinstance(capacity, int):
+        if not isinstance(capacity, numbers.Integral):
             raise TierflowError("a global cache takes one capacity, not per-layer budgets")
+        capacity = int(capacity)
         context = CacheContext(capacity, num_layers, num_experts, top_k, router_scores=router_scores)
         return TierCache(make_policy(policy, params, context), capacity * expert_bytes, name)
     caches = []

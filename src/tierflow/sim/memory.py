@@ -104,6 +104,8 @@ class ExpertMemory:
             transfer = self.in_flight.get(key) if self.in_flight else None
             if self._unused_prefetch and self._unused_prefetch.pop(key, None) is not None:
                 self.prefetch.useful += 1
+                if self.ddr is not None:  # its DDR copy (filled on the way in) is no longer an unused prefetch
+                    self.ddr.prefetch_used(key)
                 if transfer is not None:
                     self.prefetch.late += 1
                     self._promote(transfer)
