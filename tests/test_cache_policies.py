@@ -228,6 +228,15 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(TierflowError, match="weights"):
         make_policy("learned", {"weights": str(bad)}, CacheContext(4))
+    # Loaded weights are kept by file identity: a file rewritten in place, read through another spelling of its
+    # path, gives the new weights (they were kept by the path's text).
+    policy_path = tmp_path / "p.npz"
+    scorer.save(policy_path)
+    assert load_scorer(str(policy_path)) is load_scorer(str(policy_path))
+    other = Scorer(scorer.mean, scorer.scale, scorer.w1, scorer.b1, scorer.w2, scorer.b2 + 1.0, scorer.horizons)
+    other.save(policy_path)
+    respelled = str(tmp_path / "." / "p.npz")
+    np.testing.assert_allclose(load_scorer(respelled).logits(x), other.logits(x))
     for damaged in (b"", path.read_bytes()[:2000]):  # empty; cut short (a zip without its directory)
         bad.write_bytes(damaged)
         with pytest.raises(TierflowError, match="not a learned-policy weights file"):

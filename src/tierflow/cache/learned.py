@@ -155,18 +155,21 @@ class Scorer:
                    b2=arrays["b2"].reshape(-1), horizons=horizons)
 
 
-_SCORERS: dict[str, Scorer] = {}
+_SCORERS: dict = {}  # loaded weights, by file identity: another spelling of a path, or a rewritten file, is seen
 
 
 def load_scorer(weights: str = "") -> Scorer:
     """The scorer from a weights file; ``""`` means the default weights shipped in the package."""
-    if weights not in _SCORERS:
-        if weights:
-            _SCORERS[weights] = Scorer.load(Path(weights))
-        else:
-            with resources.as_file(resources.files("tierflow.cache") / "data" / DEFAULT_WEIGHTS) as path:
-                _SCORERS[weights] = Scorer.load(path)
-    return _SCORERS[weights]
+    with resources.as_file(resources.files("tierflow.cache") / "data" / DEFAULT_WEIGHTS) as default:
+        path = Path(weights) if weights else default
+        try:
+            stat = path.stat()
+        except OSError:
+            return Scorer.load(path)  # the error names the file
+        key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if key not in _SCORERS:
+            _SCORERS[key] = Scorer.load(path)
+        return _SCORERS[key]
 
 
 # ----------------------------------------------------------------------------------------------- features

@@ -212,8 +212,6 @@ def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driv
                 features.append(f)
                 targets.append(t)
                 decisions += int(g.max()) + 1 if len(g) else 0
-            if round_index:
-                _forget(previous)
             if not sum(len(f) for f in features):
                 raise TierflowError("no eviction decisions to learn from: the traces end before a cache of the "
                                     "smallest --fractions size fills (use longer traces or larger fractions)")
@@ -221,7 +219,6 @@ def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driv
                                       epochs=epochs, seed=seed)
     scorer.save(out, sources=np.array(list(sources) or ["unnamed"]), seed=seed, driver=driver, rounds=rounds,
                 capacity_fractions=np.array(capacity_fractions))
-    _forget(out)
     return TrainingReport(sum(len(f) for f in features), decisions, epochs, rounds, loss)
 
 
@@ -233,9 +230,3 @@ def _first_tokens(requests, tokens: int):
     return attrs.evolve(requests, keys=requests.keys[:end], steps=requests.steps[:end], scores=scores,
                         sequences=sequences)
 
-
-def _forget(path) -> None:
-    """Drop a weights file from the policy's cache of loaded scorers (it is about to change)."""
-    from tierflow.cache import learned
-
-    learned._SCORERS.pop(str(path), None)
