@@ -126,6 +126,18 @@ def test_reuse_carries_across_chunks():
     assert acc.reuse_rate == pytest.approx(0.5)
 
 
+def test_reuse_pairs_only_tokens_one_position_apart():
+    """With token positions, a token whose predecessor is missing (an import dropped it) pairs with nothing,
+    within a chunk and across chunks."""
+    acc = stats.RoutingAccumulator(1, 4, 2)
+    acc.update(np.array([[[0, 1]], [[0, 1]], [[0, 3]]]), np.array([7, 7, 7]), np.array([0, 2, 3]))
+    assert acc.reuse_rate == pytest.approx(0.5)  # only 2 -> 3
+    acc.update(np.array([[[0, 3]]]), np.array([7]), np.array([5]))
+    assert acc.reuse_rate == pytest.approx(0.5)  # 3 -> 5 is no pair
+    acc.update(np.array([[[2, 3]]]), np.array([7]), np.array([6]))
+    assert acc.reuse_rate == pytest.approx(2 / 4)  # 2 -> 3 and 5 -> 6: one of two experts each
+
+
 def test_predicted_experts_round_trip_and_bad_ids_are_one_line(tmp_path):
     from tierflow.trace.format import open_trace
 

@@ -51,7 +51,9 @@ class RoutingAccumulator:
     """Accumulates per-layer popularity counts and consecutive-token reuse over chunks of a trace.
 
     Reuse: for each token whose sequence has an earlier token, the fraction of its top-k experts at a
-    layer that the sequence's previous token also chose at that layer, averaged over tokens and layers.
+    layer that the sequence's previous token also chose at that layer, averaged over tokens and layers. When the
+    trace gives each token's position (``token_index``), only tokens one position apart are consecutive: an
+    imported log that dropped a token does not pair the tokens on either side of the gap.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
@@ -61,34 +63,40 @@ class RoutingAccumulator:
         self.sequences: set[int] = set()
         self._reused = 0
         self._reuse_pairs = 0
-        self._last_row: dict[int, np.ndarray] = {}
+        self._last_row: dict[int, tuple[np.ndarray, int | None]] = {}  # sequence -> (its last row, its position)
 
-    def update(self, experts: np.ndarray, sequence_id: np.ndarray) -> None:
+    def update(self, experts: np.ndarray, sequence_id: np.ndarray, token_index: np.ndarray | None = None) -> None:
         # One layer at a time: no int64 copy of the whole chunk.
         for layer in range(self.num_layers):
             self.counts[layer] += np.bincount(experts[:, layer, :].ravel(), minlength=self.num_experts)
         self.num_tokens += len(sequence_id)
         for lo in range(0, len(sequence_id), _REUSE_CHUNK_TOKENS):
-            self._update_reuse(experts[lo : lo + _REUSE_CHUNK_TOKENS], sequence_id[lo : lo + _REUSE_CHUNK_TOKENS])
+            hi = lo + _REUSE_CHUNK_TOKENS
+            self._update_reuse(experts[lo:hi], sequence_id[lo:hi], None if token_index is None else token_index[lo:hi])
 
-    def _update_reuse(self, experts: np.ndarray, sequence_id: np.ndarray) -> None:
+    def _update_reuse(self, experts: np.ndarray, sequence_id: np.ndarray, token_index: np.ndarray | None) -> None:
         order = np.argsort(sequence_id, kind="stable")
         seq = sequence_id[order]
         rows = experts[order]
+        position = None if token_index is None else token_index[order].astype(np.int64)
         same = seq[1:] == seq[:-1]
-        if same.any():
-            self._count_overlap(rows[1:][same], rows[:-1][same])
+        follows = same if position is None else same & (np.diff(position) == 1)
+        if follows.any():
+            self._count_overlap(rows[1:][follows], rows[:-1][follows])
         firsts = np.flatnonzero(np.r_[True, ~same])
         lasts = np.r_[firsts[1:] - 1, len(seq) - 1]
-        carried = [(i, self._last_row.get(int(seq[i]))) for i in firsts.tolist()]
-        carried = [(i, row) for i, row in carried if row is not None]
+        carried = []
+        for i in firsts.tolist():
+            last = self._last_row.get(int(seq[i]))
+            if last is not None and (position is None or last[1] is None or position[i] - last[1] == 1):
+                carried.append((i, last[0]))
         if carried:
             index, previous = zip(*carried, strict=True)
             self._count_overlap(rows[list(index)], np.stack(previous))
         for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
             sequence = int(seq[first])
             self.sequences.add(sequence)
-            self._last_row[sequence] = rows[last]
+            self._last_row[sequence] = rows[last], None if position is None else int(position[last])
 
     def _count_overlap(self, current: np.ndarray, previous: np.ndarray) -> None:
         # k passes of contiguous compares beat one (n, L, k, k) broadcast by an order of magnitude.
@@ -112,7 +120,7 @@ def validate_and_accumulate(path) -> tuple[RoutingAccumulator, TraceMeta]:
     def visit(meta: TraceMeta, chunk: TraceChunk) -> None:
         if not accumulators:
             accumulators.append(RoutingAccumulator(meta.num_layers, meta.num_experts, meta.top_k))
-        accumulators[0].update(chunk.experts, chunk.sequence_id)
+        accumulators[0].update(chunk.experts, chunk.sequence_id, chunk.token_index)
 
     meta = validate_trace(path, on_chunk=visit)
     acc = accumulators[0] if accumulators else RoutingAccumulator(meta.num_layers, meta.num_experts, meta.top_k)
