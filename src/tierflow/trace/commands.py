@@ -29,7 +29,7 @@ def register(group: click.Group) -> None:
                    + " (see the README).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def gen(model_name, tokens, sequences, seed, overrides, out):
-    """Write a synthetic trace with realistic routing (skew, reuse, cross-layer affinity, topics)."""
+    """Write a synthetic trace: routing with skew, reuse, per-token routing states and topics (see the README)."""
     params = synth.SynthParams.for_model(model_name).with_overrides(overrides)
     synth.generate(model_name, tokens, out, sequences=sequences, seed=seed, params=params)
     click.echo(f"wrote {out}", err=True)
