@@ -90,9 +90,12 @@ def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | Non
 
 
 def _working_set(workload: Workload, gpus: int) -> int:
-    """The most distinct experts one GPU needs for one layer of one step."""
-    return max(int(np.bincount(experts % gpus, minlength=gpus).max())
-               for step in workload.steps for experts in step.experts)
+    """The most distinct experts one GPU needs for one layer of one step (expert ``e`` lives on GPU ``e mod
+    gpus``): counted for every (step, layer, GPU) at once."""
+    layers = [experts for step in workload.steps for experts in step.experts]
+    sizes = np.fromiter(map(len, layers), dtype=np.int64, count=len(layers))
+    group = np.repeat(np.arange(len(layers), dtype=np.int64), sizes)
+    return int(np.bincount(group * gpus + np.concatenate(layers).astype(np.int64) % gpus).max())
 
 
 def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, steps: int) -> tuple[int, int, int]:
