@@ -362,6 +362,43 @@ def test_a_pre_empted_prefetch_keeps_the_chunks_credited_while_upstream_read():
         assert link.bytes_carried == 12_000_000
 
 
+def test_a_demand_in_a_credited_prefetch_s_latency_takes_the_link_at_once():
+    """The link was idle only 1 us before a prefetch's read ended (4 KB credited): a demand arriving while that
+    prefetch is still in its latency takes the link at once, as with no credit (it waited for the rest of a
+    chunk, 249 us)."""
+    calendar = Calendar()
+    drive, link = _channel_pair(calendar, 1e9, 4e9, 1_000_000)
+    link.preemptive = True
+    prefetch = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", [drive, link], PREFETCH)
+    prefetch.start()
+    calendar.run(until=10e-3 - (2e-6 + 1e-3))
+    Transfer(calendar, 1, 4_000_000, "ddr", "hbm", [link], DEMAND).start()  # keeps the link busy until 10 ms
+    calendar.run(until=10e-3 + 1.5e-6)  # the read ended at 10.001 ms: the prefetch is in its 2 us latency
+    demand = Transfer(calendar, 2, 1_000_000, "ddr", "hbm", [link], DEMAND)
+    demand.start()
+    calendar.run()
+    assert demand.arrived_at == pytest.approx(10e-3 + 1.5e-6 + 2e-6 + 0.25e-3, rel=1e-9)
+    assert link.preemptions == 1 and link.bytes_carried == 15_000_000
+
+
+def test_a_demand_taking_a_link_over_gets_no_credit_for_the_time_the_link_was_busy():
+    """A 10 MB prefetch occupies a 4 GB/s link from t = 0; a 2 MB demand read from a 1 GB/s drive takes it over.
+    The demand's cut-through credit may only count time the link sat idle, so the link needs at least the 12 MB
+    over its bandwidth (it carried them in 2.76 ms, 3 ms being the least)."""
+    calendar = Calendar()
+    drive, link = _channel_pair(calendar, 1e9, 4e9, 1_000_000)
+    link.preemptive = True
+    prefetch = Transfer(calendar, 0, 10_000_000, "ddr", "hbm", [link], PREFETCH)
+    demand = Transfer(calendar, 1, 2_000_000, "ssd", "hbm", [drive, link], DEMAND)
+    prefetch.start()
+    demand.start()
+    calendar.run()
+    assert link.preemptions == 1 and link.bytes_carried == 12_000_000
+    assert link.busy_s >= 12_000_000 / 4e9
+    # The demand reaches the link at 2.001 ms, waits for the chunk in flight (to 2.002 ms), then carries its 2 MB.
+    assert demand.arrived_at == pytest.approx(2e-6 + 2e-3 + 2e-6 + 0.5e-3, rel=1e-9)
+
+
 def test_a_preempted_prefetch_resumes_before_later_prefetches_and_crosses_every_hop_whole():
     calendar = Calendar()
     first, second = _preemptive_link(calendar), _preemptive_link(calendar)

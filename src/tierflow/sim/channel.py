@@ -159,13 +159,16 @@ class Channel:
             if done >= chunks:
                 return
             at = started + latency + streaming * done / chunks if done else now
-        else:
-            rate = (transfer.hop_bytes - credited) / streaming  # bytes per second once the latency is over
-            carried = credited + max(0.0, now - started - latency) * rate
-            done = math.ceil(carried / self.chunk_bytes - 1e-9)  # chunks under way or finished (credit is rounded)
+        else:  # the service streams at the channel's bandwidth after its latency, on top of the credited bytes
+            flowing = now - started - latency
+            if flowing <= 0:  # nothing flows yet: stop at once, keeping the whole chunks credited
+                done, at = math.floor(credited / self.chunk_bytes + 1e-9), now
+            else:
+                carried = credited + flowing * self.bandwidth_bytes_per_s
+                done = math.ceil(carried / self.chunk_bytes - 1e-9)  # chunks under way or finished
+                at = now + (done * self.chunk_bytes - carried) / self.bandwidth_bytes_per_s
             if done >= chunks:
                 return
-            at = now + (done * self.chunk_bytes - carried) / rate
         self._yield_chunks = done
         self.calendar.schedule(at - now, self._yield, self._serial)
 
@@ -183,6 +186,7 @@ class Channel:
         self.busy_s += now - started
         self.bytes_carried += moved
         self.preemptions += 1
+        self._idle_since = now  # busy until now: what comes next gets no cut-through credit for that time
         transfer.hop_bytes -= moved
         transfer.first_chunk_at = first_chunk_at
         heapq.heappush(self._queue, (transfer.priority, -next(self._order), transfer))  # ahead of later prefetches
