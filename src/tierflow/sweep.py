@@ -262,13 +262,15 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     """What a run would reject before simulating: model and hardware names, the trace file (exists, opens as a
     trace, matches the model, holds enough sequences for the batch), capacities against the workload's real
     working set, cache policies and prefetcher with their parameters. The workload is built as the run builds
-    it; ``workloads`` keeps those built so far, for points that share one. Raises :class:`TierflowError`."""
+    it; ``workloads`` keeps what the check needs of those built so far (their length and their layers' experts,
+    not the steps), for points that share one. Raises :class:`TierflowError`."""
     from tierflow.cache import POLICIES
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
     from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
-        check_hbm, compute_hbm_bandwidth, energy_model, load_scenario_workload, plan_capacity)
+        check_hbm, compute_hbm_bandwidth, energy_model, largest_working_set, layer_experts, load_scenario_workload,
+        plan_capacity)
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
     check_hbm(scenario, spec, hardware)  # a batch whose KV cache cannot fit fails before its steps are built
@@ -276,9 +278,12 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     key = (spec.name, w.routing, w.trace, w.batch_size, w.decode_tokens, w.skip_tokens, w.synthetic_sequences,
            scenario.seed)
     workloads = {} if workloads is None else workloads
-    if key not in workloads:
-        workloads[key] = load_scenario_workload(scenario, spec)
-    plan = plan_capacity(scenario, spec, hardware, workloads[key])
+    if key not in workloads:  # its length and its layers' experts, not the steps
+        workload = load_scenario_workload(scenario, spec)
+        workloads[key] = len(workload.steps), layer_experts(workload)
+    steps, experts = workloads[key]
+    plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
+                         working_set=largest_working_set(experts, scenario.gpus))
     POLICIES.get(scenario.cache.policy)
     if plan.hbm_cache_experts is not None:
         POLICIES.params(scenario.cache.policy, scenario.cache.params)

@@ -89,13 +89,20 @@ def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | Non
                               workload_cfg.synthetic_sequences, scenario.seed, workload_cfg.skip_tokens)
 
 
-def _working_set(workload: Workload, gpus: int) -> int:
-    """The most distinct experts one GPU needs for one layer of one step (expert ``e`` lives on GPU ``e mod
-    gpus``): counted for every (step, layer, GPU) at once."""
+def layer_experts(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """Every step's layers' experts, compactly: the ids of all (step, layer) unions one after another, and each
+    union's size (what :func:`largest_working_set` needs, without the steps)."""
     layers = [experts for step in workload.steps for experts in step.experts]
     sizes = np.fromiter(map(len, layers), dtype=np.int64, count=len(layers))
-    group = np.repeat(np.arange(len(layers), dtype=np.int64), sizes)
-    return int(np.bincount(group * gpus + np.concatenate(layers).astype(np.int64) % gpus).max())
+    return np.concatenate(layers).astype(np.int32), sizes
+
+
+def largest_working_set(experts: tuple[np.ndarray, np.ndarray], gpus: int) -> int:
+    """The most distinct experts one GPU needs for one layer of one step (expert ``e`` lives on GPU ``e mod
+    gpus``), from :func:`layer_experts`: counted for every (step, layer, GPU) at once."""
+    ids, sizes = experts
+    group = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    return int(np.bincount(group * gpus + ids % gpus).max())
 
 
 def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, steps: int) -> tuple[int, int, int]:
@@ -130,15 +137,17 @@ def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) ->
     _hbm_budget(scenario, spec, hardware, 1)
 
 
-def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload,
-                  steps: int | None = None) -> Plan:
+def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload | None,
+                  steps: int | None = None, working_set: int | None = None) -> Plan:
     """Bytes per GPU for weights, KV cache and expert caches. The KV cache is sized for ``steps`` decode steps
-    (default: the workload's), the caches' least size by the workload's largest layer working set."""
+    (default: the workload's), the caches' least size by the workload's largest layer working set (or the
+    ``working_set`` given instead of a workload)."""
     gpus = scenario.gpus
     expert_bytes = spec.expert_bytes
     steps = len(workload.steps) if steps is None else steps
     kv_per_gpu, non_expert_per_gpu, free = _hbm_budget(scenario, spec, hardware, steps)
-    working_set = _working_set(workload, gpus)
+    if working_set is None:
+        working_set = largest_working_set(layer_experts(workload), gpus)
     experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
     hbm_cache = ddr_cache = None
     cache = scenario.cache
