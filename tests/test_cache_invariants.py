@@ -90,6 +90,10 @@ def machine_for(policy_name: str, scope: str):
                 assert sum(self.resident[k] for k in self._same_pool(key)) + victim_sizes[-1] + size > capacity
             self.resident[key] = size
 
+        @rule(key=KEYS)
+        def prefetch_used(self, key):  # a faster tier used a prefetched key: it may reorder, never remove
+            self.cache.prefetch_used(key)
+
         @precondition(lambda self: bool(self.resident))
         @rule(data=st.data())
         def admit_a_resident_key(self, data):

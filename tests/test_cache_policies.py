@@ -173,6 +173,28 @@ def test_finemoe_a_prefetch_is_not_a_routing():
     assert cache.admit("c", 1, Access("c", 3, score=0.5)) == ["a"]
 
 
+def test_finemoe_lifts_the_protection_when_a_faster_tier_uses_the_prefetch():
+    """A DDR cache's copy of a prefetched expert (inserted as a prefetch) is protected until HBM uses the expert
+    (prefetch_used): then it competes by value again, keeping its place among equal values; other policies
+    ignore the call, and a key not resident is ignored."""
+    cache = TierCache(make_policy("finemoe", None, CacheContext(3)), 3)
+    cache.admit("p", 1, Access("p", 0, prefetch=True))
+    cache.admit("q", 1, Access("q", 1, prefetch=True))
+    cache.admit("a", 1, Access("a", 2, score=0.5))
+    assert cache.admit("b", 1, Access("b", 3, score=0.5)) == ["a"]  # p and q protected: a goes
+    cache.prefetch_used("q")
+    cache.prefetch_used("p")
+    cache.prefetch_used("absent")
+    # p and q (no visit here: value 0) now go before b, in their own order (p inserted first), not the calls'.
+    assert cache.admit("c", 1, Access("c", 4, score=0.5)) == ["p"]
+    assert cache.admit("d", 1, Access("d", 5, score=0.5)) == ["q"]
+    lru = TierCache(make_policy("lru", None, CacheContext(2)), 2)
+    lru.admit("p", 1, Access("p", 0, prefetch=True))
+    lru.admit("a", 1, Access("a", 1))
+    lru.prefetch_used("p")
+    assert lru.admit("b", 1, Access("b", 2)) == ["p"]
+
+
 def test_finemoe_reads_a_router_weight_of_zero_as_zero():
     # Half-precision router weights can round to 0: such a visit is worth nothing, not the most.
     cache = TierCache(make_policy("finemoe", None, CacheContext(2)), 2)

@@ -891,6 +891,12 @@ def test_the_training_split_is_the_last_decode_tokens_and_a_trace_without_any_is
     for name in ("speculative_gate", "expert_map"):
         with pytest.raises(TierflowError, match="has no decode tokens"):
             make_prefetcher(name, {"train_trace": str(prefill)}, _context(_Workload([])))
+    # A bad phase value before the split is still an error (the split's start is placed by reading every phase).
+    bad = tmp_path / "bad_phase.h5"
+    write_trace(bad, experts, np.zeros(10, dtype=np.int64), phase=np.r_[np.uint8(7), np.ones(9, np.uint8)],
+                model="m", num_experts=16, source="bad")
+    with pytest.raises(TierflowError, match="phase values must be 0"):
+        load_training_split(str(bad), 4, _context(_Workload([])), "speculative_gate")
 
 
 def test_a_prefetch_from_the_ddr_cache_waits_for_the_host_link_not_the_drive():

@@ -168,6 +168,8 @@ def load_scorer(weights: str = "") -> Scorer:
             return Scorer.load(path)  # the error names the file
         key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if key not in _SCORERS:
+            if len(_SCORERS) >= 16:  # a long-lived process that trains and loads many files
+                _SCORERS.clear()
             _SCORERS[key] = Scorer.load(path)
         return _SCORERS[key]
 
