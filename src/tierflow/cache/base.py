@@ -178,8 +178,13 @@ class PriorityPolicy(Policy):
     def on_remove(self, key):
         del self._entries[key]
 
-    def _push(self, key, priority) -> None:
-        entry = (priority, next(self._seq), key)
+    def _reprioritise(self, key, priority) -> None:
+        """Change a resident key's priority without an access: it keeps its place among equal priorities."""
+        self._push(key, priority, self._entries[key][1])
+
+    def _push(self, key, priority, order=None) -> None:
+        """Give ``key`` a new priority; ``order`` (default: a fresh one, as for an access) breaks its ties."""
+        entry = (priority, next(self._seq) if order is None else order, key)
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * len(self._entries) + 64:  # drop the stale entries now and then

@@ -12,8 +12,6 @@ its key resident changes nothing. Ties go to the least recently used key.
 
 from __future__ import annotations
 
-import heapq
-
 import attrs
 
 from tierflow.cache.base import POLICIES, PriorityPolicy
@@ -65,10 +63,7 @@ class FineMoE(PriorityPolicy):
         (its value is unchanged: this cache saw no routing to it)."""
         if key in self._protected:
             self._protected.discard(key)
-            _, order, _ = self._entries[key]  # its place among equal values (recency) stays as this cache saw it
-            value = self._visits.get(key, 0) * self._probability.get(key, 1.0)
-            entry = self._entries[key] = ((False, value), order, key)
-            heapq.heappush(self._heap, entry)
+            self._reprioritise(key, (False, self._visits.get(key, 0) * self._probability.get(key, 1.0)))
 
     def on_remove(self, key):
         super().on_remove(key)

@@ -64,9 +64,6 @@ def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSp
             meta = reader.meta
             _check_shape(meta, path, context.num_layers, context.num_experts, who)
             phases = reader.phases()
-            if phases is not None and len(phases) and phases.max() > 1:
-                raise TierflowError(f"prefetcher {who!r}: train_trace {path}: phase values must be 0 (prefill) or 1 "
-                                    f"(decode), found {int(phases.max())}")
             decode = np.arange(meta.num_tokens) if phases is None else np.flatnonzero(phases != 0)
             if not len(decode):
                 raise TierflowError(f"prefetcher {who!r}: train_trace {path} has no "

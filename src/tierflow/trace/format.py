@@ -473,9 +473,13 @@ class TraceReader:
             yield attrs.evolve(chunk, **dict.fromkeys(hidden)) if hidden else chunk
 
     def phases(self) -> np.ndarray | None:
-        """The whole ``phase`` dataset (one byte a token; unchecked: :meth:`chunks` checks what it reads), or
-        None when the trace has none (every token is a decode token)."""
-        return self._read("phase", 0, self.meta.num_tokens) if self.meta.has_phase else None
+        """The whole ``phase`` dataset (one byte a token, checked as :meth:`chunks` checks it), or None when the
+        trace has none (every token is a decode token)."""
+        if not self.meta.has_phase:
+            return None
+        phase = self._read("phase", 0, self.meta.num_tokens)
+        _check_phase(self.meta, 0, phase)
+        return phase
 
     def embedding(self) -> np.ndarray | None:
         """The per-sequence embeddings, or None when the file has none. Checked to have a row for every
@@ -550,6 +554,13 @@ def _all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
+def _check_phase(meta: TraceMeta, start: int, phase: np.ndarray) -> None:
+    if phase.size and (phase.max() > 1 or phase.min() < 0):
+        bad = phase.max() if phase.max() > 1 else phase.min()
+        raise TraceError(meta.path, f"phase values must be 0 (prefill) or 1 (decode), found {int(bad)} "
+                                    f"at token {start + int(np.argmax(phase == bad))}")
+
+
 def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
     """Value checks on one chunk: expert ids in range, no repeat inside a (token, layer) row, sane phase."""
     experts = chunk.experts
@@ -563,10 +574,8 @@ def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
                 f"expert repeated within token {chunk.start + int(token)}, layer {int(layer)}: "
                 f"{experts[token, layer].tolist()}",
             )
-    if chunk.phase is not None and chunk.phase.size and (chunk.phase.max() > 1 or chunk.phase.min() < 0):
-        bad = chunk.phase.max() if chunk.phase.max() > 1 else chunk.phase.min()
-        raise TraceError(meta.path, f"phase values must be 0 (prefill) or 1 (decode), found {int(bad)} "
-                                    f"at token {chunk.start + int(np.argmax(chunk.phase == bad))}")
+    if chunk.phase is not None:
+        _check_phase(meta, chunk.start, chunk.phase)
     if chunk.predicted_experts is not None:
         _check_ids(meta, chunk.start, chunk.predicted_experts, "predicted_experts")
     if chunk.gate_scores is not None and not _all_finite(chunk.gate_scores):
