@@ -50,6 +50,34 @@ def test_replay_per_layer_scope_and_parameters(trace):
     assert rows[0]["hits"] == expected[0].hits and rows[0]["scope"] == "per-layer"
 
 
+def test_layer_slots_give_each_layer_its_own_budget(trace):
+    """``--layer-slots``: one replay with a budget per layer. LRU's hits equal per-layer LRU caches written out
+    here; the list with one number repeated is ``--capacity`` at per-layer scope."""
+    from collections import OrderedDict
+
+    path, requests = trace
+    budgets = [2, 5, 3, 9]
+    (row,) = replay_json(path, "--scope", "per-layer", "--layer-slots", ",".join(map(str, budgets)))
+    assert row["capacity"] == budgets and row["scope"] == "per-layer"
+    caches, hits = [OrderedDict() for _ in budgets], 0
+    for key in requests.keys.tolist():
+        layer = key // NUM_EXPERTS
+        cache = caches[layer]
+        if key in cache:
+            hits += 1
+            cache.move_to_end(key)
+        else:
+            if len(cache) == budgets[layer]:
+                cache.popitem(last=False)
+            cache[key] = True
+    assert row["hits"] == hits
+    for policy in ("lfu", "belady"):
+        (same,) = replay_json(path, "--policy", policy, "--scope", "per-layer", "--layer-slots", "4,4,4,4")
+        assert same["hits"] == replay_json(path, "--policy", policy, "--scope", "per-layer", "--capacity", "4")[0]["hits"]
+    table = run_cli("replay", path, "--scope", "per-layer", "--layer-slots", "2,5,3,9", check_status=0).stdout
+    assert table.splitlines()[1].split()[:3] == ["lru", "per-layer", "2,5,3,9"]
+
+
 def test_replay_text_table(trace):
     path, _ = trace
     result = run_cli("replay", path, "--capacity", "8", "--tokens", "10", check_status=0)
@@ -91,6 +119,11 @@ def test_plugins_lists_every_policy_with_its_parameters():
     (["--capacity", "1"], ["capacity 1 is smaller than top_k=2"]),
     (["--capacity", "1", "--scope", "per-layer"], ["smaller than top_k=2", "slots per layer"]),
     ([], ["--capacity is required"]),
+    (["--layer-slots", "4,4,4,4"], ["--layer-slots needs --scope per-layer"]),
+    (["--scope", "per-layer", "--layer-slots", "4,4"], ["per-layer budgets: got 2 for 4 layers"]),
+    (["--scope", "per-layer", "--layer-slots", "4,4,4,1"], ["capacity 1 is smaller than top_k=2"]),
+    (["--scope", "per-layer", "--layer-slots", "4,4,4,x"], ["--layer-slots: 'x' is not a positive integer"]),
+    (["--scope", "per-layer", "--layer-slots", "4,4,4,4", "--capacity", "4"], ["leave out --capacity and --mrc"]),
     (["--mrc", "--policy", "lfu"], ["--mrc computes LRU's curve"]),
     (["--policy", "lfu_aging", "--param", "halflife=3", "--capacity", "4"], ["unknown parameter(s) halflife",
                                                                              "valid: half_life, keep_history"]),

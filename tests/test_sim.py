@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import attrs
 import h5py
@@ -774,18 +775,23 @@ def test_per_layer_scope_keeps_each_layer_within_its_slots():
     assert results.summary["hit_rate"]["hbm"] is not None
 
 
-@pytest.mark.parametrize("scope, capacity", [("global", 200), ("per-layer", 20)])
+BUDGETS = [8, 12, 20, 64, 10, 8, 30, 16, 9, 40, 8, 11, 25, 8, 14, 50]  # one per OLMoE layer, uneven
+
+
+@pytest.mark.parametrize("scope, capacity", [("global", 200), ("per-layer", 20), ("per-layer", BUDGETS)])
 def test_at_batch_1_on_one_gpu_the_simulators_lru_hits_as_replay(scope, capacity):
     """One sequence on one GPU, no prefetch: the simulator's HBM cache sees replay's access order, so LRU's hits
     are replay's (which the libCacheSim tests check) in either scope: the experts a layer pins are its most
     recent, never LRU's victims. (LFU or FIFO may pick a pinned expert in replay, which has no pins, so the two
-    can differ.) ``capacity`` is replay's: all experts (global) or slots per layer; the scenario's is the total."""
+    can differ.) ``capacity`` is replay's: all experts (global), slots per layer or a list of them
+    (``cache.layer_slots``); the scenario's capacity_experts is the total."""
     policy = "lru"
     from tierflow.replay import Requests, replay_reference
 
+    size = ({"cache.layer_slots": capacity} if isinstance(capacity, list) else
+            {"cache.capacity_experts": capacity * (16 if scope == "per-layer" else 1)})
     sim, _ = run(small(**{"gpus": 1, "workload.batch_size": 1, "workload.decode_tokens": 40, "cache.policy": policy,
-                          "cache.scope": scope,
-                          "cache.capacity_experts": capacity * (16 if scope == "per-layer" else 1)}))
+                          "cache.scope": scope, **size}))
     w = sim.workload
     experts = np.stack([np.stack(step.experts) for step in w.steps])  # (tokens, layers, k)
     expected = replay_reference(Requests.from_experts(experts, w.num_experts), policy, capacity, scope)
@@ -797,6 +803,62 @@ def test_at_batch_1_on_one_gpu_the_simulators_lru_hits_as_replay(scope, capacity
 def test_per_layer_scope_smaller_than_the_working_set_is_an_error():
     with pytest.raises(TierflowError, match="slots per layer"):
         Simulation(small(**{"cache.scope": "per-layer", "cache.capacity_experts": 16 * 10}))
+
+
+def test_layer_slots_split_over_gpus_and_each_layer_is_checked_against_its_own_working_set():
+    """cache.layer_slots counts each layer's slots over all GPUs (each GPU ``ceil(slots / gpus)``, at most the
+    layer's experts it holds); a layer whose share is below that layer's working set is named."""
+    slots = [64] * 16
+    slots[3], slots[5] = 29, 1000  # 15 per GPU on 2 GPUs; more than layer 5's 64 experts: 32, all it holds
+    sim, results = run(small(**{"gpus": 2, "cache.scope": "per-layer", "cache.layer_slots": slots}))
+    expert_bytes = sim.spec.expert_bytes
+    for memory in sim.memories:
+        capacities = [part.capacity_bytes // expert_bytes for part in memory.hbm.caches]
+        assert capacities == [32] * 3 + [15, 32, 32] + [32] * 10
+    assert sim.plan.hbm_cache_experts == sum(capacities)
+    # Layer 3 with 15 slots per GPU misses at least as often as with 32 (LRU at one layer keeps inclusion).
+    wide = run(small(**{"gpus": 2, "cache.scope": "per-layer", "cache.capacity_experts": 16 * 64}))[1]
+    assert results.layers["misses"][3] > wide.layers["misses"][3]
+    np.testing.assert_array_equal(np.delete(results.layers["misses"], 3), np.delete(wide.layers["misses"], 3))
+    working_sets = {}
+    for step in sim.workload.steps:
+        for layer, experts in enumerate(step.experts):
+            for gpu in range(2):
+                need = int(np.count_nonzero(experts % 2 == gpu))
+                working_sets[layer] = max(working_sets.get(layer, 0), need)
+    tight = [2 * need for layer, need in sorted(working_sets.items())]
+    assert run(small(**{"gpus": 2, "cache.scope": "per-layer", "cache.layer_slots": tight}))[1]
+    tight[7] -= 2
+    with pytest.raises(TierflowError, match=f"MoE layer 7 has {working_sets[7] - 1} slots per GPU"):
+        Simulation(small(**{"gpus": 2, "cache.scope": "per-layer", "cache.layer_slots": tight}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"cache.layer_slots": [20] * 16}, "layer_slots needs scope = 'per-layer'"),
+    ({"cache.scope": "per-layer", "cache.layer_slots": [20] * 16, "cache.capacity_experts": 320},
+     "set layer_slots or capacity_experts / capacity_bytes, not both"),
+    ({"cache.scope": "per-layer", "cache.layer_slots": [20] * 15}, "has 15 numbers; model 'olmoe-1b-7b' has 16"),
+    ({"cache.scope": "per-layer", "cache.layer_slots": [20] * 15 + [0]}, "must hold numbers > 0"),
+    ({"cache.scope": "per-layer", "cache.layer_slots": [20] * 15 + [2.5]}, "expected a non-empty list of whole"),
+    ({"cache.scope": "per-layer", "cache.layer_slots": 20}, "expected a non-empty list of whole numbers"),
+])
+def test_bad_layer_slots_are_one_line_errors(changes, message):
+    with pytest.raises(TierflowError, match=re.escape(message)):
+        Simulation(small(**changes))
+
+
+def test_layer_slots_survive_the_round_trip_a_sweep_point_makes():
+    from tierflow.config import scenario_from_table, scenario_to_table
+
+    scenario = small(**{"cache.scope": "per-layer", "cache.layer_slots": BUDGETS})
+    assert scenario_from_table(scenario_to_table(scenario)) == scenario
+
+
+def test_a_set_layer_slots_replaces_the_files_capacity(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('model = "olmoe-1b-7b"\n[cache]\nscope = "per-layer"\ncapacity_experts = 320\n')
+    scenario = load_scenario(str(path), ["cache.layer_slots=[" + ",".join(["20"] * 16) + "]"])
+    assert scenario.cache.layer_slots == (20,) * 16 and scenario.cache.capacity_experts is None
 
 
 def test_belady_in_the_simulator_bounds_the_online_policies():

@@ -39,6 +39,11 @@ def _positive(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
+def _each_positive(instance, attribute, value):
+    if value is not None and not all(item > 0 for item in value):
+        raise ValueError(f"{attribute.name} must hold numbers > 0, got {list(value)}")
+
+
 def _one_of(choices):
     def check(instance, attribute, value):
         if value not in choices:
@@ -97,10 +102,19 @@ class CacheConfig:
                                                metadata=_help("experts the cache holds; unset: all free memory"))
     capacity_bytes: int | None = attrs.field(default=None, validator=_non_negative,
                                              metadata=_help("bytes the cache holds (instead of capacity_experts)"))
+    layer_slots: tuple | None = attrs.field(default=None, validator=_each_positive, metadata=_help(
+        "per-layer scope: the slots of each MoE layer, one number per layer (instead of capacity_experts)"))
     scope: str = attrs.field(default="global", validator=_one_of(SCOPES),
                              metadata=_help("one pool for all layers, or fixed slots per layer"))
     params: dict = attrs.field(factory=dict, metadata=_help("policy parameters"))
     enabled: bool = attrs.field(default=True, metadata=_help("false: no reuse, every expert fetched every step"))
+
+    def __attrs_post_init__(self):
+        if self.layer_slots is not None:
+            if self.scope != "per-layer":
+                raise ValueError("layer_slots needs scope = 'per-layer' (a global pool takes capacity_experts)")
+            if self.capacity_experts is not None or self.capacity_bytes is not None:
+                raise ValueError("layer_slots: set layer_slots or capacity_experts / capacity_bytes, not both")
 
 
 @attrs.frozen
@@ -217,8 +231,8 @@ _SECTIONS = {
     "timing": TimingConfig,
     "energy": EnergyConfig,
 }
-# The two ways to size a cache (cache, ddr_cache); setting one with --set unsets the other.
-_CAPACITY_KEYS = {"capacity_experts": "capacity_bytes", "capacity_bytes": "capacity_experts"}
+# The ways to size a cache (cache, ddr_cache); setting one with --set unsets the others.
+_CAPACITY_KEYS = ("capacity_experts", "capacity_bytes", "layer_slots")
 # Tables whose keys are free-form (plugin parameters, checked by the plugin's registry).
 _FREE_TABLES = {"params"}
 
@@ -270,6 +284,10 @@ def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
     elif kind.startswith("dict"):
         if isinstance(value, Mapping):
             return dict(value)
+    elif kind.startswith("tuple"):  # a list of whole numbers
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise TierflowError(f"scenario key {key}: expected a non-empty list of whole numbers, got {value!r}")
     expected = kind.split("|")[0]
     raise TierflowError(f"scenario key {key}: expected {expected}, got {value!r}")
 
@@ -320,11 +338,11 @@ def apply_overrides(table: dict, overrides: Iterable[str]) -> dict:
                 raise TierflowError(f"--set {key}: {part!r} is not a table; valid keys: {', '.join(valid_keys())}")
             node = child
         node[parts[-1]] = parse_value(raw.strip())
-        # A cache's size is one of two keys: an override of either replaces the other from the file.
+        # A cache's size is one of several keys: an override of one replaces the others from the file.
         if len(parts) == 2 and parts[1] in _CAPACITY_KEYS:
-            other = _CAPACITY_KEYS[parts[1]]
-            if f"{parts[0]}.{other}" not in given:
-                node.pop(other, None)
+            for other in _CAPACITY_KEYS:
+                if other != parts[1] and f"{parts[0]}.{other}" not in given:
+                    node.pop(other, None)
     return merged
 
 

@@ -269,7 +269,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     from tierflow.prefetch import PREFETCHERS
     from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
-        check_hbm, compute_hbm_bandwidth, energy_model, largest_working_set, layer_experts, load_scenario_workload,
+        check_hbm, compute_hbm_bandwidth, energy_model, layer_experts, layer_working_sets, load_scenario_workload,
         plan_capacity)
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
@@ -283,7 +283,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
         workloads[key] = len(workload.steps), layer_experts(workload)
     steps, experts = workloads[key]
     plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
-                         working_set=largest_working_set(experts, scenario.gpus))
+                         working_sets=layer_working_sets(experts, scenario.gpus, spec.num_moe_layers))
     POLICIES.get(scenario.cache.policy)
     if plan.hbm_cache_experts is not None:
         POLICIES.params(scenario.cache.policy, scenario.cache.params)

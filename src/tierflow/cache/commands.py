@@ -19,7 +19,7 @@ def register(group: click.Group) -> None:
     group.add_command(train_policy)
 
 
-def parse_capacities(text: str) -> list[int]:
+def parse_capacities(text: str, option: str = "--capacity") -> list[int]:
     """``N[,N...]``: positive integers, else a one-line error naming the bad item."""
     capacities = []
     for item in text.split(","):
@@ -29,9 +29,9 @@ def parse_capacities(text: str) -> list[int]:
         except ValueError:
             value = None
         if value is None or value < 1 or str(value) != item.lstrip("+"):
-            raise TierflowError(f"--capacity: {item!r} is not a positive integer (expected N[,N...])")
+            raise TierflowError(f"{option}: {item!r} is not a positive integer (expected N[,N...])")
         if value > 2**63 - 1:
-            raise TierflowError(f"--capacity: {item} is too large (at most {2**63 - 1})")
+            raise TierflowError(f"{option}: {item} is too large (at most {2**63 - 1})")
         capacities.append(value)
     return capacities
 
@@ -57,13 +57,16 @@ def parse_params(items) -> dict:
 @click.option("--capacity", "capacity_text", default=None, metavar="N[,N...]",
               help="Capacities to replay: experts in the pool (global) or slots per layer (per-layer).")
 @click.option("--scope", default="global", show_default=True, help="global (one pool) or per-layer (fixed slots).")
+@click.option("--layer-slots", "layer_slots_text", default=None, metavar="N,N,...",
+              help="Per-layer scope: one budget per MoE layer (instead of --capacity); replayed as one capacity.")
 @click.option("--param", "param_items", multiple=True, metavar="KEY=VALUE", help="A policy parameter.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Replay only the file's first N rows.")
 @click.option("--decode-only", is_flag=True,
               help="Skip prefill rows (phase 0), as the simulator does; without it every row is replayed.")
 @click.option("--mrc", is_flag=True, help="LRU's hit rate at every capacity, from one stack-distance pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per capacity.")
-def replay(trace_path, policy, capacity_text, scope, param_items, tokens, decode_only, mrc, as_json):
+def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_items, tokens, decode_only, mrc,
+           as_json):
     """Replay a trace through one cache (no timing) and count hits and misses.
 
     Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts),
@@ -76,20 +79,28 @@ def replay(trace_path, policy, capacity_text, scope, param_items, tokens, decode
     check_scope(scope)
     params = parse_params(param_items)
     POLICIES.params(policy, params)
-    if mrc:
+    if layer_slots_text is not None:
+        if capacity_text is not None or mrc:
+            raise TierflowError("--layer-slots is the capacity: leave out --capacity and --mrc")
+        if scope != "per-layer":
+            raise TierflowError("--layer-slots needs --scope per-layer")
+        capacities = [parse_capacities(layer_slots_text, "--layer-slots")]
+    elif mrc:
         if policy != "lru" or params:
             raise TierflowError("--mrc computes LRU's curve: it takes no other --policy and no --param")
         if capacity_text is not None:
             raise TierflowError("--mrc reports every capacity: leave out --capacity")
     elif capacity_text is None:
-        raise TierflowError("--capacity is required (or ask for --mrc)")
+        raise TierflowError("--capacity is required (or ask for --mrc or --layer-slots)")
+    else:
+        capacities = parse_capacities(capacity_text)
     requests = replay_module.read_requests(trace_path, max_tokens=tokens, decode_only=decode_only)
     if mrc:
         capacities, hits = replay_module.lru_mrc(requests, scope)
         results = [replay_module.ReplayResult("lru", int(c), scope, len(requests), int(h))
                    for c, h in zip(capacities.tolist(), hits.tolist(), strict=True)]
     else:
-        results = replay_module.replay(requests, policy, parse_capacities(capacity_text), scope, params)
+        results = replay_module.replay(requests, policy, capacities, scope, params)
     if as_json:
         from tierflow.cli import echo_json
 
@@ -101,7 +112,8 @@ def replay(trace_path, policy, capacity_text, scope, param_items, tokens, decode
 def format_results(results) -> str:
     """A plain-text table of replay results."""
     header = ("policy", "scope", "capacity", "requests", "hits", "misses", "hit_rate")
-    rows = [(r.policy, r.scope, str(r.capacity), str(r.requests), str(r.hits), str(r.misses),
+    rows = [(r.policy, r.scope, ",".join(map(str, r.capacity)) if isinstance(r.capacity, tuple) else str(r.capacity),
+             str(r.requests), str(r.hits), str(r.misses),
              "n/a" if r.hit_rate is None else f"{r.hit_rate:.4f}")
             for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]

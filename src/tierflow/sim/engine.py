@@ -55,6 +55,7 @@ class Plan:
     kv_bytes_per_gpu: int
     non_expert_bytes_per_gpu: int
     working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
+    layer_slots: tuple[int, ...] | None = None  # per-layer scope with cache.layer_slots: each layer's, per GPU
 
 
 def check_routing_source(routing: str, trace) -> None:
@@ -91,18 +92,19 @@ def load_scenario_workload(scenario: Scenario, spec: ModelSpec, trace: str | Non
 
 def layer_experts(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
     """Every step's layers' experts, compactly: the ids of all (step, layer) unions one after another, and each
-    union's size (what :func:`largest_working_set` needs, without the steps)."""
+    union's size (what :func:`layer_working_sets` needs, without the steps)."""
     layers = [experts for step in workload.steps for experts in step.experts]
     sizes = np.fromiter(map(len, layers), dtype=np.int64, count=len(layers))
     return np.concatenate(layers).astype(np.int32), sizes
 
 
-def largest_working_set(experts: tuple[np.ndarray, np.ndarray], gpus: int) -> int:
-    """The most distinct experts one GPU needs for one layer of one step (expert ``e`` lives on GPU ``e mod
+def layer_working_sets(experts: tuple[np.ndarray, np.ndarray], gpus: int, num_layers: int) -> np.ndarray:
+    """Each MoE layer's most distinct experts one GPU needs in one step (expert ``e`` lives on GPU ``e mod
     gpus``), from :func:`layer_experts`: counted for every (step, layer, GPU) at once."""
     ids, sizes = experts
     group = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-    return int(np.bincount(group * gpus + ids % gpus).max())
+    counts = np.bincount(group * gpus + ids % gpus, minlength=len(sizes) * gpus)
+    return counts.reshape(-1, num_layers, gpus).max(axis=(0, 2))
 
 
 def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, steps: int) -> tuple[int, int, int]:
@@ -138,18 +140,19 @@ def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) ->
 
 
 def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, workload: Workload | None,
-                  steps: int | None = None, working_set: int | None = None) -> Plan:
+                  steps: int | None = None, working_sets: np.ndarray | None = None) -> Plan:
     """Bytes per GPU for weights, KV cache and expert caches. The KV cache is sized for ``steps`` decode steps
-    (default: the workload's), the caches' least size by the workload's largest layer working set (or the
-    ``working_set`` given instead of a workload)."""
+    (default: the workload's), the caches' least size by the workload's layer working sets (or the per-layer
+    ``working_sets`` of :func:`layer_working_sets` given instead of a workload)."""
     gpus = scenario.gpus
     expert_bytes = spec.expert_bytes
     steps = len(workload.steps) if steps is None else steps
     kv_per_gpu, non_expert_per_gpu, free = _hbm_budget(scenario, spec, hardware, steps)
-    if working_set is None:
-        working_set = largest_working_set(layer_experts(workload), gpus)
+    if working_sets is None:
+        working_sets = layer_working_sets(layer_experts(workload), gpus, spec.num_moe_layers)
+    working_set = int(working_sets.max())
     experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
-    hbm_cache = ddr_cache = None
+    hbm_cache = ddr_cache = layer_slots = None
     cache = scenario.cache
     if scenario.placement == "hbm":
         if experts_per_gpu * expert_bytes > free:
@@ -160,14 +163,14 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     elif scenario.timing.expert_copies == "ahead" and cache.enabled:
         raise TierflowError("timing.expert_copies = 'ahead' streams every expert at every step; set "
                             "cache.enabled = false (or timing.expert_copies = 'on_demand' to use the cache)")
+    elif cache.enabled and cache.layer_slots is not None:
+        layer_slots = _layer_slots(cache.layer_slots, spec, gpus, working_sets)
+        hbm_cache = sum(layer_slots)
+        _check_cache_bytes(hbm_cache, expert_bytes, free)
     elif cache.enabled:
         hbm_cache = _cache_experts("cache", cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
                                    free // expert_bytes)
-        if hbm_cache * expert_bytes > free:
-            raise TierflowError(
-                f"cache of {hbm_cache} experts per GPU needs {hbm_cache * expert_bytes / 1e9:.1f} GB but only "
-                f"{free / 1e9:.1f} GB of HBM is free after weights and KV cache"
-            )
+        _check_cache_bytes(hbm_cache, expert_bytes, free)
         slots = hbm_cache if cache.scope == "global" else hbm_cache // spec.num_moe_layers
         if slots < working_set:
             where = "" if cache.scope == "global" else f" ({slots} slots per layer)"
@@ -206,7 +209,30 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         raise TierflowError(
             f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
             f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
-    return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set)
+    return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set,
+                layer_slots)
+
+
+def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
+    if experts * expert_bytes > free:
+        raise TierflowError(f"cache of {experts} experts per GPU needs {experts * expert_bytes / 1e9:.1f} GB but "
+                            f"only {free / 1e9:.1f} GB of HBM is free after weights and KV cache")
+
+
+def _layer_slots(given: tuple[int, ...], spec: ModelSpec, gpus: int, working_sets: np.ndarray) -> tuple[int, ...]:
+    """``cache.layer_slots`` per GPU: each layer's slots over all GPUs, each GPU ``ceil(slots / gpus)`` of them
+    (at most the layer's experts it holds), checked against each layer's working set."""
+    layers = spec.num_moe_layers
+    if len(given) != layers:
+        raise TierflowError(f"cache.layer_slots has {len(given)} numbers; model {spec.name!r} has {layers} MoE layers")
+    held = math.ceil(spec.num_routed_experts / gpus)  # the experts of one layer that live on one GPU
+    slots = tuple(min(math.ceil(total / gpus), held) for total in given)
+    for layer, (slot, need) in enumerate(zip(slots, working_sets.tolist(), strict=True)):
+        if slot < need:
+            raise TierflowError(
+                f"cache.layer_slots: MoE layer {layer} has {slot} slots per GPU ({given[layer]} over {gpus} GPU(s)), "
+                f"fewer than its working set of {need} experts")
+    return slots
 
 
 def _cache_experts(section, capacity_experts, capacity_bytes, gpus, expert_bytes, default_per_gpu) -> int:
@@ -322,10 +348,13 @@ class Simulation:
             scenario.prefetch.max_queued, future, progress, copies_ahead=scenario.timing.expert_copies == "ahead",
         )
 
-    def _cache(self, name, policy, params, capacity_experts, scope="global"):
-        """A global pool, or (per-layer scope) the same capacity split evenly into per-layer slots."""
+    def _cache(self, name, policy, params, capacity_experts, scope="global", layer_slots=None):
+        """A global pool, or (per-layer scope) the given slots per layer or the same capacity split evenly."""
         w = self.workload
-        capacity = capacity_experts if scope == "global" else capacity_experts // w.num_layers
+        if scope == "global":
+            capacity = capacity_experts
+        else:
+            capacity = list(layer_slots) if layer_slots is not None else capacity_experts // w.num_layers
         return make_expert_cache(policy, scope, capacity, num_layers=w.num_layers, num_experts=w.num_experts,
                                  top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name,
                                  router_scores=w.has_scores)
@@ -336,7 +365,7 @@ class Simulation:
         hbm = ddr = None
         if plan.hbm_cache_experts is not None:
             hbm = self._cache(f"hbm{gpu}", scenario.cache.policy, scenario.cache.params, plan.hbm_cache_experts,
-                              scenario.cache.scope)
+                              scenario.cache.scope, plan.layer_slots)
         if plan.ddr_cache_experts is not None:
             ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
                               plan.ddr_cache_experts)
