@@ -37,8 +37,9 @@ class Transition(Prefetcher):
         # Row (l, d-1, i) of each table, flattened to one row number: the source expert i at layer l, distance d.
         self._counts = np.zeros((layers * lookahead * n, n), dtype=np.float32)  # row, j: then j ran at l+d
         self._totals = np.zeros(layers * lookahead * n, dtype=np.float32)  # row: experts seen at l+d after i
-        # -counts / totals (0 while a row is unobserved): summed over the routed experts it ranks candidates.
-        self._minus_prob = np.zeros_like(self._counts)
+        # -totals, or -1 while a row is unobserved (its counts are 0, so -counts / totals is 0 there as well).
+        # The rows of the routed experts, -counts / totals summed over them, rank the candidates.
+        self._minus_totals = np.full_like(self._totals, -1.0)
         first_row = (np.arange(layers)[:, None] * lookahead + np.arange(lookahead)) * n  # [l, d-1]
         self._first_row = first_row
         # For the proposals at layer l: the first rows of (l, 1) .. (l, reach), as a column to add experts to.
@@ -101,13 +102,14 @@ class Transition(Prefetcher):
                     where, weights=np.broadcast_to(sizes[distance:, :, None], rows.shape)[sources])
                 rows_touched.append(row)
         rows = np.concatenate(rows_touched)
-        self._minus_prob[rows] = self._counts.take(rows, axis=0) / -self._totals.take(rows)[:, None]
+        self._minus_totals[rows] = -self._totals.take(rows)
 
     def _propose(self, layer: int, experts: np.ndarray, reach: int) -> list[tuple[int, int]]:
         """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability."""
         budget = min(self.context.budget_experts, self.context.num_experts)
         rows = self._proposal_rows[layer] + experts  # (reach, routed)
-        ranked = self._minus_prob.take(rows, axis=0).sum(axis=1)  # (reach, num_experts): the lowest is wanted most
+        minus_prob = self._counts.take(rows, axis=0) / self._minus_totals.take(rows)[:, :, None]
+        ranked = minus_prob.sum(axis=1)  # (reach, num_experts): the lowest is wanted most
         best = ranked.argpartition(budget - 1, axis=1)[:, :budget]
         values = ranked.take(best + self._row_offsets[reach]).tolist()
         proposals = []
