@@ -57,6 +57,8 @@ ENGINE = ["prefetch.budget_experts=8"]
 LEARNS_FROM_FILE = {"speculative_gate", "expert_map"}
 # Prefetcher parameters per trace, chosen on validation traces (other seeds), never on the table's traces.
 PARAMS: dict[tuple[str, str], list[str]] = {(DEEPSEEK, "speculative_gate"): ["history=3"]}
+# Rows for a prefetcher's other settings: expert_map with FineMoE's cumulative rule beside its default threshold.
+VARIANTS = ["expert_map:selection=cumulative"]
 
 
 def make_traces(work_dir: Path) -> dict[str, Path]:
@@ -76,14 +78,17 @@ def make_traces(work_dir: Path) -> dict[str, Path]:
 
 
 def scenario_overrides(job: dict) -> list[str]:
+    """The job's ``ssd_offload`` overrides; its prefetcher is a name or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (a
+    variant with those parameters)."""
     overrides, lookahead = DEPLOYMENTS[job["label"], job["deployment"]]
+    policy, *variant = job["prefetcher"].split(":")
     out = [*overrides, *ENGINE, f"prefetch.lookahead={lookahead}", f"prefetch.max_queued={job['max_queued']}",
-           f"prefetch.policy={job['prefetcher']}",
+           f"prefetch.policy={policy}",
            f"workload.batch_size={job['batch']}", f"workload.decode_tokens={job['steps']}",
            f'workload.trace="{job["trace"]}"']
-    if job["prefetcher"] in LEARNS_FROM_FILE:
+    if policy in LEARNS_FROM_FILE:
         out.append(f'prefetch.params.train_trace="{job["trace"]}"')
-    out += [f"prefetch.params.{item}" for item in PARAMS.get((job["label"], job["prefetcher"]), [])]
+    out += [f"prefetch.params.{item}" for item in [*PARAMS.get((job["label"], policy), []), *variant]]
     return out
 
 
@@ -97,7 +102,7 @@ def run_one(job: dict) -> dict:
     return {
         "trace": job["label"], "deployment": job["deployment"], "batch": job["batch"],
         "prefetcher": job["prefetcher"], "steps": job["steps"], "max_queued": job["max_queued"],
-        "accuracy": p["accuracy"], "coverage": p["coverage"], "issued": p["issued"], "late": p["late"],
+        "accuracy": p["accuracy"], "on_target_accuracy": p["on_target_accuracy"], "coverage": p["coverage"], "issued": p["issued"], "late": p["late"],
         "stall_s_per_token": summary["stall_s_per_token"],
         "latency_s_per_token": summary["latency_s_per_token"]["mean"],
         "wasted_energy_j_per_token": p["wasted_energy_j_per_token"],
@@ -144,14 +149,16 @@ def format_rows(rows: list[dict]) -> str:
             if r["prefetcher"] == "none"}
     queued = sorted({r["max_queued"] for r in rows})
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [("| trace | deployment | batch | prefetcher | accuracy | coverage | stall/token (ms) | stall vs none "
-              "| wasted energy (J/token) | energy/token (J) | issued | late |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| trace | deployment | batch | prefetcher | accuracy | on target | coverage | stall/token (ms) "
+              "| stall vs none | wasted energy (J/token) | energy/token (J) | issued | late |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = none.get((r["trace"], r["deployment"], r["batch"]))
         cut = "—" if not base else f"{100 * (r['stall_s_per_token'] / base - 1):+.1f}%"
-        lines.append(f"| {r['trace']} | {r['deployment']} | {r['batch']} | `{r['prefetcher']}` "
-                     f"| {pct(r['accuracy'])} | {pct(r['coverage'])} | {r['stall_s_per_token'] * 1e3:.1f} | {cut} "
+        name = r["prefetcher"].split(":")
+        label = f"`{name[0]}`" + (f" ({', '.join(name[1:])})" if len(name) > 1 else "")
+        lines.append(f"| {r['trace']} | {r['deployment']} | {r['batch']} | {label} "
+                     f"| {pct(r['accuracy'])} | {pct(r['on_target_accuracy'])} | {pct(r['coverage'])} | {r['stall_s_per_token'] * 1e3:.1f} | {cut} "
                      f"| {r['wasted_energy_j_per_token']:.2f} | {r['energy_j_per_token']:.1f} | {r['issued']:,} "
                      f"| {r['late']:,} |")
     lines.append(f"\n(prefetch.max_queued = {', '.join(map(str, queued))}; stall vs none: the same trace, deployment "
@@ -170,14 +177,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--deployments", nargs="+", default=["ssd", "ddr"], choices=["ssd", "ddr"])
     parser.add_argument("--max-queued", type=int, default=1,
                         help="prefetch.max_queued: 1 prefetches only into an idle queue (as ssd_prefetch)")
-    parser.add_argument("--prefetchers", nargs="+", default=None, help="default: every registered one")
+    parser.add_argument("--prefetchers", nargs="+", default=None,
+                        help="NAME or NAME:KEY=VALUE[:KEY=VALUE] (a variant); default: every registered one and "
+                             "the variants in VARIANTS")
     parser.add_argument("--jobs", type=int, default=2, help="simulations run in parallel")
     parser.add_argument("--physics", action="store_true",
                         help="also print each deployment's transfer time, compute time and demand link load")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of tables")
     args = parser.parse_args(argv)
     traces = make_traces(args.work_dir)
-    names = args.prefetchers or ["none", "oracle", *[n for n in PREFETCHERS.names() if n not in ("none", "oracle")]]
+    names = args.prefetchers or ["none", "oracle", *[n for n in PREFETCHERS.names() if n not in ("none", "oracle")],
+                                 *VARIANTS]
     jobs = [{"label": label, "trace": str(traces[label]), "deployment": deployment, "batch": batch,
              "steps": args.steps if batch == 1 else args.batched_steps, "prefetcher": name,
              "max_queued": args.max_queued}

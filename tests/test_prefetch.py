@@ -287,9 +287,9 @@ def test_each_routing_event_starts_at_most_the_budget():
                                                "prefetch.budget_experts": 3, "prefetch.max_queued": 1000}))
     started, start = Counter(), sim.stream._start_prefetch
 
-    def spy(memory, key, target_layer, step, layer, time):
+    def spy(memory, key, target_step, target_layer, step, layer, time):
         started[step, layer] += 1
-        start(memory, key, target_layer, step, layer, time)
+        start(memory, key, target_step, target_layer, step, layer, time)
 
     sim.stream._start_prefetch = spy
     sim.run()
@@ -376,9 +376,10 @@ def test_no_prefetch_is_started_for_a_step_the_run_does_not_have():
                               "prefetch.max_queued": 100, "cache.capacity_experts": 160}))
     steps, starts, start = len(sim.workload.steps), [], sim.stream._start_prefetch  # noqa: SLF001
 
-    def record(memory, key, target_layer, step, layer, time):
-        starts.append(step + (target_layer <= layer))  # the target's step
-        start(memory, key, target_layer, step, layer, time)
+    def record(memory, key, target_step, target_layer, step, layer, time):
+        assert target_step == step + (target_layer <= layer)  # a target at or before this layer: the next step's
+        starts.append(target_step)
+        start(memory, key, target_step, target_layer, step, layer, time)
 
     sim.stream._start_prefetch = record  # noqa: SLF001
     sim.run()
@@ -431,6 +432,31 @@ def test_oracle_accuracy_knob_wastes_bytes_that_are_charged_to_energy():
     assert p["wasted_energy_j_per_token"] <= p["energy_j_per_token"]
 
 
+def test_on_target_counts_the_prefetches_their_own_step_used():
+    """Nothing is evicted (a cache of every expert): a prefetch is on target exactly when the step and layer it
+    was proposed for route to its expert; a wrong guess a later step routes to is useful but not on target. The
+    exact oracle's are all on target."""
+    sim = Simulation(small(**{"workload.batch_size": 2, "prefetch.policy": "oracle", "prefetch.lookahead": 2,
+                              "prefetch.params": {"accuracy": 0.5, "seed": 2}, "prefetch.max_queued": 100,
+                              "cache.capacity_experts": 16 * 64, "workload.decode_tokens": 40}))
+    starts, start = [], sim.stream._start_prefetch  # noqa: SLF001
+
+    def record(memory, key, target_step, target_layer, step, layer, time):
+        starts.append((target_step, target_layer, key % sim.workload.num_experts))
+        start(memory, key, target_step, target_layer, step, layer, time)
+
+    sim.stream._start_prefetch = record  # noqa: SLF001
+    p = sim.run().summary["prefetch"]
+    assert sum(m.hbm.stats.evictions for m in sim.memories) == 0
+    steps = sim.workload.steps
+    on_target = sum(expert in steps[s].experts[layer].tolist() for s, layer, expert in starts)
+    assert p["issued"] == len(starts) and p["on_target"] == on_target
+    assert 0 < p["on_target"] < p["useful"] < p["issued"]
+    assert p["on_target_accuracy"] == pytest.approx(on_target / len(starts))
+    oracle = Simulation(small(**{"prefetch.policy": "oracle", "prefetch.max_queued": 100})).run().summary["prefetch"]
+    assert oracle["on_target"] == oracle["useful"] == oracle["issued"] > 0
+
+
 # ------------------------------------------------------------------------------------------ each prefetcher
 
 
@@ -467,6 +493,17 @@ def test_oracle_replaces_the_requested_share_deterministically():
     right = sum(e in set(truth[l].tolist()) for l, e in first)
     assert 3 <= right <= 9  # about a quarter of 24 true experts kept
     assert all(len({e for l, e in first if l == layer}) == 8 for layer in (1, 2, 3))  # no repeats
+
+
+def test_oracle_wrong_guesses_are_bounded_by_the_experts_a_layer_does_not_use():
+    """A layer using 6 of 8 experts has 2 unused ones: at accuracy 0 two guesses are wrong and 2 x 6 - 8 = 4 true
+    ones stay; using all 8, every guess is right."""
+    truth = [np.arange(6), np.arange(8)]
+    context = _context(_Workload([_Step(truth)]), layers=2, experts=8, k=6, lookahead=1)
+    oracle = make_prefetcher("oracle", {"accuracy": 0.0, "seed": 5}, context)
+    guesses = [e for _, e in oracle.on_routing(_event(0, 0, truth[0]))]
+    assert len(guesses) == 8 and set(guesses) == set(range(8))  # all 8 experts: the 2 unused ones and 6 true
+    assert sum(e < 6 for e in oracle._guesses(truth[0], 0, 1)) == 4  # noqa: SLF001
 
 
 def test_oracle_without_the_workload_is_an_error():
@@ -678,11 +715,11 @@ def test_expert_map_proposes_the_experts_enough_of_the_neighbours_used():
     """Four stored maps match the token equally at layer 0; at layer 1 three used expert 4, one expert 6, and
     all used 5. The estimated probability of use is the share of neighbours: 5 -> 1, 4 -> 3/4, 6 -> 1/4."""
     maps = [[[0, 1], [4, 5], [8, 9], [10, 11]]] * 3 + [[[0, 1], [5, 6], [8, 9], [10, 11]]]
-    assert _expert_map_with(maps, neighbors=4, min_probability=0.3).on_routing(_event(9, 0, [0, 1])) == \
+    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=0.3).on_routing(_event(9, 0, [0, 1])) == \
         [(1, 5), (1, 4)]
-    assert _expert_map_with(maps, neighbors=4, min_probability=0.25).on_routing(_event(9, 0, [0, 1])) == \
+    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=0.25).on_routing(_event(9, 0, [0, 1])) == \
         [(1, 5), (1, 4), (1, 6)]
-    assert _expert_map_with(maps, neighbors=4, min_probability=1.0).on_routing(_event(9, 0, [0, 1])) == [(1, 5)]
+    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=1.0).on_routing(_event(9, 0, [0, 1])) == [(1, 5)]
 
 
 @settings(max_examples=20, deadline=None)
@@ -696,7 +733,8 @@ def test_expert_map_a_higher_threshold_proposes_a_prefix_of_the_same_list(seed, 
     token = [rng.choice(16, 2, replace=False).tolist() for _ in range(4)]
     walks = []
     for threshold in (low, high):
-        em = make_prefetcher("expert_map", {"semantic_weight": 0, "neighbors": 5, "min_probability": threshold},
+        em = make_prefetcher("expert_map", {"semantic_weight": 0, "neighbors": 5, "selection": "threshold",
+                                            "min_probability": threshold},
                              _context(_Workload([]), lookahead=2))
         for step, rows in enumerate(maps):
             _walk(em, step, rows)
@@ -717,9 +755,9 @@ def test_expert_map_batch_proposes_what_some_token_alone_would(seed):
     tokens = [rng.choice(16, 2, replace=False) for _ in range(3)]
     alone = set()
     for token in tokens:
-        em = _expert_map_with(maps, neighbors=6, min_probability=0.3)
+        em = _expert_map_with(maps, neighbors=6, selection="threshold", min_probability=0.3)
         alone |= set(em.on_routing(_event(50, 0, token)))
-    em = _expert_map_with(maps, neighbors=6, min_probability=0.3)
+    em = _expert_map_with(maps, neighbors=6, selection="threshold", min_probability=0.3)
     together = em.on_routing(_batch_event(50, 0, np.stack(tokens)))
     assert len(together) == len(set(together)) and set(together) == alone
 
@@ -841,10 +879,10 @@ def test_prefetches_refused_for_a_full_queue_wait_and_start_when_it_drains():
     stream, started = sim.stream, []
     start = stream._start_prefetch  # noqa: SLF001
 
-    def record(memory, key, target_layer, step, layer, time):
-        target_step = step + (target_layer <= layer)  # a target at or before the current layer: the next step's
+    def record(memory, key, target_step, target_layer, step, layer, time):
+        assert target_step == step + (target_layer <= layer)  # a target at or before this layer: the next step's
         started.append((stream.position, (target_step, target_layer), sim.calendar.now > sim.env.now))
-        start(memory, key, target_layer, step, layer, time)
+        start(memory, key, target_step, target_layer, step, layer, time)
 
     stream._start_prefetch = record  # noqa: SLF001
     results = sim.run()

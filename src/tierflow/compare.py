@@ -59,6 +59,7 @@ FIGURES = [
     ("  wasted prefetches (J)", lambda s: _j(s["prefetch"]["wasted_energy_j_per_token"])),
     ("prefetches issued", lambda s: f"{s['prefetch']['issued']:,}"),
     ("prefetch accuracy", lambda s: _rate(s["prefetch"]["accuracy"])),
+    ("  on target", lambda s: _rate(s["prefetch"]["on_target_accuracy"])),
     ("prefetch coverage", lambda s: _rate(s["prefetch"]["coverage"])),
     ("late prefetches", lambda s: f"{s['prefetch']['late']:,}"),
 ]

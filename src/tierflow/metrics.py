@@ -137,7 +137,8 @@ def layer_hit_rates(layers: dict) -> np.ndarray:
 
 def _prefetch_figures(sim, tokens: int) -> dict:
     """issued, useful (used before eviction), late (still in flight when needed), wasted bytes; accuracy
-    (useful / issued), coverage (the share of would-be demand misses a prefetch served: useful / (useful +
+    (useful / issued), on-target accuracy (the share of prefetches the step they were proposed for used: a
+    useful one may serve a later step instead, kept in the cache since), coverage (the share of would-be demand misses a prefetch served: useful / (useful +
     demand misses)), and energy per token of the prefetched bytes and of the wasted ones, apart from the
     demand misses'."""
     stats = [m.prefetch for m in sim.memories]
@@ -156,6 +157,8 @@ def _prefetch_figures(sim, tokens: int) -> dict:
         "late": sum(s.late for s in stats),
         "wasted_bytes": sum(s.wasted_bytes for s in stats),
         "accuracy": useful / issued if issued else None,
+        "on_target": sum(s.on_target for s in stats),
+        "on_target_accuracy": sum(s.on_target for s in stats) / issued if issued else None,
         "coverage": useful / (useful + misses) if useful + misses else None,
         "prefetched_bytes": sum(sim.ledger.prefetch_bytes.values()),
         "energy_j_per_token": prefetched_j / tokens if tokens else 0.0,
@@ -230,7 +233,7 @@ def _prefetch_line(p: dict) -> str:
     if not p["issued"]:
         return "none issued"
     return (f"issued {p['issued']:,}   useful {p['useful']:,}   late {p['late']:,}   accuracy {100 * p['accuracy']:.1f}%"
-            f"   coverage {100 * (p['coverage'] or 0):.1f}%   wasted {p['wasted_bytes'] / 1e9:.2f} GB"
+            f" (on target {100 * p['on_target_accuracy']:.1f}%)   coverage {100 * (p['coverage'] or 0):.1f}%   wasted {p['wasted_bytes'] / 1e9:.2f} GB"
             f" ({p['wasted_energy_j_per_token']:.3f} J/token)")
 
 

@@ -545,18 +545,20 @@ class GpuStream:
                 continue
             blocker = memory.prefetch_blocker(key, max_queued)
             if blocker is None:
-                self._start_prefetch(memory, key, target_layer, step.index, layer, time)
+                self._start_prefetch(memory, key, target_step, target_layer, step.index, layer, time)
                 issued += 1
             elif blocker == "queue" and self.deferred is not None:
                 self._defer(self.deferred[expert % gpus], key, target_step, target_layer)
 
-    def _start_prefetch(self, memory, key: int, target_layer: int, step: int, layer: int, time: int) -> None:
-        """Prefetch ``key`` for ``target_layer``, decided while ``layer`` of ``step`` (access ``time``) runs."""
+    def _start_prefetch(self, memory, key: int, target_step: int, target_layer: int, step: int, layer: int,
+                        time: int) -> None:
+        """Prefetch ``key`` for ``target_layer`` of ``target_step``, decided while ``layer`` of ``step`` (access
+        ``time``) runs."""
         access = self._prefetch_access
         access.key, access.layer, access.time, access.current_layer, access.step = key, target_layer, time, layer, step
         access.sequence = self._access.sequence  # decided while that request's layer runs
         access.next_use = self.future.next_use_after(key, time) if self.future is not None else NEVER
-        memory.prefetch_now(key, access)
+        memory.prefetch_now(key, access, target_step)
 
     @staticmethod
     def _defer(deferred: deque, key: int, step: int, target_layer: int) -> None:
@@ -585,6 +587,6 @@ class GpuStream:
                 continue
             deferred.popleft()
             if blocker is None:
-                self._start_prefetch(memory, key, target_layer, step, layer,
+                self._start_prefetch(memory, key, target_step, target_layer, step, layer,
                                      access_time(step, layer, self.workload.num_layers, self.workload.top_k))
         deferred.extendleft(reversed(waiting))

@@ -19,6 +19,7 @@ from tierflow.sim.transfer import DEMAND, PREFETCH, Transfer
 class PrefetchStats:
     issued: int = 0
     useful: int = 0  # prefetched experts a layer used before they were evicted
+    on_target: int = 0  # ... of which the step they were proposed for used (not a later one)
     late: int = 0  # ... of which were still in flight when their layer needed them
     wasted_bytes: int = 0  # prefetched bytes evicted (or left at the end) without being used
     issued_bytes: int = 0
@@ -102,8 +103,10 @@ class ExpertMemory:
         if hbm.lookup(key, access):
             hbm.pin(key)
             transfer = self.in_flight.get(key) if self.in_flight else None
-            if self._unused_prefetch and self._unused_prefetch.pop(key, None) is not None:
+            prefetched = self._unused_prefetch.pop(key, None) if self._unused_prefetch else None
+            if prefetched is not None:
                 self.prefetch.useful += 1
+                self.prefetch.on_target += prefetched.target_step == access.step
                 if self.ddr is not None:  # its DDR copy (filled on the way in) is no longer an unused prefetch
                     self.ddr.prefetch_used(key)
                 if transfer is not None:
@@ -160,11 +163,13 @@ class ExpertMemory:
             return "queue"
         return None
 
-    def prefetch_now(self, key: int, access: Access) -> None:
-        """Start a prefetch that :meth:`can_prefetch` allowed."""
+    def prefetch_now(self, key: int, access: Access, target_step: int | None = None) -> None:
+        """Start a prefetch that :meth:`can_prefetch` allowed, proposed for step ``target_step`` (default: the
+        step deciding it, ``access.step``)."""
         self._admit(key, access)
         self.hbm.pin(key)  # in flight
         transfer = self._fetch(key, access, PREFETCH, into_hbm=True)
+        transfer.target_step = access.step if target_step is None else target_step
         self._unused_prefetch[key] = transfer
         self.prefetch.issued += 1
         self.prefetch.issued_bytes += self.expert_bytes

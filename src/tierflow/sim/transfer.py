@@ -18,7 +18,7 @@ class Transfer:
     __slots__ = (
         "key", "size_bytes", "src", "dst", "via", "priority", "hops", "hop", "waiters", "issued_at",
         "arrived_at", "data_ready_at", "upstream_done_at", "on_done", "gpu", "staged_bytes", "hop_bytes",
-        "first_chunk_at", "queued_at", "prefetched", "on_start",
+        "first_chunk_at", "queued_at", "prefetched", "on_start", "target_step",
     )
 
     def __init__(self, calendar, key, size_bytes, src, dst, hops, priority, gpu=0, via=None, on_done=None):
@@ -36,6 +36,7 @@ class Transfer:
         self.first_chunk_at = None  # on a preempted hop: when its first chunk went through
         self.queued_at = None  # when it was submitted to the current hop
         self.on_start = None  # called (with the transfer) once, when its first hop begins to serve it
+        self.target_step = None  # a prefetch: the decode step it was proposed for
 
     def start(self) -> None:
         self.hops[0].submit(self)
