@@ -23,7 +23,7 @@ Deployments (the cache sizes are the same on both of a trace's deployments):
   6. Chosen from link time against compute time (printed by this script with ``--physics``): a deployment
   lets prefetching pay when the demand misses keep each GPU's link busy for less than the compute time, and the
   lookahead covers one expert's transfer: ``lookahead >= transfer time / compute time per layer`` (DeepSeek-R1:
-  99 us / 71 us -> 2; Mixtral: 784 us / ~140 us -> 6).
+  98 us / 69 us -> 2; Mixtral: 783 us / 131 us -> 6).
 
 Every prefetcher runs with the engine settings of ``ssd_prefetch`` (budget 8 experts per routing event,
 prefetch only into an idle queue: ``--max-queued 1``; a larger value lets prefetches queue behind busy drives,

@@ -1,4 +1,4 @@
-"""The catalog: model sizes against shared/reference/models.md, hardware numbers against their sources,
+"""The catalog: model sizes against docs/reference/models.md, hardware numbers against their sources,
 the seed paper's constants exactly, and closed-form checks of the derived per-token figures."""
 
 import json
@@ -16,7 +16,7 @@ from tierflow.errors import TierflowError
 
 GiB = 2**30
 
-# MB per expert (decimal) from shared/reference/models.md.
+# MB per expert (decimal) from docs/reference/models.md.
 REFERENCE_MB_PER_EXPERT = {
     "deepseek-v3": 44.0,
     "deepseek-r1": 44.0,

@@ -97,6 +97,9 @@ def test_layer_lookups_add_up_and_match_the_caches_hit_rate():
     np.testing.assert_array_equal(step_lookups, [sum(map(len, step.experts)) for step in sim.workload.steps])
     rates = metrics.layer_hit_rates(layers)
     assert float(np.average(rates, weights=requests)) == pytest.approx(results.summary["hit_rate"]["hbm"])
+    low = int(np.argmin(rates))
+    assert f"hit rate by layer lowest {100 * rates[low]:.1f}% (MoE layer {low})" in metrics.format_table(
+        results.summary, results)
 
 
 def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
@@ -122,7 +125,8 @@ def test_channel_busy_time_is_latency_plus_bytes_over_bandwidth():
         assert channel["utilization"] == pytest.approx(channel["bytes"] / rate_of / horizon, rel=1e-9)
     assert links[0]["busy_share"] < links[0]["utilization"]  # the link overlaps the drive's reads
     text = metrics.format_table(results.summary, results)
-    assert "hit rate by layer" in text and "utilization" in text and f"{ssd.name} " in text
+    assert "utilization" in text and f"{ssd.name} " in text
+    assert "hit rate          HBM n/a" in text and "hit rate by layer" not in text  # no cache: no layer rates
     moved, tokens = results.summary["bytes_moved"]["ssd->hbm"], results.summary["tokens"]
     assert f"ssd->hbm {moved / tokens / 1e9:.2f} GB/token ({moved / 1e9:.2f} GB in all)" in text
 

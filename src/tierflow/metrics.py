@@ -200,7 +200,7 @@ def format_table(summary: dict, results: Results | None = None) -> str:
         "prefetch          " + _prefetch_line(s["prefetch"]),
         f"peak HBM          {s['peak_hbm_bytes'] / 1e9:.2f} GB per GPU",
     ]
-    if results is not None and results.layers is not None:
+    if results is not None and results.layers is not None and s["hit_rate"]["hbm"] is not None:  # a cache
         rates = layer_hit_rates(results.layers)
         if not np.isnan(rates).all():
             low, high = int(np.nanargmin(rates)), int(np.nanargmax(rates))

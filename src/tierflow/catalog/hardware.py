@@ -1,7 +1,7 @@
 """The hardware catalog: memory tiers, links, GPUs and the profiles that combine them, every number cited.
 
 Each component carries ``sources``, mapping every numeric field to its citation, tagged as in
-``shared/reference/hardware.md``: [P] the seed paper's artifact (Kyung, Yun, Ahn, IEEE CAL 2025,
+``docs/reference/hardware.md``: [P] the seed paper's artifact (Kyung, Yun, Ahn, IEEE CAL 2025,
 github.com/scale-snu/SSD-offloading, patch/ssd_offloading.patch), [D] a vendor datasheet or spec,
 [S] a secondary source citing a primary, [DER] arithmetic from the others or a stated assumption.
 Construction fails when a numeric field has no citation, so a profile can always be audited.
@@ -27,7 +27,7 @@ GB, TB = 1e9, 1e12
 US, NS = 1e-6, 1e-9
 
 _P = "[P] scale-snu/SSD-offloading patch/ssd_offloading.patch"
-_HW_MD = "shared/reference/hardware.md"
+_HW_MD = "docs/reference/hardware.md"
 _PAPER_LINK_ENERGY = f"{_P}: link energy is not modelled in the paper"
 _PAPER_NO_LATENCY = f"{_P}: an offload copy is timed as bytes / offload_bandwidth, with no latency term"
 

@@ -2,7 +2,7 @@
 
 Every row cites where its numbers come from. The shapes are those of the named Hugging Face repo's
 ``config.json``; this machine cannot reach the Hub, so each value was checked against public copies of
-that file (test fixtures and config tables in other projects) and against ``shared/reference/models.md``.
+that file (test fixtures and config tables in other projects) and against ``docs/reference/models.md``.
 
 Conventions used throughout:
 
@@ -335,7 +335,7 @@ class ModelSpec:
 # --- rows ---------------------------------------------------------------------------------------
 
 _CHECKED = ("values as in that repo's config.json, checked against public copies of the file "
-            "(the Hub itself was not reachable); sizes against shared/reference/models.md")
+            "(the Hub itself was not reachable); sizes against docs/reference/models.md")
 
 
 def _source(repo: str, note: str = "") -> str:

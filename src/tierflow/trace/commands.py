@@ -21,7 +21,8 @@ def register(group: click.Group) -> None:
 @click.option("--model", "model_name", required=True, help="Catalog model name (see `tierflow catalog models`).")
 @click.option("--tokens", type=click.IntRange(min=1), required=True, help="Number of tokens to generate.")
 @click.option("--sequences", type=click.IntRange(min=1), default=None,
-              help="Number of sequences (requests); default: one per 512 tokens.")
+              help="Number of sequences (requests); default: one per tokens_per_sequence tokens (512 unless "
+                   "set).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed (>= 0); same seed, same file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
