@@ -556,9 +556,15 @@ def test_speculative_gate_prefers_recorded_predictions():
         with pytest.raises(TierflowError, match="train_fraction = 0.0 watches no step"):
             make_prefetcher("speculative_gate", params, _context(workload))
     # ... or watching every step: the maps would be fitted after the run.
-    with pytest.raises(TierflowError, match="train_fraction = 1.0 watches all 3 decode steps"):
+    with pytest.raises(TierflowError, match=r"train_fraction = 1.0 watches all 3 decode step\(s\)"):
         make_prefetcher("speculative_gate", {"train_fraction": 1.0},
                         _context(_Workload([_Step([np.array([0, 1])] * 4)] * 3)))
+    # A fraction below 1 leaves the last step to predict (ceil(0.9 x 8) would be all 8), and one step is too few.
+    eight = make_prefetcher("speculative_gate", {"train_fraction": 0.9},
+                            _context(_Workload([_Step([np.array([0, 1])] * 4)] * 8)))
+    assert eight._watch_steps == 7  # noqa: SLF001
+    with pytest.raises(TierflowError, match="a run of one decode step leaves nothing to predict"):
+        make_prefetcher("speculative_gate", {"train_fraction": 0.5}, _context(_Workload([_Step([np.array([0, 1])] * 4)])))
 
 
 def test_speculative_gate_offers_a_batchs_common_recorded_predictions_first():

@@ -307,6 +307,24 @@ def test_a_demand_transfer_takes_over_from_a_prefetch_at_its_next_chunk():
     assert channel.busy_s == pytest.approx(prefetch.arrived_at)  # never idle, and no time counted twice
 
 
+def test_a_pre_empted_prefetch_of_a_size_that_is_not_whole_chunks_keeps_the_channel_s_rate():
+    """4.2 MB in 1 MB chunks (the last one short) and a demand 0.1 ms in: the prefetch stops after its first
+    whole chunk, at 1 ms (not at 4.2 / 5 ms), so the channel never beats its bandwidth and the two transfers end
+    when their bytes at 1 GB/s and three latencies say."""
+    calendar, latency = Calendar(), 1e-6
+    channel = _preemptive_link(calendar, latency)
+    prefetch = Transfer(calendar, 0, 4_200_000, "ddr", "hbm", [channel], PREFETCH)
+    demand = Transfer(calendar, 1, 1000, "ddr", "hbm", [channel], DEMAND)
+    prefetch.start()
+    calendar.run(until=1e-4)
+    demand.start()
+    calendar.run()
+    assert demand.arrived_at == pytest.approx(latency + 1e-3 + latency + 1e-6)
+    assert prefetch.arrived_at == pytest.approx(demand.arrived_at + latency + 3.2e-3)
+    assert channel.busy_s == pytest.approx(prefetch.arrived_at)
+    assert channel.bytes_carried == 4_201_000
+
+
 def test_a_prefetch_still_in_its_latency_yields_at_once_and_resumes_whole():
     """On a drive, a demand that arrives before the prefetch's bytes flow takes over at once and pays the
     latency itself; the prefetch then streams all its bytes right behind it, its requests already queued."""
@@ -632,6 +650,12 @@ BAD_SCENARIOS = {
                                      "prefetch.params.history=59"], "history = 59 exceeds the model's 58 MoE layers"),
     "prefetcher without a cache": (["--scenario", "ssd_prefetch", "--set", "cache.enabled=false"],
                                    "prefetch.policy = 'transition' has no effect with cache.enabled = false"),
+    "a streamed layer larger than free HBM": (
+        ["--set", "model=mixtral-8x7b", "--set", "hardware=desktop-5070ti", "--set", "gpus=1", "--set",
+         "workload.batch_size=16", "--set", "workload.context_length=6400", "--set", "cache.enabled=false"],
+        "one layer's working set of 8 experts per GPU needs 2.8 GB of HBM but only 0.5 GB is free"),
+    "weights larger than a one-GPU profile's HBM": (["--set", "hardware=desktop-5070ti", "--set", "gpus=1"],
+                                                    "or another profile (this one has no GPU-to-GPU links)"),
 }
 
 
@@ -642,6 +666,21 @@ def test_bad_scenario_is_one_error_line_with_status_2(case):
         args = ["--scenario", "ssd_offload", *args]
     result = run_cli("simulate", *args, "--set", "workload.decode_tokens=2", "--quiet")
     assert_one_line_error(result, fragment)
+
+
+def test_copies_queued_ahead_that_outgrow_hbm_get_a_note():
+    """The paper's model streams every layer's experts ahead: with a KV cache that leaves little room, the experts
+    held at once pass the GPU's HBM. The run completes (the timing model is the paper's) and says so on stderr."""
+    result = run_cli("simulate", "--scenario", "kyung_mixtral", "--set", "workload.batch_size=64", "--set",
+                     "workload.decode_tokens=2", "--set", "workload.context_length=37000", "--json", "--quiet",
+                     check_status=0)
+    peak = json.loads(result.stdout)["peak_hbm_bytes"]
+    hbm = get_profile("kyung2025").gpu.hbm.capacity_bytes
+    assert peak > hbm
+    assert f"peak HBM use of {peak / 1e9:.1f} GB per GPU exceeds the GPU's {hbm / 1e9:.1f} GB" in result.stderr
+    fits = run_cli("simulate", "--scenario", "kyung_mixtral", "--set", "workload.batch_size=64", "--set",
+                   "workload.decode_tokens=2", "--json", "--quiet", check_status=0)
+    assert "note" not in fits.stderr
 
 
 def test_kv_cache_check_runs_before_the_workload_is_built(monkeypatch):

@@ -49,6 +49,21 @@ def test_a_trace_with_nothing_to_decode_is_an_error(tmp_path):
         load_workload(path, batch_size=1, num_steps=5)
 
 
+@pytest.mark.parametrize("batch, steps, skip, sequences", [(1, 16, 64, 20), (1, 1, 1, 6), (8, 8, 3, 100),
+                                                         (4, 6, 10, 0)])
+def test_the_built_in_trace_keeps_the_batch_full_past_skipped_tokens(batch, steps, skip, sequences):
+    """Each sequence skips its first ``skip`` tokens: the built-in trace has enough tokens for the skips of all
+    its sequences, so every step decodes a full batch, each sequence from its skip on."""
+    workload = synthetic_workload("olmoe-1b-7b", batch, steps, sequences, 3, skip)
+    assert len(workload.steps) == steps
+    assert all(len(step.sequence_ids) == batch for step in workload.steps)
+    first = {}
+    for step in workload.steps:
+        for sequence, position in zip(step.sequence_ids.tolist(), step.positions.tolist(), strict=True):
+            first.setdefault(sequence, position)
+    assert set(first.values()) == {0}  # positions count from the first decoded token after the skip
+
+
 def test_a_workload_larger_than_memory_fails_before_allocating():
     with pytest.raises(TierflowError, match="workload.decode_tokens.*more than this machine's"):
         synthetic_workload("deepseek-r1", 1, 10**12, 0, 0)

@@ -76,7 +76,7 @@ class WorkloadConfig:
     context_length: int = attrs.field(default=1024, validator=_non_negative,
                                       metadata=_help("tokens already in each sequence's KV cache at the first step"))
     synthetic_sequences: int = attrs.field(default=0, validator=_non_negative,
-                                           metadata=_help("sequences in the built-in trace; 0: batch_size"))
+                                           metadata=_help("sequences in the built-in trace (at least 3 x batch_size)"))
     skip_tokens: int = attrs.field(default=0, validator=_non_negative,
                                    metadata=_help("decode steps per sequence to skip (cache warm-up is not skipped)"))
     routing: str = attrs.field(default="trace", validator=_one_of(ROUTINGS),
@@ -89,7 +89,7 @@ class WorkloadConfig:
         if self.routing == "uniform" and self.skip_tokens:
             raise ValueError(f"skip_tokens = {self.skip_tokens} has no effect with workload.routing = 'uniform' "
                              "(its tokens are independent draws); set workload.skip_tokens = 0")
-        tokens = synthetic_token_count(self.batch_size, self.decode_tokens, self.skip_tokens)
+        tokens = synthetic_token_count(self.batch_size, self.decode_tokens, self.skip_tokens, self.synthetic_sequences)
         if not self.trace and self.routing == "trace" and self.synthetic_sequences > tokens:  # each needs a token
             raise ValueError(f"synthetic_sequences = {self.synthetic_sequences} exceeds the {tokens} tokens of the "
                              f"built-in trace ({SYNTHETIC_TOKENS_RULE})")

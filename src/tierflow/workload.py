@@ -242,13 +242,21 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
                     list(sequences))
 
 
-SYNTHETIC_TOKENS_RULE = "3 x workload.batch_size x (workload.decode_tokens + workload.skip_tokens)"
+SYNTHETIC_TOKENS_RULE = ("3 x (workload.batch_size x workload.decode_tokens + sequences x workload.skip_tokens), "
+                         "sequences = max(workload.synthetic_sequences, 3 x workload.batch_size)")
 
 
-def synthetic_token_count(batch_size: int, decode_tokens: int, skip_tokens: int = 0) -> int:
+def synthetic_sequence_count(batch_size: int, synthetic_sequences: int = 0) -> int:
+    """Sequences of the built-in trace: at least three per batch slot, so finished ones are replaced."""
+    return max(synthetic_sequences, 3 * batch_size)
+
+
+def synthetic_token_count(batch_size: int, decode_tokens: int, skip_tokens: int = 0, synthetic_sequences: int = 0) -> int:
     """Tokens of the built-in trace (:data:`SYNTHETIC_TOKENS_RULE`): sequence lengths vary, so three times the
-    tokens the steps need keep the batch full to the last step."""
-    return 3 * batch_size * (decode_tokens + skip_tokens)
+    tokens the steps need, and three times the tokens every sequence skips, keep the batch full to the last
+    step."""
+    sequences = synthetic_sequence_count(batch_size, synthetic_sequences)
+    return 3 * (batch_size * decode_tokens + sequences * skip_tokens)
 
 
 def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequences: int, seed: int,
@@ -262,8 +270,8 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
     from tierflow.trace.synth import SynthParams, generate_arrays
 
     spec = get_model(model_name)
-    sequences = max(sequences, 3 * batch_size)
-    tokens = synthetic_token_count(batch_size, num_steps, skip_tokens)
+    tokens = synthetic_token_count(batch_size, num_steps, skip_tokens, sequences)
+    sequences = synthetic_sequence_count(batch_size, sequences)
     per_token = spec.num_moe_layers * spec.top_k * (expert_dtype(spec.num_routed_experts).itemsize + 4)  # + gates
     check_fits_memory(tokens * per_token,
                        f"the built-in trace's {tokens:,} tokens ({SYNTHETIC_TOKENS_RULE}) x {spec.num_moe_layers} "
@@ -273,6 +281,9 @@ def synthetic_workload(model_name: str, batch_size: int, num_steps: int, sequenc
                            num_sequences=sequences, seed=seed, params=SynthParams.for_model(spec.name), workers=1)
     by_sequence = _sequences_from_arrays(data["experts"], data["sequence_id"], data["gate_scores"])
     steps = build_steps(by_sequence, batch_size, num_steps, skip_tokens)
+    if not steps:  # the rule above leaves every sequence tokens beyond the skip on average; a guard all the same
+        raise TierflowError(f"the built-in trace has no decode tokens after skipping {skip_tokens} per sequence; "
+                            "lower workload.skip_tokens or workload.synthetic_sequences")
     return Workload(steps, spec.num_moe_layers, spec.num_routed_experts, spec.top_k, spec.name,
                     f"built-in synthetic (seed={seed})", data["embedding"], list(by_sequence))
 

@@ -120,17 +120,23 @@ class SpeculativeGate(Prefetcher):
             split = load_training_split(p.train_trace, p.train_tokens, c, self.name)
             self._fit(split)
         elif self._steps is not None:
-            self._watch_steps = math.ceil(p.train_fraction * len(self._steps))
+            steps = len(self._steps)
+            self._watch_steps = math.ceil(p.train_fraction * steps)
+            if p.train_fraction < 1 and steps >= 2:  # a fraction below 1 leaves at least one step to predict
+                self._watch_steps = min(self._watch_steps, steps - 1)
             first = self._steps[0] if self._steps else None
             recorded = p.use_recorded and getattr(first, "predicted_experts", None) is not None
             if self._watch_steps == 0 and not recorded:
                 raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches no step "
                                     "and there is no train_trace (nor recorded predictions in the trace): it would "
                                     "never fit its maps; set train_fraction > 0 or train_trace")
-            if self._watch_steps >= len(self._steps) and not recorded:
-                raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches all "
-                                    f"{len(self._steps)} decode steps: it would fit its maps only after the run; "
-                                    "set train_fraction < 1 or train_trace")
+            if self._watch_steps >= steps and not recorded:
+                raise TierflowError(
+                    f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches all {steps} decode "
+                    "step(s): it would fit its maps only after the run; "
+                    + ("set train_fraction < 1 or train_trace" if steps >= 2 else
+                       "a run of one decode step leaves nothing to predict: use workload.decode_tokens >= 2 or "
+                       "train_trace"))
 
     def _fit(self, split: TrainingSplit) -> None:
         self._hot, self._scored, self._past, self._bias = fit_layer_maps(

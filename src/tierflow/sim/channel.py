@@ -155,10 +155,12 @@ class Channel:
         streaming = duration - latency
         now = self.calendar.now
         if not credited:
-            done = max(0, math.ceil((now - started - latency) / streaming * chunks))  # chunks under way or finished
+            # Whole chunks flow at the channel's rate (streaming / hop_bytes per byte); only the last may be short.
+            per_chunk = streaming * self.chunk_bytes / transfer.hop_bytes
+            done = max(0, math.ceil((now - started - latency) / per_chunk))  # chunks under way or finished
             if done >= chunks:
                 return
-            at = started + latency + streaming * done / chunks if done else now
+            at = started + latency + per_chunk * done if done else now
         else:  # the service streams at the channel's bandwidth after its latency, on top of the credited bytes
             flowing = now - started - latency
             if flowing <= 0:  # nothing flows yet: stop at once, keeping the whole chunks credited

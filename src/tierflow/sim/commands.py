@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tierflow.atomic import check_not_an_input, check_writable
+from tierflow.catalog import get_profile
 from tierflow.config import load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
 
@@ -61,6 +62,11 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     if steps < asked:
         click.echo(f"tierflow: note: the trace ran out of sequences after {steps} of {asked} decode steps; the "
                    "figures are per token decoded", err=True)
+    hbm = get_profile(scenario.hardware).gpu.hbm.capacity_bytes
+    if results.summary["peak_hbm_bytes"] > hbm:  # copies queued ahead may hold more layers than fit
+        click.echo(f"tierflow: note: peak HBM use of {results.summary['peak_hbm_bytes'] / 1e9:.1f} GB per GPU "
+                   f"exceeds the GPU's {hbm / 1e9:.1f} GB (expert copies queued ahead of their layers); the timing "
+                   "assumes they fit", err=True)
     if out is not None:
         write_results_h5(results, out)
     if as_json:

@@ -128,7 +128,8 @@ def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, 
             f"non-expert weights and a {kv_per_gpu / 1e9:.1f} GB KV cache; "
             + ("use a smaller batch or a smaller attention_tp (a group's GPUs each keep the KV heads they attend "
                "with, so more, smaller groups hold fewer sequences each)" if kv_copies > 1 else
-               "use more gpus or a smaller batch"))
+               "use a smaller batch, or a smaller model or another profile (this one has no GPU-to-GPU links)"
+               if hardware.nvlink is None else "use more gpus or a smaller batch"))
     return kv_per_gpu, non_expert_per_gpu, free
 
 
@@ -163,6 +164,11 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     elif scenario.timing.expert_copies == "ahead" and cache.enabled:
         raise TierflowError("timing.expert_copies = 'ahead' streams every expert at every step; set "
                             "cache.enabled = false (or timing.expert_copies = 'on_demand' to use the cache)")
+    elif not cache.enabled and working_set * expert_bytes > free:  # a layer's experts are streamed into HBM
+        raise TierflowError(
+            f"one layer's working set of {working_set} experts per GPU needs {working_set * expert_bytes / 1e9:.1f} GB "
+            f"of HBM but only {free / 1e9:.1f} GB is free after weights and KV cache; use a smaller batch or "
+            f"context{'' if hardware.nvlink is None else ', or more gpus'}")
     elif cache.enabled and cache.layer_slots is not None:
         layer_slots = _layer_slots(cache.layer_slots, spec, gpus, working_sets)
         hbm_cache = sum(layer_slots)
