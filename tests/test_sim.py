@@ -853,6 +853,7 @@ def test_layer_slots_split_over_gpus_and_each_layer_is_checked_against_its_own_w
     layer's experts it holds); a layer whose share is below that layer's working set is named."""
     slots = [64] * 16
     slots[3], slots[5] = 29, 1000  # 15 per GPU on 2 GPUs; more than layer 5's 64 experts: 32, all it holds
+    slots[6] = 10**400  # too large for a float: whole-number arithmetic
     sim, results = run(small(**{"gpus": 2, "cache.scope": "per-layer", "cache.layer_slots": slots}))
     expert_bytes = sim.spec.expert_bytes
     for memory in sim.memories:

@@ -72,6 +72,17 @@ def test_ids_are_stable_and_change_with_any_setting():
     assert ids == [p.point_id for p in renamed.points]
 
 
+def test_points_are_labelled_by_their_sweep_not_by_the_base_scenario():
+    """The base scenario's name and description describe another model and hardware than the points' [set]:
+    a point carries the sweep's, naming the base; a [set] label still wins."""
+    labels = {(p.scenario_table["name"], p.scenario_table["description"])
+              for p in parse_sweep(small_sweep(description="OLMoE on one H100")).points}
+    assert labels == {("small", "OLMoE on one H100 (from scenario ssd_offload)")}
+    unnamed = parse_sweep(small_sweep()).points[0].scenario_table
+    assert unnamed["description"] == "a point of sweep small (from scenario ssd_offload)"
+    assert parse_sweep({**small_sweep(), "set": {**SMALL, "name": "mine"}}).points[0].scenario_table["name"] == "mine"
+
+
 def test_seed_derives_from_the_point_unless_the_sweep_fixes_it():
     derived = parse_sweep(small_sweep())
     seeds = [p.seed for p in derived.points]

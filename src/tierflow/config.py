@@ -114,7 +114,8 @@ class CacheConfig:
             if self.scope != "per-layer":
                 raise ValueError("layer_slots needs scope = 'per-layer' (a global pool takes capacity_experts)")
             if self.capacity_experts is not None or self.capacity_bytes is not None:
-                raise ValueError("layer_slots: set layer_slots or capacity_experts / capacity_bytes, not both")
+                raise ValueError("layer_slots: set layer_slots or capacity_experts / capacity_bytes, not both (in a "
+                                 "sweep file, set the scenario's other key to \"none\")")
 
 
 @attrs.frozen

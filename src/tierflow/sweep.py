@@ -192,7 +192,6 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
     base_name = str(document["scenario"])
     relative = base_dir / base_name
     base_table = load_scenario_table(str(relative) if relative.suffix == ".toml" and relative.is_file() else base_name)
-    base_table.setdefault("name", Path(base_name).stem)
     # A point is labelled by its sweep, not by the base scenario, whose model or hardware [set] may change (the
     # labels are not part of a point's id); a [set] name or description still wins.
     sweep_name, description = str(document.get("name", where)), str(document.get("description", ""))

@@ -121,7 +121,7 @@ class SpeculativeGate(Prefetcher):
             self._fit(split)
         elif self._steps is not None:
             steps = len(self._steps)
-            self._watch_steps = math.ceil(p.train_fraction * steps)
+            self._watch_steps = math.ceil(round(p.train_fraction * steps, 9))  # 0.55 x 100 is 55, not 56
             if p.train_fraction < 1 and steps >= 2:  # a fraction below 1 leaves at least one step to predict
                 self._watch_steps = min(self._watch_steps, steps - 1)
             first = self._steps[0] if self._steps else None

@@ -56,6 +56,7 @@ class Plan:
     non_expert_bytes_per_gpu: int
     working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
     layer_slots: tuple[int, ...] | None = None  # per-layer scope with cache.layer_slots: each layer's, per GPU
+    layer_working_sets: tuple[int, ...] = ()  # each MoE layer's most distinct experts on one GPU in one step
 
 
 def check_routing_source(routing: str, trace) -> None:
@@ -216,7 +217,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
             f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
     return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set,
-                layer_slots)
+                layer_slots, tuple(working_sets.tolist()))
 
 
 def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
@@ -232,7 +233,7 @@ def _layer_slots(given: tuple[int, ...], spec: ModelSpec, gpus: int, working_set
     if len(given) != layers:
         raise TierflowError(f"cache.layer_slots has {len(given)} numbers; model {spec.name!r} has {layers} MoE layers")
     held = math.ceil(spec.num_routed_experts / gpus)  # the experts of one layer that live on one GPU
-    slots = tuple(min(math.ceil(total / gpus), held) for total in given)
+    slots = tuple(min(-(-total // gpus), held) for total in given)
     for layer, (slot, need) in enumerate(zip(slots, working_sets.tolist(), strict=True)):
         if slot < need:
             raise TierflowError(
@@ -245,7 +246,7 @@ def _cache_experts(section, capacity_experts, capacity_bytes, gpus, expert_bytes
     if capacity_experts is not None and capacity_bytes is not None:
         raise TierflowError(f"{section}: set capacity_experts or capacity_bytes, not both")
     if capacity_experts is not None:
-        return math.ceil(capacity_experts / gpus)
+        return -(-capacity_experts // gpus)  # whole numbers: a float would overflow for huge counts
     if capacity_bytes is not None:
         return int(capacity_bytes // gpus // expert_bytes)
     return int(default_per_gpu)
@@ -391,7 +392,15 @@ class Simulation:
             for channel in path.hops:
                 channel.preemptive = scenario.prefetch.preempt
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
-                            self.workload.num_layers, reserve_bytes=plan.working_set_experts * plan.expert_bytes)
+                            self.workload.num_layers, reserve_bytes=self._prefetch_reserve())
+
+    def _prefetch_reserve(self) -> int | list[int]:
+        """The unpinned room a prefetch leaves for the next demand: the largest layer working set in one pool; in
+        per-layer slots, each layer's own (another layer's demand never lands there)."""
+        plan = self.plan
+        if self.scenario.cache.scope == "per-layer" and plan.hbm_cache_experts is not None:
+            return [need * plan.expert_bytes for need in plan.layer_working_sets]
+        return plan.working_set_experts * plan.expert_bytes
 
     def _prefetcher(self):
         prefetch = self.scenario.prefetch

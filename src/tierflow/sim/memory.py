@@ -43,7 +43,8 @@ class ExpertMemory:
     """Residency and fetching of one GPU's experts."""
 
     def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
-                 placement: str, expert_bytes: int, ledger: Ledger, num_layers: int, reserve_bytes: int = 0):
+                 placement: str, expert_bytes: int, ledger: Ledger, num_layers: int,
+                 reserve_bytes: int | list[int] = 0):
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
@@ -57,7 +58,8 @@ class ExpertMemory:
         self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
         self.ledger = ledger
-        # Prefetches leave this much unpinned room, so the next layer's demand misses always fit.
+        # Prefetches leave this much unpinned room, so the next layer's demand misses always fit: one figure, or
+        # (a per-layer cache) one per layer, each layer's own working set.
         self.reserve_bytes = reserve_bytes
         self.in_flight: dict[int, Transfer] = {}
         self.prefetch = PrefetchStats()
@@ -88,6 +90,8 @@ class ExpertMemory:
             self._cache_of, self.resident = (lambda key: only), (only.sizes if parts else ())
         for part in parts:
             part.eviction_listeners.append(self._on_hbm_eviction)
+        reserves = reserve_bytes if isinstance(reserve_bytes, list) else [reserve_bytes] * len(parts)
+        self._reserve = {id(part): expert_bytes + reserve for part, reserve in zip(parts, reserves, strict=True)}
 
     # ------------------------------------------------------------------------------------------- demand
 
@@ -154,7 +158,8 @@ class ExpertMemory:
             return "no cache"
         if key in self.resident:
             return "resident"
-        if not self._cache_of(key).can_admit(self.expert_bytes + self.reserve_bytes):
+        cache = self._cache_of(key)
+        if not cache.can_admit(self._reserve[id(cache)]):
             return "room"
         source, staging = self.prefetch_source, self.prefetch_staging
         if self.ddr is not None and key in self.ddr:  # three tiers: it would come from the DDR cache
