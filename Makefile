@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench sweep report paper clean
+.PHONY: install run test bench sweep report paper clean
 
 # Reinstalled whenever pyproject.toml changes; editable, so source edits need no reinstall.
 $(BIN)/.installed: pyproject.toml
@@ -14,6 +14,9 @@ $(BIN)/.installed: pyproject.toml
 $(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
+
+# .venv with tierflow and the test extra, without running anything (run and test do this themselves).
+install: $(BIN)/.installed-test
 
 # The main job: the default scenario (DeepSeek-R1, experts on NVMe SSD, LRU cache in HBM, prefetching).
 run: $(BIN)/.installed
