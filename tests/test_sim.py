@@ -601,7 +601,7 @@ def test_simulate_out_has_the_per_step_prefetch_series(tmp_path):
                                  "--json", "--quiet", "--out", out, check_status=0).stdout)["prefetch"]
     assert summary["issued"] > 0
     with h5py.File(out) as f:
-        for key in ("issued", "useful", "late", "wasted_bytes"):
+        for key in ("issued", "useful", "late", "wasted_bytes", "on_target"):
             series = f[f"steps/prefetch_{key}"][:]
             assert len(series) == 40 and int(series.sum()) == summary[key]
         assert (f["steps/prefetch_late"][:] == f["steps/in_flight"][:]).all()

@@ -296,18 +296,19 @@ class ComputeModels:
 @attrs.define
 class StepRecord:
     """One step's time and its demand lookups (summed over GPUs): resident, on their way, missing; and its
-    prefetches (:data:`PREFETCH_SERIES`: started, used, used while still in flight, bytes evicted unused)."""
+    prefetches (:data:`PREFETCH_SERIES`: started, used, used while still in flight, bytes evicted unused, used
+    by the step they were proposed for)."""
 
     latency_s: float
     stall_s: float
     hits: int
     misses: int
     in_flight: int = 0
-    prefetch: tuple = (0, 0, 0, 0)
+    prefetch: tuple = (0, 0, 0, 0, 0)
 
 
 # The per-step prefetch counts, in StepRecord.prefetch's order; each is the change in a PrefetchStats field.
-PREFETCH_SERIES = ("issued", "useful", "late", "wasted_bytes")
+PREFETCH_SERIES = ("issued", "useful", "late", "wasted_bytes", "on_target")
 
 
 def prefetch_counts(memories) -> tuple:
@@ -475,7 +476,7 @@ class GpuStream:
                 sum(m.demand_hits for m in memories) - hits_before,
                 sum(m.demand_misses for m in memories) - misses_before,
                 sum(m.demand_in_flight for m in memories) - in_flight_before,
-                (0, 0, 0, 0) if prefetch_before is None else
+                (0,) * len(PREFETCH_SERIES) if prefetch_before is None else
                 tuple(a - b for a, b in zip(prefetch_counts(memories), prefetch_before, strict=True)),
             ))
             if self.progress is not None:
