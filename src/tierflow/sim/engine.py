@@ -54,9 +54,13 @@ class Plan:
     ddr_cache_experts: int | None
     kv_bytes_per_gpu: int
     non_expert_bytes_per_gpu: int
-    working_set_experts: int  # the most distinct experts one GPU needs for one layer of one step
-    layer_slots: tuple[int, ...] | None = None  # per-layer scope with cache.layer_slots: each layer's, per GPU
-    layer_working_sets: tuple[int, ...] = ()  # each MoE layer's most distinct experts on one GPU in one step
+    layer_working_sets: tuple[int, ...]  # each MoE layer's most distinct experts on one GPU in one step
+    layer_slots: tuple[int, ...] | None = None  # a per-layer HBM cache: each layer's slots per GPU
+
+    @property
+    def working_set_experts(self) -> int:
+        """The most distinct experts one GPU needs for one layer of one step."""
+        return max(self.layer_working_sets)
 
 
 def check_routing_source(routing: str, trace) -> None:
@@ -153,7 +157,8 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     if working_sets is None:
         working_sets = layer_working_sets(layer_experts(workload), gpus, spec.num_moe_layers)
     working_set = int(working_sets.max())
-    experts_per_gpu = math.ceil(spec.num_routed_experts / gpus) * spec.num_moe_layers
+    held = -(-spec.num_routed_experts // gpus)  # the experts of one layer that live on one GPU
+    experts_per_gpu = held * spec.num_moe_layers
     hbm_cache = ddr_cache = layer_slots = None
     cache = scenario.cache
     if scenario.placement == "hbm":
@@ -171,7 +176,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             f"of HBM but only {free / 1e9:.1f} GB is free after weights and KV cache; use a smaller batch or "
             f"context{'' if hardware.nvlink is None else ', or more gpus'}")
     elif cache.enabled and cache.layer_slots is not None:
-        layer_slots = _layer_slots(cache.layer_slots, spec, gpus, working_sets)
+        layer_slots = _layer_slots(cache.layer_slots, spec.name, held, gpus, working_sets)
         hbm_cache = sum(layer_slots)
         _check_cache_bytes(hbm_cache, expert_bytes, free)
     elif cache.enabled:
@@ -186,6 +191,8 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
                 f"{working_set} experts (batch {scenario.workload.batch_size}, top-{spec.top_k})"
             )
         hbm_cache = min(hbm_cache, experts_per_gpu)
+        if cache.scope == "per-layer":  # the same slots for every layer
+            layer_slots = (hbm_cache // spec.num_moe_layers,) * spec.num_moe_layers
     if scenario.placement == "ddr" and experts_per_gpu * expert_bytes > hardware.ddr.capacity_bytes:
         raise TierflowError(
             f"placement = 'ddr' needs {experts_per_gpu * expert_bytes / 1e9:.1f} GB of experts per GPU but the DDR "
@@ -216,8 +223,8 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         raise TierflowError(
             f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
             f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
-    return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu, working_set,
-                layer_slots, tuple(working_sets.tolist()))
+    return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu,
+                tuple(working_sets.tolist()), layer_slots)
 
 
 def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
@@ -226,13 +233,13 @@ def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
                             f"only {free / 1e9:.1f} GB of HBM is free after weights and KV cache")
 
 
-def _layer_slots(given: tuple[int, ...], spec: ModelSpec, gpus: int, working_sets: np.ndarray) -> tuple[int, ...]:
+def _layer_slots(given: tuple[int, ...], model: str, held: int, gpus: int,
+                 working_sets: np.ndarray) -> tuple[int, ...]:
     """``cache.layer_slots`` per GPU: each layer's slots over all GPUs, each GPU ``ceil(slots / gpus)`` of them
-    (at most the layer's experts it holds), checked against each layer's working set."""
-    layers = spec.num_moe_layers
-    if len(given) != layers:
-        raise TierflowError(f"cache.layer_slots has {len(given)} numbers; model {spec.name!r} has {layers} MoE layers")
-    held = math.ceil(spec.num_routed_experts / gpus)  # the experts of one layer that live on one GPU
+    (at most ``held``, the layer's experts it holds), checked against each layer's working set."""
+    if len(given) != len(working_sets):
+        raise TierflowError(f"cache.layer_slots has {len(given)} numbers; model {model!r} has {len(working_sets)} "
+                            "MoE layers")
     slots = tuple(min(-(-total // gpus), held) for total in given)
     for layer, (slot, need) in enumerate(zip(slots, working_sets.tolist(), strict=True)):
         if slot < need:
@@ -355,13 +362,10 @@ class Simulation:
             scenario.prefetch.max_queued, future, progress, copies_ahead=scenario.timing.expert_copies == "ahead",
         )
 
-    def _cache(self, name, policy, params, capacity_experts, scope="global", layer_slots=None):
-        """A global pool, or (per-layer scope) the given slots per layer or the same capacity split evenly."""
+    def _cache(self, name, policy, params, capacity_experts, layer_slots=None):
+        """A global pool of ``capacity_experts``, or (``layer_slots`` given) per-layer slots."""
         w = self.workload
-        if scope == "global":
-            capacity = capacity_experts
-        else:
-            capacity = list(layer_slots) if layer_slots is not None else capacity_experts // w.num_layers
+        scope, capacity = ("global", capacity_experts) if layer_slots is None else ("per-layer", list(layer_slots))
         return make_expert_cache(policy, scope, capacity, num_layers=w.num_layers, num_experts=w.num_experts,
                                  top_k=w.top_k, expert_bytes=self.plan.expert_bytes, params=params, name=name,
                                  router_scores=w.has_scores)
@@ -372,7 +376,7 @@ class Simulation:
         hbm = ddr = None
         if plan.hbm_cache_experts is not None:
             hbm = self._cache(f"hbm{gpu}", scenario.cache.policy, scenario.cache.params, plan.hbm_cache_experts,
-                              scenario.cache.scope, plan.layer_slots)
+                              plan.layer_slots)
         if plan.ddr_cache_experts is not None:
             ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
                               plan.ddr_cache_experts)
@@ -398,7 +402,7 @@ class Simulation:
         """The unpinned room a prefetch leaves for the next demand: the largest layer working set in one pool; in
         per-layer slots, each layer's own (another layer's demand never lands there)."""
         plan = self.plan
-        if self.scenario.cache.scope == "per-layer" and plan.hbm_cache_experts is not None:
+        if plan.layer_slots is not None:
             return [need * plan.expert_bytes for need in plan.layer_working_sets]
         return plan.working_set_experts * plan.expert_bytes
 
