@@ -288,17 +288,25 @@ def _preemptive_link(calendar, latency=1e-6):
     return channel
 
 
+def _demand_during_prefetch(prefetch_bytes: int, demand_bytes: int, demand_at: float, latency: float = 1e-6):
+    """A prefetch from t=0 on a pre-emptive 1 GB/s link in 1 MB chunks, a demand submitted at ``demand_at``;
+    both run to the end. Returns the channel and the two transfers."""
+    calendar = Calendar()
+    channel = _preemptive_link(calendar, latency)
+    prefetch = Transfer(calendar, 0, prefetch_bytes, "ddr", "hbm", [channel], PREFETCH)
+    demand = Transfer(calendar, 1, demand_bytes, "ddr", "hbm", [channel], DEMAND)
+    prefetch.start()
+    calendar.run(until=demand_at)
+    demand.start()
+    calendar.run()
+    return channel, prefetch, demand
+
+
 def test_a_demand_transfer_takes_over_from_a_prefetch_at_its_next_chunk():
     """10 MB prefetch in 1 MB chunks from t=0; a 2 MB demand arrives 2.5 ms in. The prefetch stops after its
     third chunk, the demand runs, then the prefetch's last 7 MB (one latency again)."""
-    calendar, latency = Calendar(), 1e-6
-    channel = _preemptive_link(calendar, latency)
-    prefetch = Transfer(calendar, 0, 10_000_000, "ddr", "hbm", [channel], PREFETCH)
-    demand = Transfer(calendar, 1, 2_000_000, "ddr", "hbm", [channel], DEMAND)
-    prefetch.start()
-    calendar.run(until=2.5e-3)
-    demand.start()
-    calendar.run()
+    latency = 1e-6
+    channel, prefetch, demand = _demand_during_prefetch(10_000_000, 2_000_000, 2.5e-3, latency)
     boundary = latency + 3e-3  # chunks flow at 1 ms each once the latency is over
     assert demand.arrived_at == pytest.approx(boundary + latency + 2e-3)
     assert prefetch.arrived_at == pytest.approx(demand.arrived_at + latency + 7e-3)
@@ -311,14 +319,8 @@ def test_a_pre_empted_prefetch_of_a_size_that_is_not_whole_chunks_keeps_the_chan
     """4.2 MB in 1 MB chunks (the last one short) and a demand 0.1 ms in: the prefetch stops after its first
     whole chunk, at 1 ms (not at 4.2 / 5 ms), so the channel never beats its bandwidth and the two transfers end
     when their bytes at 1 GB/s and three latencies say."""
-    calendar, latency = Calendar(), 1e-6
-    channel = _preemptive_link(calendar, latency)
-    prefetch = Transfer(calendar, 0, 4_200_000, "ddr", "hbm", [channel], PREFETCH)
-    demand = Transfer(calendar, 1, 1000, "ddr", "hbm", [channel], DEMAND)
-    prefetch.start()
-    calendar.run(until=1e-4)
-    demand.start()
-    calendar.run()
+    latency = 1e-6
+    channel, prefetch, demand = _demand_during_prefetch(4_200_000, 1000, 1e-4, latency)
     assert demand.arrived_at == pytest.approx(latency + 1e-3 + latency + 1e-6)
     assert prefetch.arrived_at == pytest.approx(demand.arrived_at + latency + 3.2e-3)
     assert channel.busy_s == pytest.approx(prefetch.arrived_at)
