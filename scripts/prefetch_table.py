@@ -102,7 +102,8 @@ def run_one(job: dict) -> dict:
     return {
         "trace": job["label"], "deployment": job["deployment"], "batch": job["batch"],
         "prefetcher": job["prefetcher"], "steps": job["steps"], "max_queued": job["max_queued"],
-        "accuracy": p["accuracy"], "on_target_accuracy": p["on_target_accuracy"], "coverage": p["coverage"], "issued": p["issued"], "late": p["late"],
+        "accuracy": p["accuracy"], "on_target_accuracy": p["on_target_accuracy"], "coverage": p["coverage"],
+        "issued": p["issued"], "late": p["late"],
         "stall_s_per_token": summary["stall_s_per_token"],
         "latency_s_per_token": summary["latency_s_per_token"]["mean"],
         "wasted_energy_j_per_token": p["wasted_energy_j_per_token"],
@@ -158,7 +159,8 @@ def format_rows(rows: list[dict]) -> str:
         name = r["prefetcher"].split(":")
         label = f"`{name[0]}`" + (f" ({', '.join(name[1:])})" if len(name) > 1 else "")
         lines.append(f"| {r['trace']} | {r['deployment']} | {r['batch']} | {label} "
-                     f"| {pct(r['accuracy'])} | {pct(r['on_target_accuracy'])} | {pct(r['coverage'])} | {r['stall_s_per_token'] * 1e3:.1f} | {cut} "
+                     f"| {pct(r['accuracy'])} | {pct(r['on_target_accuracy'])} | {pct(r['coverage'])} "
+                     f"| {r['stall_s_per_token'] * 1e3:.1f} | {cut} "
                      f"| {r['wasted_energy_j_per_token']:.2f} | {r['energy_j_per_token']:.1f} | {r['issued']:,} "
                      f"| {r['late']:,} |")
     lines.append(f"\n(prefetch.max_queued = {', '.join(map(str, queued))}; stall vs none: the same trace, deployment "

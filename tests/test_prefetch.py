@@ -596,7 +596,8 @@ def test_speculative_gate_prefers_recorded_predictions():
                               _context(_Workload([_Step([np.array([0, 1])] * 4)] * 100)))
     assert hundred._watch_steps == 55  # noqa: SLF001 - 0.55 x 100 is 55.000000000000007 in floating point
     with pytest.raises(TierflowError, match="a run of one decode step leaves nothing to predict"):
-        make_prefetcher("speculative_gate", {"train_fraction": 0.5}, _context(_Workload([_Step([np.array([0, 1])] * 4)])))
+        make_prefetcher("speculative_gate", {"train_fraction": 0.5},
+                        _context(_Workload([_Step([np.array([0, 1])] * 4)])))
 
 
 def test_speculative_gate_offers_a_batchs_common_recorded_predictions_first():
@@ -753,11 +754,13 @@ def test_expert_map_proposes_the_experts_enough_of_the_neighbours_used():
     """Four stored maps match the token equally at layer 0; at layer 1 three used expert 4, one expert 6, and
     all used 5. The estimated probability of use is the share of neighbours: 5 -> 1, 4 -> 3/4, 6 -> 1/4."""
     maps = [[[0, 1], [4, 5], [8, 9], [10, 11]]] * 3 + [[[0, 1], [5, 6], [8, 9], [10, 11]]]
-    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=0.3).on_routing(_event(9, 0, [0, 1])) == \
-        [(1, 5), (1, 4)]
-    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=0.25).on_routing(_event(9, 0, [0, 1])) == \
-        [(1, 5), (1, 4), (1, 6)]
-    assert _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=1.0).on_routing(_event(9, 0, [0, 1])) == [(1, 5)]
+    def proposals(threshold):
+        em = _expert_map_with(maps, neighbors=4, selection="threshold", min_probability=threshold)
+        return em.on_routing(_event(9, 0, [0, 1]))
+
+    assert proposals(0.3) == [(1, 5), (1, 4)]
+    assert proposals(0.25) == [(1, 5), (1, 4), (1, 6)]
+    assert proposals(1.0) == [(1, 5)]
 
 
 @settings(max_examples=20, deadline=None)

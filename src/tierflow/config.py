@@ -286,7 +286,8 @@ def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
     elif kind.startswith("tuple"):  # a list of whole numbers
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
         raise TierflowError(f"scenario key {key}: expected a non-empty list of whole numbers, got {value!r}")
     expected = kind.split("|")[0]

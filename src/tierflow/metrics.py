@@ -138,9 +138,9 @@ def layer_hit_rates(layers: dict) -> np.ndarray:
 def _prefetch_figures(sim, tokens: int) -> dict:
     """issued, useful (used before eviction), late (still in flight when needed), wasted bytes; accuracy
     (useful / issued), on-target accuracy (the share of prefetches the step they were proposed for used: a
-    useful one may serve a later step instead, kept in the cache since), coverage (the share of would-be demand misses a prefetch served: useful / (useful +
-    demand misses)), and energy per token of the prefetched bytes and of the wasted ones, apart from the
-    demand misses'."""
+    useful one may serve a later step instead, kept in the cache since), coverage (the share of would-be demand
+    misses a prefetch served: useful / (useful + demand misses)), and energy per token of the prefetched bytes
+    and of the wasted ones, apart from the demand misses'."""
     stats = [m.prefetch for m in sim.memories]
     issued, useful = sum(s.issued for s in stats), sum(s.useful for s in stats)
     misses = sum(m.demand_misses for m in sim.memories)
@@ -233,8 +233,8 @@ def _prefetch_line(p: dict) -> str:
     if not p["issued"]:
         return "none issued"
     return (f"issued {p['issued']:,}   useful {p['useful']:,}   late {p['late']:,}   accuracy {100 * p['accuracy']:.1f}%"
-            f" (on target {100 * p['on_target_accuracy']:.1f}%)   coverage {100 * (p['coverage'] or 0):.1f}%   wasted {p['wasted_bytes'] / 1e9:.2f} GB"
-            f" ({p['wasted_energy_j_per_token']:.3f} J/token)")
+            f" (on target {100 * p['on_target_accuracy']:.1f}%)   coverage {100 * (p['coverage'] or 0):.1f}%"
+            f"   wasted {p['wasted_bytes'] / 1e9:.2f} GB ({p['wasted_energy_j_per_token']:.3f} J/token)")
 
 
 def write_results_h5(results: Results, path) -> None:

@@ -251,7 +251,8 @@ def synthetic_sequence_count(batch_size: int, synthetic_sequences: int = 0) -> i
     return max(synthetic_sequences, 3 * batch_size)
 
 
-def synthetic_token_count(batch_size: int, decode_tokens: int, skip_tokens: int = 0, synthetic_sequences: int = 0) -> int:
+def synthetic_token_count(batch_size: int, decode_tokens: int, skip_tokens: int = 0,
+                          synthetic_sequences: int = 0) -> int:
     """Tokens of the built-in trace (:data:`SYNTHETIC_TOKENS_RULE`): sequence lengths vary, so three times the
     tokens the steps need, and three times the tokens every sequence skips, keep the batch full to the last
     step."""
