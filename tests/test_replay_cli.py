@@ -206,3 +206,62 @@ def test_decode_only_replays_the_rows_the_simulator_replays(tmp_path):
     decode = replay_json(path, "--capacity", "4", "--decode-only")[0]
     assert (every["requests"], every["hits"]) == (6, 2)
     assert (decode["requests"], decode["hits"]) == (4, 0)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def _invoke(monkeypatch, *args):
+    """The CLI in this process, with a progress bar for replays of any length (not only a million accesses)."""
+    from click.testing import CliRunner
+
+    from tierflow.cache import commands
+    from tierflow.cli import cli
+
+    monkeypatch.setattr(commands, "PROGRESS_MIN_ACCESSES", 0)
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_long_replay_shows_progress_on_stderr_only(trace, monkeypatch):
+    path, requests = trace
+    result = _invoke(monkeypatch, "replay", path, "--policy", "lfu", "--capacity", "4,16", "--json")
+    assert result.exit_code == 0 and "replaying lfu" in result.stderr
+    assert [row["hits"] for row in json.loads(result.stdout)] == [r.hits for r in replay(requests, "lfu", [4, 16])]
+    quiet = _invoke(monkeypatch, "replay", path, "--policy", "lfu", "--capacity", "4,16", "--json", "--quiet")
+    assert quiet.stderr == "" and quiet.stdout == result.stdout
+    fast = _invoke(monkeypatch, "replay", path, "--policy", "lru", "--capacity", "4,16")  # one vectorised pass
+    assert fast.exit_code == 0 and fast.stderr == ""
+
+
+def test_train_policy_shows_progress_unless_quiet(trace, monkeypatch, tmp_path):
+    path, _ = trace
+    args = ("train-policy", path, "--epochs", "1", "--fractions", "0.1,0.3")
+    result = _invoke(monkeypatch, *args, "--out", tmp_path / "a.npz")
+    assert result.exit_code == 0 and "sampling evictions" in result.stderr
+    quiet = _invoke(monkeypatch, *args, "--out", tmp_path / "b.npz", "--quiet")
+    assert quiet.exit_code == 0 and "sampling evictions" not in quiet.stderr and "examples" in quiet.stderr
+
+
+@pytest.mark.parametrize(("policy", "scope", "capacity"), [("lfu", "global", 8), ("learned", "per-layer", 3)])
+def test_replay_progress_counts_every_access_once(trace, policy, scope, capacity, monkeypatch):
+    """The callback hears of every access of every capacity, in chunks of PROGRESS_EVERY, and the hits are the
+    ones a replay without progress counts."""
+    from tierflow import replay as replay_module
+
+    _, requests = trace
+    monkeypatch.setattr(replay_module, "PROGRESS_EVERY", 1000)  # the trace's 2,400 accesses: chunks 1000, 1000, 400
+    calls = []
+    results = replay(requests, policy, [capacity, 2 * capacity], scope, progress=calls.append)
+    assert calls == [1000, 1000, 400] * 2
+    assert [r.hits for r in results] == [r.hits for r in replay(requests, policy, [capacity, 2 * capacity], scope)]
+
+
+def test_training_progress_counts_the_accesses_it_replays(trace, tmp_path):
+    from tierflow.cache import training
+
+    _, requests = trace
+    fractions = (0.1, 0.3, 1.0)  # a whole pool never evicts and is not replayed: two runs a scope
+    calls = []
+    training.train([requests], tmp_path / "w.npz", capacity_fractions=fractions, rounds=2, later_tokens=100,
+                   epochs=1, progress=calls.append)
+    expected = 2 * 2 * len(requests) + 2 * 2 * 100 * NUM_LAYERS * TOP_K  # round 2 replays the first 100 tokens
+    assert sum(calls) == expected == training.training_accesses([requests], fractions, 2, later_tokens=100)

@@ -330,46 +330,63 @@ def check_capacity(capacity, requests: Requests, scope: str) -> int | tuple[int,
 
 
 def replay_reference(requests: Requests, policy: str, capacity, scope: str = "global",
-                     params: dict | None = None) -> int:
-    """Hits of ``policy`` through the cache mechanism, one access at a time (every policy; the reference)."""
+                     params: dict | None = None, progress=None) -> int:
+    """Hits of ``policy`` through the cache mechanism, one access at a time (every policy; the reference).
+    ``progress`` (if given) is called with the number of accesses done since its last call."""
     cache = make_expert_cache(policy, scope, capacity, num_layers=requests.num_layers,
                               num_experts=requests.num_experts, top_k=requests.top_k, params=params,
                               router_scores=requests.scores is not None)
-    drive(cache, requests)
+    drive(cache, requests, progress)
     return cache.stats.hits
 
 
-def drive(cache, requests: Requests) -> None:
+PROGRESS_EVERY = 1 << 16  # accesses between two calls of a replay's progress callback
+
+
+def drive(cache, requests: Requests, progress=None) -> None:
     """Every access of ``requests`` through ``cache`` in order, each miss admitted (size 1), nothing pinned; each
-    access carries what a policy may read: its time, token, sequence, layer, router score and next use."""
+    access carries what a policy may read: its time, token, sequence, layer, router score and next use.
+    ``progress`` (if given) is called with the accesses done, every :data:`PROGRESS_EVERY` and at the end."""
     num_experts = requests.num_experts
     following = next_use(requests.keys)
     next_uses = np.where(following < 0, NEVER, following).tolist()
     scores = requests.scores.tolist() if requests.scores is not None else [0.0] * len(requests)
     steps = requests.steps.tolist()
     sequences = requests.sequences.tolist() if requests.sequences is not None else [None] * len(requests)
+    keys = requests.keys.tolist()
     lookup, admit = cache.lookup, cache.admit
     access = Access(0, 0)
-    for time, key in enumerate(requests.keys.tolist()):
-        access.key, access.time, access.step, access.sequence = key, time, steps[time], sequences[time]
-        access.layer = access.current_layer = key // num_experts
-        access.score, access.next_use = scores[time], next_uses[time]
-        if not lookup(key, access):
-            admit(key, 1, access)
+    chunk = len(keys) if progress is None else PROGRESS_EVERY
+    for first in range(0, len(keys), max(chunk, 1)):
+        for time in range(first, min(first + chunk, len(keys))):
+            key = keys[time]
+            access.key, access.time, access.step, access.sequence = key, time, steps[time], sequences[time]
+            access.layer = access.current_layer = key // num_experts
+            access.score, access.next_use = scores[time], next_uses[time]
+            if not lookup(key, access):
+                admit(key, 1, access)
+        if progress is not None:
+            progress(min(chunk, len(keys) - first))
 
 
 # Policies with a faster exact computation than the access-by-access reference (checked equal by tests).
 FAST_PATHS = {"lru": lru_hits}
 
 
+def uses_fast_path(policy: str, params: dict | None = None) -> bool:
+    """Whether :func:`replay` computes ``policy``'s hits without driving a cache access by access."""
+    return policy in FAST_PATHS and not params
+
+
 def replay(requests: Requests, policy: str, capacities: Sequence, scope: str = "global",
-           params: dict | None = None, *, fast: bool = True) -> list[ReplayResult]:
-    """One :class:`ReplayResult` per capacity; ``fast=False`` forces the reference path."""
+           params: dict | None = None, *, fast: bool = True, progress=None) -> list[ReplayResult]:
+    """One :class:`ReplayResult` per capacity; ``fast=False`` forces the reference path. ``progress`` (if
+    given) hears of the reference path's accesses as they are done (``len(requests)`` per capacity)."""
     POLICIES.params(policy, params)  # unknown policy or parameter: fail before any work
     check_scope(scope)
     capacities = [check_capacity(c, requests, scope) for c in capacities]
-    if fast and policy in FAST_PATHS and not params:
+    if fast and uses_fast_path(policy, params):
         hits = FAST_PATHS[policy](requests, capacities, scope)
     else:
-        hits = [replay_reference(requests, policy, c, scope, params) for c in capacities]
+        hits = [replay_reference(requests, policy, c, scope, params, progress) for c in capacities]
     return [ReplayResult(policy, c, scope, len(requests), h) for c, h in zip(capacities, hits, strict=True)]

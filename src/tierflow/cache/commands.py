@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -65,8 +66,9 @@ def parse_params(items) -> dict:
               help="Skip prefill rows (phase 0), as the simulator does; without it every row is replayed.")
 @click.option("--mrc", is_flag=True, help="LRU's hit rate at every capacity, from one stack-distance pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per capacity.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_items, tokens, decode_only, mrc,
-           as_json):
+           as_json, quiet):
     """Replay a trace through one cache (no timing) and count hits and misses.
 
     Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts),
@@ -100,13 +102,27 @@ def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_ite
         results = [replay_module.ReplayResult("lru", int(c), scope, len(requests), int(h))
                    for c, h in zip(capacities.tolist(), hits.tolist(), strict=True)]
     else:
-        results = replay_module.replay(requests, policy, capacities, scope, params)
+        # The reference path drives a cache access by access (a learned policy at a few hundred thousand accesses a
+        # second at best); the fast path is one vectorised pass and shows no bar.
+        total = 0 if replay_module.uses_fast_path(policy, params) else len(requests) * len(capacities)
+        with progress_bar(total, f"replaying {policy}", quiet) as bar:
+            results = replay_module.replay(requests, policy, capacities, scope, params, progress=bar.update)
     if as_json:
         from tierflow.cli import echo_json
 
         echo_json([result.to_json() for result in results])
     else:
         click.echo(format_results(results))
+
+
+PROGRESS_MIN_ACCESSES = 1_000_000  # a shorter replay is over in a few seconds: no bar
+
+
+def progress_bar(accesses: int, label: str, quiet: bool):
+    """A progress bar on stderr counting replayed accesses; hidden when quiet, for none (a replay's fast path) and
+    for under :data:`PROGRESS_MIN_ACCESSES`."""
+    return click.progressbar(length=max(accesses, 1), label=label, file=sys.stderr,
+                             hidden=quiet or not accesses or accesses < PROGRESS_MIN_ACCESSES)
 
 
 def format_results(results) -> str:
@@ -176,7 +192,8 @@ def plugins(as_json):
 @click.option("--hidden", type=click.IntRange(min=1, max=4096), default=32, show_default=True, help="Hidden units.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Same seed and inputs, same weights.")
-def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, epochs, hidden, seed):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, epochs, hidden, seed, quiet):
     """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
     from tierflow.cache import POLICIES, training
     from tierflow.replay import read_requests
@@ -191,10 +208,12 @@ def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, ep
         raise TierflowError(f"--fractions {fractions!r}: expected numbers like 0.1,0.25") from None
     if not all(0.0 < f < 1.0 for f in capacity_fractions):
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
-    report = training.train(
-        [read_requests(path, max_tokens=tokens, decode_only=decode_only) for path in traces], out,
-        capacity_fractions=capacity_fractions, driver=driver, rounds=rounds, epochs=epochs, hidden=hidden, seed=seed,
-        sources=[Path(path).name for path in traces],
-    )
+    requests_list = [read_requests(path, max_tokens=tokens, decode_only=decode_only) for path in traces]
+    total = training.training_accesses(requests_list, capacity_fractions, rounds)
+    with progress_bar(total, "sampling evictions", quiet) as bar:
+        report = training.train(
+            requests_list, out, capacity_fractions=capacity_fractions, driver=driver, rounds=rounds, epochs=epochs,
+            hidden=hidden, seed=seed, sources=[Path(path).name for path in traces], progress=bar.update,
+        )
     click.echo(f"wrote {out}: {report.examples} examples from {report.decisions} decisions, {report.rounds} "
                f"round(s), {report.epochs} epochs, cross-entropy {report.train_loss:.3f}", err=True)

@@ -82,30 +82,43 @@ class _Recorder(Policy):
         return self.driver.victim(evictable, access)
 
 
+SCOPES = ("global", "per-layer")
+
+
+def _runs(requests, capacity_fractions, scopes, drivers) -> list[tuple[str, int, tuple[str, dict | None]]]:
+    """(scope, capacity, driver) of each replay that samples decisions; a capacity that holds the whole pool
+    never evicts and is left out."""
+    runs = []
+    for driver in drivers:
+        for scope in scopes:
+            for fraction in capacity_fractions:
+                pool_experts = requests.num_experts * (requests.num_layers if scope == "global" else 1)
+                capacity = max(requests.top_k, round(fraction * pool_experts))
+                if capacity < pool_experts:
+                    runs.append((scope, capacity, driver))
+    return runs
+
+
 def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1, 0.25, 0.5),
-                     scopes: Sequence[str] = ("global", "per-layer"), *, seed: int = 0,
+                     scopes: Sequence[str] = SCOPES, *, seed: int = 0,
                      examples_per_run: int = 100_000, max_candidates: int = 64,
-                     drivers: Sequence[tuple[str, dict | None]] = (("lru", None),)):
+                     drivers: Sequence[tuple[str, dict | None]] = (("lru", None),), progress=None):
     """(features, steps to next use, decision) from eviction decisions on one trace's requests, over
-    capacities, scopes and driving policies: one row per candidate, ``decision`` numbering its decision."""
+    capacities, scopes and driving policies: one row per candidate, ``decision`` numbering its decision.
+    ``progress`` (if given) is called with the accesses replayed (see :func:`tierflow.replay.drive`)."""
     from tierflow.replay import drive
 
     rng = np.random.default_rng(seed)
     rows, targets, groups = [], [], []
     decisions = 0
-    runs = [(scope, fraction, driver) for driver in drivers for scope in scopes for fraction in capacity_fractions]
-    for scope, fraction, (driver, driver_params) in runs:
-        pool_experts = requests.num_experts * (requests.num_layers if scope == "global" else 1)
-        capacity = max(requests.top_k, round(fraction * pool_experts))
-        if capacity >= pool_experts:
-            continue
+    for scope, capacity, (driver, driver_params) in _runs(requests, capacity_fractions, scopes, drivers):
         sink: list = []
         # Roughly examples_per_run examples: one decision per miss at most, max_candidates each.
         expected_decisions = max(1.0, 0.5 * len(requests))
         sample_rate = min(1.0, examples_per_run / (max_candidates * expected_decisions))
         cache = _recording_cache(requests, scope, capacity, (driver, driver_params), rng, sample_rate,
                                  max_candidates, sink)
-        drive(cache, requests)
+        drive(cache, requests, progress)
         for decision_rows, decision_targets in sink:
             rows.append(decision_rows)
             targets.append(decision_targets)
@@ -188,12 +201,25 @@ def fit_scorer(features: np.ndarray, steps_to_next: np.ndarray, *, horizons=HORI
     return Scorer(mean, scale, w1, b1, w2, b2, horizons), total / (len(x) * len(horizons))
 
 
+def training_accesses(requests_list, capacity_fractions=(0.05, 0.1, 0.25, 0.5), rounds: int = 1,
+                      later_tokens: int | None = None) -> int:
+    """The accesses :func:`train` replays in all (what its ``progress`` callback counts to)."""
+    total = 0
+    for round_index in range(rounds):
+        for requests in requests_list:
+            if round_index and later_tokens:
+                requests = _first_tokens(requests, later_tokens)
+            total += len(requests) * len(_runs(requests, capacity_fractions, SCOPES, ((None, None),)))
+    return total
+
+
 def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driver: str = "lru",
           rounds: int = 1, later_tokens: int | None = None, epochs: int = 6, hidden: int = 32, seed: int = 0,
-          sources=()) -> TrainingReport:
+          sources=(), progress=None) -> TrainingReport:
     """Sample eviction decisions on every trace, fit the scorer, write ``out``. The first round's cache is
     driven by ``driver``; each further round's by the learned policy with the previous round's weights, on
-    each trace's first ``later_tokens`` tokens (all when None)."""
+    each trace's first ``later_tokens`` tokens (all when None). ``progress`` (if given) is called with the
+    accesses replayed, :func:`training_accesses` in all."""
     features, targets, decisions = [], [], 0
     scorer, loss = None, float("nan")
     with tempfile.TemporaryDirectory(prefix="tierflow-train-") as work:  # each round's weights, for the next
@@ -208,7 +234,7 @@ def train(requests_list, out, *, capacity_fractions=(0.05, 0.1, 0.25, 0.5), driv
                 if round_index and later_tokens:
                     requests = _first_tokens(requests, later_tokens)
                 f, t, g = collect_examples(requests, capacity_fractions, seed=seed + 1000 * round_index + i,
-                                           drivers=drivers)
+                                           drivers=drivers, progress=progress)
                 features.append(f)
                 targets.append(t)
                 decisions += int(g.max()) + 1 if len(g) else 0
