@@ -43,6 +43,34 @@ def test_gen_is_deterministic_per_seed(tmp_path):
     assert np.array_equal(data[0], data[1]) and not np.array_equal(data[0], data[2])
 
 
+def test_gen_shows_progress_on_stderr_unless_quiet(tmp_path, monkeypatch):
+    """A bar counting tokens on stderr (here for any size), none with --quiet; the file is the same."""
+    import h5py
+    from click.testing import CliRunner
+
+    from tierflow.cli import cli
+    from tierflow.trace import commands
+
+    monkeypatch.setattr(commands, "PROGRESS_MIN_DECISIONS", 0)
+    runs = {}
+    for name, extra in (("bar", []), ("quiet", ["--quiet"])):
+        out = tmp_path / f"{name}.h5"
+        runs[name] = CliRunner().invoke(cli, ["trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "700", "--seed",
+                                              "3", "--out", str(out), *extra], catch_exceptions=False)
+        assert runs[name].exit_code == 0 and runs[name].stdout == ""
+    assert "generating olmoe-1b-7b" in runs["bar"].stderr and "generating" not in runs["quiet"].stderr
+    with h5py.File(tmp_path / "bar.h5") as a, h5py.File(tmp_path / "quiet.h5") as b:
+        assert np.array_equal(a["experts"][()], b["experts"][()])
+
+
+def test_gen_progress_counts_every_token(tmp_path):
+    from tierflow.trace import synth
+
+    calls = []
+    synth.generate("olmoe-1b-7b", 1500, tmp_path / "t.h5", sequences=7, seed=2, workers=1, progress=calls.append)
+    assert sum(calls) == 1500 and all(c > 0 for c in calls)
+
+
 def test_gen_overrides_are_applied_and_recorded(tmp_path):
     out = tmp_path / "t.h5"
     run_cli("trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "500", "--set", "reuse=1.0", "--out", out,

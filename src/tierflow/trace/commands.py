@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import attrs
@@ -9,6 +10,9 @@ import click
 
 from tierflow.trace import importers, stats, synth
 from tierflow.trace.format import MAX_EXPERTS
+
+
+PROGRESS_MIN_DECISIONS = 5_000_000  # tokens x MoE layers x top-k of a trace worth a progress bar
 
 
 def register(group: click.Group) -> None:
@@ -29,10 +33,18 @@ def register(group: click.Group) -> None:
               help="Override a generator parameter: " + ", ".join(attrs.fields_dict(synth.SynthParams))
                    + " (see the README).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def gen(model_name, tokens, sequences, seed, overrides, out):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def gen(model_name, tokens, sequences, seed, overrides, out, quiet):
     """Write a synthetic trace: routing with skew, reuse, per-token routing states and topics (see the README)."""
+    from tierflow.catalog import get_model
+
     params = synth.SynthParams.for_model(model_name).with_overrides(overrides)
-    synth.generate(model_name, tokens, out, sequences=sequences, seed=seed, params=params)
+    spec = get_model(model_name)
+    # A few million routing decisions take a few seconds: no bar below that.
+    decisions = tokens * spec.num_moe_layers * spec.top_k
+    with click.progressbar(length=tokens, label=f"generating {spec.name}", file=sys.stderr,
+                           hidden=quiet or decisions < PROGRESS_MIN_DECISIONS) as bar:
+        synth.generate(model_name, tokens, out, sequences=sequences, seed=seed, params=params, progress=bar.update)
     click.echo(f"wrote {out}", err=True)
 
 

@@ -583,11 +583,11 @@ def generate_arrays(num_layers, num_experts, top_k, num_tokens, *, num_sequences
 
 
 def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = None, seed: int = 0,
-             params: SynthParams | None = None, workers: int | None = None):
+             params: SynthParams | None = None, workers: int | None = None, progress=None):
     """Write a synthetic trace for a catalog model to ``out`` (atomically); returns the topics per sequence.
 
     ``workers`` processes route blocks of whole sequences in parallel (default: all cores); the file is the
-    same whatever their number.
+    same whatever their number. ``progress`` (if given) is called with the tokens of each block routed.
     """
     from tierflow.catalog import get_model
 
@@ -609,6 +609,8 @@ def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = N
             if pending is not None:
                 pending.result()
             pending = write_thread.submit(writer.append, experts, seq, gate_scores=gates, token_index=index)
+            if progress is not None:
+                progress(len(experts))
         if pending is not None:
             pending.result()
         writer.set_embeddings(model.embeddings(plan.topics))
