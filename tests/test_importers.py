@@ -508,3 +508,46 @@ def test_an_unwritable_out_is_refused_before_the_log_is_parsed(tmp_path):
     (tmp_path / "a_file").write_text("x")
     result = run_cli("trace", "import", "--format", "per-step", log, "--out", tmp_path / "a_file" / "t.h5")
     assert_one_line_error(result, "cannot write", "is a file, not a folder")
+
+
+@pytest.mark.parametrize(("fmt", "inputs", "kwargs"), [
+    ("per-step", [PER_STEP], {"model": "mixtral-8x7b", "num_experts": None}),
+    ("per-layer-files", [PER_LAYER], {"model": None, "num_experts": 64})])
+def test_progress_hears_of_every_byte_read_once(fmt, inputs, kwargs, tmp_path, monkeypatch):
+    """The callback is made for the files left once folders are expanded, and hears of all their bytes (in
+    chunks of PROGRESS_LINES lines); the trace is the one an import without progress writes."""
+    from tierflow.trace import importers
+
+    monkeypatch.setattr(importers, "PROGRESS_LINES", 7)
+    seen, calls = [], []
+
+    def progress(files):
+        seen.extend(files)
+        return calls.append
+
+    import_trace(fmt, inputs, tmp_path / "a.h5", warn=lambda _: None, progress=progress, **kwargs)
+    files = sorted(PER_LAYER.glob("*.jsonl")) if fmt == "per-layer-files" else [PER_STEP]
+    assert seen == files and sum(calls) == sum(f.stat().st_size for f in files)
+    assert max(calls) < max(f.stat().st_size for f in files)  # in chunks, not once a file
+    import_trace(fmt, inputs, tmp_path / "b.h5", warn=lambda _: None, **kwargs)
+    first, second = read_trace(tmp_path / "a.h5"), read_trace(tmp_path / "b.h5")
+    first_attrs, second_attrs = first.pop("attrs"), second.pop("attrs")
+    assert first.keys() == second.keys() and first_attrs.keys() == second_attrs.keys()
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+    for name in first_attrs:
+        assert np.array_equal(first_attrs[name], second_attrs[name]), name
+
+
+def test_import_cli_shows_progress_unless_quiet(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tierflow.cli import cli
+    from tierflow.trace import commands
+
+    monkeypatch.setattr(commands, "PROGRESS_MIN_IMPORT_BYTES", 0)
+    args = ["trace", "import", "--format", "per-step", str(PER_STEP), "--model", "mixtral-8x7b"]
+    shown = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a.h5")], catch_exceptions=False)
+    quiet = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b.h5"), "--quiet"], catch_exceptions=False)
+    assert shown.exit_code == quiet.exit_code == 0
+    assert "importing" in shown.stderr and "importing" not in quiet.stderr and "wrote" in quiet.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tierflow.trace.format import MAX_EXPERTS
 
 
 PROGRESS_MIN_DECISIONS = 5_000_000  # tokens x MoE layers x top-k of a trace worth a progress bar
+PROGRESS_MIN_IMPORT_BYTES = 50_000_000  # JSONL read at about 7 MB/s: a bar from several seconds
 
 
 def register(group: click.Group) -> None:
@@ -70,10 +72,21 @@ def info(path, as_json):
               help="Catalog model name; sets num_experts and checks layer count and top-k.")
 @click.option("--num-experts", type=click.IntRange(min=1, max=MAX_EXPERTS), default=None,
               help="Experts per layer when --model is not given (default: largest id seen + 1).")
-def import_(fmt, inputs, out, model_name, num_experts):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def import_(fmt, inputs, out, model_name, num_experts, quiet):
     """Convert routing logs written by inference-engine hooks (JSONL) into a tierflow trace."""
-    meta = importers.import_trace(
-        fmt, list(inputs), out, model=model_name, num_experts=num_experts,
-        warn=lambda message: click.echo(f"tierflow: warning: {message}", err=True),
-    )
+    with contextlib.ExitStack() as stack:
+
+        def progress(files):
+            """A bar over the input bytes, once the inputs (folders expanded) are known and checked."""
+            size = sum(path.stat().st_size for path in files if path.is_file())  # a missing one: its own error
+            bar = stack.enter_context(click.progressbar(
+                length=max(size, 1), label="importing", file=sys.stderr,
+                hidden=quiet or size < PROGRESS_MIN_IMPORT_BYTES))
+            return bar.update
+
+        meta = importers.import_trace(
+            fmt, list(inputs), out, model=model_name, num_experts=num_experts,
+            warn=lambda message: click.echo(f"tierflow: warning: {message}", err=True), progress=progress,
+        )
     click.echo(f"wrote {out}: {meta.num_tokens} tokens, {meta.num_layers} layers, top-{meta.top_k}", err=True)

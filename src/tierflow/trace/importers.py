@@ -42,6 +42,7 @@ from tierflow.errors import TierflowError, TraceError
 from tierflow.trace.format import GATE_SCORE_DTYPE, MAX_EXPERTS, MAX_LAYERS, TraceMeta, open_trace, write_trace
 
 Warn = Callable[[str], None]
+Progress = Callable[[int], None]  # told the bytes of input read since its last call
 
 UNKNOWN_MODEL = "unknown"
 SEQUENCE_FIELDS = ("request_id", "seq_id", "problem_id")
@@ -105,13 +106,23 @@ def _expand_folders(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _json_records(path: Path) -> Iterator[tuple[_Line, dict]]:
-    """Yield every non-blank line of a JSONL file as a JSON object, holding one line in memory at a time."""
+PROGRESS_LINES = 4096  # lines between two calls of an import's progress callback
+
+
+def _json_records(path: Path, progress: Progress | None = None) -> Iterator[tuple[_Line, dict]]:
+    """Yield every non-blank line of a JSONL file as a JSON object, holding one line in memory at a time;
+    ``progress`` (if given) hears of the bytes read, every :data:`PROGRESS_LINES` lines and at the end."""
     try:
         # Bytes, decoded line by line: a text-mode file decodes ahead in blocks, so a bad byte would be
         # reported against the wrong line.
         with open(path, "rb") as file:
+            unreported = 0
             for number, raw in enumerate(file, start=1):
+                if progress is not None:
+                    unreported += len(raw)
+                    if number % PROGRESS_LINES == 0:
+                        progress(unreported)
+                        unreported = 0
                 line = _Line(path, number)
                 try:
                     text = raw.decode("utf-8")
@@ -119,6 +130,8 @@ def _json_records(path: Path) -> Iterator[tuple[_Line, dict]]:
                     raise line.error("not UTF-8 text") from None
                 if text.strip():
                     yield line, _parse_object(line, text)
+            if progress is not None and unreported:
+                progress(unreported)
     except OSError as error:
         raise TraceError(path, f"cannot read: {error.strerror or error}") from None
 
@@ -296,12 +309,13 @@ class _StepColumns:
         return np.frombuffer(column, dtype=column.typecode)
 
 
-def _read_per_step(inputs: list[Path], expert_limit: int | None) -> tuple[_StepColumns, list, _Consistency]:
+def _read_per_step(inputs: list[Path], expert_limit: int | None,
+                   progress: Progress | None = None) -> tuple[_StepColumns, list, _Consistency]:
     """Parse every record of every file; returns the columns, the request ids by sequence id, and the shape."""
     columns, shape, request_ids = _StepColumns(), _Consistency(), {}
     for file_number, path in enumerate(inputs):
         records_before = len(columns)
-        for line, record in _json_records(path):
+        for line, record in _json_records(path, progress):
             columns.add(file_number, line, record, shape, request_ids, expert_limit)
         if len(columns) == records_before:
             raise TraceError(path, "no records: the file is empty")
@@ -326,9 +340,10 @@ def _reject_duplicates(columns: _StepColumns, order, layer_column, inputs, reque
     )
 
 
-def import_per_step(inputs: list[Path], expert_limit: int | None, warn: Warn) -> RoutingLog:
+def import_per_step(inputs: list[Path], expert_limit: int | None, warn: Warn,
+                    progress: Progress | None = None) -> RoutingLog:
     """Read per-step JSONL files (concatenated) into a routing log of their complete tokens."""
-    columns, request_ids, shape = _read_per_step(inputs, expert_limit)
+    columns, request_ids, shape = _read_per_step(inputs, expert_limit, progress)
     layer_ids, layer_column = np.unique(columns.numpy("layer"), return_inverse=True)
     sequence, token_idx = columns.numpy("sequence"), columns.numpy("token_idx")
     # Sequence ids follow first appearance, so sorting by them orders requests as the log met them.
@@ -440,11 +455,12 @@ class _LayerColumns:
         return values.reshape(-1, top_k) if name in ("experts", "gate_scores") else values
 
 
-def _read_layer_file(path: Path, shape: _Consistency, request_ids: dict, expert_limit: int | None) -> _LayerLog:
+def _read_layer_file(path: Path, shape: _Consistency, request_ids: dict, expert_limit: int | None,
+                     progress: Progress | None = None) -> _LayerLog:
     """Parse one per-layer file; ``request_ids``, shared by all files, maps request ids to sequence ids."""
     layer_id = layer_from_file_name(path)
     columns = _LayerColumns()
-    for line, record in _json_records(path):
+    for line, record in _json_records(path, progress):
         columns.add(line, record, shape, request_ids, expert_limit)
     if not columns.experts:
         raise TraceError(path, "no records: the file is empty")
@@ -483,11 +499,12 @@ def _shared_column(logs: list[_LayerLog], name: str, describe: Callable[[int], s
     return first
 
 
-def import_per_layer_files(inputs: list[Path], expert_limit: int | None, warn: Warn) -> RoutingLog:
+def import_per_layer_files(inputs: list[Path], expert_limit: int | None, warn: Warn,
+                           progress: Progress | None = None) -> RoutingLog:
     """Read one JSONL file per layer; row ``i`` of every file is token ``i``."""
     shape, request_ids = _Consistency(), {}
     logs = sorted(
-        (_read_layer_file(path, shape, request_ids, expert_limit) for path in inputs),
+        (_read_layer_file(path, shape, request_ids, expert_limit, progress) for path in inputs),
         key=lambda log: log.layer_id,
     )
     _check_layers_align(logs, inputs)
@@ -505,7 +522,8 @@ def import_per_layer_files(inputs: list[Path], expert_limit: int | None, warn: W
     )
 
 
-IMPORT_FORMATS: dict[str, Callable[[list[Path], int | None, Warn], RoutingLog]] = {
+# Each is called as importer(inputs, expert_limit, warn, progress).
+IMPORT_FORMATS: dict[str, Callable[..., RoutingLog]] = {
     "per-step": import_per_step,
     "per-layer-files": import_per_layer_files,
 }
@@ -522,12 +540,14 @@ def import_trace(
     model: str | None,
     num_experts: int | None,
     warn: Warn,
+    progress: Callable[[list[Path]], Progress | None] | None = None,
 ) -> TraceMeta:
     """Convert routing logs in format ``fmt`` into a validated tierflow-trace v1 file at ``out``.
 
     ``num_experts`` comes from the catalog ``model`` when given (which also fixes the expected top-k and
     MoE layer count), else from the argument, else from the largest expert id seen (with a warning). A folder
-    among ``inputs`` stands for the ``*.jsonl`` files in it, in name order.
+    among ``inputs`` stands for the ``*.jsonl`` files in it, in name order. ``progress``, if given, is called
+    with the input files once they are known and returns a callback for the bytes read (or None).
     """
     if not inputs:
         raise TierflowError("no input files given")
@@ -538,7 +558,7 @@ def import_trace(
     spec = _catalog_model(model)
     expert_limit = _expert_limit(spec, model, num_experts)
     check_writable(out)  # before parsing a log that may be large
-    log = importer(inputs, expert_limit, warn)
+    log = importer(inputs, expert_limit, warn, progress(inputs) if progress is not None else None)
     if spec is not None:
         _check_against_model(log, spec, model, _describe(inputs))
     if expert_limit is None:
