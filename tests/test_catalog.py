@@ -270,6 +270,15 @@ def test_catalog_hardware_json_carries_every_source(catalog_cli):
     profiles = json.loads(result.stdout)
     assert set(profiles) == set(profile_names())
     assert profiles["kyung2025"]["ssd"]["sources"]["read_pj_per_bit"].startswith("[P]")
+    for name, record in profiles.items():  # the profile's own numbers, derived from its components', say so
+        assert record["sources"]["static_power_w"].startswith("[DER]"), name
+
+
+@pytest.mark.parametrize("profile", PROFILES.values(), ids=PROFILES.keys())
+def test_every_profile_charges_writes_into_ddr(profile: HardwareProfile):
+    """SSD reads staged through DDR and DDR expert caches write there, whichever profile a scenario picks (the
+    seed paper's profiles once charged nothing, as the paper's own runs never write to DDR)."""
+    assert profile.ddr.write_pj_per_bit > 0
 
 
 @pytest.mark.parametrize("command", ["models", "hardware"])

@@ -87,6 +87,8 @@ def _model_row(spec: ModelSpec) -> tuple[str, ...]:
 def _profile_record(profile: HardwareProfile) -> dict:
     record = attrs.asdict(profile)
     record["static_power_w"] = profile.static_power_w
+    record["sources"] = {**record.get("sources", {}), "static_power_w": (
+        "[DER] per GPU: the sum of gpu, gpu.hbm, ddr (its share per GPU) and ssd static_power_w, each cited there")}
     return record
 
 

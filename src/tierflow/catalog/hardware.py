@@ -426,7 +426,9 @@ def _kyung_ddr(link_bytes_per_s: float) -> MemoryTier:
                                                        "at the link rate, so the tier is set to it")),
         write_bandwidth_bytes_per_s=(link_bytes_per_s, "[DER] as the read bandwidth; the paper never writes to DDR"),
         read_latency_s=(0.0, _PAPER_NO_LATENCY),
-        write_pj_per_bit=(0.0, f"{_P}: not modelled; the paper never writes to DDR"),
+        # The paper's runs never write to DDR; runs beyond it that stage SSD reads there or keep a DDR expert cache do.
+        write_pj_per_bit=(9.2, "[DER] assumption: taken equal to the read energy, as for DDR5_HOST (the paper "
+                               "never writes to DDR)"),
     )
 
 
