@@ -15,6 +15,7 @@ import simpy
 from conftest import scenario_with, assert_one_line_error, run_cli
 from tierflow.cache import Access, TierCache, make_policy
 from tierflow.catalog import get_model, get_profile
+from tierflow.catalog.hardware import _revised
 from tierflow.config import load_scenario
 from tierflow import metrics
 from tierflow.energy import COMPONENTS
@@ -142,10 +143,28 @@ def test_stall_is_the_wait_beyond_compute():
 def test_ssd_sustained_rate_is_the_tightest_of_its_limits():
     profile = get_profile("h100-pcie5")
     ssd, link = profile.ssd, profile.ssd_link
-    concurrent = min(ssd.queue_depth, ssd.internal_parallelism)
-    expected = min(ssd.read_bandwidth_bytes_per_s, ssd.read_iops * ssd.request_bytes,
-                   concurrent * ssd.request_bytes / ssd.read_latency_s, link.bandwidth_bytes_per_s)
-    assert sustained_read_bytes_per_s(ssd, link) == expected
+    # The PM1743 at queue depth 256 streams at its rated 13 GB/s, under its Gen5 x4 link's rate.
+    assert sustained_read_bytes_per_s(ssd, link) == ssd.read_bandwidth_bytes_per_s < link.bandwidth_bytes_per_s
+    slow_link = _revised(link, bandwidth_bytes_per_s=(1e9, "[DER] test"))
+    assert sustained_read_bytes_per_s(ssd, slow_link) == 1e9
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_a_shallow_queue_reads_a_few_requests_at_a_time_each_latency_plus_transfer(depth):
+    """At queue depth d an expert's n requests go d at a time, each its latency and then its bytes at the
+    drive's bandwidth: an isolated read on the drive's channel takes about ceil(n / d) x (latency + request
+    bytes / bandwidth), plus the one latency the channel charges a read that finds the drive idle."""
+    ssd = _revised(get_profile("h100-pcie5").ssd, queue_depth=(depth, "[DER] test"))
+    size = get_model("deepseek-r1").expert_bytes
+    requests = -(-size // ssd.request_bytes)
+    per_request = ssd.read_latency_s + ssd.request_bytes / ssd.read_bandwidth_bytes_per_s
+    calendar = Calendar()
+    drive = SsdChannel(calendar, ssd, None, 4 * 2**20)
+    transfer = Transfer(calendar, 0, size, "ssd", "hbm", [drive], DEMAND)
+    drive.submit(transfer)
+    calendar.run()
+    expected = requests / depth * per_request + ssd.read_latency_s
+    assert transfer.arrived_at == pytest.approx(expected, rel=0.01)
 
 
 def _channel_pair(calendar, bw1, bw2, chunk):

@@ -31,9 +31,13 @@ from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
 from tierflow.workload import Workload, load_workload, synthetic_workload, uniform_workload
 
-# Transfers are pipelined between hops in chunks of this size (a typical pinned staging buffer slice).
+# Transfers are pipelined between hops in chunks of this size. [DER] assumption, not a measurement: a pinned
+# staging slice of a few MiB, long enough that a chunk's per-copy overhead is small (4 MiB is 0.3 ms on a 13 GB/s
+# drive), short enough that a pre-empted prefetch gives way quickly. It sets cut-through overlap and pre-emption.
 TRANSFER_CHUNK_BYTES = 4 * 2**20
 # Pinned host memory set aside per GPU for staging SSD reads when GPUDirect Storage is off (at most the DDR share).
+# [DER] assumption, not a measurement: room for dozens of experts of every catalog model, so it binds only on a
+# desktop (its 1 GB DDR share) or with experts of hundreds of MB (Mixtral's 352 MB: five at a time).
 STAGING_BYTES_PER_GPU = 2 * 2**30
 
 
@@ -290,8 +294,8 @@ def energy_model(scenario: Scenario, hardware: HardwareProfile, gpus: int) -> En
 
 
 def ssd_reads_staged(scenario: Scenario, hardware: HardwareProfile) -> bool:
-    """Whether SSD reads bounce through host DDR (a DDR expert cache, or no GPUDirect Storage) and so also
-    cross the host link into HBM."""
+    """Whether SSD reads bounce through host DDR (a DDR expert cache, or no GPUDirect Storage). Staged or not,
+    they reach HBM over the GPU's host link."""
     return scenario.ddr_cache.enabled or not hardware.gpudirect_storage
 
 
@@ -299,8 +303,8 @@ def offload_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:
     """The rate at which one GPU's expert copies arrive in its HBM from the placement tier."""
     if scenario.placement == "ddr":
         return min(hardware.host_link.bandwidth_bytes_per_s, hardware.ddr.read_bandwidth_bytes_per_s)
-    rate = sustained_read_bytes_per_s(hardware.ssd, hardware.ssd_link)
-    return min(rate, hardware.host_link.bandwidth_bytes_per_s) if ssd_reads_staged(scenario, hardware) else rate
+    # Staged or direct (GPUDirect Storage), SSD reads enter the GPU over its host link (the fetch path's last hop).
+    return min(sustained_read_bytes_per_s(hardware.ssd, hardware.ssd_link), hardware.host_link.bandwidth_bytes_per_s)
 
 
 def compute_hbm_bandwidth(scenario: Scenario, hardware: HardwareProfile) -> float:

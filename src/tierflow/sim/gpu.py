@@ -23,7 +23,8 @@ from tierflow.prefetch import DemandEvent, Prefetcher, RoutingEvent
 from tierflow.sim.calendar import timeout_towards
 from tierflow.sim.transfer import Arrival
 
-ACTIVATION_BYTES = 2  # BF16 activations exchanged between GPUs
+# BF16 activations exchanged between GPUs ([DER] assumption: weights may be FP8 or MXFP4, activations BF16).
+ACTIVATION_BYTES = 2
 
 
 # A GEMM's weights cross L1 once per register tile of this many tokens (the 16 x 16 tiles of the tile model
