@@ -1325,3 +1325,16 @@ def test_collectives_across_nodes_split_their_bytes_between_nvlink_and_the_netwo
     ring = dict(model.attention(1024, 0).collective_bytes)
     sent = 2 * 11 * 24 * spec.hidden_size * 2
     assert ring == pytest.approx({nvlink: sent * 10 / 12, network: sent * 2 / 12})
+
+
+def test_the_offload_rate_compute_contends_with_is_what_arrives_over_the_host_link():
+    """Direct (GPUDirect) SSD reads enter the GPU over its host link, as staged ones do: with a host link slower
+    than the drive, copies arrive at the link's rate, and that is the rate taken from compute's HBM bandwidth."""
+    from tierflow.sim.engine import offload_bandwidth
+
+    profile = get_profile("h200-pcie5")
+    slow = attrs.evolve(profile, host_link=_revised(profile.host_link, bandwidth_bytes_per_s=(8e9, "[DER] test")))
+    assert slow.gpudirect_storage and slow.ssd.read_bandwidth_bytes_per_s > 8e9
+    scenario = load_scenario("ssd_offload")
+    assert offload_bandwidth(scenario, slow) == 8e9
+    assert offload_bandwidth(scenario, profile) == sustained_read_bytes_per_s(profile.ssd, profile.ssd_link)
