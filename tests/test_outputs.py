@@ -172,3 +172,26 @@ def test_hdf5_written_until_the_room_runs_out_stops_with_one_oserror(tmp_path, s
                             capture_output=True, text=True, preexec_fn=limit)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.split() == ["OSError", "27", str(out)]  # EFBIG, naming the output
+
+
+def test_a_run_long_enough_for_a_progress_bar_still_fails_in_one_line(tmp_path):
+    """The bar shows from the first piece of work done, so input refused before any is the only line on stderr
+    (click prints a bar's label at once when stderr is not a terminal)."""
+    from conftest import run_cli
+
+    assert_one_line_error(run_cli("simulate", "--set", "workload.decode_tokens=100", "--set",
+                                  "cache.capacity_experts=8"), "smaller than one layer's working set")
+
+
+def test_a_progress_bar_opens_at_the_first_update_only(capsys):
+    from tierflow.progress import progress_bar
+
+    with progress_bar(10, "never shown"):
+        pass
+    with pytest.raises(ValueError), progress_bar(10, "never shown"):
+        raise ValueError("refused before any work")
+    assert capsys.readouterr().err == ""
+    with progress_bar(10, "working") as bar:
+        bar.update(0)
+        bar.update(10)
+    assert "working" in capsys.readouterr().err

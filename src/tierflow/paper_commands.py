@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import click
 
 from tierflow import paper
+from tierflow.progress import progress_bar
 from tierflow.workers import sigterm_unwinds
 
 
@@ -43,8 +43,7 @@ def paper_command(out, workers, beyond, as_json, quiet):
     Finished cells are kept in OUT/cells, so rerunning after an interruption resumes."""
     cells = paper.paper_cells()
     extra = paper.beyond_cells() if beyond else []
-    with sigterm_unwinds(), click.progressbar(length=len(cells) + len(extra), label="cells", file=sys.stderr,
-                                              hidden=quiet) as bar:
+    with sigterm_unwinds(), progress_bar(len(cells) + len(extra), "cells", quiet) as bar:
         rows = paper.run_cells(cells + extra, workers, bar.update, cache_dir=out / "cells")
     paper_rows, beyond_rows = rows[: len(cells)], rows[len(cells):]
     written = paper.write_outputs(paper_rows, beyond_rows, out)

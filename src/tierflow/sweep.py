@@ -518,10 +518,12 @@ def _run_point(point: Point) -> PointOutput:
     return run_point(point.point_id, point.scenario_table)
 
 
-def _run_local(todo: list[Point], workers: int) -> Iterable[PointOutput]:
-    """Outputs as points finish. On several workers (see :func:`tierflow.workers.run_parallel`) an interruption
-    stops the points running at once (they are not saved), and a point whose worker dies is recorded as an
-    error only if it kills its worker again when it runs alone."""
+def _run_local(todo: list[Point], workers: int) -> Iterable[PointOutput | None]:
+    """None (the runs begin), then outputs as points finish. On several workers (see
+    :func:`tierflow.workers.run_parallel`) an interruption stops the points running at once (they are not
+    saved), and a point whose worker dies is recorded as an error only if it kills its worker again when it
+    runs alone."""
+    yield None
     if workers == 1:
         for point in todo:
             yield _run_point(point)
@@ -542,7 +544,8 @@ def _result_or_error(future, point: Point) -> PointOutput:
         return _error_output(point, error)
 
 
-def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=None) -> Iterable[PointOutput]:
+def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=None) -> Iterable[PointOutput | None]:
+    """None once the scheduler is reached (or a local cluster started), then outputs as points finish."""
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -564,6 +567,7 @@ def _run_dask(todo: list[Point], workers: int, scheduler: str | None, client=Non
     else:
         owned = None
     try:
+        yield None
         futures = {client.submit(run_point, p.point_id, p.scenario_table, key=f"tierflow-point-{p.point_id}",
                                  pure=False): p for p in todo}
         try:
@@ -612,10 +616,14 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
         todo = [p for p in todo if not is_finished(out, p.point_id)]  # none, unless a run ended meanwhile
         by_id = {p.point_id: p for p in todo}
         if todo:
-            outputs = (_run_dask(todo, workers, scheduler, client) if engine == "dask"
-                       else _run_local(todo, min(workers, len(todo))))
+            workers = min(workers, len(todo))
+            outputs = _run_dask(todo, workers, scheduler, client) if engine == "dask" else _run_local(todo, workers)
             with contextlib.closing(outputs):  # stops the workers at once if saving is interrupted
                 for output in outputs:
+                    if output is None:  # the runs begin (a scheduler was reached): a progress bar may show now
+                        if progress is not None:
+                            progress(0)
+                        continue
                     save_point(out, by_id[output.record["point_id"]], output)
                     if progress is not None:
                         progress(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tierflow.errors import TierflowError
+from tierflow.progress import progress_bar
 from tierflow.workers import sigterm_unwinds
 
 
@@ -48,8 +49,7 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
                    "version of tierflow; running them again", err=True)
     to_run = len(todo)
     label = f"sweep {spec.name}: {to_run} of {len(spec.points)} points"
-    with sigterm_unwinds(), click.progressbar(length=to_run, label=label, file=sys.stderr, show_eta=True,
-                                              show_pos=True, hidden=quiet or to_run == 0) as bar:
+    with sigterm_unwinds(), progress_bar(to_run, label, quiet or to_run == 0, show_eta=True, show_pos=True) as bar:
         outcome = run_sweep(spec, out, workers, engine, scheduler, progress=bar.update, checked=True, todo=todo)
     click.echo(f"{outcome.total} points ({outcome.skipped} finished before, {outcome.ran} run now, "
                f"{outcome.errors} with errors): {outcome.table_h5}, {outcome.table_csv}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -121,8 +120,9 @@ PROGRESS_MIN_ACCESSES = 1_000_000  # a shorter replay is over in a few seconds: 
 def progress_bar(accesses: int, label: str, quiet: bool):
     """A progress bar on stderr counting replayed accesses; hidden when quiet, for none (a replay's fast path) and
     for under :data:`PROGRESS_MIN_ACCESSES`."""
-    return click.progressbar(length=max(accesses, 1), label=label, file=sys.stderr,
-                             hidden=quiet or not accesses or accesses < PROGRESS_MIN_ACCESSES)
+    from tierflow.progress import progress_bar
+
+    return progress_bar(accesses, label, quiet or not accesses or accesses < PROGRESS_MIN_ACCESSES)
 
 
 def format_results(results) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from tierflow.atomic import check_not_an_input, check_writable
 from tierflow.catalog import get_profile
 from tierflow.config import load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
+from tierflow.progress import progress_bar
 
 
 def register(group: click.Group) -> None:
@@ -35,8 +35,7 @@ def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
     from tierflow.sim.engine import Simulation
 
     steps = scenario.workload.decode_tokens
-    with click.progressbar(length=steps, label=f"simulating {scenario.name}", file=sys.stderr,
-                           hidden=quiet or steps < 64) as bar:
+    with progress_bar(steps, f"simulating {scenario.name}", quiet or steps < 64) as bar:
         return Simulation(scenario, trace, progress=bar.update).run()
 
 

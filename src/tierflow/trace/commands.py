@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import attrs
 import click
 
+from tierflow.progress import progress_bar
 from tierflow.trace import importers, stats, synth
 from tierflow.trace.format import MAX_EXPERTS
 
@@ -44,8 +44,7 @@ def gen(model_name, tokens, sequences, seed, overrides, out, quiet):
     spec = get_model(model_name)
     # A few million routing decisions take a few seconds: no bar below that.
     decisions = tokens * spec.num_moe_layers * spec.top_k
-    with click.progressbar(length=tokens, label=f"generating {spec.name}", file=sys.stderr,
-                           hidden=quiet or decisions < PROGRESS_MIN_DECISIONS) as bar:
+    with progress_bar(tokens, f"generating {spec.name}", quiet or decisions < PROGRESS_MIN_DECISIONS) as bar:
         synth.generate(model_name, tokens, out, sequences=sequences, seed=seed, params=params, progress=bar.update)
     click.echo(f"wrote {out}", err=True)
 
@@ -80,9 +79,7 @@ def import_(fmt, inputs, out, model_name, num_experts, quiet):
         def progress(files):
             """A bar over the input bytes, once the inputs (folders expanded) are known and checked."""
             size = sum(path.stat().st_size for path in files if path.is_file())  # a missing one: its own error
-            bar = stack.enter_context(click.progressbar(
-                length=max(size, 1), label="importing", file=sys.stderr,
-                hidden=quiet or size < PROGRESS_MIN_IMPORT_BYTES))
+            bar = stack.enter_context(progress_bar(size, "importing", quiet or size < PROGRESS_MIN_IMPORT_BYTES))
             return bar.update
 
         meta = importers.import_trace(
