@@ -195,3 +195,29 @@ def test_a_progress_bar_opens_at_the_first_update_only(capsys):
         bar.update(0)
         bar.update(10)
     assert "working" in capsys.readouterr().err
+
+
+def test_text_with_a_nul_is_refused_and_a_byte_order_mark_is_fine(tmp_path):
+    from conftest import run_cli
+
+    nul = tmp_path / "nul.toml"  # a TOML escape: no command line can carry a NUL
+    nul.write_text('[cache]\npolicy = "learned"\nparams = {weights = "w\\u0000.npz"}\n')
+    assert_one_line_error(run_cli("simulate", "--scenario", nul), "cache.params.weights: a NUL character is not allowed")
+    scenario = tmp_path / "bom.toml"
+    scenario.write_bytes(b"\xef\xbb\xbf" + b'model = "olmoe-1b-7b"\nhardware = "h100-pcie5"\ngpus = 1\n'
+                         b'placement = "ssd"\n[workload]\ndecode_tokens = 4\n')
+    assert run_cli("simulate", "--scenario", scenario, "--json", check_status=0).stdout.startswith("{")
+
+
+def test_a_refused_import_prints_its_error_line_only(tmp_path):
+    """The importer's warnings (here: the missing --model makes it infer num_experts) come once the trace is
+    written; an import refused later prints only its error."""
+    from conftest import run_cli
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"problem_id": 1, "layer": 0, "token_idx": 0, "experts": [0, 1], "gating_probs": [0.6, 0.4]}\n')
+    done = run_cli("trace", "import", "--format", "per-step", log, "--out", tmp_path / "a.h5", check_status=0)
+    assert "tierflow: warning: num_experts not given" in done.stderr
+    refused = run_cli("trace", "import", "--format", "per-step", log, "--model", "olmoe-1b-7b",
+                      "--out", tmp_path / "b.h5")
+    assert_one_line_error(refused, "olmoe-1b-7b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -117,3 +118,12 @@ def test_garbage_results_or_point_files_are_one_error_naming_the_file(swept, tmp
                           str(victim), "redoes the point")
     (point_broken / "sweep.json").write_text("{not json")
     assert_one_line_error(run_tierflow("report", point_broken, "--out", tmp_path / "r3"), "sweep.json")
+    listed = json.loads((swept / "sweep.json").read_text())
+    for damaged, reason in [({**listed, "axes": [["a"]]}, "an axis is not a scenario key"),
+                            ({**listed, "axes": [{"a": 1}]}, "an axis is not a scenario key"),
+                            ({**listed, "description": ["x"]}, "its description is not text"),
+                            ({**listed, "points": "abc"}, "no list of point ids"),
+                            ({k: v for k, v in listed.items() if k != "points"}, "no list of point ids")]:
+        (point_broken / "sweep.json").write_text(json.dumps(damaged))
+        assert_one_line_error(run_tierflow("report", point_broken, "--out", tmp_path / "r4"),
+                              "not a sweep description", reason)

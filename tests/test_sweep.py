@@ -390,7 +390,7 @@ def test_points_the_simulator_would_reject_stop_the_sweep_before_anything_runs(t
     (small_sweep(seed=-1), ["seed must be >= 0"]),
     (small_sweep(grid={"seed": [1, 2**64]}), ["seed' must be <= 9223372036854775807"]),
     ({**small_sweep(grid={"prefetch.params.x": [1, 2]}), "set": {**SMALL, "prefetch.params": 5}},
-     ["'prefetch.params.x': 'prefetch.params' is set to 5, not a table"]),
+     ["key 'prefetch.params.x' is inside 'prefetch.params', which is set as a whole"]),
 ])
 def test_non_finite_values_and_negative_seeds_are_rejected_when_loading(document, fragments):
     with pytest.raises(TierflowError) as caught:
@@ -545,7 +545,8 @@ def test_one_sweep_writes_a_folder_at_a_time_and_clears_what_a_killed_one_left(t
 
     sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]}, seed=1))
     run_sweep(sweep, tmp_path, workers=1)
-    strays = [tmp_path / "results.h5.abcd.tmp", points_dir(tmp_path) / f"{sweep.points[0].point_id}.json.x.tmp"]
+    strays = [tmp_path / "results.h5.abcd1234.tmp",
+              points_dir(tmp_path) / f"{sweep.points[0].point_id}.json.x_y9z8w7.tmp"]
     for stray in strays:
         stray.write_text("half")
     with open(tmp_path / ".lock", "a") as held:
@@ -578,3 +579,110 @@ def test_the_code_fingerprint_covers_what_makes_figures_and_not_what_presents_th
         assert fingerprint() != before
     finally:
         resources.code_fingerprint.cache_clear()
+
+
+# ------------------------------------------------------------------------------ inputs named by parameters
+
+
+def _learned_sweep(weights: Path) -> dict:
+    return small_sweep(grid={"cache.capacity_experts": [64, 128]},
+                       set={**SMALL, "cache": {"policy": "learned", "params": {"weights": str(weights)}}})
+
+
+def test_a_file_a_parameter_names_counts_by_its_bytes_in_a_point_id(tmp_path):
+    """Retrained weights are another experiment: the points get new ids (a resumed sweep reruns them instead of
+    keeping the old weights' figures); the same bytes under another name are the same points."""
+    from tierflow.cache.learned import load_scorer
+
+    default = load_scorer()
+    weights = tmp_path / "w.npz"
+    default.save(weights)
+    first = [p.point_id for p in parse_sweep(_learned_sweep(weights)).points]
+    copy = tmp_path / "elsewhere.npz"
+    copy.write_bytes(weights.read_bytes())
+    assert [p.point_id for p in parse_sweep(_learned_sweep(copy)).points] == first
+    changed = default.__class__(default.mean, default.scale * 2, default.w1, default.b1, default.w2, default.b2,
+                                default.horizons)
+    changed.save(weights)
+    assert not set(first) & {p.point_id for p in parse_sweep(_learned_sweep(weights)).points}
+
+
+def test_bad_weights_are_refused_before_any_point_runs(tmp_path):
+    """As simulate refuses them at once: a sweep checks the files its points' parameters name before it runs."""
+    not_weights = tmp_path / "w.npz"
+    not_weights.write_text("not a weights file")
+    with pytest.raises(TierflowError, match="not a learned-policy weights file"):
+        run_sweep(parse_sweep(_learned_sweep(not_weights)), tmp_path / "out", workers=1)
+    assert not points_dir(tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- keys and labels
+
+
+@pytest.mark.parametrize(("document", "fragment"), [
+    ({"grid": {"cache.policy": ["lru", "fifo", "lfu"], "cache": {"policy": ["belady"]}}},
+     "key 'cache.policy' is set in more than one place"),
+    ({"set": {**SMALL, "workload.decode_tokens": 10}},
+     "key 'workload.decode_tokens' is set in more than one place"),
+    ({"set": {**SMALL, "cache.params.half_life": 5}, "grid": {"cache.params": [{"keep_history": True}, {}]}},
+     "key 'cache.params.half_life' is inside 'cache.params'"),
+    ({"description": "a\0b"}, "a NUL character is not allowed in the sweep's description"),
+    ({"set": {**SMALL, "cache.params.weights": "w\0.npz"}}, "a NUL character is not allowed"),
+])
+def test_a_key_given_twice_or_text_with_a_nul_is_refused(document, fragment):
+    with pytest.raises(TierflowError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        parse_sweep({**small_sweep(), **document})
+
+
+def test_a_sweep_file_may_start_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'scenario = "ssd_offload"\n[grid]\n"cache.capacity_experts" = [64, 128]\n')
+    assert len(load_sweep(path).points) == 2
+
+
+# ------------------------------------------------------------------------------------ the output folder
+
+
+def test_only_the_sweeps_own_temporary_files_are_removed(tmp_path):
+    out = tmp_path / "out"
+    points = points_dir(out)
+    points.mkdir(parents=True)
+    mine = [out / "notes.tmp", points / "backup.tmp", out / "results.h5.tmp"]
+    stray = [out / "results.csv.ab12cd_9.tmp", points / "0123456789ab.h5.zz99yy00.tmp"]
+    for path in mine + stray:
+        path.write_text("x")
+    run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]})), out, workers=1)
+    assert all(path.exists() for path in mine) and not any(path.exists() for path in stray)
+
+
+def test_a_lock_that_is_not_a_file_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    (out / ".lock").mkdir(parents=True)
+    sweep = write_sweep(tmp_path / "s.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.capacity_experts" = [1856]\n')
+    assert_one_line_error(run_tierflow("sweep", sweep, "--out", out, "--quiet"), ".lock: not a regular file")
+    (out / ".lock").rmdir()
+    os.mkfifo(out / ".lock")  # opening it to write would wait for a reader forever
+    assert_one_line_error(run_tierflow("sweep", sweep, "--out", out, "--quiet"), ".lock: not a regular file")
+
+
+@pytest.mark.parametrize("command", [["sweep", "SWEEP"], ["report", "DIR"], ["paper"]])
+def test_an_empty_output_folder_is_refused(command, tmp_path):
+    sweep = write_sweep(tmp_path / "s.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.capacity_experts" = [1856]\n')
+    args = [{"SWEEP": sweep, "DIR": tmp_path}.get(a, a) for a in command]
+    assert_one_line_error(run_tierflow(*args, "--out", ""), "an empty path; name a folder")
+
+
+def test_dask_starts_no_more_workers_than_points_to_run(tmp_path, monkeypatch):
+    from tierflow import sweep as sweep_module
+
+    started = []
+
+    def fake_dask(todo, workers, scheduler, client=None):
+        started.append(workers)
+        yield None
+        for point in todo:
+            yield sweep_module._run_point(point)
+
+    monkeypatch.setattr(sweep_module, "_run_dask", fake_dask)
+    run_sweep(parse_sweep(small_sweep()), tmp_path, workers=12, engine="dask")
+    assert started == [4]

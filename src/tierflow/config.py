@@ -250,9 +250,12 @@ def valid_keys() -> list[str]:
 
 
 def _check_finite(key: str, value: Any) -> None:
-    """NaN and infinity are no setting: reject them anywhere, plugin parameter tables included."""
+    """NaN and infinity are no setting, nor is a NUL character in text (no file name holds one, and the HDF5
+    outputs cannot store it): reject them anywhere, plugin parameter tables included."""
     if isinstance(value, float) and not math.isfinite(value):
         raise TierflowError(f"scenario key {key}: must be a finite number, got {value}")
+    if isinstance(value, str) and "\0" in value:
+        raise TierflowError(f"scenario key {key}: a NUL character is not allowed in text, got {value!r}")
     if isinstance(value, Mapping):
         for inner_key, inner in value.items():
             _check_finite(f"{key}.{inner_key}", inner)
@@ -378,7 +381,7 @@ def resolve_scenario_path(name_or_path: str) -> Path:
 def load_table(name_or_path: str) -> dict:
     path = resolve_scenario_path(name_or_path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is fine
     except tomllib.TOMLDecodeError as error:
         raise TierflowError(f"scenario file {path}: invalid TOML: {error}") from None
     except UnicodeDecodeError:

@@ -10,6 +10,7 @@ import click
 
 from tierflow import paper
 from tierflow.progress import progress_bar
+from tierflow.sweep_commands import FolderPath
 from tierflow.workers import sigterm_unwinds
 
 
@@ -29,7 +30,7 @@ def finite_or_null(value):
 
 
 @click.command("paper")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/paper"), show_default=True,
+@click.option("--out", type=FolderPath(), default=Path("out/paper"), show_default=True,
               help="folder for the tables (CSV and markdown) and figures")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="cells run in parallel (default: the cores)")
 @click.option("--beyond/--no-beyond", default=True, show_default=True,

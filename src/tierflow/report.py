@@ -64,6 +64,14 @@ class SweepTable:
             self.meta = json.loads(meta_path.read_text())
             if not isinstance(self.meta, dict) or not isinstance(self.meta.get("axes"), list):
                 raise ValueError("no list of axes")
+            if not all(isinstance(axis, str) for axis in self.meta["axes"]):
+                raise ValueError("an axis is not a scenario key")
+            if not isinstance(self.meta.get("points"), list) or not all(
+                    isinstance(point, str) for point in self.meta["points"]):
+                raise ValueError("no list of point ids")
+            for label in ("name", "description"):
+                if not isinstance(self.meta.get(label, ""), str):
+                    raise ValueError(f"its {label} is not text")
             self.meta.setdefault("name", self.sweep_dir.name)
         except (OSError, ValueError) as error:
             raise TierflowError(f"{meta_path}: not a sweep description ({_reason(error)}); rerun `tierflow sweep "
@@ -76,8 +84,8 @@ class SweepTable:
                     raise KeyError(f"no {column} column")
         except (OSError, KeyError, ValueError, TypeError) as error:
             raise TierflowError(f"{table_path}: not a readable results table ({_reason(error)}); {rebuild}") from None
-        listed = self.meta.get("points")
-        if isinstance(listed, list) and not set(self.all["point_id"].tolist()) <= set(listed):
+        listed = self.meta["points"]
+        if not set(self.all["point_id"].tolist()) <= set(listed):
             raise TierflowError(f"{table_path} holds points that {meta_path} does not list (an interrupted run of "
                                 f"another sweep?); {rebuild}")
         ok = np.array([s == STATUS_OK for s in self.all["status"]], dtype=bool)

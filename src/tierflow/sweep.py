@@ -47,6 +47,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -94,16 +95,31 @@ class Sweep:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _flatten(table: Mapping, prefix: str = "") -> dict:
-    """``{"workload": {"batch_size": [1]}}`` -> ``{"workload.batch_size": [1]}``; stops at free ``params`` tables."""
+def _flatten(table: Mapping, prefix: str = "", where: str = "sweep") -> dict:
+    """``{"workload": {"batch_size": [1]}}`` -> ``{"workload.batch_size": [1]}``; stops at free ``params`` tables.
+    A key spelt twice (``"cache.policy"`` and ``cache = {policy = ...}``) is an error, not a silent overwrite."""
     flat = {}
     for key, value in table.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and not dotted.endswith(".params") and "." not in key:
-            flat.update(_flatten(value, f"{dotted}."))
+            inner = _flatten(value, f"{dotted}.", where)
         else:
-            flat[dotted] = value
+            inner = {dotted: value}
+        for name, item in inner.items():
+            if name in flat:
+                raise TierflowError(f"{where}: key {name!r} is set in more than one place")
+            flat[name] = item
     return flat
+
+
+def _check_no_overlap(keys, where: str) -> None:
+    """No key may sit inside another that is set as a whole (``cache.params.x`` beside ``cache.params``): which
+    one wins would depend on the order they are applied in."""
+    for key in keys:
+        for other in keys:
+            if other.startswith(f"{key}."):
+                raise TierflowError(f"{where}: key {other!r} is inside {key!r}, which is set as a whole; set one "
+                                    "or the other")
 
 
 def _check_key(key: str, where: str) -> None:
@@ -136,9 +152,10 @@ def point_id(scenario_table: Mapping) -> str:
 
 
 def _identity_table(table: Mapping, digests: dict[str, str]) -> dict:
-    """What a point simulates, for its id: the scenario with the trace file replaced by the sha256 of its bytes
-    (the same trace anywhere has one id; a rewritten file makes new points) and catalog names in the catalog's
-    spelling (they are looked up case-insensitively). ``digests`` caches the files' digests by path."""
+    """What a point simulates, for its id: the scenario with every file it reads replaced by the sha256 of its
+    bytes (the trace, and a file a plugin parameter names: learned-policy weights, a prefetcher's training
+    trace; the same file anywhere has one id, a rewritten one makes new points) and catalog names in the
+    catalog's spelling (they are looked up case-insensitively). ``digests`` caches the files' digests by path."""
     from tierflow.catalog import get_model, get_profile
 
     identity = json.loads(json.dumps(table))
@@ -147,15 +164,30 @@ def _identity_table(table: Mapping, digests: dict[str, str]) -> dict:
             identity[key] = get(identity[key]).name
         except (KeyError, TierflowError):
             pass  # check_points reports it
-    trace = identity.get("workload", {}).get("trace")
-    if trace:
-        if trace not in digests:
-            try:  # not a FIFO or device: reading one would block or never end (check_points reports it)
-                digests[trace] = "sha256:" + file_digest(trace) if Path(trace).is_file() else trace
-            except OSError:
-                digests[trace] = trace  # check_points reports it
-        identity["workload"]["trace"] = digests[trace]
+    workload = identity.get("workload", {})
+    if workload.get("trace"):
+        workload["trace"] = _file_identity(workload["trace"], digests)
+    for part in _PLUGIN_PARTS:
+        params = identity.get(part, {}).get("params", {})
+        for key, value in params.items():
+            if isinstance(value, str) and value:
+                params[key] = _file_identity(value, digests)
     return identity
+
+
+_PLUGIN_PARTS = ("cache", "ddr_cache", "prefetch")  # the scenario sections whose ``params`` may name files
+
+
+def _file_identity(path: str, digests: dict[str, str]) -> str:
+    """``"sha256:..."`` of the file at ``path``; ``path`` itself when it is not a readable regular file (a
+    parameter that names no file; a missing or unreadable one check_points reports)."""
+    if path not in digests:
+        try:  # not a FIFO or device: reading one would block or never end
+            is_file = "\0" not in path and Path(path).is_file()
+            digests[path] = "sha256:" + file_digest(path) if is_file else path
+        except (OSError, ValueError):
+            digests[path] = path
+    return digests[path]
 
 
 def derived_seed(identity: str) -> int:
@@ -195,22 +227,26 @@ def parse_sweep(document: Mapping, base_dir: Path = Path("."), where: str = "swe
     # A point is labelled by its sweep, not by the base scenario, whose model or hardware [set] may change (the
     # labels are not part of a point's id); a [set] name or description still wins.
     sweep_name, description = str(document.get("name", where)), str(document.get("description", ""))
+    for label, text in (("name", sweep_name), ("description", description)):
+        if "\0" in text:  # the table's HDF5 strings cannot hold one
+            raise TierflowError(f"{where}: a NUL character is not allowed in the sweep's {label}, got {text!r}")
     base_table["name"] = sweep_name
     base_table["description"] = f"{description or 'a point of sweep ' + sweep_name} (from scenario {base_name})"
 
     for section in ("set", "grid"):
         if not isinstance(document.get(section, {}), Mapping):
             raise TierflowError(f"{where}: `{section}` must be a table ([{section}]) of scenario keys")
-    fixed = _flatten(document.get("set", {}))
-    grid = _flatten(document.get("grid", {}))
+    fixed = _flatten(document.get("set", {}), where=where)
+    grid = _flatten(document.get("grid", {}), where=where)
     zips = document.get("zip", [])
     if not isinstance(zips, list) or not all(isinstance(group, Mapping) for group in zips):
         raise TierflowError(f"{where}: `zip` must be an array of tables ([[zip]])")
-    zips = [_flatten(group) for group in zips]
+    zips = [_flatten(group, where=where) for group in zips]
     axis_keys = [*grid, *(k for group in zips for k in group)]
     repeated = {k for k in axis_keys if axis_keys.count(k) > 1} | (set(axis_keys) & set(fixed))
     if repeated:
         raise TierflowError(f"{where}: key {sorted(repeated)[0]!r} is set in more than one place")
+    _check_no_overlap([*fixed, *axis_keys], where)
     for key in [*fixed, *axis_keys]:
         _check_key(key, where)
     if "seed" in document:
@@ -252,7 +288,7 @@ def load_sweep(path) -> Sweep:
     if not path.is_file():
         raise TierflowError(f"sweep file {path}: {not_a_file(path)}")
     try:
-        document = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is fine
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise TierflowError(f"sweep file {path}: invalid TOML: {error}") from None
     document.setdefault("name", path.stem)
@@ -268,7 +304,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     working set, cache policies and prefetcher with their parameters. The workload is built as the run builds
     it; ``workloads`` keeps what the check needs of those built so far (their length and their layers' experts,
     not the steps), for points that share one. Raises :class:`TierflowError`."""
-    from tierflow.cache import POLICIES
+    from tierflow.cache import POLICIES, make_policy
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
     from tierflow.prefetch.training import check_training_trace
@@ -289,10 +325,11 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
                          working_sets=layer_working_sets(experts, scenario.gpus, spec.num_moe_layers))
     POLICIES.get(scenario.cache.policy)
+    # Built as the run builds them, without a cache behind them: parameters checked, files they name read.
     if plan.hbm_cache_experts is not None:
-        POLICIES.params(scenario.cache.policy, scenario.cache.params)
+        make_policy(scenario.cache.policy, scenario.cache.params)
     if plan.ddr_cache_experts is not None:
-        POLICIES.params(scenario.ddr_cache.policy, scenario.ddr_cache.params)
+        make_policy(scenario.ddr_cache.policy, scenario.ddr_cache.params)
     prefetch_params = PREFETCHERS.params(scenario.prefetch.policy, scenario.prefetch.params)
     if getattr(prefetch_params, "train_trace", ""):
         check_training_trace(prefetch_params.train_trace, spec.num_moe_layers, spec.num_routed_experts,
@@ -646,12 +683,23 @@ def _writing(out: Path):
     except ImportError:  # no flock (Windows): no lock, and temporary files are left alone
         yield
         return
-    with open(out / ".lock", "a") as handle:
+    lock = out / ".lock"
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):  # a FIFO would block the open below
+        raise TierflowError(f"{lock}: not a regular file; a sweep locks its folder with it (remove it)")
+    with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TierflowError(f"{out}: another tierflow sweep is writing to this folder; wait for it to end "
                                 "or choose another --out") from None
-        for stray in (*out.glob("*.tmp"), *points_dir(out).glob("*.tmp")):
-            stray.unlink(missing_ok=True)
+        for folder, pattern in ((out, _OWN_TEMPORARY), (points_dir(out), _POINT_TEMPORARY)):
+            for stray in folder.glob("*.tmp"):
+                if pattern.fullmatch(stray.name) and stray.is_file():
+                    stray.unlink(missing_ok=True)
         yield
+
+
+# The temporary files a killed sweep can leave (see tierflow.atomic: NAME.XXXXXXXX.tmp beside NAME); only these are
+# removed, never another file that happens to end in .tmp.
+_OWN_TEMPORARY = re.compile(r"(results\.h5|results\.csv|sweep\.json)\.[a-z0-9_]{8}\.tmp")
+_POINT_TEMPORARY = re.compile(r"[0-9a-f]{12}\.(h5|json)\.[a-z0-9_]{8}\.tmp")

@@ -12,6 +12,18 @@ from tierflow.progress import progress_bar
 from tierflow.workers import sigterm_unwinds
 
 
+class FolderPath(click.Path):
+    """An output folder; an empty path is refused (``Path("")`` would silently be the working folder)."""
+
+    def __init__(self):
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path; name a folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def register(group: click.Group) -> None:
     group.add_command(sweep)
     group.add_command(report)
@@ -19,7 +31,7 @@ def register(group: click.Group) -> None:
 
 @click.command()
 @click.argument("sweep_file", metavar="SWEEP.toml", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", type=FolderPath(), required=True,
               help="Folder for the per-point outputs and the results table (reused to resume).")
 @click.option("--workers", type=int, default=None, help="Parallel points; default: the number of cores.")
 @click.option("--engine", type=click.Choice(["local", "dask"]), default=None,
@@ -61,7 +73,7 @@ def sweep(sweep_file, out, workers, engine, scheduler, quiet):
 
 @click.command()
 @click.argument("sweep_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=FolderPath(), default=None,
               help="Folder for the PNG figures and report.md; default: DIR/report.")
 def report(sweep_dir, out):
     """Figures (PNG) and report.md from a sweep's results folder."""

@@ -82,8 +82,9 @@ def import_(fmt, inputs, out, model_name, num_experts, quiet):
             bar = stack.enter_context(progress_bar(size, "importing", quiet or size < PROGRESS_MIN_IMPORT_BYTES))
             return bar.update
 
-        meta = importers.import_trace(
-            fmt, list(inputs), out, model=model_name, num_experts=num_experts,
-            warn=lambda message: click.echo(f"tierflow: warning: {message}", err=True), progress=progress,
-        )
+        warnings = []  # told once the trace is written: a refused import prints its one error line only
+        meta = importers.import_trace(fmt, list(inputs), out, model=model_name, num_experts=num_experts,
+                                      warn=warnings.append, progress=progress)
+    for message in warnings:
+        click.echo(f"tierflow: warning: {message}", err=True)
     click.echo(f"wrote {out}: {meta.num_tokens} tokens, {meta.num_layers} layers, top-{meta.top_k}", err=True)
