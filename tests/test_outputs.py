@@ -202,7 +202,8 @@ def test_text_with_a_nul_is_refused_and_a_byte_order_mark_is_fine(tmp_path):
 
     nul = tmp_path / "nul.toml"  # a TOML escape: no command line can carry a NUL
     nul.write_text('[cache]\npolicy = "learned"\nparams = {weights = "w\\u0000.npz"}\n')
-    assert_one_line_error(run_cli("simulate", "--scenario", nul), "cache.params.weights: a NUL character is not allowed")
+    assert_one_line_error(run_cli("simulate", "--scenario", nul),
+                          "cache.params.weights: a NUL character is not allowed")
     scenario = tmp_path / "bom.toml"
     scenario.write_bytes(b"\xef\xbb\xbf" + b'model = "olmoe-1b-7b"\nhardware = "h100-pcie5"\ngpus = 1\n'
                          b'placement = "ssd"\n[workload]\ndecode_tokens = 4\n')
