@@ -731,8 +731,8 @@ def test_a_capacity_override_replaces_the_other_capacity_key_of_the_file():
     unset = load_scenario("ssd_offload", ["cache.capacity_experts=", "prefetch.lookahead=2"])
     assert unset.cache.capacity_experts is None
     assert load_scenario("ssd_offload", ["cache.capacity_experts=none"]).cache.capacity_experts is None
-    both = load_scenario("ssd_offload", ["cache.capacity_bytes=1", "cache.capacity_experts=2"])
-    assert (both.cache.capacity_experts, both.cache.capacity_bytes) == (2, 1)
+    with pytest.raises(TierflowError, match="set capacity_experts or capacity_bytes, not both"):  # both given
+        load_scenario("ssd_offload", ["cache.capacity_bytes=1", "cache.capacity_experts=2"])
 
 
 def test_a_ddr_cache_too_small_for_an_expert_names_the_figures():
@@ -910,6 +910,14 @@ def test_layer_slots_split_over_gpus_and_each_layer_is_checked_against_its_own_w
 def test_bad_layer_slots_are_one_line_errors(changes, message):
     with pytest.raises(TierflowError, match=re.escape(message)):
         Simulation(small(**changes))
+
+
+@pytest.mark.parametrize("section", ["cache", "ddr_cache"])
+def test_two_capacities_for_one_cache_are_refused_when_the_scenario_loads(section):
+    """A capacity in experts and one in bytes for the same cache: refused by the config itself, before a run."""
+    with pytest.raises(TierflowError, match=re.escape(f"scenario key {section}.capacity_bytes: set capacity_experts "
+                                                      "or capacity_bytes, not both")):
+        small(**{f"{section}.capacity_experts": 64, f"{section}.capacity_bytes": 10**9})
 
 
 def test_layer_slots_survive_the_round_trip_a_sweep_point_makes():

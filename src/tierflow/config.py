@@ -110,6 +110,7 @@ class CacheConfig:
     enabled: bool = attrs.field(default=True, metadata=_help("false: no reuse, every expert fetched every step"))
 
     def __attrs_post_init__(self):
+        _one_capacity(self)
         if self.layer_slots is not None:
             if self.scope != "per-layer":
                 raise ValueError("layer_slots needs scope = 'per-layer' (a global pool takes capacity_experts)")
@@ -127,6 +128,15 @@ class DdrCacheConfig:
     capacity_bytes: int | None = attrs.field(default=None, validator=_non_negative,
                                              metadata=_help("bytes the DDR cache holds"))
     params: dict = attrs.field(factory=dict, metadata=_help("policy parameters"))
+
+    def __attrs_post_init__(self):
+        _one_capacity(self)
+
+
+def _one_capacity(cache) -> None:
+    if cache.capacity_experts is not None and cache.capacity_bytes is not None:
+        raise ValueError("capacity_bytes: set capacity_experts or capacity_bytes, not both (in a sweep file, set the "
+                         "scenario's other key to \"none\")")
 
 
 @attrs.frozen
@@ -191,7 +201,8 @@ class Scenario:
     placement: str = attrs.field(default="ssd", validator=_one_of(PLACEMENTS),
                                  metadata=_help("where the full expert set lives"))
     seed: int = attrs.field(default=0, validator=[_non_negative, attrs.validators.le(2**63 - 1)],
-                            metadata=_help("seed of the built-in trace and of random policies"))
+                            metadata=_help("seed of the built-in trace (synthetic or uniform routing); a "
+                                           "prefetcher that draws at random has a seed parameter of its own"))
     gpus: int = attrs.field(default=1, validator=_gpu_count,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
     attention_tp: int | None = attrs.field(
@@ -234,8 +245,6 @@ _SECTIONS = {
 }
 # The ways to size a cache (cache, ddr_cache); setting one with --set unsets the others.
 _CAPACITY_KEYS = ("capacity_experts", "capacity_bytes", "layer_slots")
-# Tables whose keys are free-form (plugin parameters, checked by the plugin's registry).
-_FREE_TABLES = {"params"}
 
 
 def valid_keys() -> list[str]:
@@ -392,7 +401,8 @@ def load_table(name_or_path: str) -> dict:
 
 def load_scenario_table(name_or_path: str) -> dict:
     """A scenario file's table, with a relative ``workload.trace`` found next to the file, else in the shipped
-    traces (else left as written: relative to the working directory)."""
+    trace data folder (:func:`tierflow.resources.traces_dir`; it holds no trace files today), else left as
+    written: relative to the working directory."""
     path = resolve_scenario_path(name_or_path)
     table = load_table(name_or_path)
     trace = table.get("workload", {}).get("trace") if isinstance(table.get("workload"), Mapping) else None

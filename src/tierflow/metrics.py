@@ -34,8 +34,9 @@ class Results:
     # Per step, demand lookups that found their expert in flight (a prefetch not yet landed): the summary's hit
     # rate counts them as hits, ``step_hits`` only counts experts already resident.
     step_in_flight: np.ndarray | None = None
-    # Per step, the prefetches: "issued", "useful", "late", "wasted_bytes" -> arrays that sum to the summary's
-    # figures (prefetched experts still unused when the run ends are wasted on the last step). None: no prefetcher.
+    # Per step, the prefetches: "issued", "useful", "late", "wasted_bytes", "on_target" (PREFETCH_SERIES) -> arrays
+    # that sum to the summary's figures (prefetched experts still unused when the run ends are wasted on the last
+    # step). None: no prefetcher.
     step_prefetch: dict | None = None
 
 
@@ -238,8 +239,8 @@ def _prefetch_line(p: dict) -> str:
 
 
 def write_results_h5(results: Results, path) -> None:
-    """The summary (as JSON and as attributes), the per-step series and, when known, per-layer lookups and
-    per-channel figures, written atomically."""
+    """The summary and the scenario (as JSON in the root attributes ``summary_json`` and ``scenario_json``), the
+    per-step series and, when known, per-layer lookups and per-channel figures, written atomically."""
 
     def write(tmp: str) -> None:
         with H5Output(tmp) as f:

@@ -1,4 +1,4 @@
-"""Where the shipped scenarios and small traces live.
+"""Where the shipped scenarios and trace data live.
 
 The top-level ``scenarios/`` and ``traces/`` folders are installed inside the package as ``tierflow/scenarios``
 and ``tierflow/traces_bundled`` (see pyproject.toml). In a source checkout (an editable install) those
@@ -26,7 +26,8 @@ def scenarios_dir() -> Path:
 
 
 def traces_dir() -> Path:
-    """The folder holding the shipped small traces."""
+    """The folder of shipped trace data (``traces/``: routing statistics the generator is calibrated on; a
+    scenario's relative ``workload.trace`` is also looked for here)."""
     return _data_dir("traces_bundled", "traces")
 
 

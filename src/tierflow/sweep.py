@@ -6,7 +6,7 @@ A sweep file (TOML) names a base scenario and the axes to vary::
     description = "energy per token vs batch size for each placement"
     scenario = "ssd_offload"        # a shipped scenario or a .toml path (relative to the sweep file); its
                                     # relative workload.trace is found as simulate finds it (next to it, then
-                                    # in the shipped traces); one in [set] or [grid], next to the sweep file,
+                                    # in the shipped trace data); one in [set] or [grid], next to the sweep file,
                                     # else in the working directory
     seed = 1                        # optional: every point uses this seed (else one derived from its id)
 

@@ -3,7 +3,6 @@ policy."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -139,20 +138,11 @@ def format_results(results) -> str:
 
 
 def plugin_families() -> dict[str, list[dict]]:
-    """Every registered plugin family: cache policies, and prefetchers once ``tierflow.prefetch`` exists."""
+    """Every registered plugin family: cache policies and prefetchers."""
     from tierflow.cache import POLICIES
+    from tierflow.prefetch import PREFETCHERS
 
-    families = {"cache policies": POLICIES.describe()}
-    try:
-        prefetch = importlib.import_module("tierflow.prefetch")
-    except ModuleNotFoundError as error:
-        if error.name not in ("tierflow.prefetch",):
-            raise
-    else:
-        registry = getattr(prefetch, "PREFETCHERS", None)
-        if registry is not None:
-            families["prefetchers"] = registry.describe()
-    return families
+    return {"cache policies": POLICIES.describe(), "prefetchers": PREFETCHERS.describe()}
 
 
 @click.command()

@@ -7,7 +7,9 @@
     an expert only ever displaces an expert of its own layer.
 
 Keys are object ids ``layer * num_experts + expert``, so a :class:`LayeredCache` routes a key to its layer's
-cache by ``key // num_experts``. Both scopes offer the same interface, so drivers need not know which they have.
+cache by ``key // num_experts``. Both scopes offer what a driver uses (``lookup``, ``admit``, ``pin``, ``unpin``,
+``evict``, ``stats``, ``in``), so replay need not know which it has; room is per layer, so ``can_admit`` takes
+the key as well, and the simulator's memory asks each layer's cache (``cache_of``) for room and residency.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import numbers
 from collections.abc import Sequence
 
 from tierflow.cache.base import CacheContext, CacheStats, TierCache, make_policy
+from tierflow.config import SCOPES
 from tierflow.errors import TierflowError
-
-SCOPES = ("global", "per-layer")
 
 
 class LayeredCache:

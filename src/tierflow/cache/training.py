@@ -34,7 +34,7 @@ from tierflow.cache.learned import (
     Scorer,
     steps_to_next_use,
 )
-from tierflow.cache.scope import LayeredCache
+from tierflow.cache.scope import SCOPES, LayeredCache
 from tierflow.errors import TierflowError
 
 
@@ -80,9 +80,6 @@ class _Recorder(Policy):
                                         self.accesses_per_step)
             self.sink.append((rows[pick], targets))
         return self.driver.victim(evictable, access)
-
-
-SCOPES = ("global", "per-layer")
 
 
 def _runs(requests, capacity_fractions, scopes, drivers) -> list[tuple[str, int, tuple[str, dict | None]]]:

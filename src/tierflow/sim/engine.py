@@ -184,7 +184,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         hbm_cache = sum(layer_slots)
         _check_cache_bytes(hbm_cache, expert_bytes, free)
     elif cache.enabled:
-        hbm_cache = _cache_experts("cache", cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
+        hbm_cache = _cache_experts(cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
                                    free // expert_bytes)
         _check_cache_bytes(hbm_cache, expert_bytes, free)
         slots = hbm_cache if cache.scope == "global" else hbm_cache // spec.num_moe_layers
@@ -209,7 +209,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
         # SSD reads pass through the DDR cache itself (no staging buffer is set aside): by default it is the
         # whole DDR share.
         ddr_share = int(hardware.ddr.capacity_bytes)
-        ddr_cache = _cache_experts("ddr_cache", ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
+        ddr_cache = _cache_experts(ddr.capacity_experts, ddr.capacity_bytes, gpus, expert_bytes,
                                    ddr_share // expert_bytes)
         if ddr_cache * expert_bytes > ddr_share:
             raise TierflowError(f"ddr_cache of {ddr_cache} experts per GPU exceeds the DDR share per GPU")
@@ -253,9 +253,7 @@ def _layer_slots(given: tuple[int, ...], model: str, held: int, gpus: int,
     return slots
 
 
-def _cache_experts(section, capacity_experts, capacity_bytes, gpus, expert_bytes, default_per_gpu) -> int:
-    if capacity_experts is not None and capacity_bytes is not None:
-        raise TierflowError(f"{section}: set capacity_experts or capacity_bytes, not both")
+def _cache_experts(capacity_experts, capacity_bytes, gpus, expert_bytes, default_per_gpu) -> int:
     if capacity_experts is not None:
         return -(-capacity_experts // gpus)  # whole numbers: a float would overflow for huge counts
     if capacity_bytes is not None:
@@ -439,13 +437,8 @@ class Simulation:
     def run(self) -> Results:
         self.env.run(until=self.stream.process)
         self.elapsed_s = float(self.env.now)
-        # Let transfers still in flight (prefetches nobody waited for) land, so the ledger holds every byte
-        # that was moved; time, and so static energy, stops with the last token.
-        self.env.run()
+        # Transfers still in flight (prefetches nobody waited for) land on the data paths' calendar, so the
+        # ledger holds every byte that was moved; time, and so static energy, stops with the last token.
         for memory in self.memories:
             memory.finish()
         return collect_results(self)
-
-
-def simulate(scenario: Scenario, trace: str | None = None, progress=None) -> Results:
-    return Simulation(scenario, trace, progress).run()

@@ -356,7 +356,7 @@ class GpuStream:
         self.env, self.workload, self.memories = env, workload, memories
         # Ideal prefetch: every layer's copies are queued when the step reaches its first MoE layer.
         self.copies_ahead = copies_ahead
-        self.compute, self.prefetcher, self.ledger = compute, prefetcher, ledger
+        self.compute_models, self.prefetcher, self.ledger = compute, prefetcher, ledger
         self.context_length, self.lookahead, self.budget = context_length, lookahead, budget_experts
         self.max_queued = max_queued
         self.future = future
@@ -409,7 +409,7 @@ class GpuStream:
 
     def _compute(self, batch: int) -> ComputeModel:
         """The compute model for a phase starting now: the step's batch, and whether copies are in flight."""
-        models = self.compute
+        models = self.compute_models
         if models.contention != "in_flight":
             return models.get(batch)
         return models.get(batch, any(memory.in_flight for memory in self.memories))
@@ -418,7 +418,7 @@ class GpuStream:
         env, calendar, workload, memories = self.env, self.calendar, self.workload, self.memories
         num_layers = workload.num_layers
         looks_up = not all(memory.all_resident for memory in memories)
-        repick = self.compute.contention == "in_flight"  # the bandwidth may change between a step's phases
+        repick = self.compute_models.contention == "in_flight"  # the bandwidth may change between a step's phases
         for step in workload.steps:
             start = env.now
             stall = 0.0

@@ -22,7 +22,6 @@ class PrefetchStats:
     on_target: int = 0  # ... of which the step they were proposed for used (not a later one)
     late: int = 0  # ... of which were still in flight when their layer needed them
     wasted_bytes: int = 0  # prefetched bytes evicted (or left at the end) without being used
-    issued_bytes: int = 0
     wasted_by_route: dict = attrs.field(factory=dict)  # Route -> wasted bytes, for their energy
 
     def waste(self, route: Route, size_bytes: int) -> None:
@@ -144,16 +143,12 @@ class ExpertMemory:
 
     # ------------------------------------------------------------------------------------------- prefetch
 
-    def can_prefetch(self, key: int, max_queued: int) -> bool:
-        """Whether a prefetch of ``key`` would start now (see :meth:`prefetch_blocker`)."""
-        return self.prefetch_blocker(key, max_queued) is None
-
     def prefetch_blocker(self, key: int, max_queued: int) -> str | None:
         """Why a prefetch of ``key`` would not start now, or None if it would: ``"resident"`` (resident or in
         flight already), ``"queue"`` (the source's queue holds ``max_queued`` transfers: prefetches use spare
         bandwidth, they do not pile up in front of demand misses; the queue of the hop the expert would be read
-        through first: the host link for an expert in the DDR cache) or ``"room"`` (room cannot be made without
-        evicting pinned experts)."""
+        through first: the host link for an expert in the DDR cache), ``"room"`` (room cannot be made without
+        evicting pinned experts) or ``"no cache"`` (no HBM cache to prefetch into)."""
         if self.hbm is None:
             return "no cache"
         if key in self.resident:
@@ -169,7 +164,7 @@ class ExpertMemory:
         return None
 
     def prefetch_now(self, key: int, access: Access, target_step: int | None = None) -> None:
-        """Start a prefetch that :meth:`can_prefetch` allowed, proposed for step ``target_step`` (default: the
+        """Start a prefetch that :meth:`prefetch_blocker` allowed, proposed for step ``target_step`` (default: the
         step deciding it, ``access.step``)."""
         self._admit(key, access)
         self.hbm.pin(key)  # in flight
@@ -177,7 +172,6 @@ class ExpertMemory:
         transfer.target_step = access.step if target_step is None else target_step
         self._unused_prefetch[key] = transfer
         self.prefetch.issued += 1
-        self.prefetch.issued_bytes += self.expert_bytes
 
     def _on_hbm_eviction(self, key: int) -> None:
         for listener in self.eviction_listeners:

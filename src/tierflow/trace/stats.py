@@ -31,15 +31,6 @@ def top_share(counts: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     return ordered[..., :top].sum(axis=-1) / counts.sum(axis=-1)
 
 
-def mutual_information_bits(joint_counts: np.ndarray) -> float:
-    """Mutual information (bits) of a 2-D contingency table."""
-    joint = np.asarray(joint_counts, dtype=np.float64)
-    p = joint / joint.sum()
-    outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())
-
-
 def rank_aligned_counts(experts: np.ndarray, layer_a: int, layer_b: int, num_experts: int) -> np.ndarray:
     """(E x E) counts of (k-th choice at layer_a, k-th choice at layer_b), as the OLMoE analysis counts them."""
     a = experts[:, layer_a, :].astype(np.int64).ravel()
