@@ -265,3 +265,18 @@ def test_training_progress_counts_the_accesses_it_replays(trace, tmp_path):
                    epochs=1, progress=calls.append)
     expected = 2 * 2 * len(requests) + 2 * 2 * 100 * NUM_LAYERS * TOP_K  # round 2 replays the first 100 tokens
     assert sum(calls) == expected == training.training_accesses([requests], fractions, 2, later_tokens=100)
+
+
+def test_a_replay_larger_than_memory_is_refused_before_reading(trace, monkeypatch):
+    """Replay holds every access in memory (REPLAY_BYTES_PER_ACCESS each at its peak): a trace that cannot fit
+    is a one-line error naming --tokens, not a MemoryError after minutes."""
+    from tierflow import workload
+    from tierflow.errors import TierflowError
+    from tierflow.replay import REPLAY_BYTES_PER_ACCESS, read_requests
+
+    path, _ = trace
+    accesses = TOKENS * NUM_LAYERS * TOP_K
+    monkeypatch.setattr(workload, "physical_memory_bytes", lambda: accesses * REPLAY_BYTES_PER_ACCESS - 1)
+    with pytest.raises(TierflowError, match=f"--tokens: replaying {TOKENS} tokens x {NUM_LAYERS} layers"):
+        read_requests(path)
+    assert len(read_requests(path, max_tokens=TOKENS - 1)) == (TOKENS - 1) * NUM_LAYERS * TOP_K

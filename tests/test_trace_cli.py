@@ -154,6 +154,17 @@ def test_reuse_carries_across_chunks():
     assert acc.reuse_rate == pytest.approx(0.5)
 
 
+def test_the_pass_keeps_one_row_per_sequence_not_the_blocks_they_came_from():
+    """Memory stays bounded: the row kept for each sequence's next token owns its data (a view would hold the
+    whole block of rows it came from until the pass ends)."""
+    acc = stats.RoutingAccumulator(2, 8, 2)
+    rng = np.random.default_rng(0)
+    for start in range(0, 4000, 1000):
+        rows = np.stack([rng.permutation(8)[:2] for _ in range(2000)]).reshape(1000, 2, 2)
+        acc.update(rows, np.arange(start, start + 1000) % 7)
+    assert len(acc._last_row) == 7 and all(row.base is None for row, _ in acc._last_row.values())
+
+
 def test_reuse_pairs_only_tokens_one_position_apart():
     """With token positions, a token whose predecessor is missing (an import dropped it) pairs with nothing,
     within a chunk and across chunks."""

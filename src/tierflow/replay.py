@@ -81,12 +81,25 @@ class Requests:
         return cls(keys, np.arange(len(keys), dtype=np.int64), num_layers, num_experts, 1)
 
 
+# What a replay holds per access at its peak: the request arrays, then the stack-distance pass's or a policy's
+# working arrays (measured: about 160 bytes for LRU and --mrc, 190 for LFU, on DeepSeek-R1 traces).
+REPLAY_BYTES_PER_ACCESS = 200
+
+
 def read_requests(path, max_tokens: int | None = None, decode_only: bool = False) -> Requests:
-    """Every access of a trace file (or of its first ``max_tokens`` rows), streamed chunk by chunk; with
+    """Every access of a trace file (or of its first ``max_tokens`` rows), read chunk by chunk into memory; with
     ``decode_only``, only the decode tokens' (the rows the simulator replays: a trace's ``phase`` marks
-    prefill rows 0), numbered as steps in order."""
+    prefill rows 0), numbered as steps in order. A trace whose replay would not fit the machine's memory (see
+    :data:`REPLAY_BYTES_PER_ACCESS`) is refused before anything is read."""
+    from tierflow.workload import check_fits_memory
+
     with open_trace(path) as reader:
         meta = reader.meta
+        rows = meta.num_tokens if max_tokens is None else min(max_tokens, meta.num_tokens)
+        accesses = rows * meta.num_layers * meta.top_k
+        check_fits_memory(accesses * REPLAY_BYTES_PER_ACCESS,
+                          f"replaying {rows:,} tokens x {meta.num_layers} layers x top-{meta.top_k} "
+                          f"({accesses:,} accesses, about {REPLAY_BYTES_PER_ACCESS} bytes each)", "--tokens")
         keys, steps, scores, sequences = [], [], [], []
         kept = 0
         for chunk in reader.chunks(stop=max_tokens, gate_scores=True, phase=decode_only):

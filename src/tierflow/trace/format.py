@@ -15,7 +15,8 @@ Layout (the README's "Traces" section):
   speculative gate predicted for layer ``l + 1`` of token ``t`` while at layer ``l`` (the last layer's row is
   unused), for prefetchers that replay a serving system's own predictions.
 
-Readers stream the file in chunks of tokens, so memory stays bounded whatever the trace's length.
+Readers stream the file in chunks of tokens, so a reader's own memory stays bounded whatever the trace's length
+(what a command keeps of the chunks is its own affair: see the README).
 """
 
 from __future__ import annotations

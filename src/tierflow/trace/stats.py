@@ -87,7 +87,8 @@ class RoutingAccumulator:
         for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
             sequence = int(seq[first])
             self.sequences.add(sequence)
-            self._last_row[sequence] = rows[last], None if position is None else int(position[last])
+            # A copy: a view would keep this whole block of rows alive until the end of the pass.
+            self._last_row[sequence] = rows[last].copy(), None if position is None else int(position[last])
 
     def _count_overlap(self, current: np.ndarray, previous: np.ndarray) -> None:
         # k passes of contiguous compares beat one (n, L, k, k) broadcast by an order of magnitude.
