@@ -191,5 +191,5 @@ def test_overrides_are_checked():
         FINE.with_overrides(["nope=1"])
     with pytest.raises(TierflowError, match="reuse must be in"):
         FINE.with_overrides(["reuse=2"])
-    with pytest.raises(TierflowError, match="not int"):
+    with pytest.raises(TierflowError, match="is not a whole number"):
         FINE.with_overrides(["num_topics=x"])

@@ -88,11 +88,23 @@ def test_gen_overrides_are_applied_and_recorded(tmp_path):
     (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "bogus=1"], "valid: num_topics"),
     (["--model", "olmoe-1b-7b", "--tokens", "10", "--seed", "-1"], "-1 is not in the range x>=0"),
     (["--model", "mixtral-8x7b", "--tokens", "4", "--set", "gate_temperature=1e-300"], "gate_temperature=1e-300"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "gate_temperature=inf"], "must be a finite number"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "tokens_per_sequence=5.5"], "is not a whole number"),
+    (["--model", "olmoe-1b-7b", "--tokens", "10", "--set", "reuse=abc"], "'abc' is not a number"),
 ])
 def test_gen_bad_input(tmp_path, args, fragment):
     assert_one_line_error(run_cli("trace", "gen", *args, "--out", tmp_path / "t.h5"), fragment)
     assert not (tmp_path / "t.h5").exists()
     assert not list(tmp_path.iterdir())  # no temporary file either
+
+
+def test_gen_reads_set_values_as_simulate_does():
+    """TOML numbers, as `simulate --set` reads them: 5e0 is the whole number 5."""
+    from tierflow.trace.synth import SynthParams
+
+    params = SynthParams.for_model("olmoe-1b-7b").with_overrides(["tokens_per_sequence=5e0", "reuse=1"])
+    assert (params.tokens_per_sequence, params.reuse) == (5, 1.0)
+    assert isinstance(params.tokens_per_sequence, int) and isinstance(params.reuse, float)
 
 
 def test_gen_help_names_the_generator_parameters():

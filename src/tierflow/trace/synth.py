@@ -99,15 +99,27 @@ class SynthParams:
                 raise TierflowError(f"--set {item!r}: expected KEY=VALUE")
             if key not in fields:
                 raise TierflowError(f"unknown generator parameter {key!r}; valid: {', '.join(fields)}")
-            kind = int if fields[key].type in ("int", int) else float
-            try:
-                changes[key] = kind(raw)
-            except ValueError:
-                raise TierflowError(f"generator parameter {key}: {raw!r} is not {kind.__name__}") from None
+            changes[key] = _generator_value(key, raw, int if fields[key].type in ("int", int) else float)
         try:
             return attrs.evolve(self, **changes)
         except ValueError as error:
             raise TierflowError(f"generator parameter {error}") from None
+
+
+def _generator_value(key: str, raw: str, kind: type) -> int | float:
+    """A ``--set`` value read as ``simulate --set`` reads one (TOML: ``5e0`` is the whole number 5), as a finite
+    number of the parameter's kind."""
+    from tierflow.config import parse_value
+
+    value = parse_value(raw.strip())
+    if isinstance(value, float) and value.is_integer() and kind is int and abs(value) <= 2**53:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        expected = "a whole number" if kind is int else "a number"
+        raise TierflowError(f"generator parameter {key}: {raw!r} is not {expected}")
+    if not math.isfinite(value):
+        raise TierflowError(f"generator parameter {key}: must be a finite number, got {raw!r}")
+    return kind(value)
 
 
 # Fitted by scripts/calibrate_synth.py; the fit's targets and results are printed by that script and
