@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
-from tierflow.prefetch.training import load_training_split, row_weights
+from tierflow.prefetch.training import event_row_weights, load_training_split
 from tierflow.registry import fraction, non_negative, positive
 
 
@@ -134,12 +134,7 @@ class ExpertMap(Prefetcher):
     def on_routing(self, event):
         c = self.context
         rows = event.rows.astype(np.int64)
-        if event.row_scores is not None:
-            weights = row_weights(rows, event.row_scores)
-        else:  # a token's weight: the batch's best for that expert (exact at batch 1)
-            best = np.zeros(c.num_experts, np.float32)
-            best[event.experts.astype(np.int64)] = event.scores
-            weights = row_weights(rows, best[rows])
+        weights = event_row_weights(event, c.num_experts)
         if event.step != self._step or event.layer == 0:
             self._start_step(event, len(rows))
         layer, size = event.layer, self._size

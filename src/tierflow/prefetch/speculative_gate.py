@@ -28,7 +28,7 @@ import numpy as np
 
 from tierflow.errors import TierflowError
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
-from tierflow.prefetch.training import TrainingSplit, load_training_split, row_weights
+from tierflow.prefetch.training import TrainingSplit, event_row_weights, load_training_split
 from tierflow.registry import fraction, positive
 
 
@@ -147,7 +147,7 @@ class SpeculativeGate(Prefetcher):
     def on_routing(self, event):
         c = self.context
         rows = event.rows.astype(np.int64)
-        weights = self._row_weights(event, rows)
+        weights = event_row_weights(event, c.num_experts)
         reach = min(self._distance, c.num_layers - 1 - event.layer)
         recorded = self._recorded(event) if reach > 0 else None
         if event.layer == 0 or event.step != self._history_step:
@@ -178,15 +178,6 @@ class SpeculativeGate(Prefetcher):
             order = np.argsort(-batch_p[d], kind="stable")[:budget]
             proposals += [(target, e) for e in order[batch_p[d][order] >= self.params.min_probability].tolist()]
         return proposals
-
-    def _row_weights(self, event, rows: np.ndarray) -> np.ndarray:
-        """Each token's router weights at this layer: the event's per-token weights when the trace has them,
-        else the batch's best weight for each expert (exact at batch 1)."""
-        if event.row_scores is not None:
-            return row_weights(rows, event.row_scores)
-        best = np.zeros(self.context.num_experts, np.float32)
-        best[event.experts.astype(np.int64)] = event.scores
-        return row_weights(rows, best[rows])
 
     def _watch(self, event, rows, weights) -> None:
         """Without a training trace: keep the watched steps' routing and fit once they are over."""

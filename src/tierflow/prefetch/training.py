@@ -40,6 +40,17 @@ def row_weights(experts: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
     return np.where(total > 0, scores / np.where(total > 0, total, 1), uniform).astype(np.float32)
 
 
+def event_row_weights(event, num_experts: int) -> np.ndarray:
+    """Each token's router weights at a routing event's layer (normalised by :func:`row_weights`): the event's
+    per-token weights when the trace has them, else the batch's best weight for each expert (exact at batch 1)."""
+    rows = event.rows.astype(np.int64)
+    if event.row_scores is not None:
+        return row_weights(rows, event.row_scores)
+    best = np.zeros(num_experts, np.float32)
+    best[event.experts.astype(np.int64)] = event.scores
+    return row_weights(rows, best[rows])
+
+
 def _check_shape(meta, path: str, num_layers: int, num_experts: int, who: str) -> None:
     if (meta.num_layers, meta.num_experts) != (num_layers, num_experts):
         raise TierflowError(f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x "
