@@ -524,6 +524,22 @@ def test_oracle_replaces_the_requested_share_deterministically():
     assert all(len({e for l, e in first if l == layer}) == 8 for layer in (1, 2, 3))  # no repeats
 
 
+def test_oracle_guesses_follow_the_scenario_seed_unless_given_their_own():
+    """A sweep's per-point seeds (or a seed axis) vary the wrong guesses; prefetch.params.seed pins them."""
+    import attrs
+
+    truth = [np.arange(l * 2, l * 2 + 8) % 64 for l in range(4)]
+    base = _context(_Workload([_Step(truth)]), experts=64, k=8, lookahead=3)
+
+    def guesses(scenario_seed, params):
+        context = attrs.evolve(base, seed=scenario_seed)
+        return make_prefetcher("oracle", {"accuracy": 0.25, **params}, context).on_routing(_event(0, 0, truth[0]))
+
+    assert guesses(0, {}) == guesses(5, {"seed": 0}) == guesses(0, {"seed": 0})  # the default seed is the scenario's
+    assert guesses(0, {}) != guesses(5, {}) and guesses(5, {}) == guesses(7, {"seed": 5})
+    assert guesses(5, {"seed": 9}) == guesses(6, {"seed": 9})
+
+
 def test_oracle_wrong_guesses_are_bounded_by_the_experts_a_layer_does_not_use():
     """A layer using 6 of 8 experts has 2 unused ones: at accuracy 0 two guesses are wrong and 2 x 6 - 8 = 4 true
     ones stay; using all 8, every guess is right."""

@@ -201,8 +201,8 @@ class Scenario:
     placement: str = attrs.field(default="ssd", validator=_one_of(PLACEMENTS),
                                  metadata=_help("where the full expert set lives"))
     seed: int = attrs.field(default=0, validator=[_non_negative, attrs.validators.le(2**63 - 1)],
-                            metadata=_help("seed of the built-in trace (synthetic or uniform routing); a "
-                                           "prefetcher that draws at random has a seed parameter of its own"))
+                            metadata=_help("seed of the built-in trace (synthetic or uniform routing) and of the "
+                                           "oracle prefetcher's wrong guesses (unless prefetch.params.seed is set)"))
     gpus: int = attrs.field(default=1, validator=_gpu_count,
                             metadata=_help("GPUs: attention tensor-parallel, experts expert-parallel over all"))
     attention_tp: int | None = attrs.field(

@@ -54,8 +54,13 @@ def _declared_kind(field: attrs.Attribute) -> str:
 def check_value(field: attrs.Attribute, value: Any) -> Any:
     """A parameter value checked against the field's declared type (bool, int, float or str), before any
     converter sees it: a bool is not a number, an int must be integral, numbers are finite. An integral float
-    given for an int becomes that int. Other declared types pass unchanged."""
+    given for an int becomes that int; ``int | None`` and the like take None too. Other declared types pass
+    unchanged."""
     kind, name = _declared_kind(field), field.name
+    if kind.endswith("|None"):
+        if value is None:
+            return None
+        kind = kind.removesuffix("|None")
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")

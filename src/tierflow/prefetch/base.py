@@ -27,6 +27,7 @@ class PrefetchContext:
     lookahead: int
     budget_experts: int
     workload: object = None  # the decode steps; only offline bounds (oracle) may read ahead in it
+    seed: int = 0  # the scenario's seed, for a prefetcher that draws at random and is given no seed of its own
 
 
 @attrs.frozen

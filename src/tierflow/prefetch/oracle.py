@@ -32,7 +32,8 @@ class Oracle(Prefetcher):
                                       metadata={"help": "share of each layer's true experts proposed; the rest "
                                                         "are replaced by wrong ones (at most the experts the "
                                                         "layer does not use)"})
-        seed: int = attrs.field(default=0, validator=non_negative, metadata={"help": "seed of the wrong guesses"})
+        seed: int | None = attrs.field(default=None, validator=attrs.validators.optional(non_negative), metadata={
+            "help": "seed of the wrong guesses; unset: the scenario's seed (a sweep's per-point seeds vary them)"})
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
@@ -57,7 +58,8 @@ class Oracle(Prefetcher):
         accuracy = self.params.accuracy
         if accuracy >= 1.0:
             return true_experts.tolist()
-        rng = np.random.default_rng((self.params.seed, step, layer))
+        seed = self.params.seed if self.params.seed is not None else getattr(self.context, "seed", 0)
+        rng = np.random.default_rng((seed, step, layer))
         n = len(true_experts)
         # Stochastic rounding keeps the expected replaced share exactly 1 - accuracy for any n.
         wrong = min(int((1.0 - accuracy) * n + rng.random()), n, self.context.num_experts - n)

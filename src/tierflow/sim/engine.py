@@ -422,7 +422,8 @@ class Simulation:
 
     def _prefetch_context(self) -> PrefetchContext:
         w, p = self.workload, self.scenario.prefetch
-        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, self._lookahead(), p.budget_experts, w)
+        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, self._lookahead(), p.budget_experts, w,
+                               self.scenario.seed)
 
     @property
     def channels(self) -> list:
