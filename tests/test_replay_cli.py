@@ -280,3 +280,20 @@ def test_a_replay_larger_than_memory_is_refused_before_reading(trace, monkeypatc
     with pytest.raises(TierflowError, match=f"--tokens: replaying {TOKENS} tokens x {NUM_LAYERS} layers"):
         read_requests(path)
     assert len(read_requests(path, max_tokens=TOKENS - 1)) == (TOKENS - 1) * NUM_LAYERS * TOP_K
+    with pytest.raises(TierflowError, match="--tokens: replaying 300 decode tokens \\(so far\\)"):
+        read_requests(path, decode_only=True)  # no phase column: every row is a decode row
+
+
+def test_decode_only_counts_only_the_decode_rows_against_memory(tmp_path, monkeypatch):
+    """A trace of long prompts: the decode rows a --decode-only replay keeps fit, though all rows would not."""
+    from tierflow import workload
+    from tierflow.replay import REPLAY_BYTES_PER_ACCESS, read_requests
+
+    arrays = generate_arrays(NUM_LAYERS, NUM_EXPERTS, TOP_K, TOKENS, seed=3)
+    phase = (np.arange(TOKENS) >= TOKENS - 10).astype(np.uint8)  # 290 prefill rows, then 10 decode rows
+    path = tmp_path / "prompts.h5"
+    write_trace(path, arrays["experts"], arrays["sequence_id"], model="test", num_experts=NUM_EXPERTS,
+                source="test", phase=phase)
+    room = 50 * NUM_LAYERS * TOP_K * REPLAY_BYTES_PER_ACCESS
+    monkeypatch.setattr(workload, "physical_memory_bytes", lambda: room)
+    assert len(read_requests(path, decode_only=True)) == 10 * NUM_LAYERS * TOP_K

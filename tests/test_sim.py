@@ -915,9 +915,11 @@ def test_bad_layer_slots_are_one_line_errors(changes, message):
 @pytest.mark.parametrize("section", ["cache", "ddr_cache"])
 def test_two_capacities_for_one_cache_are_refused_when_the_scenario_loads(section):
     """A capacity in experts and one in bytes for the same cache: refused by the config itself, before a run."""
+    both = {f"{section}.capacity_experts": 64, f"{section}.capacity_bytes": 10**9}
     with pytest.raises(TierflowError, match=re.escape(f"scenario key {section}.capacity_bytes: set capacity_experts "
                                                       "or capacity_bytes, not both")):
-        small(**{f"{section}.capacity_experts": 64, f"{section}.capacity_bytes": 10**9})
+        small(**both, **{f"{section}.enabled": True})
+    assert small(**both, **{f"{section}.enabled": False})  # a cache that is off is not sized
 
 
 def test_layer_slots_survive_the_round_trip_a_sweep_point_makes():

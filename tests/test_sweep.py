@@ -517,11 +517,13 @@ def test_a_base_scenarios_relative_trace_is_found_next_to_it(tmp_path):
 def test_sweep_json_is_written_with_the_table_and_report_refuses_a_table_of_another_sweep(tmp_path):
     sweep = parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]}, seed=1))
 
-    def interrupt(_):
-        raise KeyboardInterrupt
+    def interrupt(done):
+        if done:  # a point is saved, its table not yet written
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, tmp_path, workers=1, progress=interrupt)
+    assert len(list(points_dir(tmp_path).glob("*.json"))) == 1
     assert not (tmp_path / "sweep.json").exists()  # nothing describes a table that does not exist yet
     run_sweep(sweep, tmp_path, workers=1)
     listed = json.loads((tmp_path / "sweep.json").read_text())["points"]

@@ -104,6 +104,7 @@ def test_gen_reads_set_values_as_simulate_does():
 
     params = SynthParams.for_model("olmoe-1b-7b").with_overrides(["tokens_per_sequence=5e0", "reuse=1"])
     assert (params.tokens_per_sequence, params.reuse) == (5, 1.0)
+    assert SynthParams.for_model("olmoe-1b-7b").with_overrides(["reuse=.5"]).reuse == 0.5  # as Python reads it
     assert isinstance(params.tokens_per_sequence, int) and isinstance(params.reuse, float)
 
 

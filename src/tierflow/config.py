@@ -134,9 +134,10 @@ class DdrCacheConfig:
 
 
 def _one_capacity(cache) -> None:
-    if cache.capacity_experts is not None and cache.capacity_bytes is not None:
-        raise ValueError("capacity_bytes: set capacity_experts or capacity_bytes, not both (in a sweep file, set the "
-                         "scenario's other key to \"none\")")
+    """An enabled cache is sized one way (``--set`` of one key unsets the other; a sweep sets the other to
+    "none")."""
+    if cache.enabled and cache.capacity_experts is not None and cache.capacity_bytes is not None:
+        raise ValueError("capacity_bytes: set capacity_experts or capacity_bytes, not both")
 
 
 @attrs.frozen

@@ -82,24 +82,29 @@ class Requests:
 
 
 # What a replay holds per access at its peak: the request arrays, then the stack-distance pass's or a policy's
-# working arrays (measured: about 160 bytes for LRU and --mrc, 190 for LFU, on DeepSeek-R1 traces).
-REPLAY_BYTES_PER_ACCESS = 200
+# working arrays (measured on DeepSeek-R1 traces: about 165 bytes for LRU and --mrc, 190 for LFU, 216 for FIFO,
+# Belady and learned, whose reference path turns the arrays into Python lists).
+REPLAY_BYTES_PER_ACCESS = 220
 
 
 def read_requests(path, max_tokens: int | None = None, decode_only: bool = False) -> Requests:
     """Every access of a trace file (or of its first ``max_tokens`` rows), read chunk by chunk into memory; with
     ``decode_only``, only the decode tokens' (the rows the simulator replays: a trace's ``phase`` marks
     prefill rows 0), numbered as steps in order. A trace whose replay would not fit the machine's memory (see
-    :data:`REPLAY_BYTES_PER_ACCESS`) is refused before anything is read."""
+    :data:`REPLAY_BYTES_PER_ACCESS`) is refused before anything is read, or, with ``decode_only`` (prefill rows
+    are known only once read), as soon as the decode rows read so far are too many."""
     from tierflow.workload import check_fits_memory
+
+    def check(rows: int, what: str) -> None:
+        accesses = rows * meta.num_layers * meta.top_k
+        check_fits_memory(accesses * REPLAY_BYTES_PER_ACCESS,
+                          f"replaying {rows:,} {what} x {meta.num_layers} layers x top-{meta.top_k} "
+                          f"({accesses:,} accesses, about {REPLAY_BYTES_PER_ACCESS} bytes each)", "--tokens")
 
     with open_trace(path) as reader:
         meta = reader.meta
-        rows = meta.num_tokens if max_tokens is None else min(max_tokens, meta.num_tokens)
-        accesses = rows * meta.num_layers * meta.top_k
-        check_fits_memory(accesses * REPLAY_BYTES_PER_ACCESS,
-                          f"replaying {rows:,} tokens x {meta.num_layers} layers x top-{meta.top_k} "
-                          f"({accesses:,} accesses, about {REPLAY_BYTES_PER_ACCESS} bytes each)", "--tokens")
+        if not decode_only:
+            check(meta.num_tokens if max_tokens is None else min(max_tokens, meta.num_tokens), "tokens")
         keys, steps, scores, sequences = [], [], [], []
         kept = 0
         for chunk in reader.chunks(stop=max_tokens, gate_scores=True, phase=decode_only):
@@ -108,6 +113,8 @@ def read_requests(path, max_tokens: int | None = None, decode_only: bool = False
                 rows = chunk.phase != 0
                 experts, sequence_id = experts[rows], sequence_id[rows]
                 gates = None if gates is None else gates[rows]
+            if decode_only:
+                check(kept + len(experts), "decode tokens (so far)")
             part = Requests.from_experts(experts, meta.num_experts, gates, kept, sequence_id)
             kept += len(experts)
             keys.append(part.keys)

@@ -112,6 +112,11 @@ def _generator_value(key: str, raw: str, kind: type) -> int | float:
     from tierflow.config import parse_value
 
     value = parse_value(raw.strip())
+    if isinstance(value, str):  # not a TOML number; Python's reading still takes ".5" and "5."
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, float) and value.is_integer() and kind is int and abs(value) <= 2**53:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
