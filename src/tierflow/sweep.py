@@ -635,7 +635,8 @@ def run_sweep(sweep: Sweep, out, workers: int | None = None, engine: str = "loca
     """Run the points not finished yet, saving each as it arrives, then rebuild the table from the records.
 
     ``client``: an existing ``dask.distributed.Client`` (engine ``dask``); ``progress(n)`` is called with 0 when
-    the runs begin (a dask scheduler reached), then with 1 as each point finishes; ``checked``: the caller has already run :func:`check_points` on the points to run;
+    the runs begin (a dask scheduler reached), then with 1 as each point finishes; ``checked``: the caller has
+    already run :func:`check_points` on the points to run;
     ``todo``: the points not finished, when the caller has already looked (a look reads every finished output).
     """
     if engine not in ENGINES:
