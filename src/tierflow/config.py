@@ -20,6 +20,8 @@ from tierflow.resources import scenarios_dir, traces_dir
 
 PLACEMENTS = ("hbm", "ddr", "ssd")
 SCOPES = ("global", "per-layer")
+# The scenario sections with a plugin and its free-form ``params`` (which may name files it reads).
+PLUGIN_SECTIONS = ("cache", "ddr_cache", "prefetch")
 KV_SPLITS = ("heads", "even")  # how a tensor-parallel group splits its KV cache (sim.gpu.kv_layout)
 ROUTINGS = ("trace", "uniform")
 EXPERT_COPIES = ("on_demand", "ahead")

@@ -59,7 +59,8 @@ import attrs
 import numpy as np
 
 from tierflow.atomic import H5Output, atomic_write, output_dir
-from tierflow.config import load_scenario_table, not_a_file, scenario_from_table, scenario_to_table, valid_keys
+from tierflow.config import (
+    PLUGIN_SECTIONS, load_scenario_table, not_a_file, scenario_from_table, scenario_to_table, valid_keys)
 from tierflow.errors import TierflowError
 from tierflow.resources import code_fingerprint, file_digest
 from tierflow.workers import run_parallel, sigint_ignored
@@ -167,15 +168,12 @@ def _identity_table(table: Mapping, digests: dict[str, str]) -> dict:
     workload = identity.get("workload", {})
     if workload.get("trace"):
         workload["trace"] = _file_identity(workload["trace"], digests)
-    for part in _PLUGIN_PARTS:
+    for part in PLUGIN_SECTIONS:
         params = identity.get(part, {}).get("params", {})
         for key, value in params.items():
             if isinstance(value, str) and value:
                 params[key] = _file_identity(value, digests)
     return identity
-
-
-_PLUGIN_PARTS = ("cache", "ddr_cache", "prefetch")  # the scenario sections whose ``params`` may name files
 
 
 def _file_identity(path: str, digests: dict[str, str]) -> str:

@@ -103,7 +103,7 @@ def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_ite
         # The reference path drives a cache access by access (a learned policy at a few hundred thousand accesses a
         # second at best); the fast path is one vectorised pass and shows no bar.
         total = 0 if replay_module.uses_fast_path(policy, params) else len(requests) * len(capacities)
-        with progress_bar(total, f"replaying {policy}", quiet) as bar:
+        with _replay_progress(total, f"replaying {policy}", quiet) as bar:
             results = replay_module.replay(requests, policy, capacities, scope, params, progress=bar.update)
     if as_json:
         from tierflow.cli import echo_json
@@ -116,7 +116,7 @@ def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_ite
 PROGRESS_MIN_ACCESSES = 1_000_000  # a shorter replay is over in a few seconds: no bar
 
 
-def progress_bar(accesses: int, label: str, quiet: bool):
+def _replay_progress(accesses: int, label: str, quiet: bool):
     """A progress bar on stderr counting replayed accesses; hidden when quiet, for none (a replay's fast path) and
     for under :data:`PROGRESS_MIN_ACCESSES`."""
     from tierflow.progress import progress_bar
@@ -200,7 +200,7 @@ def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, ep
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
     requests_list = [read_requests(path, max_tokens=tokens, decode_only=decode_only) for path in traces]
     total = training.training_accesses(requests_list, capacity_fractions, rounds)
-    with progress_bar(total, "sampling evictions", quiet) as bar:
+    with _replay_progress(total, "sampling evictions", quiet) as bar:
         report = training.train(
             requests_list, out, capacity_fractions=capacity_fractions, driver=driver, rounds=rounds, epochs=epochs,
             hidden=hidden, seed=seed, sources=[Path(path).name for path in traces], progress=bar.update,

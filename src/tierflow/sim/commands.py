@@ -8,7 +8,7 @@ import click
 
 from tierflow.atomic import check_not_an_input, check_writable
 from tierflow.catalog import get_profile
-from tierflow.config import load_scenario, resolve_scenario_path
+from tierflow.config import PLUGIN_SECTIONS, load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
 from tierflow.progress import progress_bar
 
@@ -23,7 +23,7 @@ def scenario_inputs(scenario_name: str, scenario, trace=None) -> list[tuple[Path
     source = trace or scenario.workload.trace
     inputs = [(Path(source), "the trace being simulated")] if source else []
     inputs.append((resolve_scenario_path(scenario_name), "the scenario file"))
-    for part in ("cache", "ddr_cache", "prefetch"):
+    for part in PLUGIN_SECTIONS:
         for key, value in getattr(scenario, part).params.items():
             if isinstance(value, str) and value:
                 inputs.append((Path(value), f"the file {part}.params.{key} names"))
