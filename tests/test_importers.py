@@ -174,6 +174,29 @@ def test_per_step_ignores_blank_lines_and_optional_gating_probs(tmp_path):
     assert (meta.num_tokens, meta.num_layers, meta.has_gate_scores) == (1, 2, False)
 
 
+def test_rows_out_of_router_score_order_are_stored_in_it_with_a_warning(tmp_path):
+    """A hook may log an unsorted top-k: each row is reordered by descending weight (ties keep the log's order),
+    its experts with it."""
+    records = [step(token_idx=0, experts=[1, 5], gating_probs=[0.25, 0.75]),
+               step(token_idx=1, experts=[2, 3], gating_probs=[0.5, 0.5]),
+               step(token_idx=2, experts=[4, 0], gating_probs=[0.75, 0.25])]
+    meta, warnings = run_import("per-step", [write_jsonl(tmp_path / "log.jsonl", records)], tmp_path / "t.h5",
+                                num_experts=8)
+    trace = read_trace(tmp_path / "t.h5")
+    assert trace["experts"][:, 0].tolist() == [[5, 1], [2, 3], [4, 0]]
+    assert trace["gate_scores"][:, 0].tolist() == [[0.75, 0.25], [0.5, 0.5], [0.75, 0.25]]
+    assert warnings == ["1 of 3 tokens listed experts out of router-score order: stored in descending order of "
+                        "their weights"]
+
+
+def test_request_ids_of_different_json_types_are_different_requests(tmp_path):
+    """true, 1 and 1.0 are one dictionary key in Python; in a log they name three requests."""
+    records = [step(problem_id=True), step(problem_id=1), step(problem_id=1.0), step(problem_id="1")]
+    meta, _ = run_import("per-step", [write_jsonl(tmp_path / "log.jsonl", records)], tmp_path / "t.h5",
+                         num_experts=8)
+    assert read_trace(tmp_path / "t.h5")["sequence_id"].tolist() == [0, 1, 2, 3]
+
+
 def test_num_experts_is_inferred_with_a_warning_when_not_given(tmp_path):
     records = [step(experts=[0, 5], gating_probs=[0.5, 0.4])]
     meta, warnings = run_import("per-step", [write_jsonl(tmp_path / "log.jsonl", records)], tmp_path / "t.h5")
@@ -322,6 +345,12 @@ MALFORMED_PER_STEP = {
                          "line 3: second record for problem_id 1, token_idx 0, layer 0"),
     "no complete tokens": ([step(token_idx=0, layer=0), step(token_idx=1, layer=1)], "no complete tokens"),
     "empty file": (["", "  "], "no records: the file is empty"),
+    "number of thousands of digits": (['{"problem_id": 1, "layer": ' + "9" * 5000 + "}"],
+                                      r"line 1: invalid JSON \(a number of thousands of digits\)"),
+    "nested too deep": (['{"problem_id": 1, "experts": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+                        r"line 1: invalid JSON \(arrays or objects nested too deep\)"),
+    "negative weight": ([step(gating_probs=[0.5, -0.2])],
+                        "line 1: 'gating_probs' holds -0.2: router weights .* are >= 0, not logits"),
 }
 
 

@@ -38,7 +38,8 @@ def traces(draw):
     sequence_id = np.sort(rng.integers(0, 4, num_tokens))
     optional = {}
     if draw(st.booleans()):
-        optional["gate_scores"] = rng.random((num_tokens, num_layers, top_k)).astype(np.float32)
+        # Router weights in descending order, as the experts are stored.
+        optional["gate_scores"] = -np.sort(-rng.random((num_tokens, num_layers, top_k)), axis=2).astype(np.float32)
     if draw(st.booleans()):
         optional["phase"] = rng.integers(0, 2, num_tokens).astype(np.uint8)
     if draw(st.booleans()):
@@ -195,6 +196,23 @@ BAD_FILES = {
     "huge num_experts": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("num_experts", 2**40)),
                          "attribute 'num_experts' is 1,099,511,627,776, beyond the 1,048,576 tierflow handles"),
     "fifo": (lambda p: (os.mkfifo(p), p)[1], "not a regular file"),
+    "model not UTF-8": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("model", np.bytes_(b"\xff\xfe"))),
+                        "attribute 'model' is not UTF-8 text"),
+    "too many keys": (lambda p: _edit(_valid(p), lambda f: f.attrs.update(num_layers=2**16, num_experts=2**20)),
+                      "65,536 layers x 1,048,576 experts are 68,719,476,736 (layer, expert) pairs, beyond the "
+                      "16,777,216 tierflow handles"),
+    "negative gate": (lambda p: _valid(p, gate_scores=np.array([[[0.5, 0.4], [0.5, -0.1]], [[0.6, 0.4], [0.7, 0.3]]])),
+                      "gate_scores holds a negative router weight at token 0, layer 1"),
+    "rising gate": (lambda p: _valid(p, gate_scores=np.array([[[0.5, 0.5], [0.5, 0.4]], [[0.25, 0.75], [0.7, 0.3]]])),
+                    "gate_scores at token 1, layer 0 are not in descending order ([0.25, 0.75])"),
+    "repeated prediction": (lambda p: _valid(p, predicted_experts=np.array([[[0, 1], [2, 2]], [[1, 2], [3, 0]]])),
+                            "predicted_experts repeated within token 0, layer 1: [2, 2]"),
+    "negative position": (lambda p: _valid(p, token_index=np.array([-3, -2])), "negative token_index -3 at token 0"),
+    "sequence beyond int64": (lambda p: _edit(_valid(p), _replace("sequence_id", np.full(2, 2**63 + 1, np.uint64))),
+                              "sequence_id 9223372036854775809 at token 0 is beyond 2**63 - 1"),
+    "no embedding columns": (lambda p: _edit(_valid(p), lambda f: f.create_dataset("sequences/embedding",
+                                                                                   shape=(1, 0), dtype=np.float32)),
+                             "'/sequences/embedding' has no columns"),
 }
 
 
@@ -228,7 +246,7 @@ def _corrupt(path, name="experts"):
 
 # Bad values that every reader of a trace must refuse, not only `trace info`.
 BAD_VALUES = ["id too large", "negative id", "repeat", "out of order", "bad phase", "negative phase",
-              "negative sequence", "corrupt chunk"]
+              "negative sequence", "corrupt chunk", "negative position", "sequence beyond int64"]
 
 
 @pytest.mark.parametrize("case", BAD_VALUES)
@@ -240,11 +258,12 @@ def test_streaming_reader_checks_values(tmp_path, case):
     assert fragment in str(error.value)
 
 
-@pytest.mark.parametrize("case", ["nan gate", "embedding rows", "nan embedding"])
+@pytest.mark.parametrize("case", ["nan gate", "embedding rows", "nan embedding", "negative gate", "rising gate",
+                                  "repeated prediction"])
 def test_streaming_reader_checks_the_fields_it_reads(tmp_path, case):
     make, fragment = BAD_FILES[case]
     with open_trace(make(tmp_path / "t.h5")) as reader, pytest.raises(TraceError) as error:
-        for _ in reader.chunks(gate_scores=True):
+        for _ in reader.chunks(gate_scores=True, predicted_experts=True):
             pass
         reader.embedding()
     assert fragment in str(error.value)
@@ -295,3 +314,62 @@ def test_published_files_have_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@given(rows=st.integers(1, 6).flatmap(lambda k: st.lists(
+    st.lists(st.integers(0, 3 * k), min_size=k, max_size=k), min_size=1, max_size=5)),
+       wide=st.booleans())
+def test_repeated_rows_are_found_alike_in_narrow_and_wide_rows(rows, wide):
+    """Rows up to top-16 are compared pairwise, wider ones sorted: both find exactly the rows that name an id
+    twice (a wide row here is a narrow one padded with distinct ids of its own)."""
+    from tierflow.trace.format import _repeated_rows
+
+    k = len(rows[0])
+    ids = np.array(rows)[:, None, :]
+    if wide:
+        padding = 1000 + np.arange(20)  # distinct, and unlike any id drawn
+        ids = np.concatenate([ids, np.broadcast_to(padding, (len(rows), 1, 20))], axis=2)
+        assert ids.shape[2] == k + 20 > 16
+    repeated = _repeated_rows(ids)
+    expected = [len(set(row)) < k for row in rows]
+    assert (repeated is None) == (not any(expected))
+    if repeated is not None:
+        assert repeated[:, 0].tolist() == expected
+
+
+def test_a_wide_top_k_is_checked_in_a_sort_not_in_pairs(tmp_path):
+    """top-4096 of 4096 experts: its 8 million column pairs took 47 s for one token; a repeat is named by its id."""
+    k = 4096
+    row = np.arange(k)
+    write_trace(tmp_path / "ok.h5", row[None, None, :], [0], model="m", num_experts=k, source="s")
+    assert validate_trace(tmp_path / "ok.h5").top_k == k
+    row[5] = 7
+    bad = tmp_path / "bad.h5"
+    write_trace(bad, row[None, None, :], [0], model="m", num_experts=k, source="s")
+    with pytest.raises(TraceError, match="expert repeated within token 0, layer 0: id 7 twice among 4,096$"):
+        validate_trace(bad)
+
+
+def test_an_embedding_too_large_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A sparse dataset declares 4 GiB of embedding in a file of a few kB: refused in one line, not a MemoryError."""
+    import tierflow.workload
+
+    path = _edit(_valid(tmp_path / "t.h5"), lambda f: f.create_dataset(
+        "sequences/embedding", shape=(1, 2**30), dtype=np.float32, chunks=(1, 2**16)))
+    assert path.stat().st_size < 100_000
+    monkeypatch.setattr(tierflow.workload, "physical_memory_bytes", lambda: 2**30)
+    with open_trace(path) as reader, pytest.raises(Exception, match=r"1 x 1,073,741,824\) would need 4\.0 GiB"):
+        reader.embedding()
+
+
+def test_a_path_too_long_for_the_system_is_one_error_line(tmp_path):
+    path = tmp_path / ("a" * 300 + ".h5")
+    assert_one_line_error(run_cli("trace", "info", path), "File name too long")
+
+
+def test_a_model_attribute_that_contradicts_the_data_is_warned_about(tmp_path):
+    path = _edit(_valid(tmp_path / "t.h5"), lambda f: f.attrs.__setitem__("model", "mixtral-8x7b"))
+    result = run_cli("trace", "info", path, "--json", check_status=0)
+    assert result.stderr.strip() == (f"tierflow: warning: {path}: the model attribute names mixtral-8x7b (32 MoE "
+                                     "layers x 8 experts, top-2), but the trace is 2 x 4, top-2")
+    assert result.stdout.startswith("{")

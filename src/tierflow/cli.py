@@ -68,15 +68,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         sys.exit(0)
     except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        if error.errno in _PATH_ERRORS and error.filename:
+            _fail(f"{where}{os.strerror(error.errno)}")
         if error.errno not in _STORAGE_ERRORS:
             raise
-        where = f"{error.filename}: " if error.filename else ""
         _fail(f"cannot write an output: {where}{os.strerror(error.errno)} (the output was not written)")
     sys.exit(status if isinstance(status, int) else 0)
 
 
 # A write that fails for want of room or permission on the storage, not because of tierflow: one line.
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# A path given on the command line that the system cannot even look up: bad input, not a failure of tierflow.
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _fail(message: str, status: int = 2) -> None:

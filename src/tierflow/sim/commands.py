@@ -11,6 +11,8 @@ from tierflow.catalog import get_profile
 from tierflow.config import PLUGIN_SECTIONS, load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
 from tierflow.progress import progress_bar
+from tierflow.trace.format import open_trace
+from tierflow.trace.stats import label_mismatch
 
 
 def register(group: click.Group) -> None:
@@ -61,6 +63,12 @@ def simulate(scenario_name, trace, overrides, as_json, out, quiet):
     if steps < asked:
         click.echo(f"tierflow: note: the trace ran out of sequences after {steps} of {asked} decode steps; the "
                    "figures are per token decoded", err=True)
+    path = trace or scenario.workload.trace
+    if path and scenario.workload.routing == "trace":
+        with open_trace(path) as reader:
+            mismatch = label_mismatch(reader.meta, scenario.model)
+        if mismatch:
+            click.echo(f"tierflow: note: {mismatch}", err=True)
     hbm = get_profile(scenario.hardware).gpu.hbm.capacity_bytes
     if results.summary["peak_hbm_bytes"] > hbm:  # copies queued ahead may hold more layers than fit
         click.echo(f"tierflow: note: peak HBM use of {results.summary['peak_hbm_bytes'] / 1e9:.1f} GB per GPU "

@@ -10,7 +10,7 @@ import click
 
 from tierflow.progress import progress_bar
 from tierflow.trace import importers, stats, synth
-from tierflow.trace.format import MAX_EXPERTS
+from tierflow.trace.format import MAX_EXPERTS, open_trace
 
 
 PROGRESS_MIN_DECISIONS = 5_000_000  # tokens x MoE layers x top-k of a trace worth a progress bar
@@ -55,6 +55,10 @@ def gen(model_name, tokens, sequences, seed, overrides, out, quiet):
 def info(path, as_json):
     """Validate a whole trace file and summarise it."""
     summary = stats.summarize(path)
+    with open_trace(path) as reader:
+        mismatch = stats.label_mismatch(reader.meta)
+    if mismatch:
+        click.echo(f"tierflow: warning: {mismatch}", err=True)
     if as_json:
         from tierflow.cli import echo_json
 

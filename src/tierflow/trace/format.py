@@ -34,10 +34,15 @@ from tierflow.errors import TraceError
 
 FORMAT_NAME = "tierflow-trace"
 FORMAT_VERSION = 1
-# Bounds on a trace's shape: far beyond any MoE (DeepSeek-R1: 58 MoE layers of 256 experts), and small enough that
-# per-(layer, expert) statistics fit in memory (a num_experts of 2**40 asked `trace info` for 128 TiB).
+# Bounds on a trace's shape: far beyond any MoE (DeepSeek-R1: 58 MoE layers of 256 experts, 14,848 (layer,
+# expert) pairs), and small enough that per-(layer, expert) statistics fit in memory: 2**24 pairs are 128 MiB of
+# int64 counts (a num_experts of 2**40 asked `trace info` for 128 TiB; 2**16 layers of 2**20 experts for 512 GiB).
 MAX_LAYERS = 2**16
 MAX_EXPERTS = 2**20
+MAX_KEYS = 2**24
+# A chunk read holds at most this many routing decisions (tokens x layers x top_k): 16,384 tokens of any catalog
+# model (at most 464 a token), fewer of a wider trace, so that a chunk's arrays stay a few tens of MB.
+MAX_CHUNK_DECISIONS = 2**24
 REQUIRED_ATTRS = ("format", "version", "model", "num_layers", "num_experts", "top_k", "source")
 DEFAULT_CHUNK_TOKENS = 16384
 # gzip level 1: readable by any HDF5 tool. Higher levels cost several times more for a few percent. Router weights are near-random half floats that gzip shrinks by a fifth at a high CPU cost;
@@ -121,11 +126,7 @@ class TraceWriter:
         extra_attrs: dict | None = None,
         validate: bool = False,
     ):
-        if not (1 <= num_layers <= MAX_LAYERS and 1 <= num_experts <= MAX_EXPERTS and 1 <= top_k <= num_experts):
-            raise ValueError(
-                f"need 1 <= num_layers <= {MAX_LAYERS}, 1 <= num_experts <= {MAX_EXPERTS} and 1 <= top_k <= "
-                f"num_experts, got {num_layers}, {num_experts}, {top_k}"
-            )
+        check_shape(path, num_layers, num_experts, top_k)
         self.path = Path(path)
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.num_tokens = 0
@@ -289,10 +290,29 @@ def write_trace(
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def check_shape(path, num_layers: int, num_experts: int, top_k: int) -> None:
+    """A trace's shape within the bounds tierflow handles (:data:`MAX_LAYERS`, :data:`MAX_EXPERTS`,
+    :data:`MAX_KEYS`), with ``1 <= top_k <= num_experts``; raises :class:`TraceError`."""
+    for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
+        if value < 1:
+            raise TraceError(path, f"attribute {name!r} must be >= 1, got {value}")
+    for name, value, limit in (("num_layers", num_layers, MAX_LAYERS), ("num_experts", num_experts, MAX_EXPERTS)):
+        if value > limit:
+            raise TraceError(path, f"attribute {name!r} is {value:,}, beyond the {limit:,} tierflow handles")
+    if num_layers * num_experts > MAX_KEYS:
+        raise TraceError(path, f"{num_layers:,} layers x {num_experts:,} experts are {num_layers * num_experts:,} "
+                               f"(layer, expert) pairs, beyond the {MAX_KEYS:,} tierflow handles")
+    if top_k > num_experts:
+        raise TraceError(path, f"top_k {top_k} exceeds num_experts {num_experts}")
+
+
 def _attr(path, attrs_, name, kind):
     value = attrs_[name]
     if isinstance(value, bytes):
-        value = value.decode()
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            raise TraceError(path, f"attribute {name!r} is not UTF-8 text") from None
     if kind is str:
         if not isinstance(value, str):
             raise TraceError(path, f"attribute {name!r} must be a string, got {type(value).__name__}")
@@ -349,14 +369,7 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
     num_layers = _attr(path, file.attrs, "num_layers", int)
     num_experts = _attr(path, file.attrs, "num_experts", int)
     top_k = _attr(path, file.attrs, "top_k", int)
-    for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
-        if value < 1:
-            raise TraceError(path, f"attribute {name!r} must be >= 1, got {value}")
-    for name, value, limit in (("num_layers", num_layers, MAX_LAYERS), ("num_experts", num_experts, MAX_EXPERTS)):
-        if value > limit:
-            raise TraceError(path, f"attribute {name!r} is {value:,}, beyond the {limit:,} tierflow handles")
-    if top_k > num_experts:
-        raise TraceError(path, f"top_k {top_k} exceeds num_experts {num_experts}")
+    check_shape(path, num_layers, num_experts, top_k)
     experts = _member(path, file, "experts")
     if experts is None:
         raise TraceError(path, "missing required dataset 'experts'")
@@ -380,6 +393,8 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
             raise TraceError(path, "'/sequences/embedding' must be a 2-D dataset (num_sequences, d)")
         if not np.issubdtype(embedding.dtype, np.floating):
             raise TraceError(path, f"'/sequences/embedding' must be floating-point, got {embedding.dtype}")
+        if embedding.shape[1] < 1:
+            raise TraceError(path, "'/sequences/embedding' has no columns: (num_sequences, d) with d >= 1")
         embedding_dim = int(embedding.shape[1])
     return TraceMeta(
         path=str(path),
@@ -462,6 +477,7 @@ class TraceReader:
                   if has and not wanted[name]]
         read = [name for name, want in wanted.items() if want] + hidden
         order = _SequenceOrder(meta.path) if meta.has_token_index else None
+        chunk_tokens = min(chunk_tokens, max(1, MAX_CHUNK_DECISIONS // (meta.num_layers * meta.top_k)))
         for lo in range(start, stop, chunk_tokens):
             hi = min(lo + chunk_tokens, stop)
             extra = {name: self._read(name, lo, hi) for name in read}
@@ -487,12 +503,17 @@ class TraceReader:
         sequence id read so far."""
         if self.meta.embedding_dim is None:
             return None
+        from tierflow.workload import check_fits_memory  # imported here: the workload module reads traces
+
+        dataset = self._file["sequences/embedding"]
+        rows = dataset.shape[0]
+        if rows <= self._max_sequence:
+            raise TraceError(self.meta.path,
+                             f"/sequences/embedding has {rows} rows but sequence ids reach {self._max_sequence}")
+        # A sparse dataset may declare billions of rows in a file of a few kB.
+        check_fits_memory(rows * dataset.shape[1] * dataset.dtype.itemsize,
+                          f"/sequences/embedding ({rows:,} x {dataset.shape[1]:,})", self.meta.path)
         embedding = self._read("sequences/embedding", 0)
-        if embedding.shape[0] <= self._max_sequence:
-            raise TraceError(
-                self.meta.path,
-                f"/sequences/embedding has {embedding.shape[0]} rows but sequence ids reach {self._max_sequence}",
-            )
         finite = np.isfinite(embedding).all(axis=1)
         if not finite.all():
             raise TraceError(self.meta.path, f"/sequences/embedding has NaN or infinite values in row "
@@ -532,12 +553,21 @@ def _check_ids(meta: TraceMeta, start: int, ids: np.ndarray, label: str) -> None
         )
 
 
+_PAIRWISE_TOP_K = 16
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _repeated_rows(experts: np.ndarray) -> np.ndarray | None:
     """A ``(tokens, layers)`` mask of the routing rows that name an expert twice, or None if none does.
 
-    Compares each pair of columns over contiguous copies: several times faster than sorting every row.
+    Up to top-16, compares each pair of columns over contiguous copies: several times faster than sorting every
+    row. Beyond that the pairs grow as k squared (top-4096 took 47 s for one token), and sorting wins.
     """
     k = experts.shape[2]
+    if k > _PAIRWISE_TOP_K:
+        ordered = np.sort(experts, axis=2)
+        repeated = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
+        return repeated if repeated.any() else None
     columns = np.ascontiguousarray(np.moveaxis(experts, 2, 0)).reshape(k, -1)
     repeated = np.zeros(columns.shape[1], dtype=bool)
     same = np.empty_like(repeated)
@@ -562,31 +592,63 @@ def _check_phase(meta: TraceMeta, start: int, phase: np.ndarray) -> None:
                                     f"at token {start + int(np.argmax(phase == bad))}")
 
 
+def _check_distinct(meta: TraceMeta, start: int, ids: np.ndarray, label: str) -> None:
+    """No id twice within a (token, layer) row of a ``(tokens, layers, k)`` block."""
+    if not ids.size or ids.shape[2] < 2:
+        return
+    repeated = _repeated_rows(ids)
+    if repeated is not None:
+        token, layer = np.argwhere(repeated)[0]
+        row = ids[token, layer]
+        if len(row) <= 16:
+            shown = str(row.tolist())
+        else:  # a wide row: the id that repeats, not the row
+            ordered = np.sort(row)
+            shown = f"id {int(ordered[np.argmax(ordered[1:] == ordered[:-1])])} twice among {len(row):,}"
+        raise TraceError(meta.path, f"{label} repeated within token {start + int(token)}, layer {int(layer)}: {shown}")
+
+
+def _check_gate_scores(meta: TraceMeta, start: int, scores: np.ndarray) -> None:
+    """Router weights: finite, not negative (weights, not logits), each row in descending order as the experts
+    are stored."""
+    if not _all_finite(scores):
+        token, layer, _ = np.argwhere(~np.isfinite(scores))[0]
+        raise TraceError(meta.path, f"gate_scores contains NaN or infinite values (first at token "
+                                    f"{start + int(token)}, layer {int(layer)})")
+    if scores.size and scores.min() < 0:
+        token, layer, _ = np.argwhere(scores < 0)[0]
+        raise TraceError(meta.path, f"gate_scores holds a negative router weight at token {start + int(token)}, "
+                                    f"layer {int(layer)}: weights (softmax or sigmoid outputs) are >= 0, not logits")
+    rising = scores[:, :, 1:] > scores[:, :, :-1]
+    if rising.any():
+        token, layer, _ = np.argwhere(rising)[0]
+        raise TraceError(meta.path, f"gate_scores at token {start + int(token)}, layer {int(layer)} are not in "
+                                    f"descending order ({scores[token, layer].tolist()}): experts are stored in "
+                                    "router-score order")
+
+
 def check_chunk(meta: TraceMeta, chunk: TraceChunk) -> None:
     """Value checks on one chunk: expert ids in range, no repeat inside a (token, layer) row, sane phase."""
-    experts = chunk.experts
-    _check_ids(meta, chunk.start, experts, "expert")
-    if experts.size and meta.top_k > 1:
-        repeated = _repeated_rows(experts)
-        if repeated is not None:
-            token, layer = np.argwhere(repeated)[0]
-            raise TraceError(
-                meta.path,
-                f"expert repeated within token {chunk.start + int(token)}, layer {int(layer)}: "
-                f"{experts[token, layer].tolist()}",
-            )
+    _check_ids(meta, chunk.start, chunk.experts, "expert")
+    _check_distinct(meta, chunk.start, chunk.experts, "expert")
     if chunk.phase is not None:
         _check_phase(meta, chunk.start, chunk.phase)
     if chunk.predicted_experts is not None:
         _check_ids(meta, chunk.start, chunk.predicted_experts, "predicted_experts")
-    if chunk.gate_scores is not None and not _all_finite(chunk.gate_scores):
-        token, layer, _ = np.argwhere(~np.isfinite(chunk.gate_scores))[0]
-        raise TraceError(meta.path, f"gate_scores contains NaN or infinite values (first at token "
-                                    f"{chunk.start + int(token)}, layer {int(layer)})")
-    if chunk.sequence_id.size and chunk.sequence_id.min() < 0:
-        lowest = chunk.sequence_id.min()
-        raise TraceError(meta.path, f"negative sequence_id {int(lowest)} at token "
-                                    f"{chunk.start + int(np.argmax(chunk.sequence_id == lowest))}")
+        _check_distinct(meta, chunk.start, chunk.predicted_experts, "predicted_experts")
+    if chunk.gate_scores is not None:
+        _check_gate_scores(meta, chunk.start, chunk.gate_scores)
+    for name in ("sequence_id", "token_index"):
+        values = getattr(chunk, name)
+        if values is None or not values.size:
+            continue
+        if values.min() < 0:
+            lowest = values.min()
+            raise TraceError(meta.path, f"negative {name} {int(lowest)} at token "
+                                        f"{chunk.start + int(np.argmax(values == lowest))}")
+        if values.dtype == np.uint64 and values.max() > _INT64_MAX:  # read as signed 64-bit numbers everywhere
+            raise TraceError(meta.path, f"{name} {int(values.max())} at token "
+                                        f"{chunk.start + int(np.argmax(values))} is beyond 2**63 - 1")
 
 
 class _SequenceOrder:

@@ -39,7 +39,8 @@ import numpy as np
 
 from tierflow.atomic import check_not_an_input, check_writable
 from tierflow.errors import TierflowError, TraceError
-from tierflow.trace.format import GATE_SCORE_DTYPE, MAX_EXPERTS, MAX_LAYERS, TraceMeta, open_trace, write_trace
+from tierflow.trace.format import (
+    GATE_SCORE_DTYPE, MAX_EXPERTS, MAX_LAYERS, TraceMeta, check_shape, open_trace, write_trace)
 
 Warn = Callable[[str], None]
 Progress = Callable[[int], None]  # told the bytes of input read since its last call
@@ -141,6 +142,10 @@ def _parse_object(line: _Line, text: str) -> dict:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise line.error(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise line.error("invalid JSON (arrays or objects nested too deep)") from None
+    except ValueError:  # Python's limit on the digits of an integer
+        raise line.error("invalid JSON (a number of thousands of digits)") from None
     if not isinstance(record, dict):
         raise line.error(f"expected a JSON object, got {_json_type(record)}")
     return record
@@ -176,11 +181,12 @@ def _index(line: _Line, name: str, value) -> int:
     return value
 
 
-def _scalar_id(line: _Line, name: str, value):
-    """A request id: any JSON scalar (string, number, boolean or null)."""
+def _scalar_id(line: _Line, name: str, value) -> tuple[str, object]:
+    """A request id: any JSON scalar (string, number, boolean or null), as a key with its JSON type (Python
+    counts ``true``, ``1`` and ``1.0`` as one dictionary key; in a log they name different requests)."""
     if isinstance(value, (dict, list)):
         raise line.error(f"{name!r} must be a JSON scalar (string or number), got {_json_type(value)}")
-    return value
+    return type(value).__name__, value
 
 
 def _expert_row(line: _Line, name: str, value, expert_limit: int | None) -> list[int]:
@@ -209,7 +215,10 @@ def _score_row(line: _Line, name: str, value, top_k: int) -> list[float]:
     for score in value:
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
             raise line.error(f"{name!r} holds {_show(score)}, not a finite number")
-        if abs(score) > _MAX_SCORE:
+        if score < 0:
+            raise line.error(f"{name!r} holds {_show(score)}: router weights (softmax or sigmoid outputs) are >= 0, "
+                             "not logits")
+        if score > _MAX_SCORE:
             raise line.error(f"{name!r} holds {_show(score)}, beyond the {_MAX_SCORE:g} a trace stores (half "
                              "precision); router weights are probabilities")
     return value
@@ -331,7 +340,7 @@ def _reject_duplicates(columns: _StepColumns, order, layer_column, inputs, reque
     position = int(np.flatnonzero(same)[0])
     first, again = int(order[position]), int(order[position + 1])
     files, lines = columns.numpy("file"), columns.numpy("line")
-    request = request_ids[columns.sequence[first]]
+    _, request = request_ids[columns.sequence[first]]
     raise TraceError(
         inputs[files[again]],
         f"line {lines[again]}: second record for problem_id {_show(request)}, "
@@ -509,7 +518,7 @@ def import_per_layer_files(inputs: list[Path], expert_limit: int | None, warn: W
     )
     _check_layers_align(logs, inputs)
     requests = list(request_ids)
-    sequence_id = _shared_column(logs, "sequence_id", lambda seq: f"sequence id {_show(requests[seq])}")
+    sequence_id = _shared_column(logs, "sequence_id", lambda seq: f"sequence id {_show(requests[seq][1])}")
     phase = _shared_column(logs, "phase", lambda code: f"phase {list(PHASE_CODES)[code]}")
     gate_scores = None if logs[0].gate_scores is None else np.stack([log.gate_scores for log in logs], axis=1)
     return RoutingLog(
@@ -561,12 +570,31 @@ def import_trace(
     log = importer(inputs, expert_limit, warn, progress(inputs) if progress is not None else None)
     if spec is not None:
         _check_against_model(log, spec, model, _describe(inputs))
+    if log.gate_scores is not None:
+        log = _in_score_order(log, warn)
     if expert_limit is None:
         expert_limit = int(log.experts.max()) + 1
         warn(f"num_experts not given: inferred {expert_limit} from the largest expert id seen")
+    check_shape(_describe(inputs), log.num_layers, expert_limit, log.top_k)
     source = f"tierflow trace import --format {fmt}: {', '.join(path.name for path in inputs)}"
     model_name = model or UNKNOWN_MODEL
     return _write_atomically(Path(out), log, model=model_name, num_experts=expert_limit, source=source)
+
+
+def _in_score_order(log: RoutingLog, warn: Warn) -> RoutingLog:
+    """Each row's experts in descending order of their router weights, as a trace stores them (a hook may log
+    an unsorted top-k); equal weights keep the log's order."""
+    scores = log.gate_scores
+    tokens = np.flatnonzero((scores[:, :, 1:] > scores[:, :, :-1]).any(axis=(1, 2)))
+    if not tokens.size:
+        return log
+    order = np.argsort(-scores[tokens], axis=2, kind="stable")
+    experts, scores = log.experts.copy(), scores.copy()
+    experts[tokens] = np.take_along_axis(experts[tokens], order, axis=2)
+    scores[tokens] = np.take_along_axis(scores[tokens], order, axis=2)
+    warn(f"{tokens.size:,} of {len(scores):,} tokens listed experts out of router-score order: stored in "
+         "descending order of their weights")
+    return attrs.evolve(log, experts=experts, gate_scores=scores)
 
 
 def _importer(fmt: str, label: str):

@@ -119,6 +119,27 @@ def validate_and_accumulate(path) -> tuple[RoutingAccumulator, TraceMeta]:
     return acc, meta
 
 
+def label_mismatch(meta: TraceMeta, model: str | None = None) -> str | None:
+    """What contradicts a trace's ``model`` attribute, if it names a catalog model: that model's shape (the
+    attribute is wrong), else ``model``, the catalog model the trace is used as (a model of the same shape).
+    None when nothing does, or the attribute names no catalog model (an imported log's "unknown")."""
+    from tierflow.catalog import get_model
+    from tierflow.errors import TierflowError
+
+    try:
+        spec = get_model(meta.model)
+    except TierflowError:
+        return None
+    shape = (spec.num_moe_layers, spec.num_routed_experts, spec.top_k)
+    if shape != (meta.num_layers, meta.num_experts, meta.top_k):
+        return (f"{meta.path}: the model attribute names {spec.name} ({shape[0]} MoE layers x {shape[1]} experts, "
+                f"top-{shape[2]}), but the trace is {meta.num_layers} x {meta.num_experts}, top-{meta.top_k}")
+    used = None if model is None else get_model(model).name
+    if used is not None and used != spec.name:
+        return f"{meta.path}: the trace was recorded for {spec.name}; simulated as {used}, a model of the same shape"
+    return None
+
+
 def summarize(path) -> dict:
     """Validate a trace and return ``tierflow trace info``'s figures, with exactly its JSON keys."""
     acc, meta = validate_and_accumulate(path)
