@@ -20,7 +20,7 @@ def main() -> None:
     rows = paper.run_cells(paper.paper_cells())
     cells = [{"model": r["model"], "placement": r["placement"], "batch_size": r["batch_size"],
               **{k: r[k] for k in KEYS}} for r in rows]
-    document = {"cells": cells, "headline": paper.headline(rows)}
+    document = {"cells": cells, "headline": paper.headline(rows), "regenerate": "python scripts/regen_kyung_golden.py"}
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN} ({len(cells)} cells)")

@@ -106,13 +106,17 @@ def test_every_prefetcher_proposes_only_layers_ahead_and_keeps_the_figures_consi
        max_queued=st.sampled_from([1, 4, 100]))
 def test_prefetching_changes_timing_and_bytes_never_what_layers_compute_with(name, seed, batch, capacity, lookahead,
                                                                            budget, max_queued):
-    scenario = small(seed=seed, **{"workload.batch_size": batch, "workload.decode_tokens": 8,
-                                   "cache.capacity_experts": capacity, "prefetch.policy": name,
-                                   "prefetch.lookahead": lookahead, "prefetch.budget_experts": budget,
-                                   "prefetch.max_queued": max_queued})
-    sim, results, computed, _ = run_recorded(scenario)
+    changes = {"workload.batch_size": batch, "workload.decode_tokens": 8, "cache.capacity_experts": capacity,
+               "prefetch.lookahead": lookahead, "prefetch.budget_experts": budget, "prefetch.max_queued": max_queued}
+    sim, results, computed, _ = run_recorded(small(seed=seed, **changes, **{"prefetch.policy": name}))
     expected = [experts.tolist() for step in sim.workload.steps for experts in step.experts]
     assert computed == expected
+    # The same run without prefetching computes with the same experts and looks the same ones up, layer by layer.
+    _, alone, computed_alone, _ = run_recorded(small(seed=seed, **changes, **{"prefetch.policy": "none"}))
+    assert computed_alone == computed
+    for layers in (results.layers, alone.layers):
+        layers["lookups"] = layers["hits"] + layers["in_flight"] + layers["misses"]
+    np.testing.assert_array_equal(results.layers["lookups"], alone.layers["lookups"])
     # Every demand is a hit, a miss, or a hit on a prefetch still in flight (late).
     demanded = sum(len(e) for e in expected)
     late = results.summary["prefetch"]["late"]
@@ -633,7 +637,7 @@ def test_recorded_predictions_flow_from_the_trace_file_to_the_prefetcher(tmp_pat
     tokens, layers, k = 24, 16, 8
     experts = np.stack([[rng.choice(64, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
     predicted = np.roll(experts, -1, axis=1)  # row [t, l] = the experts of layer l + 1
-    scores = rng.dirichlet(np.ones(k), size=(tokens, layers)).astype(np.float32)
+    scores = -np.sort(-rng.dirichlet(np.ones(k), size=(tokens, layers)), axis=2).astype(np.float32)  # descending
     path = tmp_path / "predicted.h5"
     write_trace(path, experts, np.zeros(tokens, np.int64), model="olmoe-1b-7b", num_experts=64, source="test",
                 gate_scores=scores, predicted_experts=predicted, validate=True)

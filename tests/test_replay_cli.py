@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +130,10 @@ def test_plugins_lists_every_policy_with_its_parameters():
     (["--policy", "lfu_aging", "--param", "halflife=3", "--capacity", "4"], ["unknown parameter(s) halflife",
                                                                              "valid: half_life, keep_history"]),
     (["--policy", "lfu_aging", "--param", "half_life=-1", "--capacity", "4"], ["half_life must be > 0"]),
+    (["--policy", "lru", "--param", "foo=1", "--capacity", "4"], ["unknown parameter(s) foo; it takes no parameters"]),
+    (["--policy", "learned", "--param", f"weights={Path(__file__).resolve().parents[1] / 'README.md'}",
+      "--capacity", "4"],
+     ["not a learned-policy weights file (an .npz archive train-policy writes)"]),
 ])
 def test_bad_input_is_one_line_and_status_2(trace, args, fragments):
     path, _ = trace

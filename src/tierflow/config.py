@@ -304,7 +304,8 @@ def _coerce(key: str, field: attrs.Attribute, value: Any) -> Any:
         if isinstance(value, (list, tuple)) and value and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
-        raise TierflowError(f"scenario key {key}: expected a non-empty list of whole numbers, got {value!r}")
+        raise TierflowError(f"scenario key {key}: expected a non-empty list of whole numbers (in --set, a TOML "
+                            f"list: {key}=[b0, b1, ...]), got {value!r}")
     expected = kind.split("|")[0]
     raise TierflowError(f"scenario key {key}: expected {expected}, got {value!r}")
 

@@ -120,8 +120,8 @@ class Registry(Generic[T]):
         fields = attrs.fields_dict(params_cls)
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            valid = ", ".join(fields) or "none"
-            raise TierflowError(f"{self.family} {name!r}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+            valid = f"valid: {', '.join(fields)}" if fields else "it takes no parameters"
+            raise TierflowError(f"{self.family} {name!r}: unknown parameter(s) {', '.join(unknown)}; {valid}")
         try:
             values = {key: check_value(fields[key], value) for key, value in values.items()}
             return params_cls(**values)

@@ -133,8 +133,13 @@ class Scorer:
             with np.load(path) as data:
                 arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
                 features = tuple(str(f) for f in data["features"]) if "features" in data else None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # EOFError: an empty file
-            raise TierflowError(f"{path}: not a learned-policy weights file ({error or 'empty'})") from None
+        except KeyError as error:
+            raise TierflowError(f"{path}: not a learned-policy weights file (no array {error})") from None
+        except OSError as error:
+            raise TierflowError(f"{path}: cannot read the weights: {error.strerror or error}") from None
+        except (ValueError, EOFError, zipfile.BadZipFile):  # EOFError: an empty file; ValueError: any other file
+            raise TierflowError(f"{path}: not a learned-policy weights file (an .npz archive train-policy writes)"
+                                ) from None
         if features is not None and features != FEATURES:
             raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")
         shapes = ", ".join(f"{name} {arrays[name].shape}" for name in _ARRAYS)

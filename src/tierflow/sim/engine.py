@@ -242,8 +242,8 @@ def _layer_slots(given: tuple[int, ...], model: str, held: int, gpus: int,
     """``cache.layer_slots`` per GPU: each layer's slots over all GPUs, each GPU ``ceil(slots / gpus)`` of them
     (at most ``held``, the layer's experts it holds), checked against each layer's working set."""
     if len(given) != len(working_sets):
-        raise TierflowError(f"cache.layer_slots has {len(given)} numbers; model {model!r} has {len(working_sets)} "
-                            "MoE layers")
+        raise TierflowError(f"cache.layer_slots has {len(given)} budget(s); model {model!r} has "
+                            f"{len(working_sets)} MoE layers")
     slots = tuple(min(-(-total // gpus), held) for total in given)
     for layer, (slot, need) in enumerate(zip(slots, working_sets.tolist(), strict=True)):
         if slot < need:
