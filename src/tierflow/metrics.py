@@ -190,9 +190,12 @@ def format_table(summary: dict, results: Results | None = None) -> str:
     s = summary
     lat = s["latency_s_per_token"]
     rate = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    # At batch B a step gives each of B sequences its next token: a sequence waits a step per token.
+    per_sequence = "   (each sequence's time per token: one step)" if s["batch_size"] > 1 else ""
     lines = [
         f"scenario          {s['scenario']}  ({s['model']}, batch {s['batch_size']}, {s['tokens']:,} tokens)",
-        f"latency/token     mean {lat['mean'] * 1e3:.3f} ms   p50 {lat['p50'] * 1e3:.3f} ms   p99 {lat['p99'] * 1e3:.3f} ms",
+        f"latency/token     mean {lat['mean'] * 1e3:.3f} ms   p50 {lat['p50'] * 1e3:.3f} ms   p99 {lat['p99'] * 1e3:.3f} ms"
+        + per_sequence,
         f"throughput        {s['tokens_per_s']:.1f} tokens/s",
         f"stall/token       {s['stall_s_per_token'] * 1e3:.3f} ms",
         f"hit rate          HBM {rate(s['hit_rate']['hbm'])}   DDR {rate(s['hit_rate']['ddr'])}",
