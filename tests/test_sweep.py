@@ -175,6 +175,26 @@ def test_serial_run_writes_a_row_per_point_with_parameters_and_figures(serial_ru
     assert header == list(table)
 
 
+def test_each_row_has_the_bandwidth_its_drives_and_links_used(serial_run):
+    """The text table's utilization line, as columns: mean and highest over the GPUs, of drives and of links."""
+    from tierflow.config import scenario_from_table
+    from tierflow.sim.engine import Simulation
+
+    out, _ = serial_run
+    table = read_table(out / "results.h5")
+    sweep = parse_sweep(small_sweep())
+    for i, point in enumerate(sweep.points):
+        channels = Simulation(scenario_from_table(point.scenario_table)).run().channels
+        for kind in ("ssd", "link"):
+            used = [c["utilization"] for c in channels if c["kind"] == kind]
+            if not used:  # experts in DDR: no drive on the path
+                assert point.axes["placement"] == "ddr" and np.isnan(table[f"utilization.{kind}.mean"][i])
+                continue
+            assert table[f"utilization.{kind}.mean"][i] == pytest.approx(np.mean(used), rel=1e-12)
+            assert table[f"utilization.{kind}.max"][i] == pytest.approx(max(used), rel=1e-12)
+            assert 0 < max(used) <= 1
+
+
 def test_a_points_output_keeps_the_per_step_prefetch_series(tmp_path):
     sweep = parse_sweep(small_sweep(grid={"prefetch.policy": ["previous_token"], "cache.capacity_experts": [64]}))
     run_sweep(sweep, tmp_path, workers=1)

@@ -128,6 +128,15 @@ def channel_figures(channels, horizon_s: float) -> list[dict]:
              "preemptions": c.preemptions} for c in channels]
 
 
+def utilization_by_kind(channels: list[dict], kind=lambda channel: channel["kind"]) -> dict:
+    """The share of bandwidth used, ``{"mean", "max"}`` over the GPUs' channels of each kind present (none
+    without offloading): by default their drives (``"ssd"``) and links (``"link"``)."""
+    kinds: dict[str, list[float]] = {}
+    for channel in channels:
+        kinds.setdefault(kind(channel), []).append(channel["utilization"])
+    return {name: {"mean": sum(values) / len(values), "max": max(values)} for name, values in kinds.items()}
+
+
 def layer_hit_rates(layers: dict) -> np.ndarray:
     """Each layer's share of demand lookups that found the expert resident or on its way (as the cache counts
     a hit); NaN for a layer never looked up."""
@@ -227,10 +236,8 @@ def _bytes_line(moved: dict, tokens: int) -> str:
 def _utilization_line(channels: list[dict]) -> str:
     """Bandwidth used, by kind of channel (the name without its GPU number): mean over the GPUs, and the
     highest."""
-    kinds: dict[str, list[float]] = {}
-    for channel in channels:
-        kinds.setdefault(channel["name"].split(" #")[0], []).append(channel["utilization"])
-    return "   ".join(f"{kind} {100 * sum(v) / len(v):.1f}% (max {100 * max(v):.1f}%)" for kind, v in kinds.items())
+    kinds = utilization_by_kind(channels, lambda channel: channel["name"].split(" #")[0])
+    return "   ".join(f"{kind} {100 * u['mean']:.1f}% (max {100 * u['max']:.1f}%)" for kind, u in kinds.items())
 
 
 def _prefetch_line(p: dict) -> str:

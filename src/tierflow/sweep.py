@@ -365,6 +365,7 @@ def _one_line(error: BaseException) -> str:
 
 def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
     """Simulate one point. Never raises: a failure comes back as a record with status ``error``."""
+    from tierflow.metrics import utilization_by_kind
     from tierflow.sim.engine import Simulation
 
     record = {"point_id": point_id_, "status": STATUS_OK, "error": "", "scenario": scenario_table,
@@ -378,7 +379,8 @@ def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
     steps = {"latency_s": results.step_latency_s, "stall_s": results.step_stall_s,
              "hits": results.step_hits, "misses": results.step_misses, "in_flight": results.step_in_flight,
              "prefetch": results.step_prefetch}
-    return PointOutput({**record, "summary": results.summary, "wall_s": time.perf_counter() - started}, steps)
+    return PointOutput({**record, "summary": results.summary, "utilization": utilization_by_kind(results.channels),
+                        "wall_s": time.perf_counter() - started}, steps)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -461,7 +463,8 @@ def table_rows(sweep: Sweep, out: Path) -> list[dict]:
     """One row per point in grid order: id, status, error, the axes, every scenario key, every figure.
 
     Figures are the flattened keys of ``simulate --json`` (``energy_j_per_token.total``, ...), except
-    ``scenario`` and ``model``, which repeat the parameters of the same name. Points not run yet are absent.
+    ``scenario`` and ``model``, which repeat the parameters of the same name, then the drives' and links' share
+    of bandwidth used (``utilization.ssd.mean``, ``utilization.link.max``, ...). Points not run yet are absent.
     """
     rows = []
     for point in sweep.points:
@@ -473,6 +476,7 @@ def table_rows(sweep: Sweep, out: Path) -> list[dict]:
         _flat_columns("", point.scenario_table, row)
         summary = {k: v for k, v in record.get("summary", {}).items() if k not in ("scenario", "model")}
         _flat_columns("", summary, row)
+        _flat_columns("utilization", record.get("utilization", {}), row)
         rows.append(row)
     return rows
 
