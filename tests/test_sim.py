@@ -562,6 +562,12 @@ def test_energy_per_byte_matches_the_profile_closed_form():
     elapsed = results.step_latency_s.sum()
     static = hw.gpu.static_power_w + hw.gpu.hbm.static_power_w + hw.ddr.static_power_w + hw.ssd.static_power_w
     assert energy["static"] * tokens == pytest.approx(static * elapsed, rel=1e-9)
+    gpus = sim.plan.gpus
+    devices = {"gpu": hw.gpu.static_power_w + hw.gpu.hbm.static_power_w, "ddr": hw.ddr.static_power_w,
+               "ssd": hw.ssd.static_power_w}
+    line = "static by device  " + "   ".join(f"{name} {w * elapsed / tokens:.3f} J ({gpus * w:,.0f} W)"
+                                           for name, w in devices.items())
+    assert line in metrics.format_table(results.summary, results).splitlines()
 
 
 def test_placements_order_energy_and_ssd_override_scales_it():

@@ -38,6 +38,9 @@ class Results:
     # that sum to the summary's figures (prefetched experts still unused when the run ends are wasted on the last
     # step). None: no prefetcher.
     step_prefetch: dict | None = None
+    # Background power by device over the deployment, W: "gpu" (with its HBM), "ddr", "ssd" (the static energy's
+    # split).
+    static_w: dict | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -102,6 +105,7 @@ def collect_results(sim) -> Results:
         channels=channel_figures(sim.channels, max(elapsed, sim.calendar.now)),
         step_in_flight=np.array([r.in_flight for r in records]),
         step_prefetch=_step_prefetch(records, prefetch) if sim.prefetcher is not None else None,
+        static_w=dict(sim.energy.static_w),
     )
 
 
@@ -219,6 +223,12 @@ def format_table(summary: dict, results: Results | None = None) -> str:
             low, high = int(np.nanargmin(rates)), int(np.nanargmax(rates))
             lines.insert(5, f"hit rate by layer lowest {100 * rates[low]:.1f}% (MoE layer {low})   highest "
                             f"{100 * rates[high]:.1f}% (MoE layer {high})")
+    if results is not None and results.static_w and sum(results.static_w.values()) > 0:
+        # Static energy by device: the deployment's DDR and drives draw power whether or not a run uses them.
+        static, watts = s["energy_j_per_token"]["static"], sum(results.static_w.values())
+        lines.insert(lines.index(next(line for line in lines if line.startswith("energy/token"))) + 1,
+                     "static by device  " + "   ".join(f"{name} {static * w / watts:.3f} J ({w:,.0f} W)"
+                                                     for name, w in results.static_w.items()))
     if results is not None and results.channels and any(c["bytes"] for c in results.channels):
         lines.append("utilization       " + _utilization_line(results.channels))
     return "\n".join(lines)
