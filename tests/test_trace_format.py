@@ -198,6 +198,8 @@ BAD_FILES = {
     "fifo": (lambda p: (os.mkfifo(p), p)[1], "not a regular file"),
     "model not UTF-8": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("model", np.bytes_(b"\xff\xfe"))),
                         "attribute 'model' is not UTF-8 text"),
+    "model with a newline": (lambda p: _edit(_valid(p), lambda f: f.attrs.__setitem__("model", "deepseek\nr1")),
+                             "attribute 'model' holds control characters: 'deepseek\\nr1'"),
     "too many keys": (lambda p: _edit(_valid(p), lambda f: f.attrs.update(num_layers=2**16, num_experts=2**20)),
                       "65,536 layers x 1,048,576 experts are 68,719,476,736 (layer, expert) pairs, beyond the "
                       "16,777,216 tierflow handles"),

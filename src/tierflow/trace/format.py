@@ -370,6 +370,9 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
     num_experts = _attr(path, file.attrs, "num_experts", int)
     top_k = _attr(path, file.attrs, "top_k", int)
     check_shape(path, num_layers, num_experts, top_k)
+    model = _attr(path, file.attrs, "model", str)
+    if not model.isprintable():  # a name, printed in tables and one-line messages
+        raise TraceError(path, f"attribute 'model' holds control characters: {model!r}")
     experts = _member(path, file, "experts")
     if experts is None:
         raise TraceError(path, "missing required dataset 'experts'")
@@ -398,7 +401,7 @@ def _read_meta(path: Path, file: h5py.File) -> TraceMeta:
         embedding_dim = int(embedding.shape[1])
     return TraceMeta(
         path=str(path),
-        model=_attr(path, file.attrs, "model", str),
+        model=model,
         num_layers=num_layers,
         num_experts=num_experts,
         top_k=top_k,
