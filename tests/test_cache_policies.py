@@ -263,6 +263,13 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
         bad.write_bytes(damaged)
         with pytest.raises(TierflowError, match="not a learned-policy weights file"):
             Scorer.load(bad)
+    np.save(tmp_path / "one.npy", scorer.mean)  # one array, not an archive (np.load gives the array itself)
+    with pytest.raises(TierflowError, match=r"not a learned-policy weights file \(.* not one \.npy array\)"):
+        Scorer.load(tmp_path / "one.npy")
+    np.savez(tmp_path / "part.npz", mean=scorer.mean, w1=scorer.w1)
+    with pytest.raises(TierflowError, match=r"not a learned-policy weights file \(no array scale, b1, w2, b2, "
+                                            r"horizons\)$"):
+        Scorer.load(tmp_path / "part.npz")
     arrays = {name: getattr(scorer, name) for name in ("mean", "scale", "w1", "b1", "w2", "b2", "horizons")}
     for name, value, message in [("b1", np.zeros(3), "do not fit"), ("mean", np.zeros(2), "do not fit"),
                                  ("w1", np.zeros(len(FEATURES)), "do not fit"), ("horizons", np.zeros(0), "do not fit"),

@@ -175,7 +175,7 @@ def _rows(chunk, keep: np.ndarray):
                                                "predicted_experts")})
 
 
-_GAP_CHUNKS = 4  # chunks in a row without a begun request's row that end the reading (65,536 rows)
+_GAP_ROWS = 65_536  # rows in a row without a begun request's row that end the reading (four default chunks)
 
 
 def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -> Workload:
@@ -202,7 +202,7 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
                 break
         # The requests begun so far are read on: in a log of interleaved requests their later tokens come after
         # the window. A request holds a batch slot for at most num_steps + skip_tokens tokens, so reading stops
-        # once every begun request has that many, or after _GAP_CHUNKS chunks in a row hold none of their rows
+        # once every begun request has that many, or after _GAP_ROWS rows in a row, whole chunks, hold none of theirs
         # (their rows, prefill included: a long prompt of theirs does not end the reading; a few chunks of other
         # requests' rows do not either). New requests in these chunks are left out, so none is cut short.
         limit = num_steps + skip_tokens
@@ -212,10 +212,10 @@ def load_workload(path, batch_size: int, num_steps: int, skip_tokens: int = 0) -
         wanting = ids[counts < limit]
         gap = 0
         for chunk in chunks:
-            if not wanting.size or gap >= _GAP_CHUNKS:
+            if not wanting.size or gap >= _GAP_ROWS:
                 break
             theirs = np.isin(chunk.sequence_id, wanting)
-            gap = 0 if theirs.any() else gap + 1
+            gap = 0 if theirs.any() else gap + len(chunk)  # in rows: a wide trace reads fewer a chunk
             chunk = _decode_rows(_rows(chunk, theirs))
             parts.append(chunk)
             for sequence, count in zip(*np.unique(chunk.sequence_id, return_counts=True), strict=True):

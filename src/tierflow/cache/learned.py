@@ -129,17 +129,24 @@ class Scorer:
 
     @classmethod
     def load(cls, path) -> Scorer:
+        not_weights = f"{path}: not a learned-policy weights file"
         try:
-            with np.load(path) as data:
-                arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
-                features = tuple(str(f) for f in data["features"]) if "features" in data else None
-        except KeyError as error:
-            raise TierflowError(f"{path}: not a learned-policy weights file (no array {error})") from None
+            data = np.load(path)
         except OSError as error:
             raise TierflowError(f"{path}: cannot read the weights: {error.strerror or error}") from None
         except (ValueError, EOFError, zipfile.BadZipFile):  # EOFError: an empty file; ValueError: any other file
-            raise TierflowError(f"{path}: not a learned-policy weights file (an .npz archive train-policy writes)"
-                                ) from None
+            raise TierflowError(f"{not_weights} (an .npz archive train-policy writes)") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):  # one .npy array
+            raise TierflowError(f"{not_weights} (an .npz archive train-policy writes, not one .npy array)")
+        with data:
+            missing = [name for name in _ARRAYS if name not in data.files]
+            if missing:
+                raise TierflowError(f"{not_weights} (no array {', '.join(missing)})")
+            try:
+                arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
+                features = tuple(str(f) for f in data["features"]) if "features" in data else None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a member cut short or not numbers
+                raise TierflowError(f"{not_weights} ({' '.join(str(error).split())})") from None
         if features is not None and features != FEATURES:
             raise TierflowError(f"{path}: weights were trained on other features; retrain with train-policy")
         shapes = ", ".join(f"{name} {arrays[name].shape}" for name in _ARRAYS)

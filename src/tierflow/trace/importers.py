@@ -570,8 +570,6 @@ def import_trace(
     log = importer(inputs, expert_limit, warn, progress(inputs) if progress is not None else None)
     if spec is not None:
         _check_against_model(log, spec, model, _describe(inputs))
-    if log.gate_scores is not None:
-        log = _in_score_order(log, warn)
     if expert_limit is None:
         expert_limit = int(log.experts.max()) + 1
         warn(f"num_experts not given: inferred {expert_limit} from the largest expert id seen")
@@ -579,22 +577,6 @@ def import_trace(
     source = f"tierflow trace import --format {fmt}: {', '.join(path.name for path in inputs)}"
     model_name = model or UNKNOWN_MODEL
     return _write_atomically(Path(out), log, model=model_name, num_experts=expert_limit, source=source)
-
-
-def _in_score_order(log: RoutingLog, warn: Warn) -> RoutingLog:
-    """Each row's experts in descending order of their router weights, as a trace stores them (a hook may log
-    an unsorted top-k); equal weights keep the log's order."""
-    scores = log.gate_scores
-    tokens = np.flatnonzero((scores[:, :, 1:] > scores[:, :, :-1]).any(axis=(1, 2)))
-    if not tokens.size:
-        return log
-    order = np.argsort(-scores[tokens], axis=2, kind="stable")
-    experts, scores = log.experts.copy(), scores.copy()
-    experts[tokens] = np.take_along_axis(experts[tokens], order, axis=2)
-    scores[tokens] = np.take_along_axis(scores[tokens], order, axis=2)
-    warn(f"{tokens.size:,} of {len(scores):,} tokens listed experts out of router-score order: stored in "
-         "descending order of their weights")
-    return attrs.evolve(log, experts=experts, gate_scores=scores)
 
 
 def _importer(fmt: str, label: str):
