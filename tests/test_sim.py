@@ -517,11 +517,33 @@ def test_staging_buffer_serves_reads_first_come_first_served_as_space_frees():
 
 
 @pytest.mark.parametrize("placement", ["hbm", "ddr", "ssd"])
-def test_energy_components_sum_to_the_total(placement):
-    _, results = run(small(placement=placement, **{"cache.capacity_experts": 200}))
+def test_energy_components_are_the_ledgers_work_at_the_profiles_prices_and_sum_to_the_total(placement):
+    """Each component rebuilt from the ledger's bytes, FLOPs and collectives at the catalog profile's own figures
+    (GPUDirect Storage: an SSD read crosses the drive's link and the host link, straight into HBM)."""
+    sim, results = run(small(placement=placement, gpus=2, **{"cache.capacity_experts": 200}))  # 2: collectives
+    hw, ledger, tokens = sim.hardware, sim.ledger, results.summary["tokens"]
+    assert hw.gpudirect_storage and sim.plan.gpus == 2
+    assert set(ledger.collective_bytes) == {hw.nvlink.name} and ledger.collective_bytes[hw.nvlink.name] > 0
     energy = results.summary["energy_j_per_token"]
-    assert energy["total"] == pytest.approx(sum(energy[c] for c in COMPONENTS))
-    assert all(energy[c] >= 0 for c in COMPONENTS)
+    moved = {f"{route.src}->{route.dst}": 8 * size for route, size in ledger.bytes_by_route().items()}
+    assert set(moved) == ({"ddr->hbm"} if placement == "ddr" else {"ssd->hbm"} if placement == "ssd" else set())
+    ddr_bits, ssd_bits = moved.get("ddr->hbm", 0), moved.get("ssd->hbm", 0)
+    pj = {
+        "compute": ledger.flops * hw.gpu.pj_per_flop
+        + 8 * (ledger.l1_bytes * hw.gpu.l1_pj_per_bit + ledger.hbm_read_bytes * hw.gpu.l2_pj_per_bit),
+        "hbm": 8 * ledger.hbm_read_bytes * hw.gpu.hbm.read_pj_per_bit
+        + (ddr_bits + ssd_bits) * hw.gpu.hbm.write_pj_per_bit,
+        "ddr": ddr_bits * hw.ddr.read_pj_per_bit,
+        "ssd": ssd_bits * hw.ssd.read_pj_per_bit,
+        "link": (ddr_bits + ssd_bits) * hw.host_link.pj_per_bit + ssd_bits * hw.ssd_link.pj_per_bit
+        + 8 * ledger.collective_bytes[hw.nvlink.name] * hw.nvlink.pj_per_bit,
+    }
+    static_w = hw.gpu.static_power_w + hw.gpu.hbm.static_power_w + hw.ddr.static_power_w + hw.ssd.static_power_w
+    expected = {name: joules * 1e-12 / tokens for name, joules in pj.items()}
+    expected["static"] = sim.plan.gpus * static_w * results.step_latency_s.sum() / tokens
+    for name in COMPONENTS:
+        assert energy[name] == pytest.approx(expected[name], rel=1e-9), name
+    assert energy["total"] == pytest.approx(sum(expected.values()), rel=1e-12)
 
 
 def test_hbm_only_moves_nothing_from_ddr_or_ssd():
