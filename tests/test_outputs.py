@@ -40,6 +40,17 @@ def test_missing_folders_are_created_and_nothing_is_left(tmp_path):
     assert output_dir(tmp_path / "dir" / "sub").is_dir()
 
 
+@pytest.mark.parametrize("length", [241, 255])
+def test_an_output_name_near_the_file_systems_limit_is_written(tmp_path, length):
+    """A temporary adds ".XXXXXXXX.tmp" to its output's name: cut to fit, it still lands beside the output."""
+    target = tmp_path / ("é" * ((length - 3) // 2) + "x" * ((length - 3) % 2) + ".h5")
+    assert len(target.name.encode()) == length
+    with replaced_atomically(target) as tmp:
+        assert len(Path(tmp).name.encode()) <= 255 and Path(tmp).parent == tmp_path
+        Path(tmp).write_text("data")
+    assert target.read_text() == "data" and list(tmp_path.iterdir()) == [target]
+
+
 @pytest.mark.parametrize("command", [
     ["simulate", "--scenario", "hbm_only", "--set", "workload.decode_tokens=2", "--out"],
     ["trace", "gen", "--model", "mixtral-8x7b", "--tokens", "4", "--out"],

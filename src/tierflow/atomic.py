@@ -60,6 +60,18 @@ def destination(path) -> Path:
     return path
 
 
+# A file name may hold 255 bytes on common file systems; a temporary adds ".XXXXXXXX.tmp" (13) to its output's.
+_NAME_BYTES = 255 - len(".XXXXXXXX.tmp")
+
+
+def _temporary_prefix(name: str) -> str:
+    """``NAME.``, with ``NAME`` cut to fit the temporary's name within the file system's limit."""
+    encoded = name.encode()
+    if len(encoded) > _NAME_BYTES:
+        name = encoded[:_NAME_BYTES].decode(errors="ignore")
+    return name + "."
+
+
 def new_temporary(path: Path) -> Path:
     """An empty temporary file in the folder of ``path``'s :func:`destination` (created if needed)."""
     path = destination(path)
@@ -67,7 +79,7 @@ def new_temporary(path: Path) -> Path:
         raise OutputError(path, IsADirectoryError(21, "Is a directory"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise OutputError(path, error) from None
     os.close(fd)
