@@ -226,9 +226,9 @@ def format_table(summary: dict, results: Results | None = None) -> str:
     if results is not None and results.static_w and sum(results.static_w.values()) > 0:
         # Static energy by device: the deployment's DDR and drives draw power whether or not a run uses them.
         static, watts = s["energy_j_per_token"]["static"], sum(results.static_w.values())
-        lines.insert(lines.index(next(line for line in lines if line.startswith("energy/token"))) + 1,
-                     "static by device  " + "   ".join(f"{name} {static * w / watts:.3f} J ({w:,.0f} W)"
-                                                     for name, w in results.static_w.items()))
+        after_energy = next(i for i, line in enumerate(lines) if line.startswith("energy/token")) + 1
+        lines.insert(after_energy, "static by device  " + "   ".join(
+            f"{name} {static * w / watts:.3f} J ({w:,.0f} W)" for name, w in results.static_w.items()))
     if results is not None and results.channels and any(c["bytes"] for c in results.channels):
         lines.append("utilization       " + _utilization_line(results.channels))
     return "\n".join(lines)
