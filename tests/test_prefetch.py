@@ -436,22 +436,20 @@ def test_oracle_accuracy_knob_wastes_bytes_that_are_charged_to_energy():
     assert p["wasted_energy_j_per_token"] <= p["energy_j_per_token"]
 
 
-def test_per_layer_slots_leave_each_layer_only_its_own_working_set_for_demand():
-    """Per-layer slots: a prefetch into a layer's slots leaves room for that layer's working set, not for the
-    largest of any layer (another layer's demand never lands there). Each layer gets its own working set + 4
-    slots: every layer is prefetched into (with the largest working set as the reserve, the layers whose
-    slots are below it + 1 never were)."""
+def test_per_layer_slots_leave_each_layer_the_step_demand_bound():
+    """Per-layer slots: a prefetch into a layer's slots leaves room there for the most experts one step can ask
+    of the layer (batch x top_k, at most the experts it holds), a figure known before the run. Layers with more
+    slots than that are prefetched into; layers with no more are not (a prefetch could leave a demand miss
+    no room)."""
     from collections import Counter
-    from tierflow.sim.engine import layer_experts, layer_working_sets
 
     base = {"name": "r", "model": "olmoe-1b-7b", "hardware": "h100-pcie5", "placement": "ddr", "gpus": 1,
-            "workload": {"batch_size": 8, "decode_tokens": 24, "context_length": 256}}
-    workload = Simulation(scenario_with(base, **{"cache.enabled": False})).workload
-    needs = layer_working_sets(layer_experts(workload), 1, 16).tolist()
-    assert min(needs) + 4 < max(needs) + 1  # some layers' slots are below the largest working set + 1
-    sim = Simulation(scenario_with(base, **{"cache.scope": "per-layer", "cache.layer_slots": [n + 4 for n in needs],
+            "workload": {"batch_size": 2, "decode_tokens": 24, "context_length": 256}}
+    bound = 2 * 8  # batch 2 x top-8, below OLMoE's 64 experts per layer
+    slots = [bound + 4 if layer % 2 else bound for layer in range(16)]
+    sim = Simulation(scenario_with(base, **{"cache.scope": "per-layer", "cache.layer_slots": slots,
                                             "prefetch.policy": "oracle", "prefetch.max_queued": 100}))
-    assert sim.memories[0].reserve_bytes == [n * sim.plan.expert_bytes for n in needs]
+    assert sim.memories[0].reserve_bytes == bound * sim.plan.expert_bytes
     per_layer, start = Counter(), sim.stream._start_prefetch  # noqa: SLF001
 
     def record(memory, key, target_step, target_layer, step, layer, time):
@@ -460,9 +458,38 @@ def test_per_layer_slots_leave_each_layer_only_its_own_working_set_for_demand():
 
     sim.stream._start_prefetch = record  # noqa: SLF001
     sim.run()
-    assert all(per_layer[layer] > 0 for layer in range(1, 16))  # layer 0 is prefetched for from the step before
+    assert all(per_layer[layer] > 0 for layer in range(1, 16, 2))
+    assert not any(per_layer[layer] for layer in range(0, 16, 2))
     for part in sim.memories[0].hbm.caches:
         part.check_valid()
+
+
+@pytest.mark.parametrize("scope", ["global", "per-layer"])
+def test_a_run_does_not_depend_on_steps_after_it(tmp_path, scope):
+    """Caching and prefetching read nothing of the steps to come beyond the oracle's lookahead: the first steps
+    of a run time exactly as the same steps at the head of a longer run. Here the four sequences route alike
+    for 12 tokens (8 distinct experts a layer) and apart after (32), so a prefetch reserve sized by the run's
+    own widest step would be 8 experts in the short run and 32 in the long one. The short run's last step is
+    left out: its prefetches target a step only the longer run has."""
+    tokens, layers, experts = 24, 16, 64
+    rows = np.empty((4, tokens, layers, 8), dtype=np.int64)
+    for sequence in range(4):
+        for token in range(tokens):
+            first = token * 8 if token < 12 else token * 8 + sequence * 16
+            rows[sequence, token] = (first + np.arange(8)) % experts
+    trace = tmp_path / "t.h5"
+    write_trace(trace, rows.reshape(-1, layers, 8), np.repeat(np.arange(4), tokens), model="olmoe-1b-7b",
+                num_experts=experts, source="test")
+    changes = {"workload.trace": str(trace), "workload.batch_size": 4, "cache.scope": scope,
+               "cache.capacity_experts": {"global": 60, "per-layer": 16 * 36}[scope], "prefetch.policy": "oracle",
+               "prefetch.max_queued": 8}
+    short = Simulation(small(**changes, **{"workload.decode_tokens": 12}))
+    long = Simulation(small(**changes, **{"workload.decode_tokens": 24}))
+    short.run()
+    long.run()
+    head = [(r.latency_s, r.stall_s, r.hits, r.misses, r.prefetch) for r in short.stream.records[:-1]]
+    assert head == [(r.latency_s, r.stall_s, r.hits, r.misses, r.prefetch) for r in long.stream.records[:len(head)]]
+    assert sum(r.prefetch[0] for r in short.stream.records) > 0  # prefetches started
 
 
 def test_on_target_counts_the_prefetches_their_own_step_used():
@@ -658,9 +685,41 @@ def test_speculative_gate_refuses_a_training_split_that_overlaps_the_run(tmp_pat
     path = tmp_path / "t.h5"
     with TraceWriter(path, model="m", num_layers=4, num_experts=16, top_k=2, source="fake") as writer:
         writer.append(np.tile(np.array([0, 1]), (6, 4, 1)), np.array([0, 0, 0, 1, 1, 1]))
-    steps = [type("S", (), {"sequence_ids": np.array([1]), "experts": None})()]
+    # Routed unlike any training token: refused for its sequence id, the file being the workload's source.
+    steps = [type("S", (), {"sequence_ids": np.array([1]), "experts": None,
+                            "rows": np.tile(np.array([2, 3]), (1, 4, 1))})()]
     with pytest.raises(TierflowError, match="shares 1 sequence"):
         make_prefetcher("speculative_gate", {"train_trace": str(path)}, _context(_Workload(steps)))
+
+
+@pytest.mark.parametrize("name", ["speculative_gate", "expert_map"])
+def test_a_training_file_holding_the_runs_tokens_is_refused_whatever_its_name_for_them(tmp_path, name):
+    """The built-in workload and a `trace gen` file of the same seed hold the same sequences under another
+    source string: the tokens are compared, not their file's label. A file of another seed trains."""
+    from tierflow.trace.synth import generate
+    from tierflow.workload import synthetic_sequence_count, synthetic_token_count
+
+    run = {"workload.batch_size": 1, "workload.decode_tokens": 16, "prefetch.policy": name}
+    scenario = small(**run)
+    tokens = synthetic_token_count(1, 16, 0, scenario.workload.synthetic_sequences)
+    sequences = synthetic_sequence_count(1, scenario.workload.synthetic_sequences)
+    for seed in (scenario.seed, scenario.seed + 1):
+        generate("olmoe-1b-7b", tokens, tmp_path / f"{seed}.h5", sequences=sequences, seed=seed, workers=1)
+    with pytest.raises(TierflowError, match=r"shares 1 sequence\(s\) with the simulated decode steps"):
+        Simulation(small(**run, **{"prefetch.params": {"train_trace": str(tmp_path / f"{scenario.seed}.h5")}}))
+    Simulation(small(**run, **{"prefetch.params": {"train_trace": str(tmp_path / f"{scenario.seed + 1}.h5")}}))
+
+
+def test_token_keys_ignore_order_within_a_row_and_tell_tokens_apart():
+    from tierflow.prefetch.training import token_keys
+
+    rows = np.random.default_rng(0).integers(0, 256, size=(1000, 58, 8))
+    keys = token_keys(rows)
+    assert len(np.unique(keys)) == len(np.unique(rows.reshape(1000, -1), axis=0))
+    assert np.array_equal(token_keys(rows[:, :, ::-1]), keys)
+    changed = rows.copy()
+    changed[:, 57, 7] = (changed[:, 57, 7] + 1) % 256  # one expert of the last layer
+    assert not np.isin(token_keys(changed), keys).any()
 
 
 def _walk(prefetcher, step, rows, sequence=0):

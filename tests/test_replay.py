@@ -151,3 +151,34 @@ def test_replay_numbers_tokens_across_read_chunks(tmp_path):
     path = tmp_path / "long.h5"
     write_trace(path, experts, np.zeros(tokens, dtype=int), model="m", num_experts=4, source="test")
     assert read_requests(path).steps.tolist() == list(range(tokens))
+
+
+def test_only_an_offline_policy_is_told_when_a_key_is_used_next(tmp_path, monkeypatch):
+    """Replay hands each access's next use to the offline bound alone; every online policy sees NEVER, so none
+    can read the future by accident (Belady sees the true next uses)."""
+    import tierflow.replay as replay_module
+    from tierflow.cache import NEVER, POLICIES
+
+    experts = np.random.default_rng(4).integers(0, 4, size=(40, 3, 1))
+    path = tmp_path / "t.h5"
+    write_trace(path, experts, np.zeros(40, np.int64), model="m", num_experts=4, source="test")
+    requests = read_requests(path)
+    truth = [NEVER if n < 0 else n for n in next_use(requests.keys).tolist()]
+    make = replay_module.make_expert_cache
+    for policy in POLICIES.names():
+        seen = []
+
+        def spy(*args, **kwargs):
+            cache = make(*args, **kwargs)
+            lookup = cache.lookup
+
+            def record(key, access):
+                seen.append(access.next_use)
+                return lookup(key, access)
+
+            cache.lookup = record
+            return cache
+
+        monkeypatch.setattr(replay_module, "make_expert_cache", spy)
+        replay_reference(requests, policy, 4)
+        assert seen == (truth if POLICIES.get(policy).needs_future else [NEVER] * len(truth)), policy

@@ -356,20 +356,25 @@ def replay_reference(requests: Requests, policy: str, capacity, scope: str = "gl
     cache = make_expert_cache(policy, scope, capacity, num_layers=requests.num_layers,
                               num_experts=requests.num_experts, top_k=requests.top_k, params=params,
                               router_scores=requests.scores is not None)
-    drive(cache, requests, progress)
+    drive(cache, requests, progress, future=POLICIES.get(policy).needs_future)
     return cache.stats.hits
 
 
 PROGRESS_EVERY = 1 << 16  # accesses between two calls of a replay's progress callback
 
 
-def drive(cache, requests: Requests, progress=None) -> None:
+def drive(cache, requests: Requests, progress=None, *, future: bool) -> None:
     """Every access of ``requests`` through ``cache`` in order, each miss admitted (size 1), nothing pinned; each
-    access carries what a policy may read: its time, token, sequence, layer, router score and next use.
-    ``progress`` (if given) is called with the accesses done, every :data:`PROGRESS_EVERY` and at the end."""
+    access carries what a policy may read: its time, token, sequence, layer and router score, and, with
+    ``future`` (an offline policy, or a recorder labelling decisions), its key's next use (else ``NEVER``: an
+    online policy cannot read it). ``progress`` (if given) is called with the accesses done, every
+    :data:`PROGRESS_EVERY` and at the end."""
     num_experts = requests.num_experts
-    following = next_use(requests.keys)
-    next_uses = np.where(following < 0, NEVER, following).tolist()
+    if future:
+        following = next_use(requests.keys)
+        next_uses = np.where(following < 0, NEVER, following).tolist()
+    else:
+        next_uses = [NEVER] * len(requests)
     scores = requests.scores.tolist() if requests.scores is not None else [0.0] * len(requests)
     steps = requests.steps.tolist()
     sequences = requests.sequences.tolist() if requests.sequences is not None else [None] * len(requests)

@@ -115,7 +115,7 @@ def collect_examples(requests, capacity_fractions: Sequence[float] = (0.05, 0.1,
         sample_rate = min(1.0, examples_per_run / (max_candidates * expected_decisions))
         cache = _recording_cache(requests, scope, capacity, (driver, driver_params), rng, sample_rate,
                                  max_candidates, sink)
-        drive(cache, requests, progress)
+        drive(cache, requests, progress, future=True)  # the labels; the driving policy does not read them
         for decision_rows, decision_targets in sink:
             rows.append(decision_rows)
             targets.append(decision_targets)

@@ -3,7 +3,10 @@
 A training split is a set of decode tokens, each with its experts at every layer, its router weights and its
 sequence's embedding. It comes from a trace file (the last ``tokens`` decode tokens of it) and must not
 share a sequence with the decode steps being simulated: a predictor fitted on the tokens it is then asked
-about would report accuracy it does not have.
+about would report accuracy it does not have. Two checks find one: a training token routed exactly as a
+simulated token, at every layer (the same token, whatever file or sequence id it came under: a built-in
+workload and a ``trace gen`` file of the same seed hold the same sequences), and a sequence id the run decodes
+when the file is the workload's own source (its later tokens, in the split, are the run's future).
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ def event_row_weights(event, num_experts: int) -> np.ndarray:
     return row_weights(rows, best[rows])
 
 
+# Fixed odd multipliers: a token's key is the wrapping sum of its sorted expert ids times these, one per
+# (layer, slot). Distinct tokens share a key with probability about 2**-64 per pair.
+_KEY_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, size=1 << 16, dtype=np.int64).astype(np.uint64) | 1
+
+
+def token_keys(rows: np.ndarray) -> np.ndarray:
+    """One 64-bit key per token of ``rows`` (tokens, layers, k): equal for tokens routed to the same experts at
+    every layer, whatever the order within a row."""
+    flat = np.sort(np.asarray(rows, dtype=np.int64), axis=-1).reshape(len(rows), -1).astype(np.uint64)
+    weights = np.resize(_KEY_WEIGHTS, flat.shape[1])
+    with np.errstate(over="ignore"):
+        return (flat * weights).sum(axis=1, dtype=np.uint64)
+
+
 def _check_shape(meta, path: str, num_layers: int, num_experts: int, who: str) -> None:
     if (meta.num_layers, meta.num_experts) != (num_layers, num_experts):
         raise TierflowError(f"prefetcher {who!r}: train_trace {path} has {meta.num_layers} layers x "
@@ -95,14 +112,24 @@ def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSp
     experts, sequence_id = experts[keep], sequence_id[keep]
     scores = None if scores is None else scores[keep]
     workload = getattr(context, "workload", None)
-    if workload is not None and hasattr(workload, "steps"):
-        simulated = {int(s) for step in workload.steps for s in step.sequence_ids.tolist()}
-        shared = simulated.intersection(np.unique(sequence_id).tolist())
-        # Sequence ids only identify a sequence within one file: check when the workload may be this file.
-        if shared and getattr(workload, "source", None) == meta.source:
-            raise TierflowError(
-                f"prefetcher {who!r}: train_trace {path} shares {len(shared)} sequence(s) with the simulated decode "
-                f"steps (e.g. {min(shared)}); use a separate file or a longer one (the split is its last "
-                f"{tokens} tokens)")
+    if workload is not None and hasattr(workload, "steps") and len(experts):
+        _check_disjoint(workload, experts, sequence_id, meta.source, path, tokens, who)
     return TrainingSplit(experts, row_weights(experts, scores), sequence_id, embeddings)
 
+
+def _check_disjoint(workload, experts, sequence_id, source, path, tokens: int, who: str) -> None:
+    """Refuse a training split that holds a token the run decodes, or (the file being the workload's own
+    source) a sequence the run decodes: see the module's docstring."""
+    simulated = np.concatenate([token_keys(step.rows) for step in workload.steps]) if workload.steps else None
+    shared = set()
+    if simulated is not None:
+        shared.update(np.unique(sequence_id[np.isin(token_keys(experts), simulated)]).tolist())
+    # Sequence ids only identify a sequence within one file: compared when the workload may be this file.
+    if getattr(workload, "source", None) == source:
+        decoded = {int(s) for step in workload.steps for s in step.sequence_ids.tolist()}
+        shared.update(decoded.intersection(np.unique(sequence_id).tolist()))
+    if shared:
+        raise TierflowError(
+            f"prefetcher {who!r}: train_trace {path} shares {len(shared)} sequence(s) with the simulated decode "
+            f"steps (e.g. its sequence {min(shared)}); use a separate file or a longer one (the split is its "
+            f"last {tokens} tokens)")

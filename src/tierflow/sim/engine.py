@@ -60,6 +60,9 @@ class Plan:
     non_expert_bytes_per_gpu: int
     layer_working_sets: tuple[int, ...]  # each MoE layer's most distinct experts on one GPU in one step
     layer_slots: tuple[int, ...] | None = None  # a per-layer HBM cache: each layer's slots per GPU
+    # The most distinct experts one layer of one step can ask of one GPU, known before the run: the batch's
+    # tokens x top_k, at most the layer's experts that GPU holds.
+    step_demand_bound: int = 0
 
     @property
     def working_set_experts(self) -> int:
@@ -228,7 +231,8 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
             f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
     return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu,
-                tuple(working_sets.tolist()), layer_slots)
+                tuple(working_sets.tolist()), layer_slots,
+                min(scenario.workload.batch_size * spec.top_k, held))
 
 
 def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
@@ -400,13 +404,12 @@ class Simulation:
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
                             self.workload.num_layers, reserve_bytes=self._prefetch_reserve())
 
-    def _prefetch_reserve(self) -> int | list[int]:
-        """The unpinned room a prefetch leaves for the next demand: the largest layer working set in one pool; in
-        per-layer slots, each layer's own (another layer's demand never lands there)."""
-        plan = self.plan
-        if plan.layer_slots is not None:
-            return [need * plan.expert_bytes for need in plan.layer_working_sets]
-        return plan.working_set_experts * plan.expert_bytes
+    def _prefetch_reserve(self) -> int:
+        """The unpinned room a prefetch leaves for the next demand: the most experts one layer of one step can
+        ask of this GPU (the batch's tokens x top_k, at most the layer's experts it holds). Known before the run:
+        the layer working sets the run will meet are the trace's future, which an online prefetcher cannot
+        read. In per-layer slots each layer keeps this room in its own slots."""
+        return self.plan.step_demand_bound * self.plan.expert_bytes
 
     def _prefetcher(self):
         prefetch = self.scenario.prefetch

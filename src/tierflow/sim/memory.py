@@ -43,7 +43,7 @@ class ExpertMemory:
 
     def __init__(self, calendar, gpu: int, hbm, ddr, paths: dict[str, FetchPath],
                  placement: str, expert_bytes: int, ledger: Ledger, num_layers: int,
-                 reserve_bytes: int | list[int] = 0):
+                 reserve_bytes: int = 0):
         self.calendar, self.gpu = calendar, gpu  # the Calendar the paths' channels run on
         self.hbm, self.ddr = hbm, ddr
         self.paths = paths  # source tier ("ssd" / "ddr") -> its path into HBM
@@ -57,8 +57,8 @@ class ExpertMemory:
         self.all_resident = placement == "hbm"  # nothing to look up or move
         self.expert_bytes = expert_bytes
         self.ledger = ledger
-        # Prefetches leave this much unpinned room, so the next layer's demand misses always fit: one figure, or
-        # (a per-layer cache) one per layer, each layer's own working set.
+        # Prefetches leave this much unpinned room (in a per-layer cache, in each layer's slots), so the next
+        # layer's demand misses always fit.
         self.reserve_bytes = reserve_bytes
         self.in_flight: dict[int, Transfer] = {}
         self.prefetch = PrefetchStats()
@@ -89,8 +89,7 @@ class ExpertMemory:
             self._cache_of, self.resident = (lambda key: only), (only.sizes if parts else ())
         for part in parts:
             part.eviction_listeners.append(self._on_hbm_eviction)
-        reserves = reserve_bytes if isinstance(reserve_bytes, list) else [reserve_bytes] * len(parts)
-        self._reserve = {id(part): expert_bytes + reserve for part, reserve in zip(parts, reserves, strict=True)}
+        self._reserve = {id(part): expert_bytes + reserve_bytes for part in parts}
 
     # ------------------------------------------------------------------------------------------- demand
 
