@@ -63,14 +63,22 @@ def step(problem_id=1, layer=0, token_idx=0, experts=(0, 1), gating_probs=(0.6, 
 
 
 def expected_per_step(records: list[dict]) -> dict:
-    """What the importer should make of per-step records: complete tokens, by request then token_idx."""
+    """What the importer should make of per-step records: complete tokens in the order the log first shows
+    them, each request's tokens in token_idx order (a request's tokens take its tokens' first lines, sorted)."""
     layers = sorted({record["layer"] for record in records})
     requests = list(dict.fromkeys(record["problem_id"] for record in records))
-    by_token = defaultdict(dict)
-    for record in records:
-        by_token[record["problem_id"], record["token_idx"]][record["layer"]] = record
-    tokens = sorted((key for key, found in by_token.items() if len(found) == len(layers)),
-                    key=lambda key: (requests.index(key[0]), key[1]))
+    by_token, first_line = defaultdict(dict), {}
+    for line, record in enumerate(records):
+        token = record["problem_id"], record["token_idx"]
+        by_token[token][record["layer"]] = record
+        first_line.setdefault(token, line)
+    complete = [key for key, found in by_token.items() if len(found) == len(layers)]
+    position = {}
+    for request in requests:
+        own = sorted((key for key in complete if key[0] == request), key=lambda key: key[1])
+        for key, line in zip(own, sorted(first_line[key] for key in own), strict=True):
+            position[key] = line
+    tokens = sorted(complete, key=position.__getitem__)
     return {
         "experts": np.array([[by_token[token][layer]["experts"] for layer in layers] for token in tokens]),
         "gate_scores": np.array([[by_token[token][layer]["gating_probs"] for layer in layers] for token in tokens],
@@ -116,9 +124,10 @@ def test_per_step_fixture_round_trips(tmp_path):
     assert_same_scores(trace["gate_scores"], expected["gate_scores"])
     np.testing.assert_array_equal(trace["sequence_id"], expected["sequence_id"])
     np.testing.assert_array_equal(trace["token_index"], expected["token_index"])
-    # Requests 17, 4, 9 in order of first appearance; positions continue after each prompt.
-    assert trace["sequence_id"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert trace["token_index"].tolist() == [21, 22, 23, 9, 10, 11, 14, 15, 16]
+    # Requests 17, 4, 9 join one after another and decode side by side, as the log lists their tokens;
+    # positions continue after each prompt.
+    assert trace["sequence_id"].tolist() == [0, 0, 1, 0, 1, 2, 1, 2, 2]
+    assert trace["token_index"].tolist() == [21, 22, 9, 23, 10, 14, 11, 15, 16]
     assert "phase" not in trace
     assert (meta.num_tokens, meta.num_layers, meta.num_experts, meta.top_k) == (9, 32, 8, 2)
     assert meta.path == str(out) and meta.model == "unknown"
@@ -144,12 +153,23 @@ def test_per_step_remaps_layer_ids_and_records_them(tmp_path):
     assert trace["experts"].tolist() == [[[3, 4], [3, 5], [3, 6]]]
 
 
-def test_per_step_orders_by_first_appearance_then_token_idx(tmp_path):
+def test_per_step_keeps_the_logs_interleaving_and_each_requests_token_order(tmp_path):
+    """Requests decoding side by side stay interleaved as the log shows them (replay follows file order, so a
+    cache meets them as the engine did); a request's tokens are put in token_idx order in its own places."""
     records = [step("b", token_idx=5), step("a", token_idx=2), step("b", token_idx=4), step("a", token_idx=1)]
     run_import("per-step", [write_jsonl(tmp_path / "log.jsonl", records)], tmp_path / "t.h5", num_experts=8)
     trace = read_trace(tmp_path / "t.h5")
-    assert trace["sequence_id"].tolist() == [0, 0, 1, 1]
-    assert trace["token_index"].tolist() == [4, 5, 1, 2]
+    assert trace["sequence_id"].tolist() == [0, 1, 0, 1]
+    assert trace["token_index"].tolist() == [4, 1, 5, 2]
+    # Two requests over two layers, one engine step at a time: tokens alternate between them.
+    records = [step(request, layer=layer, token_idx=token, experts=[token % 8, 7 - token % 8])
+               for token in range(3) for layer in range(2) for request in ("x", "y")]
+    run_import("per-step", [write_jsonl(tmp_path / "steps.jsonl", records)], tmp_path / "s.h5", num_experts=8)
+    trace = read_trace(tmp_path / "s.h5")
+    assert trace["sequence_id"].tolist() == [0, 1, 0, 1, 0, 1]
+    assert trace["token_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    expected = expected_per_step(records)
+    np.testing.assert_array_equal(trace["experts"], expected["experts"])
 
 
 def test_per_step_concatenates_several_files(tmp_path):

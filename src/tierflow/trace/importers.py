@@ -8,7 +8,9 @@ Two log shapes are understood, named in :data:`IMPORT_FORMATS`:
         {"problem_id": "q17", "layer": 3, "token_idx": 57, "experts": [5, 1], "gating_probs": [0.61, 0.22]}
 
     A token (problem_id, token_idx) is kept only when every layer seen in the inputs has a record for it.
-    Tokens are ordered by request (first appearance), then token_idx, which is stored as ``token_index``.
+    Tokens are stored in the order the log first shows them, requests interleaved as the engine ran them
+    (cache-only replay follows file order), each request's tokens in token_idx order; token_idx is stored as
+    ``token_index``.
 ``per-layer-files``
     One file per layer, the layer being the last integer in the file name (``layer_3.jsonl``,
     ``expert_trace_layer_12.jsonl``, ``3.jsonl``); one record per token row of each forward pass::
@@ -371,6 +373,7 @@ def import_per_step(inputs: list[Path], expert_limit: int | None, warn: Warn,
         )
     # With no duplicates, a complete token's records are its layers 0..L-1, consecutive in sorted order.
     records = order[starts[complete][:, None] + np.arange(len(layer_ids))]
+    records = records[_engine_order(sequence[records[:, 0]], records.min(axis=1))]
     first_records = records[:, 0]
     gate_scores = columns.numpy("gate_scores").reshape(-1, shape.top_k) if len(columns.gate_scores) else None
     return RoutingLog(
@@ -380,6 +383,14 @@ def import_per_step(inputs: list[Path], expert_limit: int | None, warn: Warn,
         gate_scores=None if gate_scores is None else gate_scores[records],
         token_index=token_idx[first_records],
     )
+
+
+def _engine_order(sequence: np.ndarray, first_record: np.ndarray) -> np.ndarray:
+    """The order to store tokens in, given in (request, token_idx) order with the position of each one's first
+    record in the log: the log's order (requests interleaved as the engine ran them), each request keeping its
+    tokens in token_idx order: its tokens take its first-record positions in ascending order."""
+    positions = first_record[np.lexsort((first_record, sequence))]
+    return np.argsort(positions, kind="stable")
 
 
 def _token_starts(sequence: np.ndarray, token_idx: np.ndarray, num_layers: int):
