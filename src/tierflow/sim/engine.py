@@ -58,16 +58,13 @@ class Plan:
     ddr_cache_experts: int | None
     kv_bytes_per_gpu: int
     non_expert_bytes_per_gpu: int
-    layer_working_sets: tuple[int, ...]  # each MoE layer's most distinct experts on one GPU in one step
+    # Each MoE layer's most distinct experts on one GPU in one step of this run: the caches are checked against
+    # them before it starts (a run they cannot hold would fail midway); nothing that runs online reads them.
+    layer_working_sets: tuple[int, ...]
     layer_slots: tuple[int, ...] | None = None  # a per-layer HBM cache: each layer's slots per GPU
     # The most distinct experts one layer of one step can ask of one GPU, known before the run: the batch's
     # tokens x top_k, at most the layer's experts that GPU holds.
     step_demand_bound: int = 0
-
-    @property
-    def working_set_experts(self) -> int:
-        """The most distinct experts one GPU needs for one layer of one step."""
-        return max(self.layer_working_sets)
 
 
 def check_routing_source(routing: str, trace) -> None:
