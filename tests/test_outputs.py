@@ -62,6 +62,15 @@ def test_commands_refuse_an_unwritable_output(cli, a_file, command):
     assert_one_line_error(result, "cannot write", "is a file, not a folder")
 
 
+@pytest.mark.parametrize("command", [
+    ["simulate", "--scenario", "hbm_only", "--set", "workload.decode_tokens=2", "--out"],
+    ["trace", "gen", "--model", "mixtral-8x7b", "--tokens", "4", "--out"],
+])
+def test_commands_refuse_an_output_name_too_long_for_the_system(cli, tmp_path, command):
+    result = cli(*command, tmp_path / ("n" * 300 + ".h5"), cwd=ROOT)
+    assert_one_line_error(result, "cannot write", "File name too long")
+
+
 def test_train_policy_checks_its_output_first(cli, a_file, tmp_path):
     assert_one_line_error(cli("train-policy", a_file, "--out", tmp_path / "weights"), "*.npz")
     # The output is checked before the trace is read (here it is not a trace at all).

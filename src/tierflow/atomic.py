@@ -50,13 +50,16 @@ def destination(path) -> Path:
     socket is refused: renaming over it would replace it (``--out /dev/null`` run as root would remove
     /dev/null)."""
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-        if path.is_symlink():  # realpath stops inside a loop of links
-            raise OutputError(path, OSError(0, "a loop of symbolic links"))
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise OutputError(path, OSError(0, "not a regular file (outputs are written to a new file and renamed "
-                                           "over the old one)"))
+    try:  # asking about a name too long for the system raises
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
+            if path.is_symlink():  # realpath stops inside a loop of links
+                raise OutputError(path, OSError(0, "a loop of symbolic links"))
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise OutputError(path, OSError(0, "not a regular file (outputs are written to a new file and "
+                                               "renamed over the old one)"))
+    except OSError as error:
+        raise OutputError(path, error) from None
     return path
 
 
@@ -75,9 +78,9 @@ def _temporary_prefix(name: str) -> str:
 def new_temporary(path: Path) -> Path:
     """An empty temporary file in the folder of ``path``'s :func:`destination` (created if needed)."""
     path = destination(path)
-    if path.is_dir():
-        raise OutputError(path, IsADirectoryError(21, "Is a directory"))
     try:
+        if path.is_dir():  # may raise itself: a name too long for the system
+            raise IsADirectoryError(21, "Is a directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as error:
