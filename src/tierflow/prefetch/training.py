@@ -120,9 +120,9 @@ def load_training_split(path: str, tokens: int, context, who: str) -> TrainingSp
 def _check_disjoint(workload, experts, sequence_id, source, path, tokens: int, who: str) -> None:
     """Refuse a training split that holds a token the run decodes, or (the file being the workload's own
     source) a sequence the run decodes: see the module's docstring."""
-    simulated = np.concatenate([token_keys(step.rows) for step in workload.steps]) if workload.steps else None
     shared = set()
-    if simulated is not None:
+    if workload.steps:
+        simulated = np.concatenate([token_keys(step.rows) for step in workload.steps])
         shared.update(np.unique(sequence_id[np.isin(token_keys(experts), simulated)]).tolist())
     # Sequence ids only identify a sequence within one file: compared when the workload may be this file.
     if getattr(workload, "source", None) == source:

@@ -58,13 +58,10 @@ class Plan:
     ddr_cache_experts: int | None
     kv_bytes_per_gpu: int
     non_expert_bytes_per_gpu: int
-    # Each MoE layer's most distinct experts on one GPU in one step of this run: the caches are checked against
-    # them before it starts (a run they cannot hold would fail midway); nothing that runs online reads them.
-    layer_working_sets: tuple[int, ...]
-    layer_slots: tuple[int, ...] | None = None  # a per-layer HBM cache: each layer's slots per GPU
     # The most distinct experts one layer of one step can ask of one GPU, known before the run: the batch's
     # tokens x top_k, at most the layer's experts that GPU holds.
-    step_demand_bound: int = 0
+    step_demand_bound: int
+    layer_slots: tuple[int, ...] | None = None  # a per-layer HBM cache: each layer's slots per GPU
 
 
 def check_routing_source(routing: str, trace) -> None:
@@ -228,8 +225,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
             f"SSD reads of {hardware.name!r} are staged through DDR, but an expert of {expert_bytes / 1e9:.2f} GB "
             f"cannot fit its {staging_bytes(hardware) / 1e9:.2f} GB staging buffer per GPU")
     return Plan(gpus, expert_bytes, free, hbm_cache, ddr_cache, kv_per_gpu, non_expert_per_gpu,
-                tuple(working_sets.tolist()), layer_slots,
-                min(scenario.workload.batch_size * spec.top_k, held))
+                min(scenario.workload.batch_size * spec.top_k, held), layer_slots)
 
 
 def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
