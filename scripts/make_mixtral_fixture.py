@@ -21,28 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from tierflow.catalog import get_model
-from tierflow.trace.synth import SynthParams, generate_arrays
+from tierflow.trace.synth import SynthParams, engine_steps, generate_arrays
 
 MODEL = "mixtral-8x7b"
 CONCURRENT_REQUESTS = 4
-
-
-def engine_steps(sequence_id: np.ndarray):
-    """(token rows) per engine step: up to four requests decode side by side, a new one joining when one ends."""
-    starts = np.flatnonzero(np.r_[True, sequence_id[1:] != sequence_id[:-1]])
-    ends = np.r_[starts[1:], len(sequence_id)]
-    queue = list(zip(starts.tolist(), ends.tolist(), strict=True))
-    running: list[list[int]] = []
-    while queue or running:
-        while queue and len(running) < CONCURRENT_REQUESTS:
-            running.append(list(queue.pop(0)))
-        yield [row for row, _ in running]
-        for request in running:
-            request[0] += 1
-        running = [request for request in running if request[0] < request[1]]
 
 
 def write_per_step_jsonl(path: Path, tokens: int, seed: int) -> None:
@@ -52,7 +35,7 @@ def write_per_step_jsonl(path: Path, tokens: int, seed: int) -> None:
     experts, gates = arrays["experts"], arrays["gate_scores"]
     sequence_id, token_index = arrays["sequence_id"], arrays["token_index"]
     with open(path, "w") as out:
-        for rows in engine_steps(sequence_id):
+        for rows in engine_steps(sequence_id, CONCURRENT_REQUESTS):
             for layer in range(spec.num_moe_layers):
                 for row in rows:
                     out.write(json.dumps({

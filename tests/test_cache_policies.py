@@ -312,8 +312,9 @@ def test_learned_features_are_recency_frequency_and_layer_distance():
 
 
 def test_learned_sequence_features_count_visits_within_the_current_request():
-    """Visits within the current sequence restart when a key is used by another sequence; the sequence's
-    length so far counts from its first token seen. Accesses without a sequence form one of their own."""
+    """Each request keeps its own visit counts and token count, so requests whose tokens interleave (decoding
+    side by side) do not reset each other's; accesses without a sequence form one of their own; a request
+    unseen while MAX_SEQUENCES others came is forgotten."""
     features = ExpertFeatures(num_layers=1)
     for time, (key, sequence) in enumerate([("x", 7), ("x", 7), ("y", 7), ("x", 8), ("y", None)]):
         features.observe(key, Access(key, time, step=time + 10, sequence=sequence), steps=float(time))
@@ -325,11 +326,41 @@ def test_learned_sequence_features_count_visits_within_the_current_request():
 
     visits = "log2(1 + visits within the current sequence)"
     length = "log2(tokens of the current sequence so far)"
-    assert column(visits, 7) == [0.0, 0.0]  # x was last used by sequence 8, y by none
+    assert column(visits, 7) == [math.log2(3), 1.0]  # sequence 8's use of x in between does not reset it
     assert column(visits, 8) == [1.0, 0.0]
     assert column(visits, None) == [0.0, 1.0]
-    assert column(length, 7) == [math.log2(15 - 10 + 1)] * 2  # sequence 7 began at token 10
-    assert column(length, 8, token=14) == [1.0, 1.0]  # sequence 8 began at token 13: two tokens so far
+    assert column(visits, 9) == [0.0, 0.0]  # never seen
+    assert column(length, 7) == [2.0, 2.0]  # its tokens 10, 11, 12 and the current one, not 15 - 10 + 1
+    assert column(length, 8, token=13) == [0.0, 0.0]  # token 13 is its only one and the current one
+    assert column(length, 8, token=14) == [1.0, 1.0]
+    assert column(length, 9) == [0.0, 0.0]
+    for other in range(ExpertFeatures.MAX_SEQUENCES - 1):  # with 8 and None: MAX_SEQUENCES since 7 was seen
+        features.observe("y", Access("y", 20 + other, step=20 + other, sequence=100 + other), steps=20.0 + other)
+    assert column(visits, 7, token=60) == [0.0, 0.0]
+    assert column(length, 7, token=60) == [0.0, 0.0]
+
+
+def test_learned_features_of_interleaved_requests_are_each_request_alone():
+    """Replayed in a serving engine's order (requests side by side), each request's visit counts and length
+    at each of its accesses are those of the request replayed alone."""
+    from tierflow.trace.synth import engine_order
+
+    arrays = generate_arrays(2, 8, 2, 120, num_sequences=5, seed=3, params=ROUTING_PROFILES["coarse"])
+    alone = Requests.from_experts(arrays["experts"], 8, arrays["gate_scores"], sequence_id=arrays["sequence_id"])
+    served = alone.tokens_in_order(engine_order(arrays["sequence_id"], 3))
+    assert sorted(served.keys.tolist()) == sorted(alone.keys.tolist())
+    assert served.sequences[:4 * 3 * 2:4].tolist() != sorted(served.sequences[:4 * 3 * 2:4].tolist())  # interleaved
+
+    def per_request(requests):
+        features, seen = ExpertFeatures(num_layers=2), {}
+        for i, (key, step, sequence) in enumerate(zip(requests.keys.tolist(), requests.steps.tolist(),
+                                                      requests.sequences.tolist(), strict=True)):
+            features.observe(key, Access(key, i, layer=key // 8, step=step, sequence=sequence), steps=i / 4)
+            row = features.rows(np.array([features.slot_of[key]]), i / 4, step, key // 8, sequence)[0]
+            seen.setdefault(sequence, []).append((key, row[15], row[16]))
+        return seen
+
+    assert per_request(served) == per_request(alone)
 
 
 @pytest.mark.parametrize(("profile", "shape", "tokens", "scope", "capacity"), [

@@ -193,3 +193,15 @@ def test_overrides_are_checked():
         FINE.with_overrides(["reuse=2"])
     with pytest.raises(TierflowError, match="is not a whole number"):
         FINE.with_overrides(["num_topics=x"])
+
+
+def test_engine_steps_decode_requests_side_by_side():
+    """Requests of 3, 1 and 2 tokens (stored one after another), two at a time: the second ends after one
+    step and the third takes its place; one at a time is the stored order."""
+    sequence_id = np.array([5, 5, 5, 6, 9, 9])
+    assert list(synth.engine_steps(sequence_id, 2)) == [[0, 3], [1, 4], [2, 5]]
+    assert synth.engine_order(sequence_id, 1).tolist() == list(range(6))
+    assert synth.engine_order(sequence_id, 8).tolist() == [0, 3, 4, 1, 5, 2]
+    assert synth.engine_order(np.array([], dtype=np.int64), 2).tolist() == []
+    with pytest.raises(TierflowError, match="at least 1"):
+        list(synth.engine_steps(sequence_id, 0))

@@ -80,6 +80,25 @@ class Requests:
         num_layers = int(keys.max()) // num_experts + 1 if keys.size else 1
         return cls(keys, np.arange(len(keys), dtype=np.int64), num_layers, num_experts, 1)
 
+    def tokens_in_order(self, order) -> Requests:
+        """The same accesses with the tokens taken in ``order`` (indices of this stream's tokens, e.g.
+        :func:`tierflow.trace.synth.engine_order`), each token's accesses kept together; tokens are numbered
+        again from 0 in the new order."""
+        per_token = self.num_layers * self.top_k
+        order = np.asarray(order, dtype=np.int64)
+
+        def take(values):
+            return None if values is None else values.reshape(-1, per_token)[order].ravel()
+
+        steps = np.repeat(np.arange(len(order), dtype=np.int64), per_token)
+        return attrs.evolve(self, keys=take(self.keys), steps=steps, scores=take(self.scores),
+                            sequences=take(self.sequences))
+
+    @property
+    def token_sequences(self) -> np.ndarray | None:
+        """The sequence id of each token (None when not known)."""
+        return None if self.sequences is None else self.sequences[:: self.num_layers * self.top_k]
+
 
 # What a replay holds per access at its peak: the request arrays, then the stack-distance pass's or a policy's
 # working arrays (measured on DeepSeek-R1 traces: about 165 bytes for LRU and --mrc, 190 for LFU, 216 for FIFO,

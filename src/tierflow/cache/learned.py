@@ -9,7 +9,8 @@ the router score of the last access, the expert's layer and its distance ahead o
 a global pool the experts of the next layers are needed soonest), the cache's size in decode steps of
 requests, and the expert's visits within the current request (``Access.sequence``) with that request's length
 so far: a request's topic sets which experts are popular, so counts restarted at each request estimate it
-without the previous request's counts mixed in. Per-key history is kept after eviction, so a returning expert
+without the previous request's counts mixed in (each request keeps its own counts, so requests that decode side
+by side, their tokens interleaved in a serving log, do not reset each other's). Per-key history is kept after eviction, so a returning expert
 brings its frequency with it. The counters are updated incrementally at each access; time is ``Access.time /
 (num_layers * top_k)`` steps.
 
@@ -31,6 +32,7 @@ skipped (their features changed) and the next ranking sees them again.
 from __future__ import annotations
 
 import zipfile
+from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 
@@ -197,17 +199,24 @@ class ExpertFeatures:
     """
 
     FIELDS = ("last_step", "layer", "visits", "decayed_0", "decayed_1", "decayed_2", "last_gap", "mean_gap",
-              "sequence", "sequence_visits", "score", "next_use", "last_token", "version")
-    (LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SEQUENCE, SEQUENCE_VISITS, SCORE, NEXT_USE, LAST_TOKEN,
-     VERSION) = (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13)
+              "score", "next_use", "last_token", "version")
+    LAST_STEP, LAYER, VISITS, DECAYED, LAST_GAP, MEAN_GAP, SCORE, NEXT_USE, LAST_TOKEN, VERSION = (
+        0, 1, 2, 3, 6, 7, 8, 9, 10, 11)
     NO_SEQUENCE = -1  # the sequence of accesses whose driver does not name one
+    # Requests whose per-expert visits are kept, the most recently seen: a serving log interleaves as many
+    # requests as the engine decodes side by side; a request unseen while this many others came is forgotten.
+    MAX_SEQUENCES = 32
 
     def __init__(self, num_layers: int, capacity_steps: float = 1.0):
         """``capacity_steps``: the cache's capacity in decode steps of requests (a feature of every row)."""
         self.num_layers = num_layers
         self.log_capacity_steps = float(np.log2(max(capacity_steps, 1e-3)))
-        self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap, sequence, visits in it]
-        self.sequence_start: dict = {}  # sequence -> its first token seen
+        self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap]
+        # sequence -> (key -> visits within it), and sequence -> [its last token seen, its tokens seen], the
+        # most recently seen sequence last: counted per request, so that requests decoding side by side (their
+        # tokens interleaved) do not restart each other's counts
+        self.sequence_visits: OrderedDict = OrderedDict()
+        self.sequence_tokens: dict = {}
         self.slot_of: dict = {}
         self.keys: list = []
         self.free: list[int] = []
@@ -217,11 +226,10 @@ class ExpertFeatures:
         """Count an access (hit or insertion) of a resident key at time ``steps``; ``access.step`` (else the
         whole steps) numbers the token."""
         token = access.step if access.step is not None else int(steps)
-        sequence = self.NO_SEQUENCE if access.sequence is None else access.sequence
-        self.sequence_start.setdefault(sequence, token)
+        self._count_in_sequence(key, self.NO_SEQUENCE if access.sequence is None else access.sequence, token)
         record = self.history.get(key)
         if record is None:
-            record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0, sequence, 1]
+            record = self.history[key] = [steps, 1, 1.0, 1.0, 1.0, 0.0, 0.0]
         else:
             gap = steps - record[0]
             record[0] = steps
@@ -230,15 +238,27 @@ class ExpertFeatures:
                 record[2 + i] = record[2 + i] * 2.0 ** (-gap / half_life) + 1.0
             record[5] = gap
             record[6] = gap if record[1] == 2 else record[6] + _GAP_SMOOTHING * (gap - record[6])
-            if record[7] == sequence:
-                record[8] += 1
-            else:
-                record[7], record[8] = sequence, 1
         slot = self.slot_of.get(key)
         if slot is None:
             slot = self._allocate(key)
         version = self.table[slot, self.VERSION] + 1
         self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, token, version)
+
+    def _count_in_sequence(self, key, sequence, token: int) -> None:
+        visits = self.sequence_visits.get(sequence)
+        if visits is None:
+            if len(self.sequence_visits) >= self.MAX_SEQUENCES:
+                forgotten, _ = self.sequence_visits.popitem(last=False)
+                del self.sequence_tokens[forgotten]
+            visits = self.sequence_visits[sequence] = {}
+            self.sequence_tokens[sequence] = [token, 1]
+        else:
+            self.sequence_visits.move_to_end(sequence)
+            tokens = self.sequence_tokens[sequence]
+            if tokens[0] != token:
+                tokens[0] = token
+                tokens[1] += 1
+        visits[key] = visits.get(key, 0) + 1
 
     def _allocate(self, key) -> int:
         if not self.free:
@@ -287,9 +307,16 @@ class ExpertFeatures:
         rows[:, 13] = c[self.LAYER] / self.num_layers
         rows[:, 14] = self.log_capacity_steps
         sequence = self.NO_SEQUENCE if now_sequence is None else now_sequence
-        in_sequence = np.where(c[self.SEQUENCE] == sequence, c[self.SEQUENCE_VISITS], 0.0)
-        rows[:, 15] = np.log2(1.0 + in_sequence)
-        rows[:, 16] = np.log2(max(now_token - self.sequence_start.get(sequence, now_token), 0) + 1.0)
+        visits = self.sequence_visits.get(sequence)
+        if visits:
+            keys = self.keys
+            rows[:, 15] = np.log2(1.0 + np.fromiter((visits.get(keys[slot], 0) for slot in slots.tolist()),
+                                                    dtype=np.float64, count=len(slots)))
+        else:
+            rows[:, 15] = 0.0
+        tokens = self.sequence_tokens.get(sequence)  # [last token seen, tokens seen]
+        so_far = 1 if tokens is None else tokens[1] + (tokens[0] != now_token)  # the current token included
+        rows[:, 16] = np.log2(so_far)
         return rows
 
 

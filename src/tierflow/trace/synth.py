@@ -632,3 +632,31 @@ def generate(model_name: str, num_tokens: int, out, *, sequences: int | None = N
             pending.result()
         writer.set_embeddings(model.embeddings(plan.topics))
     return plan.topics
+
+
+def engine_steps(sequence_id: np.ndarray, concurrent: int):
+    """The rows of a trace stored request after request, grouped as a serving engine would decode them: up to
+    ``concurrent`` requests side by side, each engine step taking one token of every running request (in the
+    order they joined), a waiting request joining as soon as one ends. Yields one list of row indices per step.
+    """
+    if concurrent < 1:
+        raise TierflowError(f"concurrent requests must be at least 1, got {concurrent}")
+    sequence_id = np.asarray(sequence_id)
+    starts = np.flatnonzero(np.r_[True, sequence_id[1:] != sequence_id[:-1]]) if len(sequence_id) else []
+    ends = np.r_[starts[1:], len(sequence_id)] if len(sequence_id) else []
+    queue = list(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), strict=True))
+    queue.reverse()  # popped from the end: the first request first
+    running: list[list[int]] = []
+    while queue or running:
+        while queue and len(running) < concurrent:
+            running.append(list(queue.pop()))
+        yield [row for row, _ in running]
+        for request in running:
+            request[0] += 1
+        running = [request for request in running if request[0] < request[1]]
+
+
+def engine_order(sequence_id: np.ndarray, concurrent: int) -> np.ndarray:
+    """The rows of :func:`engine_steps` in one array: the token order a serving log shows (a permutation)."""
+    steps = list(engine_steps(sequence_id, concurrent))
+    return np.concatenate(steps).astype(np.int64) if steps else np.empty(0, dtype=np.int64)
