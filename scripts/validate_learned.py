@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from tierflow.replay import read_requests, replay  # noqa: E402
-from tierflow.trace.synth import engine_order, generate  # noqa: E402
+from tierflow.trace.synth import generate  # noqa: E402
 
 # (catalog model, tokens, seed, requests (None: the generator's default), requests decoding side by side)
 VALIDATION_TRACES = [("deepseek-r1", 400, 31, None, 1), ("mixtral-8x7b", 3000, 32, None, 1),
@@ -51,8 +51,7 @@ def main() -> None:
                 generate(model, tokens, path, sequences=sequences, seed=seed, workers=1)
             requests = read_requests(path)
             order = "one request at a time" if concurrent == 1 else "requests side by side"
-            if concurrent > 1:
-                requests = requests.tokens_in_order(engine_order(requests.token_sequences, concurrent))
+            requests = requests.interleaved(concurrent)
             for scope in SCOPES:
                 pool = requests.num_experts * (requests.num_layers if scope == "global" else 1)
                 capacities = [round(f * pool) for f in FRACTIONS if round(f * pool) >= requests.top_k]

@@ -302,3 +302,32 @@ def test_decode_only_counts_only_the_decode_rows_against_memory(tmp_path, monkey
     room = 50 * NUM_LAYERS * TOP_K * REPLAY_BYTES_PER_ACCESS
     monkeypatch.setattr(workload, "physical_memory_bytes", lambda: room)
     assert len(read_requests(path, decode_only=True)) == 10 * NUM_LAYERS * TOP_K
+
+
+def test_interleave_replays_requests_side_by_side(tmp_path):
+    """``--interleave N``: the trace's requests (stored one after another) met as N decoding side by side:
+    each request's tokens in their order, N requests open while enough are left, and replay and train-policy
+    take that stream; a trace whose requests already interleave is refused."""
+    arrays = generate_arrays(NUM_LAYERS, NUM_EXPERTS, TOP_K, 200, num_sequences=7, seed=5)
+    path = tmp_path / "requests.h5"
+    write_trace(path, arrays["experts"], arrays["sequence_id"], model="test", num_experts=NUM_EXPERTS,
+                source="test", gate_scores=arrays["gate_scores"])
+    stored = Requests.from_experts(arrays["experts"], NUM_EXPERTS, arrays["gate_scores"],
+                                   sequence_id=arrays["sequence_id"])
+    served = stored.interleaved(3)
+    per_token = NUM_LAYERS * TOP_K
+    order = served.sequences[::per_token]
+    assert len(set(order[:3].tolist())) == 3
+    for sequence in np.unique(arrays["sequence_id"]):
+        np.testing.assert_array_equal(served.keys.reshape(-1, per_token)[order == sequence],
+                                      stored.keys.reshape(-1, per_token)[arrays["sequence_id"] == sequence])
+    rows = replay_json(path, "--capacity", "8,20", "--interleave", "3")
+    assert [row["hits"] for row in rows] == [r.hits for r in replay(served, "lru", [8, 20])]
+    assert rows != replay_json(path, "--capacity", "8,20")
+    run_cli("train-policy", path, "--out", tmp_path / "w.npz", "--epochs", "1", "--interleave", "3", "--quiet",
+            check_status=0)
+    mixed = tmp_path / "mixed.h5"
+    write_trace(mixed, arrays["experts"], np.arange(200) % 4, model="test", num_experts=NUM_EXPERTS, source="test")
+    for command in (("replay", mixed, "--capacity", "8"), ("train-policy", mixed, "--out", tmp_path / "x.npz")):
+        assert_one_line_error(run_cli(*command, "--interleave", "2"), "does not store each request's tokens "
+                              "together (sequence 0 comes back after others)")

@@ -94,10 +94,16 @@ class Requests:
         return attrs.evolve(self, keys=take(self.keys), steps=steps, scores=take(self.scores),
                             sequences=take(self.sequences))
 
-    @property
-    def token_sequences(self) -> np.ndarray | None:
-        """The sequence id of each token (None when not known)."""
-        return None if self.sequences is None else self.sequences[:: self.num_layers * self.top_k]
+    def interleaved(self, concurrent: int) -> Requests:
+        """A stream of requests stored one after another, in the order a serving engine decoding ``concurrent``
+        of them side by side would meet their tokens (:func:`tierflow.trace.synth.engine_order`)."""
+        from tierflow.trace.synth import engine_order
+
+        if concurrent == 1:
+            return self
+        if self.sequences is None:
+            raise TierflowError("interleaving requests needs the trace's sequence ids")
+        return self.tokens_in_order(engine_order(self.sequences[:: self.num_layers * self.top_k], concurrent))
 
 
 # What a replay holds per access at its peak: the request arrays, then the stack-distance pass's or a policy's

@@ -50,6 +50,10 @@ def parse_params(items) -> dict:
     return params
 
 
+INTERLEAVE_HELP = ("Replay as a serving engine decoding N requests side by side would meet them: their tokens "
+                   "interleaved (for a trace that stores each request's tokens together, as `trace gen` writes).")
+
+
 @click.command()
 @click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
 @click.option("--policy", default="lru", show_default=True, help="Eviction policy (see `tierflow plugins`).")
@@ -62,11 +66,13 @@ def parse_params(items) -> dict:
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Replay only the file's first N rows.")
 @click.option("--decode-only", is_flag=True,
               help="Skip prefill rows (phase 0), as the simulator does; without it every row is replayed.")
+@click.option("--interleave", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help=INTERLEAVE_HELP)
 @click.option("--mrc", is_flag=True, help="LRU's hit rate at every capacity, from one stack-distance pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per capacity.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_items, tokens, decode_only, mrc,
-           as_json, quiet):
+def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_items, tokens, decode_only, interleave,
+           mrc, as_json, quiet):
     """Replay a trace through one cache (no timing) and count hits and misses.
 
     Requests are the trace's expert activations in file order (tokens, then layers, then the top-k experts),
@@ -95,6 +101,7 @@ def replay(trace_path, policy, capacity_text, scope, layer_slots_text, param_ite
     else:
         capacities = parse_capacities(capacity_text)
     requests = replay_module.read_requests(trace_path, max_tokens=tokens, decode_only=decode_only)
+    requests = requests.interleaved(interleave)
     if mrc:
         capacities, hits = replay_module.lru_mrc(requests, scope)
         results = [replay_module.ReplayResult("lru", int(c), scope, len(requests), int(h))
@@ -172,6 +179,8 @@ def plugins(as_json):
               help="Weights file to write (.npz), for `--param weights=FILE` of the learned policy.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Use only each trace's first N rows.")
 @click.option("--decode-only", is_flag=True, help="Skip prefill rows (phase 0), as the simulator does.")
+@click.option("--interleave", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help=INTERLEAVE_HELP)
 @click.option("--fractions", default="0.05,0.1,0.25,0.5", show_default=True,
               help="Cache sizes to imitate Belady at, as fractions of the pool's experts.")
 @click.option("--driver", default="lru", show_default=True,
@@ -183,7 +192,8 @@ def plugins(as_json):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Same seed and inputs, same weights.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, epochs, hidden, seed, quiet):
+def train_policy(traces, out, tokens, decode_only, interleave, fractions, driver, rounds, epochs, hidden, seed,
+                 quiet):
     """Train the learned eviction policy to imitate Belady on TRACE files (see tierflow.cache.training)."""
     from tierflow.cache import POLICIES, training
     from tierflow.replay import read_requests
@@ -198,7 +208,8 @@ def train_policy(traces, out, tokens, decode_only, fractions, driver, rounds, ep
         raise TierflowError(f"--fractions {fractions!r}: expected numbers like 0.1,0.25") from None
     if not all(0.0 < f < 1.0 for f in capacity_fractions):
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
-    requests_list = [read_requests(path, max_tokens=tokens, decode_only=decode_only) for path in traces]
+    requests_list = [read_requests(path, max_tokens=tokens, decode_only=decode_only).interleaved(interleave)
+                     for path in traces]
     total = training.training_accesses(requests_list, capacity_fractions, rounds)
     with _replay_progress(total, "sampling evictions", quiet) as bar:
         report = training.train(
