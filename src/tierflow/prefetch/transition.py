@@ -46,6 +46,7 @@ class Transition(Prefetcher):
         self._reach = [min(lookahead, layers - 1 - layer) for layer in range(layers)]
         self._proposal_rows = [first_row[layer, :reach, None] for layer, reach in enumerate(self._reach)]
         self._row_offsets = [np.arange(reach)[:, None] * n for reach in range(lookahead + 1)]  # into ranked, flat
+        self._budget = min(c.budget_experts, n)  # proposals per layer ahead
         self._routed: dict[int, np.ndarray] = {}  # layer -> the current step's routing rows (batch, k) so far
         self._step = -1
         self._observations = 0
@@ -106,9 +107,10 @@ class Transition(Prefetcher):
 
     def _propose(self, layer: int, experts: np.ndarray, reach: int) -> list[tuple[int, int]]:
         """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability."""
-        budget = min(self.context.budget_experts, self.context.num_experts)
+        budget = self._budget
         rows = self._proposal_rows[layer] + experts  # (reach, routed)
-        minus_prob = self._counts.take(rows, axis=0) / self._minus_totals.take(rows)[:, :, None]
+        minus_prob = self._counts.take(rows, axis=0)  # a copy: divided in place
+        minus_prob /= self._minus_totals.take(rows)[:, :, None]
         ranked = minus_prob.sum(axis=1)  # (reach, num_experts): the lowest is wanted most
         best = ranked.argpartition(budget - 1, axis=1)[:, :budget]
         values = ranked.take(best + self._row_offsets[reach]).tolist()

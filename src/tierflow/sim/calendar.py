@@ -36,12 +36,12 @@ class Calendar:
     def advance(self, mark: tuple[float, int]) -> None:
         """Run every event ordered before ``mark``; the clock then reads the mark's time."""
         heap, pop = self._heap, heapq.heappop
-        when, order = mark
-        while heap and (heap[0][0] < when or (heap[0][0] == when and heap[0][1] < order)):
+        # An event (time, order, ...) is before the mark (time, order) as tuples: no two share an order.
+        while heap and heap[0] < mark:
             self.now, _, action, argument = pop(heap)
             self.events_run += 1
             action(argument)
-        self.now = when
+        self.now = mark[0]
 
     def run_until(self, arrival) -> tuple[float, int]:
         """Run events until ``arrival`` (an :class:`~tierflow.sim.transfer.Arrival`) is complete; returns its

@@ -80,11 +80,10 @@ class Channel:
         return self.latency_s + size_bytes / self.bandwidth_bytes_per_s
 
     def _times(self, size_bytes: int) -> tuple[float, float]:
-        """(whole transfer, first chunk) times for a size; transfers come in a few sizes, so they are kept."""
-        times = self._times_by_size.get(size_bytes)
-        if times is None:
-            times = self.transfer_time(size_bytes), self.transfer_time(min(self.chunk_bytes, size_bytes))
-            self._times_by_size[size_bytes] = times
+        """(whole transfer, first chunk) times for a size, kept in ``_times_by_size``: transfers come in a few
+        sizes, so :meth:`service_time` finds them there."""
+        times = self._times_by_size[size_bytes] = (self.transfer_time(size_bytes),
+                                                   self.transfer_time(min(self.chunk_bytes, size_bytes)))
         return times
 
     def service_time(self, transfer) -> tuple[float, float, float]:
@@ -93,7 +92,7 @@ class Channel:
         the bytes credited as carried while upstream was still reading, 0 without credit)."""
         if transfer.hop_bytes != transfer.size_bytes:  # resuming after a preemption: the rest, no overlap credit
             return self.transfer_time(transfer.hop_bytes), 0.0, 0.0
-        full, first_chunk = self._times(transfer.size_bytes)
+        full, first_chunk = self._times_by_size.get(transfer.size_bytes) or self._times(transfer.size_bytes)
         upstream_done_at = transfer.upstream_done_at
         if upstream_done_at is None:
             return full, first_chunk, 0.0
@@ -128,7 +127,7 @@ class Channel:
     def _finish(self, serial) -> None:
         if serial != self._serial:  # the service was preempted and this end is void
             return
-        transfer, duration, first_chunk_at, *_ = self._serving
+        transfer, duration, first_chunk_at, _, _, _ = self._serving
         now = self.calendar.now
         self.busy_s += duration
         self.bytes_carried += transfer.hop_bytes

@@ -22,7 +22,7 @@ from tierflow.energy import EnergyModel
 from tierflow.errors import TierflowError
 from tierflow.ledger import Ledger, Route
 from tierflow.metrics import Results, collect_results
-from tierflow.prefetch import PrefetchContext, make_prefetcher
+from tierflow.prefetch import PrefetchContext, Prefetcher, make_prefetcher
 from tierflow.sim.calendar import Calendar
 from tierflow.sim.dram import StagingBuffer
 from tierflow.sim.gpu import ComputeModels, FutureIndex, GpuStream, attention_groups, kv_layout
@@ -338,9 +338,11 @@ class Simulation:
         self.calendar = Calendar()  # the data paths' events, which the GPU stream catches up with
         self.ledger = Ledger()
         self.energy = energy_model(scenario, self.hardware, self.plan.gpus)
+        self.routes = self._routes()
         self.memories = [self._memory(gpu) for gpu in range(self.plan.gpus)]
         self.prefetcher = self._prefetcher()
-        if self.prefetcher is not None:
+        # Only a prefetcher that listens is told of evictions: nearly every miss evicts.
+        if self.prefetcher is not None and type(self.prefetcher).on_eviction is not Prefetcher.on_eviction:
             experts = self.workload.num_experts
             for memory in self.memories:
                 memory.eviction_listeners.append(lambda key: self.prefetcher.on_eviction(key // experts, key % experts))
@@ -380,22 +382,29 @@ class Simulation:
             ddr = self._cache(f"ddr{gpu}", scenario.ddr_cache.policy, scenario.ddr_cache.params,
                               plan.ddr_cache_experts)
         host_link = LinkChannel(calendar, hw.host_link, TRANSFER_CHUNK_BYTES, name=f"{hw.host_link.name} #{gpu}")
-        paths = {"ddr": FetchPath([host_link], Route("ddr", "hbm", (hw.host_link.name,)))}
+        paths = {"ddr": FetchPath([host_link], self.routes["ddr"])}
         if scenario.placement == "ssd":
             ssd = SsdChannel(calendar, hw.ssd, hw.ssd_link, TRANSFER_CHUNK_BYTES, name=f"{hw.ssd.name} #{gpu}")
-            # A drive that sits on the GPU's own offload link (the seed paper's profiles) sends its bits over that
-            # link once: the drive's channel is capped at the link's rate and the link channel carries them.
-            links = (hw.host_link.name,) if hw.ssd_link == hw.host_link else (hw.ssd_link.name, hw.host_link.name)
-            staged = ssd_reads_staged(scenario, hw)
             staging = (StagingBuffer(calendar, staging_bytes(hw), prefetch_reserve_bytes=plan.expert_bytes)
-                       if staged and ddr is None else None)
-            paths["ssd"] = FetchPath([ssd, host_link], Route("ssd", "hbm", links, "ddr" if staged else None),
-                                     staging)
+                       if ssd_reads_staged(scenario, hw) and ddr is None else None)
+            paths["ssd"] = FetchPath([ssd, host_link], self.routes["ssd"], staging)
         for path in paths.values():
             for channel in path.hops:
                 channel.preemptive = scenario.prefetch.preempt
         return ExpertMemory(calendar, gpu, hbm, ddr, paths, scenario.placement, plan.expert_bytes, self.ledger,
                             self.workload.num_layers, reserve_bytes=self._prefetch_reserve())
+
+    def _routes(self) -> dict[str, Route]:
+        """Each source tier's route into HBM, by tier. Every GPU's path shares the one object: the ledger's tables
+        then find a route by identity rather than by comparing its fields."""
+        hw = self.hardware
+        routes = {"ddr": Route("ddr", "hbm", (hw.host_link.name,))}
+        if self.scenario.placement == "ssd":
+            # A drive that sits on the GPU's own offload link (the seed paper's profiles) sends its bits over that
+            # link once: the drive's channel is capped at the link's rate and the link channel carries them.
+            links = (hw.host_link.name,) if hw.ssd_link == hw.host_link else (hw.ssd_link.name, hw.host_link.name)
+            routes["ssd"] = Route("ssd", "hbm", links, "ddr" if ssd_reads_staged(self.scenario, hw) else None)
+        return routes
 
     def _prefetch_reserve(self) -> int:
         """The unpinned room a prefetch leaves for the next demand: the most experts one layer of one step can

@@ -110,6 +110,7 @@ class ComputeModel:
         self._window = {layer: spec.sliding_window_tokens for layer in spec.sliding_window_layers}
         self._moe_layer_bytes = spec.non_expert_bytes_per_moe_layer
         self._attention_memo: dict[int, Phase] = {}
+        self._experts_memo: dict[tuple, Phase] = {}
         self._contexts: tuple | None = None  # the per-sequence contexts _attended last saw, and their sums
         self._attended_memo: dict[int | None, int] = {}
         self._allreduce_s = self._all_reduce_s(self.group_batch * spec.hidden_size * ACTIVATION_BYTES, self.tp)
@@ -241,22 +242,39 @@ class ComputeModel:
 
     def experts(self, experts: list[int], tokens_per_expert: list[int]) -> Phase:
         """Routed experts of one MoE layer, expert-parallel: the busiest GPU sets the time."""
-        n, size = self.gpus, self.expert_bytes
-        read = len(experts) * size
-        l1 = read if max(tokens_per_expert) <= L1_TILE_TOKENS else size * sum(map(l1_passes, tokens_per_expert))
-        if n == 1:
-            tokens = sum(tokens_per_expert)
-            flops = tokens * self.expert_flops
-            return Phase(self._roofline(flops, read, self._expert_rate), flops, read, l1)
+        n = self.gpus
         # Plain Python: a layer has a handful of experts, too few for numpy to pay off.
-        tokens, count = [0] * n, [0] * n
-        for expert, routed in zip(experts, tokens_per_expert, strict=True):
-            gpu = expert % n
-            tokens[gpu] += routed
-            count[gpu] += 1
+        held = [0] * n  # experts per GPU
+        for expert in experts:
+            held[expert % n] += 1
+        if tokens_per_expert.count(1) == len(tokens_per_expert):  # one token each (batch 1): tokens follow experts
+            busiest_tokens, total_tokens = max(held), len(experts)
+        else:
+            tokens = [0] * n
+            for expert, routed in zip(experts, tokens_per_expert, strict=True):
+                tokens[expert % n] += routed
+            busiest_tokens, total_tokens = max(tokens), sum(tokens)
+        l1_passes_sum = None if max(tokens_per_expert) <= L1_TILE_TOKENS else sum(map(l1_passes, tokens_per_expert))
+        # Layers with the same figures cost the same, and a run meets few combinations of them.
+        figures = busiest_tokens, max(held), total_tokens, len(experts), l1_passes_sum
+        phase = self._experts_memo.get(figures)
+        if phase is None:
+            if len(self._experts_memo) > 4096:
+                self._experts_memo.clear()
+            phase = self._experts_memo[figures] = self._experts(*figures)
+        return phase
+
+    def _experts(self, busiest_tokens: int, busiest_experts: int, total_tokens: int, experts: int,
+                 l1_passes_sum: int | None) -> Phase:
+        """The phase of :meth:`experts` from its figures: the busiest GPU's tokens and experts, the layer's tokens
+        and experts, and the L1 passes its weights take (None: one pass each)."""
+        size = self.expert_bytes
+        read = experts * size
+        l1 = read if l1_passes_sum is None else size * l1_passes_sum
         # The busiest GPU's roofline: the max over GPUs of max(compute, memory) is the larger of the two maxima.
-        busiest = self._roofline(max(tokens) * self.expert_flops, max(count) * size, self._expert_rate)
-        return Phase(busiest + self._dispatch_s, sum(tokens) * self.expert_flops, read, l1, self._dispatch_bytes)
+        # On one GPU the dispatch is free (0 s, no bytes).
+        busiest = self._roofline(busiest_tokens * self.expert_flops, busiest_experts * size, self._expert_rate)
+        return Phase(busiest + self._dispatch_s, total_tokens * self.expert_flops, read, l1, self._dispatch_bytes)
 
     def lm_head(self) -> Phase:
         spec = self.spec
@@ -527,30 +545,32 @@ class GpuStream:
         proposals = self.prefetcher.on_routing(event)
         if not proposals:
             return
-        memories, max_queued = self.memories, self.max_queued
+        memories, max_queued, budget, deferred = self.memories, self.max_queued, self.budget, self.deferred
         num_experts, num_layers, gpus = self.workload.num_experts, self.workload.num_layers, len(memories)
         last_layer = layer + self.lookahead
+        this_step = step.index
+        has_next_step = this_step + 1 < len(self.workload.steps)
         issued = 0
         for target_layer, expert in proposals:
-            if issued >= self.budget:
+            if issued >= budget:
                 break
             if not layer < target_layer <= last_layer:
                 continue
-            target_step = step.index
+            target_step = this_step
             if target_layer >= num_layers:  # past the last layer: the next step's, if the run has one
-                if target_step + 1 >= len(self.workload.steps):
+                if not has_next_step:
                     continue
-                target_step, target_layer = target_step + 1, target_layer - num_layers
+                target_step, target_layer = this_step + 1, target_layer - num_layers
             key = target_layer * num_experts + expert
             memory = memories[expert % gpus]
             if key in memory.resident:  # most proposals: skipped without spending budget
                 continue
             blocker = memory.prefetch_blocker(key, max_queued)
             if blocker is None:
-                self._start_prefetch(memory, key, target_step, target_layer, step.index, layer, time)
+                self._start_prefetch(memory, key, target_step, target_layer, this_step, layer, time)
                 issued += 1
-            elif blocker == "queue" and self.deferred is not None:
-                self._defer(self.deferred[expert % gpus], key, target_step, target_layer)
+            elif blocker == "queue" and deferred is not None:
+                self._defer(deferred[expert % gpus], key, target_step, target_layer)
 
     def _start_prefetch(self, memory, key: int, target_step: int, target_layer: int, step: int, layer: int,
                         time: int) -> None:

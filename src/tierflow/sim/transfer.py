@@ -26,9 +26,8 @@ class Transfer:
         self.priority, self.hops, self.hop, self.gpu = priority, hops, 0, gpu
         self.prefetched = priority == PREFETCH
         self.waiters = []
-        self.issued_at = calendar.now
+        self.issued_at = self.data_ready_at = calendar.now
         self.arrived_at = None
-        self.data_ready_at = calendar.now
         self.upstream_done_at = None
         self.on_done = on_done
         self.staged_bytes = 0
