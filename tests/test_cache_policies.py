@@ -334,6 +334,12 @@ def test_learned_sequence_features_count_visits_within_the_current_request():
     assert column(length, 8, token=13) == [0.0, 0.0]  # token 13 is its only one and the current one
     assert column(length, 8, token=14) == [1.0, 1.0]
     assert column(length, 9) == [0.0, 0.0]
+    previous = "used by the current sequence's previous token at its layer (1 or 0)"
+    assert column(previous, 7) == [0.0, 0.0]  # its last token (12) used y, but token 15 is its fourth
+    assert column(previous, 7, token=12) == [0.0, 1.0]  # during its token 12: y was used by it at layer 0
+    assert column(previous, 8, token=13) == [1.0, 0.0]
+    assert column(previous, 8, token=14) == [0.0, 0.0]  # the next use of layer 0 comes in its next token
+    assert column("log2(sequences among the last 64 tokens)", 7) == [math.log2(3)] * 2  # 7, 8 and none
     for other in range(ExpertFeatures.MAX_SEQUENCES - 1):  # with 8 and None: MAX_SEQUENCES since 7 was seen
         features.observe("y", Access("y", 20 + other, step=20 + other, sequence=100 + other), steps=20.0 + other)
     assert column(visits, 7, token=60) == [0.0, 0.0]
@@ -357,10 +363,31 @@ def test_learned_features_of_interleaved_requests_are_each_request_alone():
                                                       requests.sequences.tolist(), strict=True)):
             features.observe(key, Access(key, i, layer=key // 8, step=step, sequence=sequence), steps=i / 4)
             row = features.rows(np.array([features.slot_of[key]]), i / 4, step, key // 8, sequence)[0]
-            seen.setdefault(sequence, []).append((key, row[15], row[16]))
+            seen.setdefault(sequence, []).append((key, row[15], row[16], row[17]))
         return seen
 
     assert per_request(served) == per_request(alone)
+
+
+def test_learned_request_reuse_flag_is_the_previous_token_flag_for_requests_one_at_a_time():
+    """Replayed one request after another, "used by the current sequence's previous token" is "used by the
+    previous token" at every access except a request's first token (the previous token is another request's)."""
+    arrays = generate_arrays(3, 8, 2, 90, num_sequences=3, seed=4, params=ROUTING_PROFILES["coarse"])
+    requests = Requests.from_experts(arrays["experts"], 8, sequence_id=arrays["sequence_id"])
+    features = ExpertFeatures(num_layers=3)
+    first_tokens = set(np.flatnonzero(np.r_[True, np.diff(arrays["sequence_id"]) != 0]).tolist())
+    flags = (FEATURES.index("used by the previous token at its layer (1 or 0)"),
+             FEATURES.index("used by the current sequence's previous token at its layer (1 or 0)"))
+    compared = 0
+    for i, (key, step, sequence) in enumerate(zip(requests.keys.tolist(), requests.steps.tolist(),
+                                                  requests.sequences.tolist(), strict=True)):
+        slots = features.resident_slots()
+        if len(slots) and step not in first_tokens:
+            rows = features.rows(slots, i / 6, step, key // 8, sequence)
+            np.testing.assert_array_equal(rows[:, flags[0]], rows[:, flags[1]])
+            compared += len(slots)
+        features.observe(key, Access(key, i, layer=key // 8, step=step, sequence=sequence), steps=i / 6)
+    assert compared > 1000
 
 
 @pytest.mark.parametrize(("profile", "shape", "tokens", "scope", "capacity"), [

@@ -10,7 +10,9 @@ a global pool the experts of the next layers are needed soonest), the cache's si
 requests, and the expert's visits within the current request (``Access.sequence``) with that request's length
 so far: a request's topic sets which experts are popular, so counts restarted at each request estimate it
 without the previous request's counts mixed in (each request keeps its own counts, so requests that decode side
-by side, their tokens interleaved in a serving log, do not reset each other's). Per-key history is kept after eviction, so a returning expert
+by side, their tokens interleaved in a serving log, do not reset each other's), whether the current request's
+previous token used the expert, and how many requests the last tokens came from (one when requests decode one
+at a time). Per-key history is kept after eviction, so a returning expert
 brings its frequency with it. The counters are updated incrementally at each access; time is ``Access.time /
 (num_layers * top_k)`` steps.
 
@@ -32,7 +34,7 @@ skipped (their features changed) and the next ranking sees them again.
 from __future__ import annotations
 
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from importlib import resources
 from pathlib import Path
 
@@ -63,6 +65,8 @@ FEATURES = (
     "log2(capacity / requests per step)",
     "log2(1 + visits within the current sequence)",
     "log2(tokens of the current sequence so far)",
+    "used by the current sequence's previous token at its layer (1 or 0)",
+    "log2(sequences among the last 64 tokens)",
 )
 NUM_FEATURES = len(FEATURES)
 # The network's outputs: log-odds of a next use within each of these horizons (decode steps).
@@ -206,17 +210,21 @@ class ExpertFeatures:
     # Requests whose per-expert visits are kept, the most recently seen: a serving log interleaves as many
     # requests as the engine decodes side by side; a request unseen while this many others came is forgotten.
     MAX_SEQUENCES = 32
+    RECENT_TOKENS = 64  # the window in which the requests decoding side by side are counted
 
     def __init__(self, num_layers: int, capacity_steps: float = 1.0):
         """``capacity_steps``: the cache's capacity in decode steps of requests (a feature of every row)."""
         self.num_layers = num_layers
         self.log_capacity_steps = float(np.log2(max(capacity_steps, 1e-3)))
         self.history: dict = {}  # key -> [last_step, visits, decayed x3, last_gap, mean_gap]
-        # sequence -> (key -> visits within it), and sequence -> [its last token seen, its tokens seen], the
-        # most recently seen sequence last: counted per request, so that requests decoding side by side (their
-        # tokens interleaved) do not restart each other's counts
+        # sequence -> (key -> [visits within it, its token count at the last]), and sequence -> [its last token
+        # seen, its tokens seen], the most recently seen sequence last: counted per request, so that requests
+        # decoding side by side (their tokens interleaved) do not restart each other's counts
         self.sequence_visits: OrderedDict = OrderedDict()
         self.sequence_tokens: dict = {}
+        self.recent = deque()  # the sequence of each of the last RECENT_TOKENS tokens, and how often each is there
+        self.recent_count: dict = {}
+        self.last_token = None
         self.slot_of: dict = {}
         self.keys: list = []
         self.free: list[int] = []
@@ -245,20 +253,38 @@ class ExpertFeatures:
         self.table[slot] = (*record[:1], access.layer, *record[1:], access.score, access.next_use, token, version)
 
     def _count_in_sequence(self, key, sequence, token: int) -> None:
+        if token != self.last_token:
+            self.last_token = token
+            self._enter_recent(sequence)
         visits = self.sequence_visits.get(sequence)
         if visits is None:
             if len(self.sequence_visits) >= self.MAX_SEQUENCES:
                 forgotten, _ = self.sequence_visits.popitem(last=False)
                 del self.sequence_tokens[forgotten]
             visits = self.sequence_visits[sequence] = {}
-            self.sequence_tokens[sequence] = [token, 1]
+            tokens = self.sequence_tokens[sequence] = [token, 1]
         else:
             self.sequence_visits.move_to_end(sequence)
             tokens = self.sequence_tokens[sequence]
             if tokens[0] != token:
                 tokens[0] = token
                 tokens[1] += 1
-        visits[key] = visits.get(key, 0) + 1
+        entry = visits.get(key)
+        if entry is None:
+            visits[key] = [1, tokens[1]]
+        else:
+            entry[0] += 1
+            entry[1] = tokens[1]
+
+    def _enter_recent(self, sequence) -> None:
+        recent, count = self.recent, self.recent_count
+        recent.append(sequence)
+        count[sequence] = count.get(sequence, 0) + 1
+        if len(recent) > self.RECENT_TOKENS:
+            gone = recent.popleft()
+            count[gone] -= 1
+            if not count[gone]:
+                del count[gone]
 
     def _allocate(self, key) -> int:
         if not self.free:
@@ -307,16 +333,21 @@ class ExpertFeatures:
         rows[:, 13] = c[self.LAYER] / self.num_layers
         rows[:, 14] = self.log_capacity_steps
         sequence = self.NO_SEQUENCE if now_sequence is None else now_sequence
-        visits = self.sequence_visits.get(sequence)
-        if visits:
-            keys = self.keys
-            rows[:, 15] = np.log2(1.0 + np.fromiter((visits.get(keys[slot], 0) for slot in slots.tolist()),
-                                                    dtype=np.float64, count=len(slots)))
-        else:
-            rows[:, 15] = 0.0
         tokens = self.sequence_tokens.get(sequence)  # [last token seen, tokens seen]
         so_far = 1 if tokens is None else tokens[1] + (tokens[0] != now_token)  # the current token included
         rows[:, 16] = np.log2(so_far)
+        visits = self.sequence_visits.get(sequence)
+        if visits:
+            keys, none = self.keys, (0, 0)
+            mine = np.array([visits.get(keys[slot], none) for slot in slots.tolist()], dtype=np.float64)
+            rows[:, 15] = np.log2(1.0 + mine[:, 0])
+            # As feature 2, within the request: its token that last computed the expert's layer is the current
+            # one for the layers computed already, else the one before.
+            rows[:, 17] = (mine[:, 0] > 0) & (mine[:, 1] == so_far - (c[self.LAYER] > current_layer))
+        else:
+            rows[:, 15] = 0.0
+            rows[:, 17] = 0.0
+        rows[:, 18] = np.log2(max(len(self.recent_count), 1))
         return rows
 
 
