@@ -36,6 +36,12 @@ persists): the survival probabilities come from the state chain by backward recu
 Ablations drop one hidden quantity: ``topic`` (the topic-averaged tables), ``state`` (the current state
 replaced by its topic's mix), ``reuse`` (whether the expert was in the last row is ignored).
 
+The Mixtral trace is replayed as the fixture's engine ran it (scripts/make_mixtral_fixture.py: four requests
+side by side, their tokens interleaved). A layer's coming visits are then rows of several requests, each of
+which continues its own routing (its topic, its latest realised token's state and row) or starts afresh within
+the horizon; the chance of no use is the product of each request's, from the same tables. Only the horizon rules
+(``hN``, ``hcap``, ``density``) are computed for such a replay, not ``eut``.
+
 The policy is an analysis tool, not a registered cache policy: it reads the generator's hidden variables.
 """
 
@@ -57,13 +63,13 @@ from tierflow.cache.base import Access, CacheContext, Policy, TierCache  # noqa:
 from tierflow.cache.scope import LayeredCache  # noqa: E402
 from tierflow.catalog import get_model  # noqa: E402
 from tierflow.replay import Requests, lru_hits, replay  # noqa: E402
-from tierflow.trace.synth import RoutingModel, SynthParams, generate_arrays  # noqa: E402
+from tierflow.trace.synth import RoutingModel, SynthParams, engine_order, generate_arrays  # noqa: E402
 
 DENSITY_HORIZONS = (1, 2, 4, 8, 16, 32)
 MAX_VISITS = 64  # survival probabilities are tabulated up to this many visits of a layer (decode steps)
-TRACES = {  # name -> (catalog model, tokens, seed): the results table's two traces
-    "deepseek": ("deepseek-r1", 2000, 0),
-    "mixtral": ("mixtral-8x7b", 10_000, 7),
+TRACES = {  # name -> (catalog model, tokens, seed, requests side by side): the results table's two traces
+    "deepseek": ("deepseek-r1", 2000, 0, 1),
+    "mixtral": ("mixtral-8x7b", 10_000, 7, 4),  # scripts/make_mixtral_fixture.py's engine: four at a time
 }
 
 
@@ -80,15 +86,23 @@ class Hidden:
     state: np.ndarray  # (tokens,) routing state (the same at every layer: no cross-layer affinity)
     topic: np.ndarray  # (sequences,)
     model: RoutingModel
+    interleave: int = 1  # requests decoding side by side in the replay (1: one after another, as generated)
 
     @property
     def requests(self) -> Requests:
-        return Requests.from_experts(self.experts, self.model.num_experts, self.gate_scores)
+        stored = Requests.from_experts(self.experts, self.model.num_experts, self.gate_scores,
+                                       sequence_id=self.sequence_id)
+        return stored.interleaved(self.interleave)
+
+    @property
+    def order(self) -> np.ndarray:
+        """The generated token behind each replayed row."""
+        return engine_order(self.sequence_id, self.interleave)
 
 
-def regenerate(model_name: str, tokens: int, seed: int) -> Hidden:
+def regenerate(model_name: str, tokens: int, seed: int, interleave: int = 1) -> Hidden:
     """The trace ``tierflow trace gen`` writes for these arguments (the Mixtral fixture is the same routing
-    imported), with its hidden variables."""
+    imported, replayed with ``interleave`` requests side by side), with its hidden variables."""
     spec = get_model(model_name)
     params = SynthParams.for_model(spec.name)
     if params.affinity != 0.0:
@@ -97,7 +111,7 @@ def regenerate(model_name: str, tokens: int, seed: int) -> Hidden:
                              params=params, with_states=True)
     model = RoutingModel(spec.num_moe_layers, spec.num_routed_experts, spec.top_k, params, seed)
     return Hidden(arrays["experts"], arrays["gate_scores"], arrays["sequence_id"], arrays["state"][:, 0],
-                  arrays["topic"], model)
+                  arrays["topic"], model, interleave)
 
 
 def inclusion(p: np.ndarray, k: int) -> np.ndarray:
@@ -164,6 +178,9 @@ class Oracle:
         self.topic = topic[seq]
         self.next_topic = np.r_[topic[seq[starts[1:]]], -1][index]  # -1: no next sequence
         self.state = hidden.state.astype(np.int64)
+        self.interleave = hidden.interleave
+        self.order = hidden.order  # replayed row -> generated token
+        self.experts = hidden.experts
 
     def tables(self, topic: int) -> Tables:
         if topic not in self._tables:
@@ -172,14 +189,19 @@ class Oracle:
         return self._tables[topic]
 
     def survival(self, keys: np.ndarray, last_token: np.ndarray, token: int, current_layer: int,
-                 visits: int | None, slots_left: int | None = None) -> np.ndarray:
+                 visits: int | None, slots_left: int | None = None, generated_order: bool = False) -> np.ndarray:
         """For each key: the probability of no use in the next ``visits`` visits of its layer (from the
         current token's, if the layer is still to come or the key not yet used in it), or with ``visits``
         None the expected decode steps to its next use (truncated at ``max_visits`` visits).
 
         ``slots_left``: how many of the current layer's ``top_k`` accesses come after the one being served
         (the replay serves a row slot by slot); a key of the current layer not yet used in this token can
-        only be among those, a share ``slots_left / top_k`` of the row. None: the whole row."""
+        only be among those, a share ``slots_left / top_k`` of the row. None: the whole row.
+
+        ``token`` and ``last_token`` are replayed rows; with ``generated_order`` they are generated tokens and
+        the requests are taken one after another whatever the replay order."""
+        if self.interleave > 1 and not generated_order:
+            return self._survival_side_by_side(keys, last_token, token, current_layer, visits, slots_left)
         E = self.num_experts
         layer, expert = keys // E, keys % E
         later = (layer > current_layer) | ((layer == current_layer) & (last_token != token))
@@ -223,6 +245,58 @@ class Oracle:
         after = 0.0 if next_topic < 0 else self.tables(next_topic).cumD[rest, layer, expert]
         offset = (layer - current_layer + np.where(later, 0, self.num_layers)) / self.num_layers
         return offset + within + cur_m * after
+
+
+    def _survival_side_by_side(self, keys, last_row, row, current_layer, visits, slots_left):
+        """:meth:`survival` for a replay of requests side by side (``row`` and ``last_row`` are replayed rows):
+        the coming visits of a layer are rows of several requests, each continuing its own routing (its topic, its
+        latest realised token's state and row) or starting afresh, so the chance of no use is the product over
+        the requests of each one's, from the same tables."""
+        if visits is None:
+            raise SystemExit("with requests side by side only the horizon rules (hN, hcap, density) are computed")
+        E = self.num_experts
+        layer, expert = keys // E, keys % E
+        later = (layer > current_layer) | ((layer == current_layer) & (last_row != row))
+        token = int(self.order[row])
+        result = np.ones(len(keys))
+        for is_later in (True, False):  # the window of coming rows starts at this row or the next
+            chosen = later == is_later
+            if not chosen.any():
+                continue
+            start = row if is_later else row + 1
+            window = self.order[start:start + visits]
+            product = np.ones(int(chosen.sum()))
+            l, e = layer[chosen], expert[chosen]
+            sequences = self.seq_start[window]
+            for first in np.unique(sequences).tolist():
+                tokens = window[sequences == first]
+                n, head = len(tokens), int(tokens.min())
+                tables = self.tables(int(self.topic[head]))
+                if head == self.seq_start[head]:  # the request starts in the window: every slot fresh at first
+                    product *= tables.D[n, l, e]
+                    continue
+                known = head if head == token else head - 1  # the current token's state is given
+                state = self.state[known]
+                if "state" in self.ablate:  # states unknown: the topic's mix instead
+                    weights = self._mix[int(self.topic[head])]
+
+                    def at(table, m):
+                        return np.einsum("s,rs->r", weights, table[m, l, :, e])
+                else:
+                    def at(table, m):
+                        return table[m, l, state, e]
+                alive = (self.experts[head - 1, l] == e[:, None]).any(axis=1) & ("reuse" not in self.ablate)
+                factor = np.where(alive, 1.0 - self.reuse, 1.0)
+                if head != token:
+                    product *= factor * at(tables.C, n)
+                    continue
+                miss_now = factor * at(tables.miss[None], 0)  # the current token's visit
+                if slots_left is not None:
+                    share = np.where(l == current_layer, slots_left / self.top_k, 1.0)
+                    miss_now = 1.0 - share * (1.0 - miss_now)
+                product *= miss_now * at(tables.C, n - 1)
+            result[chosen] = product
+        return result
 
 
 # ----------------------------------------------------------------------------------------------- the policy
@@ -355,7 +429,7 @@ def calibration(hidden: Hidden, oracle: Oracle, sample: int = 4000, seed: int = 
     for i in range(sample):  # at token t, layer 0 computing, key at a later layer: first visit is token t
         last = np.array([t[i] - 1 if used_before[i] else -10])
         keys = np.array([layer[i] * E + expert[i]])
-        predicted[i] = 1.0 - oracle.survival(keys, last, int(t[i]), -1, 1)[0]
+        predicted[i] = 1.0 - oracle.survival(keys, last, int(t[i]), -1, 1, generated_order=True)[0]
     observed = (hidden.experts[t, layer] == expert[:, None]).any(axis=1)
     return float(predicted.mean()), float(observed.mean())
 
@@ -377,14 +451,15 @@ def main(argv=None) -> None:
     parser.add_argument("--global-rerank", choices=("layer", "token"), default="layer",
                         help="a global pool ranks again at each layer (default) or only at each token")
     args = parser.parse_args(argv)
-    model_name, tokens, seed = TRACES[args.trace]
+    model_name, tokens, seed, interleave = TRACES[args.trace]
     tokens = args.tokens or tokens
     seed = seed if args.seed is None else args.seed
-    hidden = regenerate(model_name, tokens, seed)
+    hidden = regenerate(model_name, tokens, seed, interleave)
     oracle = Oracle(hidden, [a for a in args.ablate.split(",") if a])
     requests = hidden.requests
     predicted, observed = calibration(hidden, oracle)
-    print(f"{model_name} seed {seed}, {tokens} tokens, {len(requests):,} accesses; ablated: {args.ablate or 'none'}")
+    print(f"{model_name} seed {seed}, {tokens} tokens, {len(requests):,} accesses, {interleave} request(s) side by "
+          f"side; ablated: {args.ablate or 'none'}")
     print(f"calibration: predicted P(use at next visit) {predicted:.4f}, observed {observed:.4f}")
     rules = args.rules.split(",")
     print("| scope | capacity | lru | belady | " + " | ".join(f"{r} (closed)" for r in rules) + " |")
