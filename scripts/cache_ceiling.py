@@ -214,14 +214,7 @@ class Oracle:
             alive[:] = False
         factor = np.where(alive, 1.0 - self.reuse, 1.0)
         tables = self.tables(int(self.topic[token]))
-        state = self.state[token]
-        if "state" in self.ablate:  # the current state unknown: its topic's mix instead
-            weights = self._mix[int(self.topic[token])]
-            def at(table, n):
-                return np.einsum("s,rs->r", weights, table[n, layer, :, expert])
-        else:
-            def at(table, n):
-                return table[n, layer, state, expert]
+        at = self._lookup(layer, expert, token)
         # No use in the first j visits of the current sequence: miss * C_{j-1} from the current token,
         # C_j from the next one.
         miss_now = at(tables.miss[None], np.zeros_like(m))
@@ -246,6 +239,15 @@ class Oracle:
         offset = (layer - current_layer + np.where(later, 0, self.num_layers)) / self.num_layers
         return offset + within + cur_m * after
 
+
+    def _lookup(self, layer, expert, token: int):
+        """``at(table, n)``: the entries of a ``(visits, layer, state, expert)`` table for these keys, from token
+        ``token``'s routing state (its topic's state mix when the state is ablated: unknown)."""
+        if "state" in self.ablate:
+            weights = self._mix[int(self.topic[token])]
+            return lambda table, n: np.einsum("s,rs->r", weights, table[n, layer, :, expert])
+        state = self.state[token]
+        return lambda table, n: table[n, layer, state, expert]
 
     def _survival_side_by_side(self, keys, last_row, row, current_layer, visits, slots_left):
         """:meth:`survival` for a replay of requests side by side (``row`` and ``last_row`` are replayed rows):
@@ -275,16 +277,7 @@ class Oracle:
                 if head == self.seq_start[head]:  # the request starts in the window: every slot fresh at first
                     product *= tables.D[n, l, e]
                     continue
-                known = head if head == token else head - 1  # the current token's state is given
-                state = self.state[known]
-                if "state" in self.ablate:  # states unknown: the topic's mix instead
-                    weights = self._mix[int(self.topic[head])]
-
-                    def at(table, m):
-                        return np.einsum("s,rs->r", weights, table[m, l, :, e])
-                else:
-                    def at(table, m):
-                        return table[m, l, state, e]
+                at = self._lookup(l, e, head if head == token else head - 1)  # the current token's state is given
                 alive = (self.experts[head - 1, l] == e[:, None]).any(axis=1) & ("reuse" not in self.ablate)
                 factor = np.where(alive, 1.0 - self.reuse, 1.0)
                 if head != token:
