@@ -92,7 +92,7 @@ class Hidden:
     def requests(self) -> Requests:
         stored = Requests.from_experts(self.experts, self.model.num_experts, self.gate_scores,
                                        sequence_id=self.sequence_id)
-        return stored.interleaved(self.interleave)
+        return stored.tokens_in_order(self.order)
 
     @property
     def order(self) -> np.ndarray:
@@ -238,7 +238,6 @@ class Oracle:
         after = 0.0 if next_topic < 0 else self.tables(next_topic).cumD[rest, layer, expert]
         offset = (layer - current_layer + np.where(later, 0, self.num_layers)) / self.num_layers
         return offset + within + cur_m * after
-
 
     def _lookup(self, layer, expert, token: int):
         """``at(table, n)``: the entries of a ``(visits, layer, state, expert)`` table for these keys, from token

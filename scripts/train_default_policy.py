@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from tierflow.cache import training
-from tierflow.replay import Requests, read_requests
+from tierflow.replay import read_requests
 from tierflow.trace.synth import SynthParams, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +57,6 @@ def training_traces(work_dir: Path) -> list[tuple[Path, int]]:
     return traces
 
 
-def served(path: Path, concurrent: int) -> Requests:
-    """A trace's accesses with ``concurrent`` requests decoding side by side."""
-    return read_requests(path).interleaved(concurrent)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -74,8 +69,8 @@ def main() -> None:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         traces = training_traces(work_dir)
-        report = training.train([served(path, concurrent) for path, concurrent in traces], args.out,
-                                seed=args.seed, rounds=args.rounds, later_tokens=args.dagger_tokens,
+        report = training.train([read_requests(path).interleaved(concurrent) for path, concurrent in traces],
+                                args.out, seed=args.seed, rounds=args.rounds, later_tokens=args.dagger_tokens,
                                 sources=[f"{path.name} x{concurrent}" for path, concurrent in traces])
     print(f"wrote {args.out}: {report}")
 

@@ -49,9 +49,8 @@ def main() -> None:
             path = work_dir / f"validate-{model}-seed{seed}.h5"
             if not path.exists():
                 generate(model, tokens, path, sequences=sequences, seed=seed, workers=1)
-            requests = read_requests(path)
+            requests = read_requests(path).interleaved(concurrent)
             order = "one request at a time" if concurrent == 1 else "requests side by side"
-            requests = requests.interleaved(concurrent)
             for scope in SCOPES:
                 pool = requests.num_experts * (requests.num_layers if scope == "global" else 1)
                 capacities = [round(f * pool) for f in FRACTIONS if round(f * pool) >= requests.top_k]

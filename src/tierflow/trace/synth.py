@@ -642,14 +642,16 @@ def engine_steps(sequence_id: np.ndarray, concurrent: int):
     if concurrent < 1:
         raise TierflowError(f"concurrent requests must be at least 1, got {concurrent}")
     sequence_id = np.asarray(sequence_id)
-    starts = np.flatnonzero(np.r_[True, sequence_id[1:] != sequence_id[:-1]]) if len(sequence_id) else []
-    ends = np.r_[starts[1:], len(sequence_id)] if len(sequence_id) else []
+    if not len(sequence_id):
+        return
+    starts = np.flatnonzero(np.r_[True, sequence_id[1:] != sequence_id[:-1]])
+    ends = np.r_[starts[1:], len(sequence_id)]
     if len(starts) != len(np.unique(sequence_id)):
         ids, runs = np.unique(sequence_id[starts], return_counts=True)
         twice = ids[runs.argmax()]
         raise TierflowError(f"the trace does not store each request's tokens together (sequence {twice} comes "
                             f"back after others): its requests are interleaved already")
-    queue = list(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), strict=True))
+    queue = list(zip(starts.tolist(), ends.tolist(), strict=True))
     queue.reverse()  # popped from the end: the first request first
     running: list[list[int]] = []
     while queue or running:
