@@ -310,7 +310,9 @@ PCIE_GEN4_X16 = _cited(
 
 PCIE_GEN5_X16 = _cited(
     Link, name="PCIe Gen5 x16",
-    bandwidth_bytes_per_s=(35.2 * GB, f"[S] {_HW_MD}: 35.2 GB/s host-to-device measured on H100 (nvbandwidth#24)"),
+    bandwidth_bytes_per_s=(35.2 * GB, (f"[S] {_HW_MD}: 35.2 GB/s host-to-device measured on H100 (nvbandwidth#24); "
+                                       "an SM-copy figure, where the same run measured 52.8 GB/s device-to-host, so "
+                                       "a copy-engine (DMA) read may run faster: a conservative rate")),
     theoretical_bandwidth_bytes_per_s=(63.0 * GB, "[DER] 32 GT/s x 16 lanes x 128/130 / 8 = 63.0 GB/s"),
     latency_s=(5 * US, _PCIE_SETUP),
     pj_per_bit=(11.4, _PCIE_PHY_GEN5),
