@@ -683,6 +683,13 @@ BAD_SCENARIOS = {
     "bad placement": (["--set", "placement=tape"], "must be one of hbm, ddr, ssd"),
     "unknown policy": (["--set", "cache.policy=magic"], "valid: "),
     "unknown prefetcher": (["--set", "prefetch.policy=magic"], "valid: "),
+    # A cache the run does not build still has its policy and parameters checked, as the prefetcher has.
+    "parameter of a cache that is off": (["--scenario", "hbm_only", "--set", "cache.params.x=1"],
+                                         "cache policy 'lru': unknown parameter(s) x"),
+    "parameter of a DDR cache that is off": (["--set", "ddr_cache.params.x=1"],
+                                             "ddr_cache: cache policy 'lru': unknown parameter(s) x"),
+    "unknown policy of a DDR cache that is off": (["--set", "ddr_cache.policy=magic"],
+                                                  "ddr_cache: unknown cache policy 'magic'; valid: "),
     "unknown model": (["--set", "model=gpt-9"], "deepseek-r1"),
     "unknown hardware": (["--set", "hardware=abacus"], "h100-pcie5"),
     "too big": (["--set", "cache.capacity_experts=99999"], "HBM is free"),

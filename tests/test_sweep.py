@@ -372,6 +372,8 @@ cache.capacity_experts = 128
 @pytest.mark.parametrize("grid, fragments", [
     ({"cache.policy": ["lru", "bogus"]}, ["cache.policy='bogus'", "unknown cache policy 'bogus'"]),
     ({"cache.params.foo": [1]}, ["cache.params.foo=1", "unknown parameter(s) foo"]),
+    ({"ddr_cache.params.foo": [1]}, ["ddr_cache.params.foo=1", "ddr_cache: cache policy", "unknown parameter(s) foo"]),
+    ({"ddr_cache.policy": ["bogus"]}, ["ddr_cache.policy='bogus'", "ddr_cache: unknown cache policy 'bogus'"]),
     ({"workload.trace": ["/nonexistent/trace.h5"]}, ["/nonexistent/trace.h5", "no such file"]),
     ({"workload.trace": ["TEXT"]}, ["not an HDF5 file"]),
     ({"workload.trace": ["TOP2"]}, ["trace has top_k 2 but model 'olmoe-1b-7b' has top_k 8"]),

@@ -302,13 +302,13 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     working set, cache policies and prefetcher with their parameters. The workload is built as the run builds
     it; ``workloads`` keeps what the check needs of those built so far (their length and their layers' experts,
     not the steps), for points that share one. Raises :class:`TierflowError`."""
-    from tierflow.cache import POLICIES, make_policy
+    from tierflow.cache import make_policy
     from tierflow.catalog import get_model, get_profile
     from tierflow.prefetch import PREFETCHERS
     from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
-        check_hbm, compute_hbm_bandwidth, energy_model, layer_experts, layer_working_sets, load_scenario_workload,
-        plan_capacity)
+        check_hbm, check_policies, compute_hbm_bandwidth, energy_model, layer_experts, layer_working_sets,
+        load_scenario_workload, plan_capacity)
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
     check_hbm(scenario, spec, hardware)  # a batch whose KV cache cannot fit fails before its steps are built
@@ -322,7 +322,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     steps, experts = workloads[key]
     plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
                          working_sets=layer_working_sets(experts, scenario.gpus, spec.num_moe_layers))
-    POLICIES.get(scenario.cache.policy)
+    check_policies(scenario)
     # Built as the run builds them, without a cache behind them: parameters checked, files they name read.
     if plan.hbm_cache_experts is not None:
         make_policy(scenario.cache.policy, scenario.cache.params)

@@ -139,6 +139,16 @@ def _hbm_budget(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile, 
     return kv_per_gpu, non_expert_per_gpu, free
 
 
+def check_policies(scenario: Scenario) -> None:
+    """Both caches' policy names and parameters, whether or not the run builds that cache (a wrong name or
+    parameter is an error even where it would change nothing, as for the prefetcher)."""
+    POLICIES.params(scenario.cache.policy, scenario.cache.params)
+    try:
+        POLICIES.params(scenario.ddr_cache.policy, scenario.ddr_cache.params)
+    except TierflowError as error:
+        raise TierflowError(f"ddr_cache: {error}") from None
+
+
 def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) -> None:
     """The HBM check of :func:`plan_capacity` for the least KV cache any workload needs (one decode step), run
     before the workload is built: a batch whose KV cache cannot fit fails at once, whatever it would cost to
@@ -331,6 +341,7 @@ class Simulation:
         self.scenario = scenario
         self.spec = get_model(scenario.model)
         self.hardware = get_profile(scenario.hardware)
+        check_policies(scenario)
         check_hbm(scenario, self.spec, self.hardware)  # before the workload: a batch that cannot fit fails fast
         self.workload = load_scenario_workload(scenario, self.spec, trace)
         self.plan = plan_capacity(scenario, self.spec, self.hardware, self.workload)
@@ -347,7 +358,7 @@ class Simulation:
             for memory in self.memories:
                 memory.eviction_listeners.append(lambda key: self.prefetcher.on_eviction(key // experts, key % experts))
         # Offline policies (Belady) in either cache read each access's next use from the workload.
-        offline = [getattr(POLICIES.get(cache.policy), "needs_future", False) and capacity is not None
+        offline = [POLICIES.get(cache.policy).needs_future and capacity is not None
                    for cache, capacity in ((scenario.cache, self.plan.hbm_cache_experts),
                                            (scenario.ddr_cache, self.plan.ddr_cache_experts))]
         future = None
