@@ -206,9 +206,12 @@ def test_predicted_experts_round_trip_and_bad_ids_are_one_line(tmp_path):
     assert_one_line_error(run_cli("trace", "info", bad), "predicted_experts id 9 outside [0, 4)")
 
 
-def test_info_of_an_empty_trace_has_zero_not_negative_zero_entropy(tmp_path):
+def test_info_of_an_empty_trace_has_no_entropy(tmp_path):
+    """No selections, no popularity: null per layer (0 bits would read as every token on one expert), as the
+    reuse rate is null; the table says n/a."""
     path = tmp_path / "empty.h5"
     write_trace(path, np.zeros((0, 2, 2), dtype=int), np.zeros(0, dtype=int), model="m", num_experts=4, source="s")
-    text = run_cli("trace", "info", path, "--json", check_status=0).stdout
-    assert "-0.0" not in text
-    assert json.loads(text)["per_layer_popularity_entropy"] == [0.0, 0.0]
+    info = json.loads(run_cli("trace", "info", path, "--json", check_status=0).stdout)
+    assert info["per_layer_popularity_entropy"] == [None, None]
+    assert info["consecutive_token_reuse_rate"] is None
+    assert "popularity entropy    n/a (no tokens)" in run_cli("trace", "info", path, check_status=0).stdout

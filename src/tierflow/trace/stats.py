@@ -152,14 +152,16 @@ def summarize(path) -> dict:
         "num_experts": meta.num_experts,
         "top_k": meta.top_k,
         "source": meta.source,
-        "per_layer_popularity_entropy": [round(float(h), 6) for h in acc.entropy_bits()],
+        # A layer with no selections (a trace of no tokens) has no popularity: null, not the 0 bits of one expert.
+        "per_layer_popularity_entropy": [round(float(h), 6) if n else None
+                                         for h, n in zip(acc.entropy_bits(), acc.counts.sum(axis=-1), strict=True)],
         "consecutive_token_reuse_rate": None if reuse is None else round(reuse, 6),
     }
 
 
 def format_summary(summary: dict) -> str:
     """A readable rendering of :func:`summarize`'s dictionary."""
-    entropy = np.array(summary["per_layer_popularity_entropy"])
+    entropy = np.array([h for h in summary["per_layer_popularity_entropy"] if h is not None])
     max_bits = np.log2(summary["num_experts"]) if summary["num_experts"] > 1 else 1.0
     reuse = summary["consecutive_token_reuse_rate"]
     lines = [
@@ -174,7 +176,7 @@ def format_summary(summary: dict) -> str:
             f"{entropy.mean():.3f} bits mean, {entropy.min():.3f}..{entropy.max():.3f} over layers "
             f"({entropy.mean() / max_bits:.3f} of the uniform {max_bits:.3f} bits)"
             if entropy.size
-            else "n/a"
+            else "n/a (no tokens)"
         ),
         "consecutive reuse     " + ("n/a (no sequence has two tokens)" if reuse is None else f"{reuse:.3f}"),
     ]
