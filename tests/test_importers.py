@@ -457,6 +457,25 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
         run_import("per-step", [path], tmp_path / "t.h5", num_experts=8)
 
 
+def test_a_byte_order_mark_opening_a_log_is_read_past_and_one_elsewhere_is_an_error(tmp_path):
+    """A Windows editor's BOM opens the file, as scenario files may; inside a line it is not JSON."""
+    records = [step(), step(layer=1, experts=[2, 3])]
+    plain = write_jsonl(tmp_path / "plain.jsonl", records)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    run_import("per-step", [plain], tmp_path / "plain.h5", num_experts=8)
+    run_import("per-step", [marked], tmp_path / "marked.h5", num_experts=8)
+    plain_trace, marked_trace = read_trace(tmp_path / "plain.h5"), read_trace(tmp_path / "marked.h5")
+    plain_trace.pop("attrs"), marked_trace.pop("attrs")  # the source names the file
+    assert plain_trace.keys() == marked_trace.keys()
+    assert all(np.array_equal(value, marked_trace[name]) for name, value in plain_trace.items())
+    inside = tmp_path / "inside.jsonl"
+    lines = plain.read_bytes().splitlines(keepends=True)
+    inside.write_bytes(lines[0] + b"\xef\xbb\xbf" + lines[1])
+    with pytest.raises(TraceError, match="inside.jsonl: line 2: invalid JSON"):
+        run_import("per-step", [inside], tmp_path / "inside.h5", num_experts=8)
+
+
 def test_unknown_format_lists_the_valid_ones(tmp_path):
     with pytest.raises(TraceError, match="unknown import format 'csv'; valid formats: per-layer-files, per-step"):
         run_import("csv", [PER_STEP], tmp_path / "t.h5")

@@ -128,7 +128,8 @@ def _json_records(path: Path, progress: Progress | None = None) -> Iterator[tupl
                         unreported = 0
                 line = _Line(path, number)
                 try:
-                    text = raw.decode("utf-8")
+                    # The first line may open with a byte-order mark (Windows editors), as a scenario file may.
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError:
                     raise line.error("not UTF-8 text") from None
                 if text.strip():
