@@ -1000,6 +1000,18 @@ def test_a_set_layer_slots_replaces_the_files_capacity(tmp_path):
     assert scenario.cache.layer_slots == (20,) * 16 and scenario.cache.capacity_experts is None
 
 
+def test_a_files_section_that_is_not_a_table_is_the_files_error_whatever_set_says(tmp_path):
+    """--set names a key inside a section the file got wrong: the error is the file's, as without --set; a
+    section that --set itself made a value is --set's."""
+    path = tmp_path / "s.toml"
+    path.write_text('model = "olmoe-1b-7b"\n[[workload]]\nbatch_size = 1\n')
+    for overrides in ([], ["workload.decode_tokens=2"]):
+        with pytest.raises(TierflowError, match=r"^scenario key workload: expected a table, got \[\{'batch_size': 1\}\]$"):
+            load_scenario(str(path), overrides)
+    with pytest.raises(TierflowError, match="^--set workload.decode_tokens: 'workload' is not a table; valid keys: "):
+        load_scenario("ssd_offload", ["workload=3", "workload.decode_tokens=2"])
+
+
 def test_belady_in_the_simulator_bounds_the_online_policies():
     rates = {policy: run(small(**{"cache.policy": policy, "cache.capacity_experts": 60,
                                   "workload.decode_tokens": 40}))[1].summary["hit_rate"]["hbm"]

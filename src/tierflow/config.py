@@ -350,9 +350,12 @@ def apply_overrides(table: dict, overrides: Iterable[str]) -> dict:
             raise TierflowError(f"--set {item!r}: expected dotted.key=value")
         parts = key.split(".")
         node = merged
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                if prefix not in given:  # the scenario file's own value is wrong, whatever --set says
+                    raise TierflowError(f"scenario key {prefix}: expected a table, got {child!r}")
                 raise TierflowError(f"--set {key}: {part!r} is not a table; valid keys: {', '.join(valid_keys())}")
             node = child
         node[parts[-1]] = parse_value(raw.strip())
