@@ -1005,8 +1005,9 @@ def test_a_files_section_that_is_not_a_table_is_the_files_error_whatever_set_say
     section that --set itself made a value is --set's."""
     path = tmp_path / "s.toml"
     path.write_text('model = "olmoe-1b-7b"\n[[workload]]\nbatch_size = 1\n')
+    files_error = r"^scenario key workload: expected a table, got \[\{'batch_size': 1\}\]$"
     for overrides in ([], ["workload.decode_tokens=2"]):
-        with pytest.raises(TierflowError, match=r"^scenario key workload: expected a table, got \[\{'batch_size': 1\}\]$"):
+        with pytest.raises(TierflowError, match=files_error):
             load_scenario(str(path), overrides)
     with pytest.raises(TierflowError, match="^--set workload.decode_tokens: 'workload' is not a table; valid keys: "):
         load_scenario("ssd_offload", ["workload=3", "workload.decode_tokens=2"])
