@@ -369,6 +369,53 @@ def test_a_prefetch_still_in_its_latency_yields_at_once_and_resumes_whole():
     assert drive.busy_s == pytest.approx(prefetch.arrived_at, rel=1e-12)
 
 
+def test_a_drive_s_prefetch_that_yields_mid_stream_hands_the_waiting_demand_its_queued_time():
+    """A drive streams a prefetch in chunks of ``c`` seconds after its latency ``L``; a demand submitted half a
+    chunk into the third chunk waits for that chunk's end (L + 3c), its requests queued in the drive meanwhile, so
+    the half chunk it waited comes off its latency. The rest of the prefetch then streams behind it, latency hidden
+    (it has waited longer than L), and the drive is never idle."""
+    calendar = Calendar()
+    profile = get_profile("h100-pcie5")
+    chunk = 1 << 20
+    drive = SsdChannel(calendar, profile.ssd, profile.ssd_link, chunk)
+    drive.preemptive = True
+    rate, latency = drive.bandwidth_bytes_per_s, drive.latency_s
+    c = chunk / rate
+    assert c / 2 < latency  # the wait is shorter than the latency: all of it is hidden
+    prefetch = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", [drive], PREFETCH)
+    demand = Transfer(calendar, 1, 2_000_000, "ssd", "hbm", [drive], DEMAND)
+    prefetch.start()
+    calendar.run(until=latency + 2.5 * c)
+    demand.start()
+    calendar.run()
+    yielded = latency + 3 * c
+    assert demand.arrived_at == pytest.approx(yielded + (latency - c / 2) + 2_000_000 / rate, rel=1e-12)
+    assert prefetch.arrived_at == pytest.approx(demand.arrived_at + (10_000_000 - 3 * chunk) / rate, rel=1e-12)
+    assert drive.preemptions == 1 and drive.bytes_carried == 12_000_000
+    assert drive.busy_s == pytest.approx(prefetch.arrived_at, rel=1e-12)
+
+
+def test_a_pre_empted_prefetch_keeps_its_first_chunk_s_time_for_the_next_hop_s_credit():
+    """A 10 MB prefetch crosses two hops (1 GB/s, then an idle 0.5 GB/s, 1 MB chunks); a demand on the first hop
+    alone pre-empts it after its first chunk (1.001 ms) and holds the hop until 3.002 ms; the prefetch's other 9 MB
+    end at 12.003 ms. Its first chunk was ready for the second hop at 1.001 ms, not when it resumed: the second
+    hop is credited with what it could carry from then, 11.002 ms of its 20.001 ms, so the prefetch lands at
+    12.003 + 8.999 ms."""
+    calendar = Calendar()
+    first = _preemptive_link(calendar)
+    second = Channel(calendar, "slow", 0.5e9, 1e-6, 1_000_000)
+    prefetch = Transfer(calendar, 0, 10_000_000, "ssd", "hbm", [first, second], PREFETCH)
+    demand = Transfer(calendar, 1, 2_000_000, "ddr", "hbm", [first], DEMAND)
+    prefetch.start()
+    calendar.run(until=1e-3)
+    demand.start()
+    calendar.run()
+    assert demand.arrived_at == pytest.approx(1.001e-3 + 1e-6 + 2e-3, rel=1e-9)
+    read_done = demand.arrived_at + 1e-6 + 9e-3
+    assert prefetch.arrived_at == pytest.approx(read_done + (1e-6 + 20e-3) - (read_done - 1.001e-3), rel=1e-9)
+    assert first.preemptions == 1 and second.bytes_carried == 10_000_000
+
+
 def test_a_prefetch_in_its_last_chunk_finishes_first_and_a_plain_channel_never_yields():
     for preemptive, arrives in ((True, 9.5e-3), (False, 2.5e-3)):
         calendar = Calendar()
@@ -426,6 +473,9 @@ def test_a_demand_in_a_credited_prefetch_s_latency_takes_the_link_at_once():
     calendar.run()
     assert demand.arrived_at == pytest.approx(10e-3 + 1.5e-6 + 2e-6 + 0.25e-3, rel=1e-9)
     assert link.preemptions == 1 and link.bytes_carried == 15_000_000
+    # The 4 KB credited are not a whole chunk: the prefetch yielded none, so it carries all 10 MB afterwards, its
+    # credit gone with the time the link then spent on the demand.
+    assert prefetch.arrived_at == pytest.approx(demand.arrived_at + 2e-6 + 2.5e-3, rel=1e-9)
 
 
 def test_a_demand_taking_a_link_over_gets_no_credit_for_the_time_the_link_was_busy():
