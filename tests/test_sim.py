@@ -13,7 +13,7 @@ import pytest
 import simpy
 
 from conftest import scenario_with, assert_one_line_error, run_cli
-from tierflow.cache import Access, TierCache, make_policy
+from tierflow.cache import Access, TierCache, make_expert_cache, make_policy
 from tierflow.catalog import get_model, get_profile
 from tierflow.catalog.hardware import _revised
 from tierflow.config import load_scenario
@@ -23,8 +23,10 @@ from tierflow.errors import TierflowError
 from tierflow.sim.calendar import Calendar, timeout_towards
 from tierflow.sim.channel import Channel
 from tierflow.sim.dram import StagingBuffer
+from tierflow.ledger import Ledger, Route
 from tierflow.sim.engine import Simulation
 from tierflow.sim.gpu import ComputeModel
+from tierflow.sim.memory import ExpertMemory, FetchPath
 from tierflow.sim.ssd import SsdChannel, sustained_read_bytes_per_s
 from tierflow.sim.transfer import DEMAND, PREFETCH, Arrival, Transfer
 from tierflow.trace.format import write_trace
@@ -302,6 +304,57 @@ def test_a_prefetch_a_layer_waits_for_is_promoted_to_demand():
     buffer.release(6)
     calendar.run()
     assert started == [0, 2]
+
+
+def test_staging_takes_a_promoted_read_behind_the_waiting_demands_and_prefetches_after_every_demand():
+    """A 10-byte buffer: demand 0 holds 6; demand 1 (6) and prefetches 3 (2), 2 (6) wait. Prefetch 3 and the
+    2 bytes it must leave for the next demand fit in the 4 free, but a demand waits: prefetches start only once
+    none does. Promoting 2 puts it behind demand 1, ahead of demand 4 that comes later."""
+    calendar = Calendar()
+    buffer = StagingBuffer(calendar, 10, prefetch_reserve_bytes=2)
+    started = []
+
+    class Drive:
+        def submit(self, transfer):
+            started.append(transfer.key)
+
+    transfers = {key: Transfer(calendar, key, size, "ssd", "hbm", [Drive()], priority) for key, size, priority in
+                 ((0, 6, DEMAND), (1, 6, DEMAND), (2, 6, PREFETCH), (3, 2, PREFETCH), (4, 6, DEMAND))}
+    for key in (0, 1, 3, 2):
+        buffer.acquire(transfers[key].size_bytes, transfers[key].start, transfers[key].priority)
+    calendar.run()
+    assert started == [0]
+    assert buffer.promote(transfers[2])
+    buffer.acquire(6, transfers[4].start, DEMAND)
+    for expected in ([0, 1], [0, 1, 2], [0, 1, 2, 4, 3]):  # the last demand leaves 4 free: prefetch 3 fits
+        buffer.release(6)
+        calendar.run()
+        assert started == expected
+
+
+def test_a_layer_waiting_for_a_prefetch_held_in_staging_moves_it_among_the_demand_misses():
+    """One GPU's memory with a two-expert staging buffer on its SSD path: demand misses 0 and 1 fill it, prefetch
+    2 waits for space, then demand miss 3. A layer needs 2 (a late prefetch): it is promoted in the buffer, so it
+    reads before demand miss 4, which comes after, and lands ahead of it."""
+    size = 1_000_000
+    calendar = Calendar()
+    drive, link = _channel_pair(calendar, 1e9, 4e9, size)
+    staging = StagingBuffer(calendar, 2 * size)
+    paths = {"ssd": FetchPath([drive, link], Route("ssd", "hbm", ("a", "b"), "ddr"), staging)}
+    hbm = make_expert_cache("lru", "global", 8, num_layers=2, num_experts=4, expert_bytes=size)
+    memory = ExpertMemory(calendar, 0, hbm, None, paths, "ssd", size, Ledger(), num_layers=2)
+    arrivals = {}
+    for key in (0, 1):
+        arrivals[key] = memory.demand(key, Access(key, key, layer=0))
+    memory.prefetch_now(2, Access(2, 2, layer=1, prefetch=True))
+    arrivals[2] = memory.in_flight[2]
+    arrivals[3] = memory.demand(3, Access(3, 3, layer=0))
+    calendar.run(until=1e-4)
+    assert memory.demand(2, Access(2, 4, layer=1)) is arrivals[2]  # in flight: the layer waits for it
+    arrivals[4] = memory.demand(4, Access(4, 5, layer=1))
+    calendar.run()
+    assert sorted(arrivals, key=lambda key: arrivals[key].arrived_at) == [0, 1, 3, 2, 4]
+    assert memory.prefetch.late == 1 and memory.prefetch.useful == 1
 
 
 def _preemptive_link(calendar, latency=1e-6):
