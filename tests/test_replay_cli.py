@@ -162,6 +162,17 @@ def test_train_policy_writes_weights_the_learned_policy_uses(trace, tmp_path):
         np.testing.assert_array_equal(first["w1"], second["w1"])  # same seed, same weights
 
 
+def test_train_policy_notes_a_trace_given_twice(trace, tmp_path):
+    """The same file twice (here once through a symbolic link) trains on its examples twice: allowed, with a note."""
+    path, _ = trace
+    link = tmp_path / "link.h5"
+    link.symlink_to(path)
+    args = ("--out", tmp_path / "w.npz", "--epochs", "1", "--fractions", "0.3", "--rounds", "1")
+    twice = run_cli("train-policy", path, link, *args, check_status=0).stderr
+    assert f"tierflow: note: {path} is given 2 times" in twice
+    assert "tierflow: note" not in run_cli("train-policy", path, *args, check_status=0).stderr
+
+
 def test_train_policy_bad_fractions(trace, tmp_path):
     path, _ = trace
     assert_one_line_error(run_cli("train-policy", path, "--out", tmp_path / "w.npz", "--fractions", "0.1,2"),

@@ -208,6 +208,13 @@ def train_policy(traces, out, tokens, decode_only, interleave, fractions, driver
         raise TierflowError(f"--fractions {fractions!r}: expected numbers like 0.1,0.25") from None
     if not all(0.0 < f < 1.0 for f in capacity_fractions):
         raise TierflowError(f"--fractions {fractions!r}: each must be in (0, 1)")
+    seen: dict = {}
+    for path in traces:
+        seen.setdefault(Path(path).resolve(), []).append(str(path))
+    for names in seen.values():
+        if len(names) > 1:
+            click.echo(f"tierflow: note: {names[0]} is given {len(names)} times: each counts as a training trace of "
+                       "its own (its examples weigh that many times)", err=True)
     requests_list = [read_requests(path, max_tokens=tokens, decode_only=decode_only).interleaved(interleave)
                      for path in traces]
     total = training.training_accesses(requests_list, capacity_fractions, rounds)
