@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
 
-from tierflow.atomic import OutputError, check_writable, output_dir, replaced_atomically
+from tierflow.atomic import H5Output, OutputError, atomic_write, check_writable, output_dir, replaced_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,3 +243,143 @@ def test_a_refused_import_prints_its_error_line_only(tmp_path):
     refused = run_cli("trace", "import", "--format", "per-step", log, "--model", "olmoe-1b-7b",
                       "--out", tmp_path / "b.h5")
     assert_one_line_error(refused, "olmoe-1b-7b")
+
+
+# What an output held before a run that fails to replace it; any run's new file differs from it.
+PREVIOUS = b"the previous output: a failed or interrupted write leaves these bytes as they are\n"
+
+SMALL_LOG = ('{"problem_id": 1, "layer": 0, "token_idx": 0, "experts": [0, 1], "gating_probs": [0.6, 0.4]}\n'
+             '{"problem_id": 1, "layer": 0, "token_idx": 1, "experts": [2, 1], "gating_probs": [0.7, 0.3]}\n')
+
+
+def _small_trace(path):
+    from tierflow.trace.format import write_trace
+    from tierflow.trace.synth import generate_arrays
+
+    arrays = generate_arrays(4, 16, 2, 300, seed=3)
+    write_trace(path, arrays["experts"], arrays["sequence_id"], model="test", num_experts=16, source="test",
+                gate_scores=arrays["gate_scores"])
+
+
+@pytest.mark.parametrize("command, out", [
+    (["simulate", "--quiet", "--set", "model=olmoe-1b-7b", "--set", "hardware=h100-pcie5", "--set", "gpus=1",
+      "--set", "workload.decode_tokens=20", "--out"], "out.h5"),
+    (["trace", "gen", "--model", "olmoe-1b-7b", "--tokens", "20", "--out"], "out.h5"),
+    (["trace", "import", "--format", "per-step", "log.jsonl", "--num-experts", "8", "--out"], "out.h5"),
+    (["train-policy", "small.h5", "--epochs", "1", "--tokens", "30", "--fractions", "0.25", "--hidden", "2",
+      "--quiet", "--out"], "out.npz"),
+], ids=["simulate", "trace gen", "trace import", "train-policy"])
+def test_an_existing_output_is_kept_byte_for_byte_when_a_write_runs_out_of_room(tmp_path, command, out):
+    """Each command that writes an output, run over an existing one with room for 2,000 bytes per file (its new
+    file needs more, so the write fails midway): one error line, the existing file holds exactly its previous
+    bytes, and the folder holds exactly what it held before (no temporary left)."""
+    (tmp_path / "log.jsonl").write_text(SMALL_LOG)
+    _small_trace(tmp_path / "small.h5")
+    (tmp_path / out).write_bytes(PREVIOUS)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _with_file_size_limit(2_000, *command, out, cwd=tmp_path)
+    assert_one_line_error(result, "File too large")
+    assert (tmp_path / out).read_bytes() == PREVIOUS
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device"),
+                                   ValueError("a bug in the writer")], ids=["interrupt", "full disk", "bug"])
+def test_atomic_write_failing_midway_keeps_the_existing_file(tmp_path, error):
+    """A writer that writes part of its file, then raises (an interrupt, a full disk, a bug): the same exception
+    propagates, the destination holds exactly its previous bytes and the temporary is removed."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(PREVIOUS)
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"new" * 10_000)
+        raise error
+
+    with pytest.raises(type(error)) as raised:
+        atomic_write(target, write)
+    assert raised.value is error
+    assert target.read_bytes() == PREVIOUS and list(tmp_path.iterdir()) == [target]
+
+
+def test_the_file_being_written_is_a_temporary_beside_the_destination_until_it_is_published(tmp_path):
+    """While the new file is written the destination still holds its previous bytes (a reader sees the old file
+    whole); the temporary is NAME.XXXXXXXX.tmp beside it; on a clean exit the destination holds the new bytes and
+    the temporary is gone."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(PREVIOUS)
+    with replaced_atomically(target) as tmp:
+        tmp = Path(tmp)
+        tmp.write_bytes(b"new bytes")
+        assert target.read_bytes() == PREVIOUS
+        assert tmp.parent == tmp_path and tmp.name.startswith("out.bin.") and tmp.name.endswith(".tmp")
+        assert len(tmp.name) == len("out.bin.XXXXXXXX.tmp")
+    assert target.read_bytes() == b"new bytes" and list(tmp_path.iterdir()) == [target]
+
+
+def test_an_hdf5_output_interrupted_after_its_datasets_keeps_the_existing_file(tmp_path):
+    """An :class:`H5Output` written through :func:`atomic_write`, interrupted once a dataset is on the disk: the
+    interrupt propagates, the destination holds exactly its previous bytes, no temporary is left."""
+    import numpy as np
+
+    target = tmp_path / "out.h5"
+    target.write_bytes(PREVIOUS)
+    written = []
+
+    def write(tmp):
+        with H5Output(tmp) as f:
+            f.create_dataset("data", data=np.arange(100_000))
+            f.flush()
+            written.append(Path(tmp).stat().st_size)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert written[0] > 800_000  # the dataset's bytes reached the file being written
+    assert target.read_bytes() == PREVIOUS and list(tmp_path.iterdir()) == [target]
+
+
+class _InterruptedWhenRead(list):
+    """A list that interrupts whoever iterates over it (its length and truth are a list's)."""
+
+    def __iter__(self):
+        raise KeyboardInterrupt
+
+
+def test_simulation_results_interrupted_midway_keep_the_existing_file(tmp_path):
+    """:func:`write_results_h5` interrupted after the per-step series are written (reading the channels): the
+    interrupt propagates, the previous results file holds exactly its bytes, no temporary is left."""
+    import attrs
+
+    from tierflow.config import load_scenario
+    from tierflow.metrics import write_results_h5
+    from tierflow.sim.engine import Simulation
+
+    results = Simulation(load_scenario("hbm_only", ["model=olmoe-1b-7b", "hardware=h100-pcie5", "gpus=1",
+                                                    "workload.decode_tokens=2"])).run()
+    assert len(results.channels) == 1  # a link: the channels are written after the per-step series
+    target = tmp_path / "results.h5"
+    target.write_bytes(PREVIOUS)
+    with pytest.raises(KeyboardInterrupt):
+        write_results_h5(attrs.evolve(results, channels=_InterruptedWhenRead(results.channels)), target)
+    assert target.read_bytes() == PREVIOUS and list(tmp_path.iterdir()) == [target]
+    write_results_h5(results, target)  # the same results, not interrupted, replace it
+    assert target.read_bytes().startswith(b"\x89HDF") and list(tmp_path.iterdir()) == [target]
+
+
+def test_trace_generation_interrupted_midway_keeps_the_existing_trace(tmp_path):
+    """``trace gen``'s writer interrupted once tokens are routed (Ctrl-C in the progress callback): the
+    interrupt propagates, the existing trace holds exactly its previous bytes, no temporary is left."""
+    from tierflow.trace.synth import generate
+
+    target = tmp_path / "trace.h5"
+    target.write_bytes(PREVIOUS)
+    routed = []
+
+    def interrupt(tokens):
+        routed.append(tokens)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate("olmoe-1b-7b", 20, target, workers=1, progress=interrupt)
+    assert routed == [20]
+    assert target.read_bytes() == PREVIOUS and list(tmp_path.iterdir()) == [target]
