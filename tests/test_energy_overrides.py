@@ -143,6 +143,22 @@ def test_energy_override_reprices_exactly_its_closed_form(shape, overridden):
     assert results.static_w == pytest.approx(watts, rel=1e-15, abs=0.0)
 
 
+def test_l1_and_l2_overrides_price_their_own_bytes_at_a_batch_that_tells_them_apart():
+    """At batch 2 a weight byte crosses L1 once, as it crosses L2, so L1 and L2 bytes are equal; at batch 64 it
+    crosses L1 once per 16-token tile: the compute component is FLOPs x pJ/FLOP + L1 bits x L1 + L2 bits x L2
+    with the L1 bits now larger, so a mix-up of the two byte counts changes it."""
+    name, sets = SCENARIOS["direct"]
+    sim = Simulation(load_scenario(name, [*sets, "workload.batch_size=64", "cache.capacity_experts=",
+                                          "energy.l1_pj_per_bit=0.071", "energy.l2_pj_per_bit=0.557"]))
+    results = sim.run()
+    ledger = sim.ledger
+    assert ledger.l1_bytes > 1.1 * ledger.hbm_read_bytes  # weights cross L1 more often; the KV cache once
+    expected = (ledger.flops * sim.hardware.gpu.pj_per_flop
+                + 8 * (ledger.l1_bytes * 0.071 + ledger.hbm_read_bytes * 0.557)) * PJ
+    compute = results.summary["energy_j_per_token"]["compute"] * results.summary["tokens"]
+    assert compute == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
 def test_ddr_overrides_tell_the_staging_bounce_apart_from_the_ddr_hits():
     """Without GPUDirect Storage the staging bounce costs a DDR write and a DDR read per SSD bit: moving 1 pJ/bit
     from the DDR read figure to the write figure leaves the ``ddr`` component of a staged run unchanged, while in
