@@ -267,6 +267,16 @@ def test_a_prefetch_promoted_while_a_pre_emption_is_pending_carries_on():
     assert channel.preemptions == 0 and channel.busy_s == pytest.approx(11e-3)
 
 
+class _RecordingHop:
+    """A first hop that records the keys of the transfers reaching it (what a staging buffer let through)."""
+
+    def __init__(self):
+        self.started = []
+
+    def submit(self, transfer):
+        self.started.append(transfer.key)
+
+
 def test_a_prefetch_a_layer_waits_for_is_promoted_to_demand():
     """Prefetches 0 (in service), 1 and 2 (queued): a layer starts waiting for 2. It goes next, ahead of 1,
     taking the link over from 0 at its next chunk; it then no longer yields to demand misses, and it stays
@@ -289,13 +299,9 @@ def test_a_prefetch_a_layer_waits_for_is_promoted_to_demand():
     assert channel.preemptions == 1 and all(t.prefetched for t in transfers)
     # A promoted read waiting for staging space joins the waiting demand misses.
     buffer = StagingBuffer(calendar, 10, prefetch_reserve_bytes=0)
-    started = []
-
-    class Drive:  # the first hop: records what reaches it
-        def submit(self, transfer):
-            started.append(transfer.key)
-
-    waiting = [Transfer(calendar, key, 6, "ssd", "hbm", [Drive()], priority) for key, priority in
+    drive = _RecordingHop()
+    started = drive.started
+    waiting = [Transfer(calendar, key, 6, "ssd", "hbm", [drive], priority) for key, priority in
                ((0, DEMAND), (1, PREFETCH), (2, PREFETCH))]
     for t in waiting:
         buffer.acquire(6, t.start, t.priority)
@@ -312,13 +318,9 @@ def test_staging_takes_a_promoted_read_behind_the_waiting_demands_and_prefetches
     none does. Promoting 2 puts it behind demand 1, ahead of demand 4 that comes later."""
     calendar = Calendar()
     buffer = StagingBuffer(calendar, 10, prefetch_reserve_bytes=2)
-    started = []
-
-    class Drive:
-        def submit(self, transfer):
-            started.append(transfer.key)
-
-    transfers = {key: Transfer(calendar, key, size, "ssd", "hbm", [Drive()], priority) for key, size, priority in
+    drive = _RecordingHop()
+    started = drive.started
+    transfers = {key: Transfer(calendar, key, size, "ssd", "hbm", [drive], priority) for key, size, priority in
                  ((0, 6, DEMAND), (1, 6, DEMAND), (2, 6, PREFETCH), (3, 2, PREFETCH), (4, 6, DEMAND))}
     for key in (0, 1, 3, 2):
         buffer.acquire(transfers[key].size_bytes, transfers[key].start, transfers[key].priority)
