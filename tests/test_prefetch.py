@@ -607,6 +607,28 @@ def test_linear_map_recovers_a_deterministic_layer_to_layer_rule():
         assert int(np.argmax(one_ahead[16:])) == (e + 2) % 16
 
 
+def test_linear_map_fits_with_a_ridge_lost_in_rounding():
+    """A ridge far below the co-occurrence counts leaves the normal equations singular in floating point (here
+    every router weight is 1, so each expert's one-hot and weight columns are the same): the fit still finds the
+    rule, as the least-squares solution the ridge fit tends to."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 16, size=400)
+    experts = np.stack([(first + layer) % 16 for layer in range(4)], axis=1)[:, :, None]  # (n, 4, 1)
+    weights = np.ones(experts.shape, np.float32)
+    hot, scored, _, bias = fit_layer_maps(experts, weights, 16, 2, ridge=1e-20)
+    assert all(np.isfinite(array).all() for array in (hot, scored, bias))
+    for e in range(16):
+        one_ahead = bias[0] + hot[0, e] + scored[0, e]
+        assert int(np.argmax(one_ahead[:16])) == (e + 1) % 16
+        assert int(np.argmax(one_ahead[16:])) == (e + 2) % 16
+
+
+def test_speculative_gate_with_a_tiny_ridge_simulates():
+    scenario = scenario_with(SMALL, **{"prefetch.policy": "speculative_gate", "prefetch.params": {"ridge": 1e-20}})
+    results = Simulation(scenario).run()
+    assert results.summary["prefetch"]["issued"] > 0
+
+
 def test_speculative_gate_watches_then_predicts_the_learned_rule():
     steps = [_Step([np.array([s % 16, (s + 5) % 16]) + 0 for _ in range(4)]) for s in range(8)]
     context = _context(_Workload(steps), lookahead=1)

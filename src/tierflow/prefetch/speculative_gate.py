@@ -71,7 +71,16 @@ def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, m
         targets = np.concatenate([experts[:, layer + d] + (d - 1) * E for d in range(1, reach + 1)], axis=1)
         pairs = (index[:, :, None] * (D * E) + targets[:, None, :]).ravel()
         cross = np.bincount(pairs, np.repeat(value.ravel(), targets.shape[1]), features * D * E)
-        solution = np.linalg.solve(gram, cross.reshape(features, D * E)).astype(np.float32)
+        cross = cross.reshape(features, D * E)
+        try:
+            solution = np.linalg.solve(gram, cross)
+        except np.linalg.LinAlgError:
+            # A ridge far below the counts is lost in rounding, and an expert seen once at a layer (or always
+            # with the same router weight) makes its one-hot and weight columns collinear: the matrix is then
+            # singular in floating point. The least-squares solution of least norm is what the ridge fit tends
+            # to as the ridge shrinks.
+            solution = np.linalg.lstsq(gram, cross, rcond=None)[0]
+        solution = solution.astype(np.float32)
         hot[layer], scored[layer], bias[layer] = solution[:E], solution[E:2 * E], solution[-1]
         for h in range(1, back + 1):
             past[layer, h - 1] = solution[(1 + h) * E:(2 + h) * E]
