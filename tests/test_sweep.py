@@ -640,6 +640,24 @@ def test_bad_weights_are_refused_before_any_point_runs(tmp_path):
     assert not points_dir(tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("prefetch", "decode_tokens", "message"), [
+    ({"policy": "speculative_gate", "params": {"history": 17}}, 4, "history = 17 exceeds the model's 16 MoE layers"),
+    ({"policy": "speculative_gate"}, 1, "watches all 1 decode step"),
+    ({"policy": "speculative_gate", "params": {"train_fraction": 0.0}}, 4, "watches no step"),
+    ({"policy": "expert_map", "params": {"capacity": 10**11}}, 4, "a store of 100,000,000,000 expert maps would need"),
+])
+def test_a_prefetcher_the_run_would_refuse_is_refused_before_any_point_runs(tmp_path, prefetch, decode_tokens,
+                                                                             message):
+    """A prefetcher's checks of the run's shape (layers, decode steps, memory) run in the sweep's pre-check: the
+    point after a good one stops the sweep with status 2 before anything runs, as simulate would refuse it."""
+    sweep = small_sweep(zips=[{"prefetch.policy": ["none", prefetch["policy"]],
+                               "prefetch.params": [{}, prefetch.get("params", {})]}],
+                        set={**SMALL, "workload": {"decode_tokens": decode_tokens}})
+    with pytest.raises(TierflowError, match=message):
+        run_sweep(parse_sweep(sweep), tmp_path / "out", workers=1)
+    assert not points_dir(tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------- keys and labels
 
 

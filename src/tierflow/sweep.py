@@ -308,7 +308,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     from tierflow.prefetch.training import check_training_trace
     from tierflow.sim.engine import (
         check_hbm, check_policies, compute_hbm_bandwidth, energy_model, layer_experts, layer_working_sets,
-        load_scenario_workload, plan_capacity)
+        load_scenario_workload, plan_capacity, prefetch_context)
 
     spec, hardware = get_model(scenario.model), get_profile(scenario.hardware)
     check_hbm(scenario, spec, hardware)  # a batch whose KV cache cannot fit fails before its steps are built
@@ -316,10 +316,11 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     key = (spec.name, w.routing, w.trace, w.batch_size, w.decode_tokens, w.skip_tokens, w.synthetic_sequences,
            scenario.seed)
     workloads = {} if workloads is None else workloads
-    if key not in workloads:  # its length and its layers' experts, not the steps
+    if key not in workloads:  # its length, its layers' experts and whether it records predictions, not the steps
         workload = load_scenario_workload(scenario, spec)
-        workloads[key] = len(workload.steps), layer_experts(workload)
-    steps, experts = workloads[key]
+        recorded = bool(workload.steps) and workload.steps[0].predicted_experts is not None
+        workloads[key] = len(workload.steps), layer_experts(workload), recorded
+    steps, experts, recorded = workloads[key]
     plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
                          working_sets=layer_working_sets(experts, scenario.gpus, spec.num_moe_layers))
     check_policies(scenario)
@@ -332,6 +333,8 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     if getattr(prefetch_params, "train_trace", ""):
         check_training_trace(prefetch_params.train_trace, spec.num_moe_layers, spec.num_routed_experts,
                              scenario.prefetch.policy)
+    context = prefetch_context(scenario, spec.num_moe_layers, spec.num_routed_experts, spec.top_k)
+    PREFETCHERS.get(scenario.prefetch.policy).check(prefetch_params, context, steps, recorded)
     energy_model(scenario, hardware, plan.gpus)
     compute_hbm_bandwidth(scenario, hardware)
 

@@ -65,6 +65,13 @@ class Prefetcher:
         self.params = params if params is not None else self.Params()
         self.context = context
 
+    @classmethod
+    def check(cls, params, context: PrefetchContext, steps: int | None = None, recorded: bool = False) -> None:
+        """Refuse parameters the run could not use, from its shape alone (raises :class:`TierflowError`):
+        ``context`` may come without its workload, ``steps`` is the run's number of decode steps (None: not
+        known) and ``recorded`` whether they carry recorded next-layer predictions. Cheap, and reads no file:
+        construction runs it first, and a sweep runs it for every point before it runs any. Default: nothing."""
+
     def on_routing(self, event: RoutingEvent) -> list[tuple[int, int]]:
         """Proposals ``(layer, expert)`` for layers after ``event.layer``, most wanted first. A layer past the
         last one, ``num_layers + j``, is layer ``j`` of the next decode step."""

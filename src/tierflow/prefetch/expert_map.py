@@ -67,13 +67,19 @@ class ExpertMap(Prefetcher):
         train_tokens: int = attrs.field(default=4096, validator=positive,
                                         metadata={"help": "decode tokens of train_trace offered to the store"})
 
+    @classmethod
+    def check(cls, params, context, steps=None, recorded=False):
+        from tierflow.workload import check_fits_memory
+
+        M = params.capacity
+        check_fits_memory(context.num_layers * context.num_experts * M * 2, f"a store of {M:,} expert maps",
+                          "prefetch.params.capacity")
+
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         c, p = self.context, self.params
         L, E, M = c.num_layers, c.num_experts, p.capacity
-        from tierflow.workload import check_fits_memory
-
-        check_fits_memory(L * E * M * 2, f"a store of {M:,} expert maps", "prefetch.params.capacity")
+        self.check(p, c)
         # [layer, expert, map]: router weight (0: not chosen). float16: a cosine needs no more than three digits,
         # and it halves the store (4096 DeepSeek-R1 maps: 122 MB).
         self._maps = np.zeros((L, E, M), np.float16)

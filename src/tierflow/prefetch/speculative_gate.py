@@ -111,12 +111,38 @@ class SpeculativeGate(Prefetcher):
         use_recorded: bool = attrs.field(default=True, metadata={
             "help": "use a trace's recorded next-layer predictions when the steps carry them"})
 
+    @classmethod
+    def check(cls, params, context, steps=None, recorded=False):
+        p = params
+        if p.history > context.num_layers:
+            raise TierflowError(f"prefetcher {cls.name!r}: history = {p.history} exceeds the model's "
+                                f"{context.num_layers} MoE layers (a token has no more routing to read)")
+        if p.train_trace or steps is None or (recorded and p.use_recorded):
+            return
+        watch = cls._steps_watched(p.train_fraction, steps)
+        if watch == 0:
+            raise TierflowError(f"prefetcher {cls.name!r}: train_fraction = {p.train_fraction} watches no step "
+                                "and there is no train_trace (nor recorded predictions in the trace): it would "
+                                "never fit its maps; set train_fraction > 0 or train_trace")
+        if watch >= steps:
+            raise TierflowError(
+                f"prefetcher {cls.name!r}: train_fraction = {p.train_fraction} watches all {steps} decode "
+                "step(s): it would fit its maps only after the run; "
+                + ("set train_fraction < 1 or train_trace" if steps >= 2 else
+                   "a run of one decode step leaves nothing to predict: use workload.decode_tokens >= 2 or "
+                   "train_trace"))
+
+    @staticmethod
+    def _steps_watched(fraction: float, steps: int) -> int:
+        """Decode steps watched before the maps are fitted, of a run of ``steps``."""
+        watch = math.ceil(round(fraction * steps, 9))  # 0.55 x 100 is 55, not 56
+        if fraction < 1 and steps >= 2:  # a fraction below 1 leaves at least one step to predict
+            watch = min(watch, steps - 1)
+        return watch
+
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         c, p = self.context, self.params
-        if p.history > c.num_layers:
-            raise TierflowError(f"prefetcher {self.name!r}: history = {p.history} exceeds the model's "
-                                f"{c.num_layers} MoE layers (a token has no more routing to read)")
         self._distance = max(1, min(c.lookahead, c.num_layers - 1))
         self._fitted = False
         self._history_step, self._history = None, []  # this step's routing rows so far, by layer
@@ -125,27 +151,14 @@ class SpeculativeGate(Prefetcher):
         self._step_rows: list[np.ndarray] = []
         self._step_weights: list[np.ndarray] = []
         self._steps = getattr(getattr(c, "workload", None), "steps", None)
+        steps = None if self._steps is None else len(self._steps)
+        first = self._steps[0] if self._steps else None
+        self.check(p, c, steps, getattr(first, "predicted_experts", None) is not None)
         if p.train_trace:
             split = load_training_split(p.train_trace, p.train_tokens, c, self.name)
             self._fit(split)
-        elif self._steps is not None:
-            steps = len(self._steps)
-            self._watch_steps = math.ceil(round(p.train_fraction * steps, 9))  # 0.55 x 100 is 55, not 56
-            if p.train_fraction < 1 and steps >= 2:  # a fraction below 1 leaves at least one step to predict
-                self._watch_steps = min(self._watch_steps, steps - 1)
-            first = self._steps[0] if self._steps else None
-            recorded = p.use_recorded and getattr(first, "predicted_experts", None) is not None
-            if self._watch_steps == 0 and not recorded:
-                raise TierflowError(f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches no step "
-                                    "and there is no train_trace (nor recorded predictions in the trace): it would "
-                                    "never fit its maps; set train_fraction > 0 or train_trace")
-            if self._watch_steps >= steps and not recorded:
-                raise TierflowError(
-                    f"prefetcher {self.name!r}: train_fraction = {p.train_fraction} watches all {steps} decode "
-                    "step(s): it would fit its maps only after the run; "
-                    + ("set train_fraction < 1 or train_trace" if steps >= 2 else
-                       "a run of one decode step leaves nothing to predict: use workload.decode_tokens >= 2 or "
-                       "train_trace"))
+        elif steps is not None:
+            self._watch_steps = self._steps_watched(p.train_fraction, steps)
 
     def _fit(self, split: TrainingSplit) -> None:
         self._hot, self._scored, self._past, self._bias = fit_layer_maps(

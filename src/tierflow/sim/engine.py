@@ -149,6 +149,19 @@ def check_policies(scenario: Scenario) -> None:
         raise TierflowError(f"ddr_cache: {error}") from None
 
 
+def prefetch_lookahead(scenario: Scenario, num_layers: int) -> int:
+    """Layers ahead a prefetch may target: as set, but no further than the last layer (a larger value changes
+    nothing and would only size prefetchers' tables for layers that do not exist)."""
+    return min(scenario.prefetch.lookahead, max(1, num_layers - 1))
+
+
+def prefetch_context(scenario: Scenario, num_layers: int, num_experts: int, top_k: int,
+                     workload: Workload | None = None) -> PrefetchContext:
+    """What the scenario's prefetcher is built with (``workload``: None for a check that has no steps)."""
+    return PrefetchContext(num_layers, num_experts, top_k, prefetch_lookahead(scenario, num_layers),
+                           scenario.prefetch.budget_experts, workload, scenario.seed)
+
+
 def check_hbm(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile) -> None:
     """The HBM check of :func:`plan_capacity` for the least KV cache any workload needs (one decode step), run
     before the workload is built: a batch whose KV cache cannot fit fails at once, whatever it would cost to
@@ -432,14 +445,11 @@ class Simulation:
         return make_prefetcher(prefetch.policy, prefetch.params, self._prefetch_context())
 
     def _lookahead(self) -> int:
-        """Layers ahead a prefetch may target: as set, but no further than the last layer (a larger value
-        changes nothing and would only size prefetchers' tables for layers that do not exist)."""
-        return min(self.scenario.prefetch.lookahead, max(1, self.workload.num_layers - 1))
+        return prefetch_lookahead(self.scenario, self.workload.num_layers)
 
     def _prefetch_context(self) -> PrefetchContext:
-        w, p = self.workload, self.scenario.prefetch
-        return PrefetchContext(w.num_layers, w.num_experts, w.top_k, self._lookahead(), p.budget_experts, w,
-                               self.scenario.seed)
+        w = self.workload
+        return prefetch_context(self.scenario, w.num_layers, w.num_experts, w.top_k, w)
 
     @property
     def channels(self) -> list:
