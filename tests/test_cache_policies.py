@@ -135,6 +135,17 @@ def test_lfu_aging_score_is_a_decayed_count():
     assert policy._log_score["k"] == pytest.approx(math.log2(1.75) + 2.0)
 
 
+def test_lfu_aging_with_a_half_life_too_short_to_count_steps_in_is_lru():
+    # steps / half_life overflows to infinity from step 1 on: only the latest access counts, as in LRU, and no
+    # score becomes NaN (inf - inf) to scramble the eviction order.
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 12, 400).tolist()
+    for half_life in (5e-324, 1e-310):
+        hits, cache = run("lfu_aging", keys, 5, {"half_life": half_life})
+        assert not any(math.isnan(score) for score in cache.policy._log_score.values())
+        assert hits == run("lru", keys, 5)[0]
+
+
 def test_finemoe_evicts_lowest_probability_times_visits_and_protects_prefetched():
     # a: 2 visits x 0.9; b: 3 visits x 0.1; c: 1 visit x 0.8 -> scores 1.8, 0.3, 0.8: d evicts b.
     keys = list("aabbbcd")

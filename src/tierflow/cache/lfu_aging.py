@@ -41,6 +41,9 @@ class LFUAging(PriorityPolicy):
         old = self._log_score.get(key)
         if old is None:
             new = now
+        elif old == now:  # two equal terms (also both infinite: a half-life so short that the steps over it
+            # overflow, where only the latest access counts and ties go to the least recently used key)
+            new = now + 1.0
         else:  # log2(2 ** old + 2 ** now) without overflow
             high, low = (old, now) if old > now else (now, old)
             new = high + math.log2(1.0 + 2.0 ** (low - high))
