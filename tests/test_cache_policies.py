@@ -285,7 +285,10 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
     for name, value, message in [("b1", np.zeros(3), "do not fit"), ("mean", np.zeros(2), "do not fit"),
                                  ("w1", np.zeros(len(FEATURES)), "do not fit"), ("horizons", np.zeros(0), "do not fit"),
                                  ("w2", np.full((4, horizons), np.nan), "NaN"), ("scale", np.zeros(len(FEATURES)),
-                                                                                  "zero scale")]:
+                                                                                  "zero scale"),
+                                 ("horizons", np.arange(horizons) - 1.0, r"horizons must be > 0 and increase"),
+                                 ("horizons", np.arange(horizons) + 0.0, r"horizons must be > 0 and increase"),
+                                 ("horizons", np.arange(horizons, 0, -1.0), r"horizons must be > 0 and increase")]:
         np.savez(bad, **{**arrays, name: value})
         with pytest.raises(TierflowError, match=message):
             Scorer.load(bad)

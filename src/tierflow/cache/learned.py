@@ -166,8 +166,8 @@ class Scorer:
             raise TierflowError(f"{path}: weight shapes do not fit {NUM_FEATURES} features ({shapes})")
         if not all(np.isfinite(a).all() for a in arrays.values()) or not np.all(arrays["scale"] != 0):
             raise TierflowError(f"{path}: weights hold NaN, infinite values or a zero scale")
-        if not np.all(np.diff(horizons) > 0):
-            raise TierflowError(f"{path}: horizons must increase, got {horizons.tolist()}")
+        if not np.all(np.diff(horizons) > 0) or not horizons[0] > 0:  # the policy reads their log2
+            raise TierflowError(f"{path}: horizons must be > 0 and increase, got {horizons.tolist()}")
         return cls(mean=arrays["mean"].reshape(-1), scale=arrays["scale"].reshape(-1), w1=w1,
                    b1=arrays["b1"].reshape(-1), w2=arrays["w2"].reshape(hidden, len(horizons)),
                    b2=arrays["b2"].reshape(-1), horizons=horizons)
