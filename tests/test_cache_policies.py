@@ -288,7 +288,8 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
                                                                                   "zero scale"),
                                  ("horizons", np.arange(horizons) - 1.0, r"horizons must be > 0 and increase"),
                                  ("horizons", np.arange(horizons) + 0.0, r"horizons must be > 0 and increase"),
-                                 ("horizons", np.arange(horizons, 0, -1.0), r"horizons must be > 0 and increase")]:
+                                 ("horizons", np.arange(horizons, 0, -1.0), r"horizons must be > 0 and increase"),
+                                 ("w1", scorer.w1 + 1j, r"not a learned-policy weights file \(complex numbers in w1\)")]:
         np.savez(bad, **{**arrays, name: value})
         with pytest.raises(TierflowError, match=message):
             Scorer.load(bad)

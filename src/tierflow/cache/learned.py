@@ -149,7 +149,11 @@ class Scorer:
             if missing:
                 raise TierflowError(f"{not_weights} (no array {', '.join(missing)})")
             try:
-                arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
+                stored = {name: data[name] for name in _ARRAYS}
+                complex_arrays = [name for name, array in stored.items() if np.iscomplexobj(array)]
+                if complex_arrays:  # a cast to float64 would drop their imaginary parts, with only a warning
+                    raise ValueError(f"complex numbers in {', '.join(complex_arrays)}")
+                arrays = {name: np.asarray(array, dtype=np.float64) for name, array in stored.items()}
                 features = tuple(str(f) for f in data["features"]) if "features" in data else None
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a member cut short or not numbers
                 raise TierflowError(f"{not_weights} ({' '.join(str(error).split())})") from None
