@@ -227,6 +227,19 @@ def test_learned_policy_loads_the_shipped_weights():
     assert len(cache) == 4
 
 
+def test_learned_weights_whose_scores_overflow_are_an_error_not_an_arbitrary_order(tmp_path):
+    # Finite weights can still overflow float64 when applied (a tiny scale, huge products): the NaN scores
+    # they give would rank the residents arbitrarily, with only RuntimeWarnings on stderr.
+    default = load_scorer()
+    for name, weights in [("tiny_scale", {"scale": np.full_like(default.scale, 5e-324)}),
+                          ("huge", {"w1": default.w1 * 1e300, "w2": default.w2 * 1e300})]:
+        arrays = {field: getattr(default, field) for field in ("mean", "scale", "w1", "b1", "w2", "b2", "horizons")}
+        path = tmp_path / f"{name}.npz"
+        Scorer(**{**arrays, **weights}).save(path)
+        with pytest.raises(TierflowError, match="score some experts NaN"):
+            run("learned", [i % 7 for i in range(50)], 4, {"weights": str(path)})
+
+
 def test_learned_policy_with_a_recency_scorer_is_lru(tmp_path):
     """A network that predicts 'the longer unused, the less likely needed soon' must evict exactly as LRU does."""
     width = len(FEATURES)

@@ -440,7 +440,11 @@ class Learned(Policy):
         features = self.features
         slots = features.resident_slots()
         rows = features.rows(slots, self.clock(access), self.token(access), access.current_layer, access.sequence)
-        log_odds = self.scorer(rows, self.horizon_steps)
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_odds = self.scorer(rows, self.horizon_steps)
+        if np.isnan(log_odds).any():  # NaN has no place in an order: the ranking would be arbitrary
+            raise TierflowError(f"learned policy: the weights {self.params.weights or '(shipped)'} score some "
+                                "experts NaN (their values overflow float64); retrain with train-policy")
         self._ranked = slots[np.argsort(-log_odds, kind="stable")]
         self._ranked_versions = features.table[self._ranked, features.VERSION]
         self._unused = len(self._ranked)  # entries [0, _unused) may still be taken, from the end
