@@ -308,6 +308,16 @@ def test_learned_weights_file_round_trips_and_bad_files_are_errors(tmp_path):
             Scorer.load(bad)
 
 
+def test_weights_metadata_reads_without_pickles_whatever_the_seed(tmp_path):
+    # train-policy takes any seed >= 0; one beyond 64 bits was stored as a pickled object array, which np.load
+    # refuses to read (allow_pickle=False).
+    path = tmp_path / "w.npz"
+    load_scorer().save(path, seed=2**64, rounds=1)
+    with np.load(path) as data:
+        assert str(data["seed"]) == str(2**64) and int(data["rounds"]) == 1
+    Scorer.load(path)
+
+
 def test_learned_features_are_recency_frequency_and_layer_distance():
     features = ExpertFeatures(num_layers=4, capacity_steps=0.5)
     features.observe("x", Access("x", 0, layer=3, score=0.7), steps=0.0)

@@ -129,7 +129,7 @@ class Scorer:
         def write(tmp: str) -> None:
             with open(tmp, "wb") as file:  # a file object: np.savez would add ".npz" to a temporary's name
                 np.savez(file, **arrays, features=np.array(FEATURES),
-                         **{k: np.asarray(v) for k, v in metadata.items()})
+                         **{k: _metadata_array(v) for k, v in metadata.items()})
 
         atomic_write(path, write)
 
@@ -175,6 +175,13 @@ class Scorer:
         return cls(mean=arrays["mean"].reshape(-1), scale=arrays["scale"].reshape(-1), w1=w1,
                    b1=arrays["b1"].reshape(-1), w2=arrays["w2"].reshape(hidden, len(horizons)),
                    b2=arrays["b2"].reshape(-1), horizons=horizons)
+
+
+def _metadata_array(value) -> np.ndarray:
+    """A metadata value as an array np.load reads without pickles: a value numpy can only hold as an object
+    (an integer beyond 64 bits, such as a train-policy seed of 2**64) is stored as its text."""
+    array = np.asarray(value)
+    return np.asarray(str(value)) if array.dtype == object else array
 
 
 _SCORERS: dict = {}  # loaded weights, by file identity: another spelling of a path, or a rewritten file, is seen
