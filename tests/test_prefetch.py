@@ -623,6 +623,35 @@ def test_linear_map_fits_with_a_ridge_lost_in_rounding():
         assert int(np.argmax(one_ahead[16:])) == (e + 2) % 16
 
 
+def test_linear_maps_counted_in_blocks_of_tokens_are_the_maps_counted_at_once(monkeypatch):
+    """The normal equations are assembled a block of tokens at a time when the pairs would not fit one block; the
+    counts, so the maps, are the same (up to the order of float additions) as when they are counted at once."""
+    import tierflow.prefetch.speculative_gate as gate
+
+    rng = np.random.default_rng(1)
+    experts = np.stack([rng.permutation(16)[:3] for _ in range(300 * 5)]).reshape(300, 5, 3)
+    weights = rng.random(experts.shape).astype(np.float32)
+    at_once = fit_layer_maps(experts, weights, 16, 2, ridge=0.5, history=3)
+    monkeypatch.setattr(gate, "_PAIRS_PER_BLOCK", 1000)  # blocks of 1000 // (10 x 10) = 10 tokens
+    for blocked, whole in zip(fit_layer_maps(experts, weights, 16, 2, ridge=0.5, history=3), at_once, strict=True):
+        np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6)
+    assert np.abs(at_once[0]).max() > 0.01  # the maps are not all zero
+
+
+@pytest.mark.parametrize(("experts", "history", "refused"), [(256, 15, False), (256, 16, True), (64, 16, False)])
+def test_a_history_whose_fit_would_take_hours_is_refused(experts, history, refused):
+    """Each layer's fit solves a dense system of (1 + history) x experts + 1 unknowns; above 4,097 (DeepSeek-R1's
+    256 experts with history 16: 4,353) it is refused up front, in one line, with the largest history allowed."""
+    context = PrefetchContext(58 if experts == 256 else 16, experts, 8, 2, 8)
+    params = PREFETCHERS.params("speculative_gate", {"history": history})
+    if refused:
+        with pytest.raises(TierflowError, match=r"history = 16 fits each layer's maps with 4,353 unknowns .*"
+                                                r"at most 4,097 \(history <= 15 here\)"):
+            PREFETCHERS.get("speculative_gate").check(params, context)
+    else:
+        PREFETCHERS.get("speculative_gate").check(params, context)
+
+
 def test_speculative_gate_with_a_tiny_ridge_simulates():
     scenario = scenario_with(SMALL, **{"prefetch.policy": "speculative_gate", "prefetch.params": {"ridge": 1e-20}})
     results = Simulation(scenario).run()

@@ -32,6 +32,12 @@ from tierflow.prefetch.training import TrainingSplit, event_row_weights, load_tr
 from tierflow.registry import fraction, positive
 
 
+_PAIRS_PER_BLOCK = 1 << 24  # feature pairs counted at once when the normal equations are assembled
+# The unknowns of one layer's fit, at most: a dense solve of n unknowns takes n**3 / 3 operations per layer (about a
+# second on two cores at this size), so a longer history is refused rather than left to run for hours.
+MAX_UNKNOWNS = 4097
+
+
 def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, max_distance: int,
                    ridge: float, history: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ridge maps from a token's routing at layers ``l-history+1 .. l`` to its experts at ``l+1 ..
@@ -63,14 +69,21 @@ def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, m
                                 np.full((n, 1), features - 1)], axis=1)  # (n, (2 + back) k + 1) feature ids
         value = np.concatenate([np.ones_like(weights[:, layer]), weights[:, layer],
                                 *[np.ones_like(weights[:, layer]) for _ in range(back)], ones], axis=1)
-        pairs = (index[:, :, None] * features + index[:, None, :]).ravel()
-        gram = np.bincount(pairs, (value[:, :, None] * value[:, None, :]).ravel(), features * features)
-        gram = gram.reshape(features, features)
-        gram[np.diag_indices(features)] += ridge
         reach = min(D, num_layers - 1 - layer)
         targets = np.concatenate([experts[:, layer + d] + (d - 1) * E for d in range(1, reach + 1)], axis=1)
-        pairs = (index[:, :, None] * (D * E) + targets[:, None, :]).ravel()
-        cross = np.bincount(pairs, np.repeat(value.ravel(), targets.shape[1]), features * D * E)
+        gram = np.zeros(features * features)
+        cross = np.zeros(features * D * E)
+        # Tokens a block, so that the pairs of one block stay small (one block, as a rule: with a long history or
+        # many training tokens, several, whose counts are added up)
+        block = max(1, _PAIRS_PER_BLOCK // (index.shape[1] * max(index.shape[1], targets.shape[1])))
+        for start in range(0, n, block):
+            i, v, t = index[start:start + block], value[start:start + block], targets[start:start + block]
+            gram += np.bincount((i[:, :, None] * features + i[:, None, :]).ravel(),
+                                (v[:, :, None] * v[:, None, :]).ravel(), features * features)
+            cross += np.bincount((i[:, :, None] * (D * E) + t[:, None, :]).ravel(),
+                                 np.repeat(v.ravel(), t.shape[1]), features * D * E)
+        gram = gram.reshape(features, features)
+        gram[np.diag_indices(features)] += ridge
         cross = cross.reshape(features, D * E)
         try:
             solution = np.linalg.solve(gram, cross)
@@ -117,6 +130,13 @@ class SpeculativeGate(Prefetcher):
         if p.history > context.num_layers:
             raise TierflowError(f"prefetcher {cls.name!r}: history = {p.history} exceeds the model's "
                                 f"{context.num_layers} MoE layers (a token has no more routing to read)")
+        E = context.num_experts
+        unknowns = (1 + min(p.history, context.num_layers - 1)) * E + 1  # one-hot and weight, history - 1 back, bias
+        if unknowns > MAX_UNKNOWNS:
+            raise TierflowError(
+                f"prefetcher {cls.name!r}: history = {p.history} fits each layer's maps with {unknowns:,} unknowns "
+                f"({E} experts a layer); at most {MAX_UNKNOWNS:,} (history <= {(MAX_UNKNOWNS - 1) // E - 1} here): "
+                "the fit solves one such system per layer, in a time that grows as the cube of its unknowns")
         if p.train_trace or steps is None or (recorded and p.use_recorded):
             return
         watch = cls._steps_watched(p.train_fraction, steps)
