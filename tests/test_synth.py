@@ -205,3 +205,27 @@ def test_engine_steps_decode_requests_side_by_side():
     assert synth.engine_order(np.array([], dtype=np.int64), 2).tolist() == []
     with pytest.raises(TierflowError, match="at least 1"):
         list(synth.engine_steps(sequence_id, 0))
+
+
+@pytest.mark.parametrize(("experts", "k"), [(64, 8), (8, 2)])
+def test_routing_concentrated_beyond_double_precision_keeps_rows_distinct(experts, k):
+    """At the strongest skew and state tilt a block's top expert can hold all but 1e-14 of its mass: the
+    experts drawn after it still come from the others, in range, never a repeat."""
+    data = _arrays(tokens=400, layers=4, experts=experts, k=k, seed=3, skew_first=10.0, skew_last=10.0,
+                   state_strength_first=20.0, state_strength_last=20.0)
+    rows = data["experts"].astype(np.int64)
+    assert rows.min() >= 0 and rows.max() < experts
+    ordered = np.sort(rows, axis=2)
+    assert not (ordered[..., 1:] == ordered[..., :-1]).any()
+
+
+def test_restricted_draw_follows_the_remaining_probabilities():
+    """The fallback draw for a nearly exhausted row: the experts left in the proportions of their own
+    probabilities, however small beside the excluded one."""
+    log_p = np.log(np.array([[1e-15, 1.0, 2e-15, 1e-15]]))
+    tables = synth._LayerTables(np.exp(log_p), None, None, log_p.astype(np.float32), None)
+    rng = np.random.default_rng(0)
+    draws = synth._draw_restricted(rng, tables, np.zeros(40000, dtype=np.int64), np.full((40000, 1), 1))
+    counts = np.bincount(draws, minlength=4) / len(draws)
+    assert counts[1] == 0
+    np.testing.assert_allclose(counts[[0, 2, 3]], [0.25, 0.5, 0.25], atol=0.02)

@@ -47,6 +47,9 @@ _URN_SIZE = 1 << 13
 _URN_ROUNDS = 3  # i.i.d. urn draws tried for a colliding slot before an exact restricted draw
 _BELOW_ONE = 1.0 - 1e-12  # uniform draws are clipped here so the last cdf entry (1.0) always exceeds them
 _SETTLE_ROUNDS = 1
+# A restricted draw shifts a uniform draw past the excluded mass; below this much mass left, double precision
+# cannot place it among the experts left, and they are drawn from their own probabilities instead.
+_RESOLVABLE_MASS = 1e-9
 _GEN_CHUNK_TOKENS = 32768
 
 
@@ -206,9 +209,15 @@ def _draw_excluding(rng, tables: _LayerTables, block: np.ndarray, excluded: np.n
     block = block.astype(np.int64)
     valid = excluded >= 0
     mass = np.where(valid, tables.p.ravel()[(block * num_experts)[:, None] + np.maximum(excluded, 0)], 0.0)
-    u = rng.random(len(block)) * (1.0 - mass.sum(axis=1))
+    left = 1.0 - mass.sum(axis=1)
+    u = rng.random(len(block)) * left
     expert = _inverse_cdf(tables, block, u)
-    todo = np.arange(len(block))
+    # Where the experts left hold too little mass for the shifted draw to resolve (routing so concentrated
+    # that u + the excluded mass below it rounds onto an excluded expert), draw from their own probabilities.
+    tiny = left < _RESOLVABLE_MASS
+    if tiny.any():
+        expert[tiny] = _draw_restricted(rng, tables, block[tiny], excluded[tiny])
+    todo = np.flatnonzero(~tiny)
     for _ in range(excluded.shape[1] + 1):
         below = (mass[todo] * (excluded[todo] <= expert[todo, None])).sum(axis=1)
         moved = _inverse_cdf(tables, block[todo], u[todo] + below)
@@ -218,6 +227,20 @@ def _draw_excluding(rng, tables: _LayerTables, block: np.ndarray, excluded: np.n
         if not todo.size:
             break
     return expert
+
+
+def _draw_restricted(rng, tables: _LayerTables, block: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """One expert per row from the row's log-probabilities with the ``excluded`` ones (-1: none) removed,
+    renormalised from the largest remaining one (so a remaining mass far below 1 is still exact)."""
+    num_experts = tables.p.shape[1]
+    log_p = tables.log_p[block].astype(np.float64)
+    rows = np.repeat(np.arange(len(block)), excluded.shape[1])
+    keep = excluded.ravel() >= 0
+    log_p[rows[keep], excluded.ravel()[keep]] = -np.inf
+    weights = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(weights, axis=1)
+    u = rng.random(len(block)) * cumulative[:, -1]
+    return np.minimum((cumulative <= u[:, None]).sum(axis=1), num_experts - 1)
 
 
 def _first_occurrences(values: np.ndarray, num_experts: int) -> np.ndarray:
