@@ -123,6 +123,24 @@ def test_invalid_sweeps_are_one_error(document, fragments):
     assert "\n" not in str(caught.value)
 
 
+def test_a_grid_of_millions_of_points_is_refused_before_any_is_made(monkeypatch):
+    """A grid over the limit is refused at once from its axes' lengths, not after building (and holding) every
+    point's scenario: eight axes of ten values and a zip of two are 2 x 10**8 points."""
+    import tierflow.sweep
+
+    grid = {key: list(range(1, 11)) for key in (
+        "workload.batch_size", "workload.context_length", "energy.link_pj_per_bit", "energy.hbm_read_pj_per_bit",
+        "energy.ddr_read_pj_per_bit", "energy.ssd_read_pj_per_bit", "energy.pj_per_flop", "energy.gpu_static_w")}
+    with monkeypatch.context() as patch:
+        patch.setattr(tierflow.sweep, "MAX_POINTS", 999, raising=False)
+        with pytest.raises(TierflowError, match=r"1,000 points \(10 x 10 x 10\), more than the 999"):
+            parse_sweep(small_sweep(grid=dict(list(grid.items())[:3])))
+    with pytest.raises(TierflowError) as caught:
+        parse_sweep(small_sweep(grid=grid, zips=[{"placement": ["ddr", "ssd"]}]))
+    assert "200,000,000 points (10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 x 2)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_invalid_sweep_file_on_the_command_line(tmp_path):
     bad = write_sweep(tmp_path / "bad.toml", 'scenario = "ssd_offload"\n[grid]\n"cache.size" = [1, 2]\n')
     assert_one_line_error(run_tierflow("sweep", bad, "--out", tmp_path / "out"),

@@ -70,6 +70,9 @@ STATUS_OK, STATUS_ERROR = "ok", "error"
 _SWEEP_KEYS = {"name", "description", "scenario", "seed", "set", "grid", "zip"}
 # Scenario fields that label a point but do not change what it simulates: left out of the id.
 _LABEL_KEYS = ("name", "description")
+# Points in one sweep: each is a simulation of seconds or more, and loading alone builds and checks every one
+# (about 0.2 ms a point), so a grid of millions would only stall before the first runs.
+MAX_POINTS = 100_000
 
 
 @attrs.frozen
@@ -209,6 +212,11 @@ def _axis_combinations(grid: Mapping, zips: list[Mapping], where: str) -> list[d
         axes.append([dict(zip(group, values)) for values in zip(*group.values())])
     if not axes:
         raise TierflowError(f"{where}: no axes; give [grid] keys with lists of values or [[zip]] groups")
+    count = math.prod(len(axis) for axis in axes)
+    if count > MAX_POINTS:  # before the points are made: each is a scenario to build and check
+        sizes = " x ".join(str(len(axis)) for axis in axes)
+        raise TierflowError(f"{where}: the axes make {count:,} points ({sizes}), more than the {MAX_POINTS:,} a "
+                            "sweep runs; split it into several sweeps")
     return [{k: v for part in combo for k, v in part.items()} for combo in product(*axes)]
 
 
