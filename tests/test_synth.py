@@ -229,3 +229,15 @@ def test_restricted_draw_follows_the_remaining_probabilities():
     counts = np.bincount(draws, minlength=4) / len(draws)
     assert counts[1] == 0
     np.testing.assert_allclose(counts[[0, 2, 3]], [0.25, 0.5, 0.25], atol=0.02)
+
+
+@pytest.mark.parametrize(("experts", "topics"), [(64, 12), (300, 3)])
+def test_the_memory_check_counts_every_table_the_generator_keeps(experts, topics):
+    """trace gen refuses up front what would not fit: its estimate covers the tables it then holds (the urns are
+    two bytes an id above 256 experts, the log-probabilities a float32 table beside the float64 ones), and not
+    by much more."""
+    params = attrs.evolve(synth.ROUTING_PROFILES["fine_grained"], num_topics=topics)
+    model = synth.RoutingModel(5, experts, 4, params, seed=0)
+    kept = sum(array.nbytes for layer in model.layers for array in attrs.astuple(layer, recurse=False))
+    estimate = synth.generator_bytes(5, experts, 100, 1, params)
+    assert kept < estimate < 1.5 * kept

@@ -585,15 +585,24 @@ class _BlockRouter:
 # ----------------------------------------------------------------------------------------------- entry points
 
 
+def generator_bytes(num_layers: int, num_experts: int, num_tokens: int, num_sequences: int,
+                    params: SynthParams) -> int:
+    """Memory the generator holds before it draws: every layer's tables for each (topic, state) block (the
+    distribution and its cdf in float64, the log-probabilities in float32, the urn of expert ids), one layer's
+    temporaries while they are built (about ten float64 arrays of a block's experts), the plan (four numbers a
+    token) and the embeddings."""
+    blocks = params.num_topics * params.num_states
+    urn = _URN_SIZE * np.dtype(expert_dtype(num_experts)).itemsize
+    return (num_layers * blocks * (20 * num_experts + urn) + blocks * 80 * num_experts
+            + 8 * (num_tokens * 4 + (num_sequences + params.num_topics) * params.embedding_dim))
+
+
 def _prepare(num_layers, num_experts, top_k, num_tokens, num_sequences, seed, params, record_states=False):
     num_sequences = num_sequences or max(1, math.ceil(num_tokens / params.tokens_per_sequence))
     from tierflow.workload import check_fits_memory
 
-    blocks = params.num_topics * params.num_states
-    check_fits_memory(
-        8 * (num_layers * blocks * (2 * num_experts + _URN_SIZE // 8) + num_tokens * 4  # tables and urns; the plan
-             + (num_sequences + params.num_topics) * params.embedding_dim),
-        "the generator's tables and plan", "--tokens, num_topics, num_states, embedding_dim")
+    check_fits_memory(generator_bytes(num_layers, num_experts, num_tokens, num_sequences, params),
+                      "the generator's tables and plan", "--tokens, num_topics, num_states, embedding_dim")
     model = RoutingModel(num_layers, num_experts, top_k, params, seed, record_states)
     lengths, topics = model.sequences(num_tokens, num_sequences)
     return model, _BlockPlan.build(lengths, topics)
