@@ -38,6 +38,12 @@ _PAIRS_PER_BLOCK = 1 << 24  # feature pairs counted at once when the normal equa
 MAX_UNKNOWNS = 4097
 
 
+def _unknowns(num_experts: int, back: int) -> int:
+    """The features of a layer that looks ``back`` layers before it: its experts one-hot and weighted, the
+    earlier layers' experts one-hot, and a bias."""
+    return (2 + back) * num_experts + 1
+
+
 def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, max_distance: int,
                    ridge: float, history: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ridge maps from a token's routing at layers ``l-history+1 .. l`` to its experts at ``l+1 ..
@@ -63,7 +69,7 @@ def fit_layer_maps(experts: np.ndarray, weights: np.ndarray, num_experts: int, m
     ones = np.ones((n, 1), np.float32)
     for layer in range(num_layers - 1):
         back = min(history - 1, layer)  # earlier layers this one can look back on
-        features = (2 + back) * E + 1
+        features = _unknowns(E, back)
         x = experts[:, layer]
         index = np.concatenate([x, x + E, *[experts[:, layer - h] + (1 + h) * E for h in range(1, back + 1)],
                                 np.full((n, 1), features - 1)], axis=1)  # (n, (2 + back) k + 1) feature ids
@@ -131,7 +137,7 @@ class SpeculativeGate(Prefetcher):
             raise TierflowError(f"prefetcher {cls.name!r}: history = {p.history} exceeds the model's "
                                 f"{context.num_layers} MoE layers (a token has no more routing to read)")
         E = context.num_experts
-        unknowns = (1 + min(p.history, context.num_layers - 1)) * E + 1  # one-hot and weight, history - 1 back, bias
+        unknowns = _unknowns(E, min(p.history - 1, context.num_layers - 2))  # at the layer that looks back furthest
         if unknowns > MAX_UNKNOWNS:
             raise TierflowError(
                 f"prefetcher {cls.name!r}: history = {p.history} fits each layer's maps with {unknowns:,} unknowns "
