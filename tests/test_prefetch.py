@@ -725,6 +725,7 @@ def test_recorded_predictions_flow_from_the_trace_file_to_the_prefetcher(tmp_pat
     sim, gate, _, _ = run_recorded(small(**common, **{"prefetch.policy": "speculative_gate",
                                                      "prefetch.params": {"train_fraction": 0.0}}))
     step = sim.workload.steps[5]
+    assert sim.workload.has_predictions and not Simulation(small()).workload.has_predictions
     assert np.array_equal(step.predicted_experts, predicted[5][None])
     assert np.allclose(step.row_scores, scores[5][None], atol=1e-3)  # stored as float16
     p = gate.summary["prefetch"]

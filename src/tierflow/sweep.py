@@ -326,8 +326,7 @@ def check_point(scenario, workloads: dict | None = None) -> None:
     workloads = {} if workloads is None else workloads
     if key not in workloads:  # its length, its layers' experts and whether it records predictions, not the steps
         workload = load_scenario_workload(scenario, spec)
-        recorded = bool(workload.steps) and workload.steps[0].predicted_experts is not None
-        workloads[key] = len(workload.steps), layer_experts(workload), recorded
+        workloads[key] = len(workload.steps), layer_experts(workload), workload.has_predictions
     steps, experts, recorded = workloads[key]
     plan = plan_capacity(scenario, spec, hardware, None, steps=steps,
                          working_sets=layer_working_sets(experts, scenario.gpus, spec.num_moe_layers))

@@ -61,6 +61,11 @@ class Workload:
         """Whether the steps carry the trace's router weights (else their ``scores`` are 0)."""
         return bool(self.steps) and self.steps[0].row_scores is not None
 
+    @property
+    def has_predictions(self) -> bool:
+        """Whether the steps carry the trace's recorded expert predictions (``predicted_experts``)."""
+        return bool(self.steps) and self.steps[0].predicted_experts is not None
+
 
 def _sequences_from_arrays(experts, sequence_id, scores, predicted=None) -> dict[int, tuple]:
     """Per sequence id, in order of first appearance: (experts, scores or None, predicted or None), of decode
