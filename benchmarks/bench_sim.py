@@ -12,7 +12,9 @@ under 30 s.
 ``--costs`` also splits the run time of ``ssd_offload`` into a cost per expert access and a cost per miss: it
 runs the scenario with three HBM cache sizes (so three miss counts) and fits ``run time = a * accesses + b *
 misses`` by least squares. ``a`` includes a layer's compute model and SimPy events spread over its accesses;
-``b`` is everything a miss adds (admission, eviction, the transfer's hops on the calendar, the wait).
+``b`` is everything a miss adds (admission, eviction, the transfer's hops on the calendar, the wait). It also
+times ``ssd_prefetch``'s prefetcher on its own (its ``on_routing`` calls, with the simulator's handling of the
+proposals left out), per routing event and per expert access.
 """
 
 from __future__ import annotations
@@ -81,6 +83,29 @@ def cost_split(tokens: int) -> str:
     ])
 
 
+def prefetcher_cost(tokens: int) -> str:
+    """The time ``ssd_prefetch``'s prefetcher takes to answer the routing events, against the whole run."""
+    sim = Simulation(load_scenario("ssd_prefetch", [f"workload.decode_tokens={tokens}"]))
+    prefetcher, spent, calls = sim.prefetcher, [0.0], [0]
+    on_routing = prefetcher.on_routing
+
+    def timed(event):
+        start = time.perf_counter()
+        proposals = on_routing(event)
+        spent[0] += time.perf_counter() - start
+        calls[0] += 1
+        return proposals
+
+    prefetcher.on_routing = timed
+    start = time.perf_counter()
+    sim.run()
+    run_s = time.perf_counter() - start
+    accesses = sum(len(e) for step in sim.workload.steps for e in step.experts)
+    return (f"ssd_prefetch's {prefetcher.name} prefetcher ({tokens} tokens): {spent[0]:.2f} s of the run's "
+            f"{run_s:.2f} s, {spent[0] / calls[0] * 1e6:.1f} us per routing event, "
+            f"{spent[0] / accesses * 1e6:.2f} us per expert access")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", default=None)
@@ -101,6 +126,7 @@ def main():
                   + "; ratios: " + ", ".join(f"{r['rate'] / r['raw']:.2f}" for r in runs))
     if args.costs:
         print(cost_split(min(args.tokens, 500)))
+        print(prefetcher_cost(min(args.tokens, 500)))
 
 
 if __name__ == "__main__":
