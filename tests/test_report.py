@@ -127,3 +127,14 @@ def test_garbage_results_or_point_files_are_one_error_naming_the_file(swept, tmp
         (point_broken / "sweep.json").write_text(json.dumps(damaged))
         assert_one_line_error(run_tierflow("report", point_broken, "--out", tmp_path / "r4"),
                               "not a sweep description", reason)
+
+
+def test_a_figure_null_at_every_point_is_reported_as_not_available(tmp_path):
+    # Experts in HBM: no expert cache, so every point's HBM hit rate is null (a text column of the table).
+    run_sweep(parse_sweep(small_sweep(grid={"workload.batch_size": [1, 2]},
+                                      set={**SMALL, "placement": "hbm"})), tmp_path / "sweep", workers=1)
+    assert read_table(tmp_path / "sweep" / "results.h5")["hit_rate.hbm"].tolist() == ["", ""]
+    build_report(tmp_path / "sweep", tmp_path / "report")
+    rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+            if line.startswith("| batch ")]
+    assert len(rows) == 2 and all(" | n/a | " in row for row in rows)

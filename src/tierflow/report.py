@@ -97,7 +97,14 @@ class SweepTable:
         self.varying = [k for k in self.meta["axes"] if k in self.rows and len(set(self.rows[k].tolist())) > 1]
 
     def column(self, name: str) -> np.ndarray:
-        return np.asarray(self.rows[name], dtype=float) if name in self.rows else np.full(self.count, np.nan)
+        """A figure as floats, NaN where it is null. A figure null at every point of the table (the HBM hit rate
+        of a sweep without an HBM cache) is stored as text, an empty string for each null."""
+        if name not in self.rows:
+            return np.full(self.count, np.nan)
+        values = self.rows[name]
+        if values.dtype == object:
+            values = [np.nan if value == "" else value for value in values]
+        return np.asarray(values, dtype=float)
 
     def label(self, i: int, keys: list[str] | None = None) -> str:
         keys = self.varying if keys is None else keys
