@@ -138,3 +138,14 @@ def test_a_figure_null_at_every_point_is_reported_as_not_available(tmp_path):
     rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
             if line.startswith("| batch ")]
     assert len(rows) == 2 and all(" | n/a | " in row for row in rows)
+
+
+def test_points_are_labelled_by_their_settings_when_one_axis_varies_or_one_point_is_ok(tmp_path):
+    from tierflow.report import SweepTable, _groups
+
+    run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [64, 128]})), tmp_path / "curve", workers=1)
+    # The hit-rate figure draws one curve over capacity, not one unconnected point per point id.
+    assert _groups(SweepTable(tmp_path / "curve"), ("cache.capacity_experts",)) == {"all points": [0, 1]}
+    run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]})), tmp_path / "one", workers=1)
+    build_report(tmp_path / "one", tmp_path / "report")
+    assert "\n| capacity 64 | " in (tmp_path / "report" / "report.md").read_text()

@@ -90,6 +90,7 @@ class SweepTable:
                                 f"another sweep?); {rebuild}")
         ok = np.array([s == STATUS_OK for s in self.all["status"]], dtype=bool)
         axes = [k for k in self.meta["axes"] if k in self.all]
+        self.axes = axes
         self.errors = [(self.all["point_id"][i], ", ".join(f"{_short(k)} {_cell(self.all[k][i])}" for k in axes),
                         self.all["error"][i]) for i in np.flatnonzero(~ok)]
         self.rows = {column: values[ok] for column, values in self.all.items()}
@@ -107,9 +108,11 @@ class SweepTable:
         return np.asarray(values, dtype=float)
 
     def label(self, i: int, keys: list[str] | None = None) -> str:
-        keys = self.varying if keys is None else keys
-        parts = [_cell(self.rows[k][i]) if k in _VALUE_ONLY else f"{_short(k)} {_cell(self.rows[k][i])}" for k in keys]
-        return ", ".join(parts) or str(self.rows["point_id"][i])
+        """A row's values on ``keys``, "" when there are none. By default on the axes that vary among the ok rows,
+        else (a single ok point) on every axis, and the point id when that names nothing."""
+        parts = [_cell(self.rows[k][i]) if k in _VALUE_ONLY else f"{_short(k)} {_cell(self.rows[k][i])}"
+                 for k in ((self.varying or self.axes) if keys is None else keys)]
+        return ", ".join(parts) or ("" if keys is not None else str(self.rows["point_id"][i]))
 
     def order(self, first: tuple[str, ...]) -> list[int]:
         """Row indices sorted by the given keys (when present) and then the other varying axes."""
