@@ -148,4 +148,5 @@ def test_points_are_labelled_by_their_settings_when_one_axis_varies_or_one_point
     assert _groups(SweepTable(tmp_path / "curve"), ("cache.capacity_experts",)) == {"all points": [0, 1]}
     run_sweep(parse_sweep(small_sweep(grid={"cache.capacity_experts": [64]})), tmp_path / "one", workers=1)
     build_report(tmp_path / "one", tmp_path / "report")
-    assert "\n| capacity 64 | " in (tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "\n| capacity 64 | " in text and "\n1 point: 1 ok, 0 failed." in text

@@ -1299,6 +1299,12 @@ def test_stall_and_median_are_per_token_when_the_batch_shrinks(tmp_path):
     latency = np.repeat(results.step_latency_s, batches)
     assert results.summary["latency_s_per_token"]["p50"] == pytest.approx(float(np.median(latency)), rel=1e-12)
     assert np.median(latency) != pytest.approx(np.median(results.step_latency_s), rel=1e-6)
+    # The results file carries each step's tokens, so its per-token figures can be rebuilt from it.
+    metrics.write_results_h5(results, tmp_path / "r.h5")
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f["steps/tokens"][:].tolist() == batches
+        mean = np.average(f["steps/latency_s"][:], weights=f["steps/tokens"][:])
+    assert results.summary["latency_s_per_token"]["mean"] == pytest.approx(mean, rel=1e-12)
 
 
 

@@ -187,7 +187,7 @@ def test_serial_run_writes_a_row_per_point_with_parameters_and_figures(serial_ru
     flat = _flatten_keys(record["summary"]) - {"scenario", "model"}
     assert flat <= set(table)
     with h5py.File(points_dir(out) / f"{table['point_id'][0]}.h5") as f:  # the per-step series of `simulate --out`
-        assert set(f["steps"]) == {"latency_s", "stall_s", "hits", "misses", "in_flight"}
+        assert set(f["steps"]) == {"latency_s", "stall_s", "tokens", "hits", "misses", "in_flight"}
         assert len(f["steps/in_flight"]) == 8
     header = _csv(out).splitlines()[0].split(",")
     assert header == list(table)

@@ -41,6 +41,9 @@ class Results:
     # Background power by device over the deployment, W: "gpu" (with its HBM), "ddr", "ssd" (the static energy's
     # split).
     static_w: dict | None = None
+    # Per step, the tokens it decoded (its sequences): fewer than the batch once the trace runs out. The per-token
+    # figures weight each step by them.
+    step_tokens: np.ndarray | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -106,6 +109,7 @@ def collect_results(sim) -> Results:
         step_in_flight=np.array([r.in_flight for r in records]),
         step_prefetch=_step_prefetch(records, prefetch) if sim.prefetcher is not None else None,
         static_w=dict(sim.energy.static_w),
+        step_tokens=per_token,
     )
 
 
@@ -271,6 +275,8 @@ def write_results_h5(results: Results, path) -> None:
             steps["stall_s"] = results.step_stall_s
             steps["hits"] = results.step_hits
             steps["misses"] = results.step_misses
+            if results.step_tokens is not None:
+                steps["tokens"] = results.step_tokens
             if results.step_in_flight is not None:
                 steps["in_flight"] = results.step_in_flight
             for name, series in (results.step_prefetch or {}).items():

@@ -266,7 +266,8 @@ def _markdown(table: SweepTable, figures: list[Path]) -> str:
     lines = [f"# Sweep `{meta['name']}`", ""]
     if meta.get("description"):
         lines += [meta["description"], ""]
-    lines += [f"{len(table.all['point_id'])} points: {table.count} ok, {len(table.errors)} failed. "
+    points = len(table.all["point_id"])
+    lines += [f"{points} point{'s' * (points != 1)}: {table.count} ok, {len(table.errors)} failed. "
               f"Swept: {', '.join(f'`{k}`' for k in meta['axes'])}.", ""]
     for figure in figures:
         lines += [f"## {_TITLES[figure.name]}", "", f"![{_TITLES[figure.name]}]({figure.name})", ""]

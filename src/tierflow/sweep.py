@@ -388,7 +388,7 @@ def run_point(point_id_: str, scenario_table: dict) -> PointOutput:
                             "wall_s": time.perf_counter() - started}, None)
     steps = {"latency_s": results.step_latency_s, "stall_s": results.step_stall_s,
              "hits": results.step_hits, "misses": results.step_misses, "in_flight": results.step_in_flight,
-             "prefetch": results.step_prefetch}
+             "prefetch": results.step_prefetch, "tokens": results.step_tokens}
     return PointOutput({**record, "summary": results.summary, "utilization": utilization_by_kind(results.channels),
                         "wall_s": time.perf_counter() - started}, steps)
 
@@ -413,7 +413,8 @@ def save_point(out: Path, point: Point, output: PointOutput) -> None:
     if output.steps is not None:
         s = output.steps
         write_results_h5(Results(output.record["summary"], s["latency_s"], s["stall_s"], s["hits"], s["misses"],
-                                 point.scenario_table, step_in_flight=s["in_flight"], step_prefetch=s["prefetch"]),
+                                 point.scenario_table, step_in_flight=s["in_flight"], step_prefetch=s["prefetch"],
+                                 step_tokens=s["tokens"]),
                          folder / f"{point.point_id}.h5")
     _write_text(folder / f"{point.point_id}.json", json.dumps(record, indent=1, allow_nan=False))
 
