@@ -72,6 +72,18 @@ def test_commands_refuse_an_output_name_too_long_for_the_system(cli, tmp_path, c
     assert_one_line_error(result, "cannot write", "File name too long")
 
 
+@pytest.mark.parametrize("command", [
+    ["simulate", "--scenario", "hbm_only", "--set", "workload.decode_tokens=2", "--out"],
+    ["trace", "gen", "--model", "mixtral-8x7b", "--tokens", "4", "--out"],
+    ["trace", "import", "--format", "per-step", "missing.jsonl", "--out"],
+    ["train-policy", "missing.h5", "--out"],
+])
+def test_an_output_file_named_like_a_folder_is_refused_not_written_as_a_file(cli, tmp_path, command):
+    result = cli(*command, f"{tmp_path / 'results'}/", cwd=ROOT)
+    assert_one_line_error(result, "names a folder; give the file's path")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_policy_checks_its_output_first(cli, a_file, tmp_path):
     assert_one_line_error(cli("train-policy", a_file, "--out", tmp_path / "weights"), "*.npz")
     # The output is checked before the trace is read (here it is not a trace at all).

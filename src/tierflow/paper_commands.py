@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from tierflow import paper
+from tierflow.paths import FolderPath
 from tierflow.progress import progress_bar
-from tierflow.sweep_commands import FolderPath
 from tierflow.workers import sigterm_unwinds
 
 

@@ -8,20 +8,9 @@ from pathlib import Path
 import click
 
 from tierflow.errors import TierflowError
+from tierflow.paths import FolderPath
 from tierflow.progress import progress_bar
 from tierflow.workers import sigterm_unwinds
-
-
-class FolderPath(click.Path):
-    """An output folder; an empty path is refused (``Path("")`` would silently be the working folder)."""
-
-    def __init__(self):
-        super().__init__(file_okay=False, path_type=Path)
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("an empty path; name a folder", param, ctx)
-        return super().convert(value, param, ctx)
 
 
 def register(group: click.Group) -> None:

@@ -10,6 +10,7 @@ import click
 
 from tierflow.atomic import check_writable
 from tierflow.errors import TierflowError
+from tierflow.paths import OutputFile
 
 
 def register(group: click.Group) -> None:
@@ -175,7 +176,7 @@ def plugins(as_json):
 
 @click.command("train-policy")
 @click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", type=OutputFile(), required=True,
               help="Weights file to write (.npz), for `--param weights=FILE` of the learned policy.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Use only each trace's first N rows.")
 @click.option("--decode-only", is_flag=True, help="Skip prefill rows (phase 0), as the simulator does.")

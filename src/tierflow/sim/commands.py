@@ -10,6 +10,7 @@ from tierflow.atomic import check_not_an_input, check_writable
 from tierflow.catalog import get_profile
 from tierflow.config import PLUGIN_SECTIONS, load_scenario, resolve_scenario_path
 from tierflow.metrics import format_table, write_results_h5
+from tierflow.paths import OutputFile
 from tierflow.progress import progress_bar
 from tierflow.trace.format import open_trace
 from tierflow.trace.stats import label_mismatch
@@ -49,7 +50,7 @@ def run_with_progress(scenario, trace: str | None = None, quiet: bool = False):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a scenario key, e.g. --set workload.batch_size=16 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OutputFile(), default=None,
               help="Write the results and per-step series to this HDF5 file (atomically).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def simulate(scenario_name, trace, overrides, as_json, out, quiet):

@@ -8,6 +8,7 @@ from pathlib import Path
 import attrs
 import click
 
+from tierflow.paths import OutputFile
 from tierflow.progress import progress_bar
 from tierflow.trace import importers, stats, synth
 from tierflow.trace.format import MAX_EXPERTS, open_trace
@@ -34,7 +35,7 @@ def register(group: click.Group) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a generator parameter: " + ", ".join(attrs.fields_dict(synth.SynthParams))
                    + " (see the README).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=OutputFile(), required=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def gen(model_name, tokens, sequences, seed, overrides, out, quiet):
     """Write a synthetic trace: routing with skew, reuse, per-token routing states and topics (see the README)."""
@@ -70,7 +71,7 @@ def info(path, as_json):
 @click.command("import")
 @click.option("--format", "fmt", type=click.Choice(sorted(importers.IMPORT_FORMATS)), required=True)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=OutputFile(), required=True)
 @click.option("--model", "model_name", default=None,
               help="Catalog model name; sets num_experts and checks layer count and top-k.")
 @click.option("--num-experts", type=click.IntRange(min=1, max=MAX_EXPERTS), default=None,
