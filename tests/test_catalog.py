@@ -23,8 +23,10 @@ REFERENCE_MB_PER_EXPERT = {
     "deepseek-v3-bf16": 88.1,
     "deepseek-r1-bf16": 88.1,
     "mixtral-8x7b": 352,
+    "mixtral-8x22b": 604,
     "qwen1.5-moe-a2.7b": 17.3,
     "qwen3-30b-a3b": 9.44,
+    "qwen3-235b-a22b": 37.7,
     "olmoe-1b-7b": 12.6,
     "deepseek-v2-lite": 17.3,
     "gpt-oss-20b": 13.2,
@@ -34,7 +36,16 @@ REFERENCE_MB_PER_EXPERT = {
 # Total parameters the model cards publish, in billions.
 PUBLISHED_PARAMS_B = {
     "deepseek-v3": 671, "mixtral-8x7b": 46.7, "qwen1.5-moe-a2.7b": 14.3, "qwen3-30b-a3b": 30.5,
-    "olmoe-1b-7b": 6.9, "deepseek-v2-lite": 15.7, "gpt-oss-20b": 21, "gpt-oss-120b": 117,
+    "olmoe-1b-7b": 6.9, "deepseek-v2-lite": 15.7, "gpt-oss-20b": 21, "gpt-oss-120b": 117, "mixtral-8x22b": 141,
+    "qwen3-235b-a22b": 235,
+}
+
+
+# Active parameters per token the model cards publish, in billions, where they count the embeddings as the catalog
+# does (DeepSeek-V2-Lite's and GPT-OSS's published figures leave some of them out).
+PUBLISHED_ACTIVE_PARAMS_B = {
+    "deepseek-v3": 37, "mixtral-8x7b": 12.9, "mixtral-8x22b": 39, "qwen1.5-moe-a2.7b": 2.7, "qwen3-30b-a3b": 3.3,
+    "qwen3-235b-a22b": 22, "olmoe-1b-7b": 1.3,
 }
 
 
@@ -52,6 +63,13 @@ def test_expert_bytes_match_the_reference_within_one_percent(name, reference_mb)
 @pytest.mark.parametrize("name, published_b", sorted(PUBLISHED_PARAMS_B.items()))
 def test_total_params_match_the_model_cards_within_two_percent(name, published_b):
     assert get_model(name).total_params / 1e9 == pytest.approx(published_b, rel=0.02)
+
+
+@pytest.mark.parametrize("name, published_b", sorted(PUBLISHED_ACTIVE_PARAMS_B.items()))
+def test_active_params_match_the_model_cards_within_two_percent(name, published_b):
+    spec = get_model(name)
+    idle = (spec.num_routed_experts - spec.top_k) * spec.expert_params * spec.num_moe_layers
+    assert (spec.total_params - idle) / 1e9 == pytest.approx(published_b, rel=0.02)
 
 
 @pytest.mark.parametrize("spec", MODELS.values(), ids=MODELS.keys())

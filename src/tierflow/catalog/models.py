@@ -419,6 +419,27 @@ _ROWS = (
         source=_source("mistralai/Mixtral-8x7B-v0.1", "BF16; sliding_window null"),
     ),
     ModelSpec(
+        name="mixtral-8x22b", display_name="Mixtral-8x22B",
+        num_layers=56,                      # num_hidden_layers
+        num_moe_layers=56,                  # every layer is MoE
+        first_moe_layer=0,
+        num_routed_experts=8,               # num_local_experts
+        num_shared_experts=0,
+        top_k=2,                            # num_experts_per_tok
+        hidden_size=6144,                   # hidden_size
+        expert_intermediate_size=16384,     # intermediate_size (the expert width in Mixtral's config)
+        shared_expert_intermediate_size=0,
+        dense_intermediate_size=0,
+        vocab_size=32768,                   # vocab_size
+        attention=GqaAttention(
+            num_heads=48,                   # num_attention_heads
+            num_kv_heads=8,                 # num_key_value_heads
+            head_dim=128,                   # hidden_size / num_attention_heads
+        ),
+        bytes_per_param=BF16_BYTES, non_expert_bytes_per_param=BF16_BYTES,
+        source=_source("mistralai/Mixtral-8x22B-v0.1", "BF16; sliding_window null; 141B parameters, 39B active"),
+    ),
+    ModelSpec(
         name="qwen1.5-moe-a2.7b", display_name="Qwen1.5-MoE-A2.7B",
         num_layers=24,                      # num_hidden_layers
         num_moe_layers=24,                  # decoder_sparse_step 1: every layer is MoE
@@ -459,6 +480,27 @@ _ROWS = (
         ),
         bytes_per_param=BF16_BYTES, non_expert_bytes_per_param=BF16_BYTES,
         source=_source("Qwen/Qwen3-30B-A3B", "BF16"),
+    ),
+    ModelSpec(
+        name="qwen3-235b-a22b", display_name="Qwen3-235B-A22B",
+        num_layers=94,                      # num_hidden_layers
+        num_moe_layers=94,                  # mlp_only_layers [], decoder_sparse_step 1
+        first_moe_layer=0,
+        num_routed_experts=128,             # num_experts
+        num_shared_experts=0,
+        top_k=8,                            # num_experts_per_tok
+        hidden_size=4096,                   # hidden_size
+        expert_intermediate_size=1536,      # moe_intermediate_size
+        shared_expert_intermediate_size=0,
+        dense_intermediate_size=0,          # intermediate_size 12288 describes no layer here
+        vocab_size=151936,                  # vocab_size
+        attention=GqaAttention(
+            num_heads=64,                   # num_attention_heads
+            num_kv_heads=4,                 # num_key_value_heads
+            head_dim=128,                   # head_dim
+        ),
+        bytes_per_param=BF16_BYTES, non_expert_bytes_per_param=BF16_BYTES,
+        source=_source("Qwen/Qwen3-235B-A22B", "BF16; tie_word_embeddings false"),
     ),
     ModelSpec(
         name="olmoe-1b-7b", display_name="OLMoE-1B-7B-0924",
