@@ -798,6 +798,8 @@ BAD_SCENARIOS = {
     "unknown model": (["--set", "model=gpt-9"], "deepseek-r1"),
     "unknown hardware": (["--set", "hardware=abacus"], "h100-pcie5"),
     "too big": (["--set", "cache.capacity_experts=99999"], "HBM is free"),
+    "too big for a smaller model": (["--set", "model=mixtral-8x7b", "--set", "cache.capacity_experts=3712"],
+                                    "the model has only 32 experts per GPU, which a cache of 32 per GPU holds"),
     "too small": (["--set", "cache.capacity_experts=8"], "working set"),
     "unknown scenario": (["--scenario", "nope"], "ssd_prefetch"),
     "nan energy": (["--set", "energy.hbm_read_pj_per_bit=nan", "--json"], "must be a finite number, got nan"),

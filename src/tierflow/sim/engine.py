@@ -206,7 +206,7 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     elif cache.enabled:
         hbm_cache = _cache_experts(cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
                                    free // expert_bytes)
-        _check_cache_bytes(hbm_cache, expert_bytes, free)
+        _check_cache_bytes(hbm_cache, expert_bytes, free, experts_per_gpu if hbm_cache > experts_per_gpu else None)
         slots = hbm_cache if cache.scope == "global" else hbm_cache // spec.num_moe_layers
         if slots < working_set:
             where = "" if cache.scope == "global" else f" ({slots} slots per layer)"
@@ -251,10 +251,13 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
                 min(scenario.workload.batch_size * spec.top_k, held), layer_slots)
 
 
-def _check_cache_bytes(experts: int, expert_bytes: int, free: int) -> None:
+def _check_cache_bytes(experts: int, expert_bytes: int, free: int, held: int | None = None) -> None:
+    """A cache's capacity is HBM set aside; ``held``: the experts the GPU holds, when the cache asks for more."""
     if experts * expert_bytes > free:
+        hint = "" if held is None else (f"; the model has only {held} experts per GPU, which a cache of "
+                                        f"{held} per GPU holds ({held * expert_bytes / 1e9:.1f} GB)")
         raise TierflowError(f"cache of {experts} experts per GPU needs {experts * expert_bytes / 1e9:.1f} GB but "
-                            f"only {free / 1e9:.1f} GB of HBM is free after weights and KV cache")
+                            f"only {free / 1e9:.1f} GB of HBM is free after weights and KV cache{hint}")
 
 
 def _layer_slots(given: tuple[int, ...], model: str, held: int, gpus: int,
