@@ -714,6 +714,39 @@ def test_same_seed_same_results_and_the_seed_matters():
     assert a != c
 
 
+_DISPATCH = ("import json, numpy\n"
+             "try:\n    from numpy._core import _multiarray_umath as m\n"
+             "except ImportError:\n    from numpy.core import _multiarray_umath as m\n"
+             "print(json.dumps([t for t in m.__cpu_dispatch__ if m.__cpu_features__.get(t)]))")
+
+
+@pytest.mark.parametrize("changes", [
+    [],  # the default scenario: the transition prefetcher over the built-in synthetic trace
+    ["--set", "cache.policy=finemoe"],  # the router scores the generator draws
+    ["--set", "prefetch.policy=expert_map"],  # the nearest stored maps
+    ["--set", "cache.policy=learned", "--set", "workload.routing=uniform"],
+])
+def test_results_do_not_depend_on_the_cpus_vector_instructions(changes):
+    """numpy picks its selection, sort, log and exp code by the CPU's vector instructions, and they differ in
+    the order of equal keys and in the last bit. The same run with that choice turned off (numpy's baseline code
+    only) gives byte-identical output."""
+    import os
+    import subprocess
+    import sys
+
+    def run_with(disabled: str, *args) -> str:
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=True).stdout
+
+    in_use = json.loads(run_with("", "-c", _DISPATCH))  # the targets this CPU runs
+    assert json.loads(run_with(" ".join(in_use), "-c", _DISPATCH)) == []  # all of them off
+    simulate = ["-m", "tierflow", "simulate", "--scenario", "ssd_prefetch", "--set", "workload.decode_tokens=100",
+                *changes, "--json", "--quiet"]
+    best, baseline = run_with("", *simulate), run_with(" ".join(in_use), *simulate)
+    assert json.loads(best)["tokens"] == 100
+    assert best == baseline
+
+
 def test_batch_needs_the_union_of_its_experts():
     sim, results = run(small(**{"cache.enabled": False, "workload.batch_size": 4}))
     step = sim.workload.steps[0]

@@ -12,6 +12,7 @@ import attrs
 import numpy as np
 
 from tierflow.errors import TierflowError
+from tierflow.ordering import smallest_first
 from tierflow.trace.format import expert_dtype, open_trace
 
 
@@ -312,7 +313,7 @@ def uniform_workload(model_name: str, batch_size: int, num_steps: int, seed: int
     for start in range(0, tokens, chunk):
         stop = min(tokens, start + chunk)
         keys = rng.random((stop - start, layers, num_experts))
-        rows[start:stop] = np.argpartition(keys, k - 1, axis=-1)[..., :k]
+        rows[start:stop] = smallest_first(keys, k)
     scores = np.full((num_steps, layers, k), 1.0 / k, dtype=np.float32)
     # Token t of sequence s is row s * num_steps + t.
     sequences = {s: (rows[s * num_steps : (s + 1) * num_steps], scores) for s in range(batch_size)}

@@ -31,6 +31,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
+from tierflow.ordering import smallest_first
 from tierflow.prefetch.base import PREFETCHERS, Prefetcher
 from tierflow.prefetch.training import event_row_weights, load_training_split
 from tierflow.registry import fraction, non_negative, positive
@@ -188,7 +189,7 @@ class ExpertMap(Prefetcher):
             return []
         similarity = self._similarity(layer, size)
         n = min(self.params.neighbors, size)
-        nearest = np.argpartition(-similarity, n - 1, axis=1)[:, :n]  # (batch, n)
+        nearest = smallest_first(-similarity, n)  # (batch, n), the most similar first
         vote = np.maximum(np.take_along_axis(similarity, nearest, axis=1), 0.0) + 1e-6
         vote /= vote.sum(axis=1, keepdims=True)  # (batch, n): each token's neighbours' weights sum to 1
         if self.params.selection == "cumulative":

@@ -106,17 +106,29 @@ class Transition(Prefetcher):
         self._minus_totals[rows] = -self._totals.take(rows)
 
     def _propose(self, layer: int, experts: np.ndarray, reach: int) -> list[tuple[int, int]]:
-        """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability."""
+        """The best ``budget`` experts of each of the next ``reach`` layers, by summed probability; equal scores go
+        to the lower expert id, as in a stable sort (a score of 0 is no evidence: not proposed)."""
         budget = self._budget
+        if budget == 0:
+            return []
         rows = self._proposal_rows[layer] + experts  # (reach, routed)
         minus_prob = self._counts.take(rows, axis=0)  # a copy: divided in place
         minus_prob /= self._minus_totals.take(rows)[:, :, None]
         ranked = minus_prob.sum(axis=1)  # (reach, num_experts): the lowest is wanted most
-        best = ranked.argpartition(budget - 1, axis=1)[:, :budget]
-        values = ranked.take(best + self._row_offsets[reach]).tolist()
+        if budget == ranked.shape[1]:
+            best = ranked.argsort(axis=1, kind="stable")
+            return [(layer + 1 + d, int(e)) for d, row in enumerate(best) for e in row if ranked[d, e] < 0]
+        # A partition at the budget puts the best budget first and the next score after them, in linear time.
+        # Which of several equal scores it keeps, and in what order, is up to numpy's selection code, which differs
+        # between CPUs; so where the next score equals the last one kept (and is evidence), that row is sorted
+        # stably instead, and the budget is ordered by (score, expert id) either way.
+        chosen = ranked.argpartition(budget, axis=1)[:, : budget + 1]
+        scores = ranked.take(chosen + self._row_offsets[reach]).tolist()
         proposals = []
-        for d, (chosen, value) in enumerate(zip(best.tolist(), values, strict=True)):
-            # Sorted stably, so equal scores keep the partition's order; a score of 0 is no evidence.
-            proposals += [(layer + 1 + d, chosen[i]) for i in sorted(range(budget), key=value.__getitem__)
-                          if value[i] < 0]
+        for d, (row, score) in enumerate(zip(chosen.tolist(), scores, strict=True)):
+            last = max(score[:budget])
+            if last < 0 and score[budget] == last:
+                row = ranked[d].argsort(kind="stable")[:budget].tolist()
+                score = ranked[d].take(row).tolist()
+            proposals += [(layer + 1 + d, e) for s, e in sorted(zip(score[:budget], row[:budget])) if s < 0]
         return proposals

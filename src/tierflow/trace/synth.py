@@ -183,7 +183,8 @@ def _quantised_urns(p: np.ndarray, dtype) -> np.ndarray:
     scaled = p * _URN_SIZE
     counts = np.floor(scaled).astype(np.int64)
     short = _URN_SIZE - counts.sum(axis=1)
-    remainder_rank = np.argsort(np.argsort(counts - scaled, axis=1), axis=1)
+    # Stable sorts: equal remainders by expert id, the same on every CPU.
+    remainder_rank = np.argsort(np.argsort(counts - scaled, axis=1, kind="stable"), axis=1, kind="stable")
     counts += remainder_rank < short[:, None]
     experts = np.tile(np.arange(num_experts, dtype=dtype), rows)
     return np.repeat(experts, counts.ravel()).reshape(rows, _URN_SIZE)
@@ -447,18 +448,22 @@ class RoutingModel:
         return experts, gates
 
     def _gate(self, rng, tables: _LayerTables, block: np.ndarray, rows: np.ndarray):
-        gumbel = -np.log(-np.log(rng.random(rows.shape, dtype=np.float32) + np.float32(1e-12)))
+        # In double precision, rounded once when stored: numpy's single-precision log and exp differ in the last
+        # bit between CPUs (their vector code is chosen by the instructions the CPU has), and so would the scores.
+        # The order is a stable sort (equal logits by position) for the same reason.
+        uniform = rng.random(rows.shape, dtype=np.float32).astype(np.float64)
+        gumbel = -np.log(-np.log(uniform + 1e-12))
         num_experts = tables.log_p.shape[1]
-        log_p = tables.log_p.ravel()[block[:, None] * num_experts + rows]
+        log_p = tables.log_p.ravel()[block[:, None] * num_experts + rows].astype(np.float64)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            logits = (log_p + gumbel) / np.float32(self.params.gate_temperature)
+            logits = (log_p + gumbel) / self.params.gate_temperature
             k = rows.shape[1]
-            order = np.argsort(-logits, axis=1) + (np.arange(len(rows)) * k)[:, None]
+            order = np.argsort(-logits, axis=1, kind="stable") + (np.arange(len(rows)) * k)[:, None]
             logits = logits.ravel()[order]
             weights = np.exp(logits - logits[:, :1])
             weights /= weights.sum(axis=1, keepdims=True)
         if not np.isfinite(weights).all():
-            # A temperature so small that the logits overflow single precision: refuse before a file appears.
+            # A temperature so small that the logits overflow: refuse before a file appears.
             raise TierflowError(f"generator parameter gate_temperature={self.params.gate_temperature} is too small: "
                                 f"the gate scores overflow (use a larger value)")
         return rows.ravel()[order], weights
