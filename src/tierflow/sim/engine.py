@@ -202,11 +202,11 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
     elif cache.enabled and cache.layer_slots is not None:
         layer_slots = _layer_slots(cache.layer_slots, spec.name, held, gpus, working_sets)
         hbm_cache = sum(layer_slots)
-        _check_cache_bytes(hbm_cache, expert_bytes, free)
+        _check_cache_bytes(hbm_cache, expert_bytes, free, experts_per_gpu)
     elif cache.enabled:
         hbm_cache = _cache_experts(cache.capacity_experts, cache.capacity_bytes, gpus, expert_bytes,
                                    free // expert_bytes)
-        _check_cache_bytes(hbm_cache, expert_bytes, free, experts_per_gpu if hbm_cache > experts_per_gpu else None)
+        _check_cache_bytes(hbm_cache, expert_bytes, free, experts_per_gpu)
         slots = hbm_cache if cache.scope == "global" else hbm_cache // spec.num_moe_layers
         if slots < working_set:
             where = "" if cache.scope == "global" else f" ({slots} slots per layer)"
@@ -251,11 +251,12 @@ def plan_capacity(scenario: Scenario, spec: ModelSpec, hardware: HardwareProfile
                 min(scenario.workload.batch_size * spec.top_k, held), layer_slots)
 
 
-def _check_cache_bytes(experts: int, expert_bytes: int, free: int, held: int | None = None) -> None:
-    """A cache's capacity is HBM set aside; ``held``: the experts the GPU holds, when the cache asks for more."""
+def _check_cache_bytes(experts: int, expert_bytes: int, free: int, held: int) -> None:
+    """A cache's capacity is HBM set aside; ``held``: the experts the GPU holds (named when the cache asks for
+    more)."""
     if experts * expert_bytes > free:
-        hint = "" if held is None else (f"; the model has only {held} experts per GPU, which a cache of "
-                                        f"{held} per GPU holds ({held * expert_bytes / 1e9:.1f} GB)")
+        hint = "" if experts <= held else (f"; the model has only {held} experts per GPU, which a cache of "
+                                           f"{held} per GPU holds ({held * expert_bytes / 1e9:.1f} GB)")
         raise TierflowError(f"cache of {experts} experts per GPU needs {experts * expert_bytes / 1e9:.1f} GB but "
                             f"only {free / 1e9:.1f} GB of HBM is free after weights and KV cache{hint}")
 
